@@ -1,0 +1,110 @@
+//! The catalog's one error type. Every variant names the object (file, key, dataset) it is about.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the catalog.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path}: no such object")]
+    NotFound { path: String },
+
+    #[error("S3 {op} of s3://{bucket}/{key} failed: {message}")]
+    S3 {
+        op: &'static str,
+        bucket: String,
+        key: String,
+        message: String,
+    },
+
+    #[error("object store error: {0}")]
+    ObjectStore(#[from] object_store::Error),
+
+    #[error("invalid storage root {uri:?}: {reason}")]
+    InvalidUri { uri: String, reason: String },
+
+    #[error("malformed manifest {path}: {reason}")]
+    MalformedManifest { path: String, reason: String },
+
+    #[error(
+        "{path} has sample schema version {found}, but this build of llamagen reads version {supported}; \
+         upgrade llamagen (newer data) or re-run the pipeline (older data)"
+    )]
+    UnsupportedSchemaVersion {
+        path: String,
+        found: u32,
+        supported: u32,
+    },
+
+    #[error("corrupt shard {path}: {reason}")]
+    CorruptShard { path: String, reason: String },
+
+    #[error("record batch does not fit the sample schema: {0}")]
+    SchemaMismatch(String),
+
+    #[error("commit to dataset {dataset:?} lost the race {attempts} times in a row; giving up")]
+    CommitConflict { dataset: String, attempts: u32 },
+
+    #[error("work unit {unit:?} is already committed in dataset {dataset:?} (version {version})")]
+    UnitAlreadyCommitted {
+        dataset: String,
+        unit: String,
+        version: u64,
+    },
+
+    #[error(
+        "shard {path} is no longer part of dataset {dataset:?}: a concurrent commit removed it"
+    )]
+    ShardGone { dataset: String, path: String },
+
+    #[error("dataset {dataset:?} does not exist under {root} (no committed manifest)")]
+    NoSuchDataset { dataset: String, root: String },
+
+    #[error("lease {path} is held by {holder} until {expires_at}")]
+    LeaseHeld {
+        path: String,
+        holder: String,
+        expires_at: String,
+    },
+
+    #[error("Parquet error in {path}: {source}")]
+    Parquet {
+        path: String,
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+
+    #[error("Arrow error: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+
+    /// SQL planning and execution errors, worded as DataFusion words them.
+    #[error("{0}")]
+    DataFusion(#[from] datafusion::error::DataFusionError),
+
+    #[error("invalid JSON in {path}: {source}")]
+    Json {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+pub type Result<T, E = CatalogError> = std::result::Result<T, E>;
+
+impl CatalogError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        CatalogError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

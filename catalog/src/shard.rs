@@ -1,0 +1,312 @@
+//! Parquet shards: bounded-size, zstd-compressed files of sample rows.
+//!
+//! Shard layout invariants:
+//! - A shard holds rows of exactly the sample schema (see [`crate::schema`]) and carries
+//!   `llamagen.schema_version` in its Parquet key-value metadata.
+//! - A shard is at most about [`ShardWriterOptions::target_bytes`] (checked after each row group)
+//!   and at most [`ShardWriterOptions::max_rows`] rows; row groups are bounded by bytes as well as
+//!   rows, so writing image shards needs bounded memory.
+//! - A shard is written to a local scratch file while its SHA-256 and size are computed, then
+//!   stored under a name no other writer can choose (`data/part-<uuid v7>.parquet`). Writing a
+//!   shard never makes it visible: only a committed manifest does (see [`crate::dataset`]).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use bytes::Bytes;
+use chrono::Utc;
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use sha2::{Digest, Sha256};
+
+use crate::dataset::{DATA_DIR, ShardEntry};
+use crate::error::{CatalogError, Result};
+use crate::schema::{self, SCHEMA_VERSION, SCHEMA_VERSION_KEY, sample_schema};
+use crate::storage::Storage;
+
+/// How shards are cut and encoded.
+#[derive(Debug, Clone)]
+pub struct ShardWriterOptions {
+    /// Roll over to a new shard once a shard reaches this many bytes (default 256 MiB).
+    pub target_bytes: u64,
+    /// At most this many rows per shard (default 1,000,000).
+    pub max_rows: usize,
+    /// Flush a row group once its encoded size reaches this (default 64 MiB).
+    pub row_group_bytes: usize,
+    /// At most this many rows per row group (default 1,048,576).
+    pub row_group_rows: usize,
+    /// zstd level (default 3).
+    pub zstd_level: i32,
+    /// The stage that writes these shards, recorded in the manifest (e.g. "ingest").
+    pub stage: String,
+}
+
+impl Default for ShardWriterOptions {
+    fn default() -> Self {
+        ShardWriterOptions {
+            target_bytes: 256 << 20,
+            max_rows: 1_000_000,
+            row_group_bytes: 64 << 20,
+            row_group_rows: 1 << 20,
+            zstd_level: 3,
+            stage: "unknown".into(),
+        }
+    }
+}
+
+/// Writes sample batches into shards under a dataset's `data/` directory. The shards it returns
+/// are stored but not committed: pass them to [`crate::dataset::Dataset::commit`].
+pub struct ShardWriter {
+    storage: Arc<dyn Storage>,
+    dataset_dir: String,
+    opts: ShardWriterOptions,
+    open: Option<OpenShard>,
+    done: Vec<ShardEntry>,
+}
+
+struct OpenShard {
+    local: PathBuf,
+    writer: ArrowWriter<HashingFile>,
+    rows: usize,
+}
+
+/// A file writer that hashes and counts what passes through it.
+struct HashingFile {
+    file: std::io::BufWriter<std::fs::File>,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl Write for HashingFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Parquet writer properties for sample shards.
+pub fn writer_properties(opts: &ShardWriterOptions) -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(opts.zstd_level).unwrap_or_default(),
+        ))
+        .set_max_row_group_row_count(Some(opts.row_group_rows))
+        .set_statistics_enabled(EnabledStatistics::Page)
+        .set_key_value_metadata(Some(vec![
+            KeyValue::new(SCHEMA_VERSION_KEY.to_string(), SCHEMA_VERSION.to_string()),
+            KeyValue::new(
+                "llamagen.writer".to_string(),
+                format!("llamagen {}", env!("CARGO_PKG_VERSION")),
+            ),
+        ]))
+        .build()
+}
+
+impl ShardWriter {
+    pub fn new(storage: Arc<dyn Storage>, dataset_dir: &str, opts: ShardWriterOptions) -> Self {
+        ShardWriter {
+            storage,
+            dataset_dir: dataset_dir.to_string(),
+            opts,
+            open: None,
+            done: Vec::new(),
+        }
+    }
+
+    /// Rows buffered or written into the shard currently open.
+    pub fn open_rows(&self) -> usize {
+        self.open.as_ref().map_or(0, |o| o.rows)
+    }
+
+    /// Appends a batch holding any subset of the sample columns (see [`schema::conform`]).
+    pub async fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        let batch = schema::conform(batch)?;
+        let mut offset = 0;
+        while offset < batch.num_rows() {
+            if self.open.is_none() {
+                self.open = Some(self.open_shard()?);
+            }
+            let open = self.open.as_mut().expect("just opened");
+            let room = self.opts.max_rows.saturating_sub(open.rows).max(1);
+            let n = room.min(batch.num_rows() - offset);
+            let part = batch.slice(offset, n);
+            let local = open.local.clone();
+            open.writer
+                .write(&part)
+                .map_err(|e| parquet_err(&local, e))?;
+            open.rows += n;
+            offset += n;
+            if open.writer.in_progress_size() >= self.opts.row_group_bytes {
+                open.writer.flush().map_err(|e| parquet_err(&local, e))?;
+            }
+            let size = open.writer.bytes_written() as u64 + open.writer.in_progress_size() as u64;
+            if open.rows >= self.opts.max_rows || size >= self.opts.target_bytes {
+                self.close_shard().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the open shard (if any) and returns every shard written, stored but uncommitted.
+    pub async fn finish(mut self) -> Result<Vec<ShardEntry>> {
+        self.close_shard().await?;
+        Ok(std::mem::take(&mut self.done))
+    }
+
+    fn open_shard(&self) -> Result<OpenShard> {
+        let dir = self.storage.scratch_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| CatalogError::io(&dir, e))?;
+        let local = dir.join(format!("shard-{}.parquet.tmp", uuid::Uuid::now_v7()));
+        let file = std::fs::File::create(&local).map_err(|e| CatalogError::io(&local, e))?;
+        let sink = HashingFile {
+            file: std::io::BufWriter::with_capacity(1 << 20, file),
+            hasher: Sha256::new(),
+            bytes: 0,
+        };
+        let writer =
+            ArrowWriter::try_new(sink, sample_schema(), Some(writer_properties(&self.opts)))
+                .map_err(|e| parquet_err(&local, e))?;
+        Ok(OpenShard {
+            local,
+            writer,
+            rows: 0,
+        })
+    }
+
+    async fn close_shard(&mut self) -> Result<()> {
+        let Some(open) = self.open.take() else {
+            return Ok(());
+        };
+        if open.rows == 0 {
+            let _ = std::fs::remove_file(&open.local);
+            return Ok(());
+        }
+        let local = open.local.clone();
+        let mut sink = open
+            .writer
+            .into_inner()
+            .map_err(|e| parquet_err(&local, e))?;
+        sink.flush().map_err(|e| CatalogError::io(&local, e))?;
+        sink.file
+            .get_ref()
+            .sync_all()
+            .map_err(|e| CatalogError::io(&local, e))?;
+        let sha256 = hex::encode(sink.hasher.finalize());
+        let bytes = sink.bytes;
+        let rel = format!("{DATA_DIR}/part-{}.parquet", uuid::Uuid::now_v7());
+        let full = crate::storage::join(&self.dataset_dir, &rel);
+        self.storage.put_file(&full, &local).await?;
+        self.done.push(ShardEntry {
+            path: rel,
+            rows: open.rows as u64,
+            bytes,
+            sha256,
+            stage: self.opts.stage.clone(),
+            created_at: Utc::now(),
+        });
+        Ok(())
+    }
+}
+
+impl Drop for ShardWriter {
+    fn drop(&mut self) {
+        if let Some(open) = self.open.take() {
+            let _ = std::fs::remove_file(&open.local);
+        }
+    }
+}
+
+fn parquet_err(path: &std::path::Path, source: parquet::errors::ParquetError) -> CatalogError {
+    CatalogError::Parquet {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Decodes a whole shard held in memory, checking its size, hash and schema version against the
+/// manifest entry. `name` is used in errors. `projection` selects columns by name (all if None).
+pub fn decode_shard(
+    name: &str,
+    entry: &ShardEntry,
+    data: Bytes,
+    projection: Option<&[&str]>,
+) -> Result<Vec<RecordBatch>> {
+    if data.len() as u64 != entry.bytes {
+        return Err(CatalogError::CorruptShard {
+            path: name.to_string(),
+            reason: format!("{} bytes, the manifest says {}", data.len(), entry.bytes),
+        });
+    }
+    let sha = hex::encode(Sha256::digest(&data));
+    if sha != entry.sha256 {
+        return Err(CatalogError::CorruptShard {
+            path: name.to_string(),
+            reason: format!("content SHA-256 {sha}, the manifest says {}", entry.sha256),
+        });
+    }
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new(data).map_err(|e| CatalogError::CorruptShard {
+            path: name.to_string(),
+            reason: e.to_string(),
+        })?;
+    check_schema_version(
+        name,
+        builder.metadata().file_metadata().key_value_metadata(),
+    )?;
+    let builder = match projection {
+        Some(cols) => {
+            let schema = builder.schema().clone();
+            let mut idx = Vec::with_capacity(cols.len());
+            for c in cols {
+                idx.push(schema.index_of(c).map_err(|_| {
+                    CatalogError::InvalidArgument(format!("no column {c:?} in the sample schema"))
+                })?);
+            }
+            let mask = parquet::arrow::ProjectionMask::roots(builder.parquet_schema(), idx);
+            builder.with_projection(mask)
+        }
+        None => builder,
+    };
+    let reader = builder
+        .build()
+        .map_err(|e| parquet_err(std::path::Path::new(name), e))?;
+    reader
+        .map(|b| {
+            b.map_err(|e| CatalogError::CorruptShard {
+                path: name.to_string(),
+                reason: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Refuses a Parquet file whose key-value metadata lacks this build's schema version.
+pub fn check_schema_version(name: &str, kv: Option<&Vec<KeyValue>>) -> Result<()> {
+    let found = kv
+        .and_then(|kv| kv.iter().find(|k| k.key == SCHEMA_VERSION_KEY))
+        .and_then(|k| k.value.as_deref());
+    match found.map(|v| v.parse::<u32>()) {
+        Some(Ok(v)) if v == SCHEMA_VERSION => Ok(()),
+        Some(Ok(v)) => Err(CatalogError::UnsupportedSchemaVersion {
+            path: name.to_string(),
+            found: v,
+            supported: SCHEMA_VERSION,
+        }),
+        _ => Err(CatalogError::CorruptShard {
+            path: name.to_string(),
+            reason: format!(
+                "no valid {SCHEMA_VERSION_KEY} in its Parquet metadata; not a llamagen shard"
+            ),
+        }),
+    }
+}

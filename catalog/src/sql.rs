@@ -1,0 +1,375 @@
+//! SQL over a catalog root with DataFusion.
+//!
+//! Tables registered by [`session`]:
+//! - `samples`: the committed shards of the `samples` dataset (latest manifest version only);
+//! - `shards`: one row per committed shard (dataset, path, rows, bytes, sha256, stage, created_at);
+//! - `runs`: one row per recorded run (see [`crate::runs`]).
+//!
+//! Before a dataset is registered, each listed shard is checked to exist with the manifest's size
+//! and to end in a readable Parquet footer of the right schema version, so a missing, truncated or
+//! corrupt file is reported by name instead of failing somewhere inside a query.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray, UInt64Array,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use bytes::Bytes;
+use datafusion::datasource::MemTable;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::prelude::{SessionConfig, SessionContext};
+use futures::StreamExt;
+use parquet::file::metadata::ParquetMetaDataReader;
+
+use crate::dataset::{Dataset, Manifest};
+use crate::error::{CatalogError, Result};
+use crate::runs::list_runs;
+use crate::schema::sample_schema;
+use crate::shard::check_schema_version;
+use crate::storage::{Storage, join};
+
+/// The dataset that the `samples` table shows.
+pub const SAMPLES: &str = "samples";
+
+/// A DataFusion session over a catalog root with `samples`, `shards` and `runs` registered.
+pub async fn session(storage: Arc<dyn Storage>) -> Result<SessionContext> {
+    session_for(storage, SAMPLES).await
+}
+
+/// Like [`session`], with `samples` showing the dataset called `dataset`.
+pub async fn session_for(storage: Arc<dyn Storage>, dataset: &str) -> Result<SessionContext> {
+    let config = SessionConfig::new().with_information_schema(true);
+    let ctx = SessionContext::new_with_config(config);
+    let (url, store) = storage.object_store()?;
+    ctx.register_object_store(&url, store);
+    let ds = Dataset::new(storage.clone(), dataset);
+    let snap = ds.snapshot().await?;
+    register_snapshot(&ctx, &ds, &snap, "samples").await?;
+    ctx.register_table("shards", Arc::new(shards_table(&ds, &snap)?))?;
+    ctx.register_table("runs", Arc::new(runs_table(&storage).await?))?;
+    Ok(ctx)
+}
+
+/// Registers a dataset's snapshot as table `table` in `ctx` (whose object store must already be
+/// registered for the dataset's storage).
+pub async fn register_snapshot(
+    ctx: &SessionContext,
+    ds: &Dataset,
+    snap: &Manifest,
+    table: &str,
+) -> Result<()> {
+    let schema = sample_schema();
+    if snap.shards.is_empty() {
+        let empty = MemTable::try_new(schema.clone(), vec![vec![]])?;
+        ctx.register_table(table, Arc::new(empty))?;
+        return Ok(());
+    }
+    check_shards(ds, snap).await?;
+    let (url, _) = ds.storage().object_store()?;
+    let mut urls = Vec::with_capacity(snap.shards.len());
+    for s in &snap.shards {
+        let u = format!("{url}{}", join(ds.name(), &s.path));
+        urls.push(ListingTableUrl::parse(&u)?);
+    }
+    let options =
+        ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    let config = ListingTableConfig::new_with_multi_paths(urls)
+        .with_listing_options(options)
+        .with_schema(schema);
+    ctx.register_table(table, Arc::new(ListingTable::try_new(config)?))?;
+    Ok(())
+}
+
+/// Checks that every shard of `snap` exists with its manifest size and has a readable footer of
+/// this schema version. The first problem is returned as an error naming the file.
+pub async fn check_shards(ds: &Dataset, snap: &Manifest) -> Result<()> {
+    let storage = ds.storage();
+    let root = storage.root();
+    let root = root.trim_end_matches('/');
+    let listed: HashMap<String, u64> = storage
+        .list(&format!("{}/", join(ds.name(), crate::dataset::DATA_DIR)))
+        .await?
+        .into_iter()
+        .map(|o| (o.path, o.size))
+        .collect();
+    for s in &snap.shards {
+        let path = ds.shard_path(s);
+        match listed.get(&path) {
+            None => {
+                return Err(CatalogError::CorruptShard {
+                    path: format!("{root}/{path}"),
+                    reason: format!("missing, but listed in manifest version {}", snap.version),
+                });
+            }
+            Some(&size) if size != s.bytes => {
+                return Err(CatalogError::CorruptShard {
+                    path: format!("{root}/{path}"),
+                    reason: format!(
+                        "{size} bytes, the manifest says {} (truncated or overwritten)",
+                        s.bytes
+                    ),
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    let mut checks = futures::stream::iter(snap.shards.iter())
+        .map(|s| async move {
+            let path = ds.shard_path(s);
+            let name = format!("{root}/{path}");
+            check_footer(storage.as_ref(), &path, s.bytes)
+                .await
+                .map_err(|reason| match reason {
+                    FooterProblem::Corrupt(reason) => CatalogError::CorruptShard {
+                        path: name.clone(),
+                        reason,
+                    },
+                    FooterProblem::Other(e) => e,
+                })
+                .and_then(|kv| check_schema_version(&name, kv.as_ref()))
+        })
+        .buffer_unordered(16);
+    while let Some(r) = checks.next().await {
+        r?;
+    }
+    Ok(())
+}
+
+enum FooterProblem {
+    Corrupt(String),
+    Other(CatalogError),
+}
+
+async fn check_footer(
+    storage: &dyn Storage,
+    path: &str,
+    size: u64,
+) -> std::result::Result<Option<Vec<parquet::file::metadata::KeyValue>>, FooterProblem> {
+    if size < 12 {
+        return Err(FooterProblem::Corrupt(format!(
+            "{size} bytes is too small for a Parquet file"
+        )));
+    }
+    let tail: Bytes = storage
+        .get_range(path, size - 8, size)
+        .await
+        .map_err(FooterProblem::Other)?;
+    if &tail[4..] != b"PAR1" {
+        return Err(FooterProblem::Corrupt(
+            "no Parquet magic at the end (truncated or not Parquet)".into(),
+        ));
+    }
+    let len = u32::from_le_bytes(tail[..4].try_into().expect("4 bytes")) as u64;
+    if len + 12 > size {
+        return Err(FooterProblem::Corrupt(format!(
+            "footer length {len} exceeds the file size {size}"
+        )));
+    }
+    let meta = storage
+        .get_range(path, size - 8 - len, size - 8)
+        .await
+        .map_err(FooterProblem::Other)?;
+    let md = ParquetMetaDataReader::decode_metadata(&meta)
+        .map_err(|e| FooterProblem::Corrupt(format!("unreadable footer: {e}")))?;
+    Ok(md.file_metadata().key_value_metadata().cloned())
+}
+
+fn ts_field(name: &str) -> Field {
+    Field::new(
+        name,
+        DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+        true,
+    )
+}
+
+fn shards_table(ds: &Dataset, snap: &Manifest) -> Result<MemTable> {
+    let schema: SchemaRef = Arc::new(Schema::new(vec![
+        Field::new("dataset", DataType::Utf8, false),
+        Field::new("version", DataType::UInt64, false),
+        Field::new("path", DataType::Utf8, false),
+        Field::new("rows", DataType::UInt64, false),
+        Field::new("bytes", DataType::UInt64, false),
+        Field::new("sha256", DataType::Utf8, false),
+        Field::new("stage", DataType::Utf8, false),
+        ts_field("created_at"),
+    ]));
+    let n = snap.shards.len();
+    let root = ds.storage().root();
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(vec![ds.name(); n])),
+        Arc::new(UInt64Array::from(vec![snap.version; n])),
+        Arc::new(StringArray::from_iter_values(snap.shards.iter().map(|s| {
+            format!("{}/{}", root.trim_end_matches('/'), ds.shard_path(s))
+        }))),
+        Arc::new(UInt64Array::from_iter_values(
+            snap.shards.iter().map(|s| s.rows),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            snap.shards.iter().map(|s| s.bytes),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            snap.shards.iter().map(|s| s.sha256.as_str()),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            snap.shards.iter().map(|s| s.stage.as_str()),
+        )),
+        Arc::new(
+            TimestampMicrosecondArray::from_iter_values(
+                snap.shards.iter().map(|s| s.created_at.timestamp_micros()),
+            )
+            .with_timezone("UTC"),
+        ),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), cols)?;
+    Ok(MemTable::try_new(schema, vec![vec![batch]])?)
+}
+
+async fn runs_table(storage: &Arc<dyn Storage>) -> Result<MemTable> {
+    let runs = list_runs(storage).await?;
+    let schema: SchemaRef = Arc::new(Schema::new(vec![
+        Field::new("run_id", DataType::Utf8, false),
+        Field::new("command", DataType::Utf8, false),
+        Field::new("status", DataType::Utf8, false),
+        ts_field("started_at"),
+        ts_field("finished_at"),
+        Field::new("exit_code", DataType::Int64, true),
+        Field::new("host", DataType::Utf8, true),
+        Field::new("report", DataType::Utf8, true),
+    ]));
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(
+            runs.iter().map(|r| r.run_id.as_str()),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            runs.iter().map(|r| r.command.as_str()),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            runs.iter().map(|r| r.status.as_str()),
+        )),
+        Arc::new(
+            TimestampMicrosecondArray::from_iter_values(
+                runs.iter().map(|r| r.started_at.timestamp_micros()),
+            )
+            .with_timezone("UTC"),
+        ),
+        Arc::new(
+            TimestampMicrosecondArray::from_iter(
+                runs.iter()
+                    .map(|r| r.finished_at.map(|t| t.timestamp_micros())),
+            )
+            .with_timezone("UTC"),
+        ),
+        Arc::new(Int64Array::from_iter(
+            runs.iter().map(|r| r.exit_code.map(i64::from)),
+        )),
+        Arc::new(StringArray::from_iter(
+            runs.iter().map(|r| r.host.as_deref()),
+        )),
+        Arc::new(StringArray::from_iter(
+            runs.iter()
+                .map(|r| (!r.report.is_null()).then(|| r.report.to_string())),
+        )),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), cols)?;
+    Ok(MemTable::try_new(schema, vec![vec![batch]])?)
+}
+
+/// Runs one SQL statement and collects its result.
+pub async fn query(ctx: &SessionContext, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+    let df = ctx.sql(sql).await?;
+    let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+    let batches = df.collect().await?;
+    Ok((schema, batches))
+}
+
+/// How query results are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// An aligned text table.
+    Table,
+    Csv,
+    /// JSON lines, one object per row.
+    Json,
+    Parquet,
+}
+
+impl std::str::FromStr for OutputFormat {
+    type Err = CatalogError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "table" => Ok(OutputFormat::Table),
+            "csv" => Ok(OutputFormat::Csv),
+            "json" | "jsonl" | "ndjson" => Ok(OutputFormat::Json),
+            "parquet" => Ok(OutputFormat::Parquet),
+            other => Err(CatalogError::InvalidArgument(format!(
+                "unknown output format {other:?}; use table, csv, json or parquet"
+            ))),
+        }
+    }
+}
+
+/// Writes query results in `format`. Parquet needs a seekable-free sink, so any `Write` works.
+pub fn write_results(
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+    format: OutputFormat,
+    out: &mut (dyn Write + Send),
+) -> Result<()> {
+    let io = |e: std::io::Error| CatalogError::io("<output>", e);
+    match format {
+        OutputFormat::Table => {
+            let table = arrow::util::pretty::pretty_format_batches(batches)?;
+            if batches.is_empty() {
+                // Show the header even for an empty result.
+                let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+                writeln!(out, "{}\n(0 rows)", names.join(" | ")).map_err(io)?;
+            } else {
+                writeln!(out, "{table}").map_err(io)?;
+            }
+        }
+        OutputFormat::Csv => {
+            let mut w = arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(out);
+            if batches.is_empty() {
+                w.write(&RecordBatch::new_empty(schema.clone()))?;
+            }
+            for b in batches {
+                w.write(b)?;
+            }
+        }
+        OutputFormat::Json => {
+            let mut w = arrow::json::LineDelimitedWriter::new(out);
+            for b in batches {
+                w.write(b)?;
+            }
+            w.finish()?;
+        }
+        OutputFormat::Parquet => {
+            let mut w =
+                parquet::arrow::ArrowWriter::try_new(out, schema.clone(), None).map_err(|e| {
+                    CatalogError::Parquet {
+                        path: "<output>".into(),
+                        source: e,
+                    }
+                })?;
+            for b in batches {
+                w.write(b).map_err(|e| CatalogError::Parquet {
+                    path: "<output>".into(),
+                    source: e,
+                })?;
+            }
+            w.close().map_err(|e| CatalogError::Parquet {
+                path: "<output>".into(),
+                source: e,
+            })?;
+        }
+    }
+    Ok(())
+}

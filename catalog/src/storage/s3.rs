@@ -1,0 +1,553 @@
+//! S3 and S3-compatible servers through aws-sdk-s3.
+//!
+//! - Credentials come from the standard AWS chain (environment, profile files, web identity,
+//!   container and instance metadata); endpoint and region from [`S3Config`] or the standard
+//!   `AWS_ENDPOINT_URL(_S3)` / `AWS_REGION` variables.
+//! - Every request is retried by the SDK's standard retry mode (exponential backoff with jitter on
+//!   throttling, 5xx and connection errors), up to [`S3Config::max_attempts`].
+//! - Objects over [`S3Config::multipart_threshold`] are uploaded in parts; a failed upload is
+//!   aborted so no part lingers, and the object appears only when the upload completes.
+//! - `put_if_absent` is a conditional put with `If-None-Match: *` (HTTP 412 means the name is
+//!   taken; 409, a concurrent conditional write in flight, is retried).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_config::BehaviorVersion;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::ProvideCredentials;
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use object_store::ObjectStore;
+use object_store::aws::AmazonS3Builder;
+use url::Url;
+
+use super::{ObjectInfo, PutOutcome, Storage};
+use crate::error::{CatalogError, Result};
+
+/// S3 connection settings. Unset fields fall back to the standard AWS environment.
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Key prefix under which the root lives (no leading or trailing `/`).
+    pub prefix: String,
+    /// Endpoint URL of an S3-compatible server (`http://127.0.0.1:9000`). Default: AWS, or
+    /// `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`.
+    pub endpoint: Option<String>,
+    /// Default: `AWS_REGION`, `AWS_DEFAULT_REGION`, the profile's region, then `us-east-1`.
+    pub region: Option<String>,
+    /// Path-style addressing (`endpoint/bucket/key`). Default: on when an endpoint is set, since
+    /// S3-compatible servers usually need it; `LLAMAGEN_S3_PATH_STYLE=0|1` overrides.
+    pub path_style: Option<bool>,
+    /// Attempts per request, the first included (default 8).
+    pub max_attempts: u32,
+    /// Objects at least this large are uploaded in parts (default 16 MiB).
+    pub multipart_threshold: u64,
+    /// Part size of multipart uploads (default 8 MiB; S3's minimum is 5 MiB).
+    pub part_size: u64,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            bucket: String::new(),
+            prefix: String::new(),
+            endpoint: None,
+            region: None,
+            path_style: None,
+            max_attempts: 8,
+            multipart_threshold: 16 << 20,
+            part_size: 8 << 20,
+        }
+    }
+}
+
+impl S3Config {
+    fn resolved_endpoint(&self) -> Option<String> {
+        self.endpoint
+            .clone()
+            .or_else(|| std::env::var("AWS_ENDPOINT_URL_S3").ok())
+            .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
+            .filter(|s| !s.is_empty())
+    }
+
+    fn resolved_path_style(&self) -> bool {
+        if let Some(p) = self.path_style {
+            return p;
+        }
+        match std::env::var("LLAMAGEN_S3_PATH_STYLE").ok().as_deref() {
+            Some("1") | Some("true") => true,
+            Some("0") | Some("false") => false,
+            _ => self.resolved_endpoint().is_some(),
+        }
+    }
+}
+
+/// Storage in an S3 bucket under a key prefix.
+#[derive(Debug, Clone)]
+pub struct S3Storage {
+    client: Client,
+    cfg: S3Config,
+    /// Resolved once at connect time from the SDK's chain, for DataFusion's object store.
+    credentials: Option<aws_sdk_s3::config::Credentials>,
+    endpoint: Option<String>,
+    region: String,
+}
+
+impl S3Storage {
+    /// Builds a client from `cfg` and the standard AWS configuration chain.
+    pub async fn connect(cfg: S3Config) -> Result<Self> {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(cfg.max_attempts.max(1))
+                    .with_initial_backoff(Duration::from_millis(100))
+                    .with_max_backoff(Duration::from_secs(5)),
+            )
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(10))
+                    .operation_attempt_timeout(Duration::from_secs(300))
+                    .build(),
+            );
+        if let Some(region) = cfg.region.clone() {
+            loader = loader.region(aws_config::Region::new(region));
+        }
+        let endpoint = cfg.resolved_endpoint();
+        if let Some(ep) = &endpoint {
+            loader = loader.endpoint_url(ep);
+        }
+        let sdk = loader.load().await;
+        let region = sdk
+            .region()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "us-east-1".to_string());
+        let s3cfg = aws_sdk_s3::config::Builder::from(&sdk)
+            .region(aws_config::Region::new(region.clone()))
+            .force_path_style(cfg.resolved_path_style())
+            .build();
+        let credentials = match sdk.credentials_provider() {
+            Some(p) => p.provide_credentials().await.ok(),
+            None => None,
+        };
+        Ok(S3Storage {
+            client: Client::from_conf(s3cfg),
+            cfg,
+            credentials,
+            endpoint,
+            region,
+        })
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.cfg.bucket
+    }
+
+    fn key(&self, path: &str) -> String {
+        super::join(&self.cfg.prefix, path)
+    }
+
+    fn err<E: std::error::Error + 'static>(
+        &self,
+        op: &'static str,
+        key: &str,
+        e: E,
+    ) -> CatalogError {
+        CatalogError::S3 {
+            op,
+            bucket: self.cfg.bucket.clone(),
+            key: key.to_string(),
+            message: DisplayErrorContext(&e).to_string(),
+        }
+    }
+
+    /// Creates the bucket if it does not exist (tests and first runs against fresh servers).
+    pub async fn ensure_bucket(&self) -> Result<()> {
+        if self
+            .client
+            .head_bucket()
+            .bucket(&self.cfg.bucket)
+            .send()
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        match self
+            .client
+            .create_bucket()
+            .bucket(&self.cfg.bucket)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some("BucketAlreadyOwnedByYou") | Some("BucketAlreadyExists")
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(self.err("create_bucket", "", e)),
+        }
+    }
+
+    async fn put_bytes(&self, key: &str, data: Bytes) -> Result<()> {
+        self.client
+            .put_object()
+            .bucket(&self.cfg.bucket)
+            .key(key)
+            .body(ByteStream::from(data))
+            .send()
+            .await
+            .map_err(|e| self.err("put_object", key, e))?;
+        Ok(())
+    }
+
+    /// Multipart upload of a local file; aborted (parts deleted) on any failure.
+    async fn put_multipart(&self, key: &str, file: &Path) -> Result<()> {
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.cfg.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| self.err("create_multipart_upload", key, e))?;
+        let upload_id = created.upload_id().unwrap_or_default().to_string();
+        let result = self.upload_parts(key, &upload_id, file).await;
+        if result.is_err() {
+            let _ = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.cfg.bucket)
+                .key(key)
+                .upload_id(&upload_id)
+                .send()
+                .await;
+        }
+        result
+    }
+
+    async fn upload_parts(&self, key: &str, upload_id: &str, file: &Path) -> Result<()> {
+        use std::io::Read;
+        let mut f = std::fs::File::open(file).map_err(|e| CatalogError::io(file, e))?;
+        let part_size = self.cfg.part_size.max(5 << 20) as usize;
+        let mut parts = Vec::new();
+        let mut number = 1;
+        loop {
+            let mut buf = Vec::with_capacity(part_size);
+            (&mut f)
+                .take(part_size as u64)
+                .read_to_end(&mut buf)
+                .map_err(|e| CatalogError::io(file, e))?;
+            if buf.is_empty() && number > 1 {
+                break;
+            }
+            let last = buf.len() < part_size;
+            let out = self
+                .client
+                .upload_part()
+                .bucket(&self.cfg.bucket)
+                .key(key)
+                .upload_id(upload_id)
+                .part_number(number)
+                .body(ByteStream::from(buf))
+                .send()
+                .await
+                .map_err(|e| self.err("upload_part", key, e))?;
+            parts.push(
+                CompletedPart::builder()
+                    .part_number(number)
+                    .set_e_tag(out.e_tag().map(str::to_string))
+                    .build(),
+            );
+            number += 1;
+            if last {
+                break;
+            }
+        }
+        self.client
+            .complete_multipart_upload()
+            .bucket(&self.cfg.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| self.err("complete_multipart_upload", key, e))?;
+        Ok(())
+    }
+
+    /// Multipart uploads under this root that were started and never completed or aborted
+    /// (a crashed writer's), as (key, upload id, initiated).
+    pub async fn incomplete_uploads(&self) -> Result<Vec<(String, String, Option<DateTime<Utc>>)>> {
+        let out = self
+            .client
+            .list_multipart_uploads()
+            .bucket(&self.cfg.bucket)
+            .prefix(&self.cfg.prefix)
+            .send()
+            .await
+            .map_err(|e| self.err("list_multipart_uploads", &self.cfg.prefix, e))?;
+        Ok(out
+            .uploads()
+            .iter()
+            .map(|u| {
+                (
+                    u.key().unwrap_or_default().to_string(),
+                    u.upload_id().unwrap_or_default().to_string(),
+                    u.initiated()
+                        .and_then(|t| DateTime::from_timestamp(t.secs(), t.subsec_nanos())),
+                )
+            })
+            .collect())
+    }
+
+    pub async fn abort_upload(&self, key: &str, upload_id: &str) -> Result<()> {
+        self.client
+            .abort_multipart_upload()
+            .bucket(&self.cfg.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await
+            .map_err(|e| self.err("abort_multipart_upload", key, e))?;
+        Ok(())
+    }
+}
+
+fn http_status<E>(e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Option<u16> {
+    e.raw_response().map(|r| r.status().as_u16())
+}
+
+#[async_trait]
+impl Storage for S3Storage {
+    fn root(&self) -> String {
+        if self.cfg.prefix.is_empty() {
+            format!("s3://{}", self.cfg.bucket)
+        } else {
+            format!("s3://{}/{}", self.cfg.bucket, self.cfg.prefix)
+        }
+    }
+
+    async fn get(&self, path: &str) -> Result<Bytes> {
+        let key = self.key(path);
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.cfg.bucket)
+            .key(&key)
+            .send()
+            .await
+        {
+            Ok(o) => o,
+            Err(e) if http_status(&e) == Some(404) || e.code() == Some("NoSuchKey") => {
+                return Err(CatalogError::NotFound {
+                    path: format!("s3://{}/{key}", self.cfg.bucket),
+                });
+            }
+            Err(e) => return Err(self.err("get_object", &key, e)),
+        };
+        let body = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| self.err("get_object", &key, e))?;
+        Ok(body.into_bytes())
+    }
+
+    async fn get_range(&self, path: &str, start: u64, end: u64) -> Result<Bytes> {
+        let key = self.key(path);
+        if end <= start {
+            return Ok(Bytes::new());
+        }
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.cfg.bucket)
+            .key(&key)
+            .range(format!("bytes={}-{}", start, end - 1))
+            .send()
+            .await
+            .map_err(|e| {
+                if http_status(&e) == Some(404) {
+                    CatalogError::NotFound {
+                        path: format!("s3://{}/{key}", self.cfg.bucket),
+                    }
+                } else {
+                    self.err("get_object", &key, e)
+                }
+            })?;
+        let body = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| self.err("get_object", &key, e))?;
+        Ok(body.into_bytes())
+    }
+
+    async fn put(&self, path: &str, data: Bytes) -> Result<()> {
+        self.put_bytes(&self.key(path), data).await
+    }
+
+    async fn put_file(&self, path: &str, file: &Path) -> Result<()> {
+        let key = self.key(path);
+        let len = std::fs::metadata(file)
+            .map_err(|e| CatalogError::io(file, e))?
+            .len();
+        if len >= self.cfg.multipart_threshold {
+            self.put_multipart(&key, file).await?;
+        } else {
+            let data = std::fs::read(file).map_err(|e| CatalogError::io(file, e))?;
+            self.put_bytes(&key, Bytes::from(data)).await?;
+        }
+        std::fs::remove_file(file).map_err(|e| CatalogError::io(file, e))
+    }
+
+    async fn put_if_absent(&self, path: &str, data: Bytes) -> Result<PutOutcome> {
+        let key = self.key(path);
+        let mut conflicts = 0;
+        loop {
+            let r = self
+                .client
+                .put_object()
+                .bucket(&self.cfg.bucket)
+                .key(&key)
+                .if_none_match("*")
+                .body(ByteStream::from(data.clone()))
+                .send()
+                .await;
+            match r {
+                Ok(_) => return Ok(PutOutcome::Created),
+                Err(e)
+                    if http_status(&e) == Some(412) || e.code() == Some("PreconditionFailed") =>
+                {
+                    return Ok(PutOutcome::AlreadyExists);
+                }
+                Err(e) if (http_status(&e) == Some(409)) && conflicts < 10 => {
+                    conflicts += 1;
+                    tokio::time::sleep(Duration::from_millis(50 << conflicts.min(5))).await;
+                }
+                Err(e) => return Err(self.err("put_object(If-None-Match)", &key, e)),
+            }
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        let full = self.key(prefix);
+        let strip = if self.cfg.prefix.is_empty() {
+            0
+        } else {
+            self.cfg.prefix.len() + 1
+        };
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.cfg.bucket)
+            .prefix(&full)
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| self.err("list_objects_v2", &full, e))?;
+            for o in page.contents() {
+                let Some(k) = o.key() else { continue };
+                if k.len() < strip {
+                    continue;
+                }
+                let last_modified = o
+                    .last_modified()
+                    .and_then(|t| DateTime::from_timestamp(t.secs(), t.subsec_nanos()))
+                    .unwrap_or_else(Utc::now);
+                out.push(ObjectInfo {
+                    path: k[strip..].to_string(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    last_modified,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
+    }
+
+    async fn delete(&self, path: &str) -> Result<()> {
+        let key = self.key(path);
+        self.client
+            .delete_object()
+            .bucket(&self.cfg.bucket)
+            .key(&key)
+            .send()
+            .await
+            .map_err(|e| self.err("delete_object", &key, e))?;
+        Ok(())
+    }
+
+    async fn abort_stale_uploads(
+        &self,
+        cutoff: DateTime<Utc>,
+        dry_run: bool,
+    ) -> Result<Vec<String>> {
+        let mut aborted = Vec::new();
+        for (key, id, initiated) in self.incomplete_uploads().await? {
+            if initiated.is_some_and(|t| t < cutoff) {
+                if !dry_run {
+                    self.abort_upload(&key, &id).await?;
+                }
+                aborted.push(key);
+            }
+        }
+        Ok(aborted)
+    }
+
+    fn object_store(&self) -> Result<(Url, Arc<dyn ObjectStore>)> {
+        let mut b = AmazonS3Builder::new()
+            .with_bucket_name(&self.cfg.bucket)
+            .with_region(&self.region)
+            .with_virtual_hosted_style_request(!self.cfg.resolved_path_style());
+        if let Some(ep) = &self.endpoint {
+            b = b
+                .with_endpoint(ep)
+                .with_allow_http(ep.starts_with("http://"));
+        }
+        b = match &self.credentials {
+            Some(c) => {
+                let mut b = b
+                    .with_access_key_id(c.access_key_id())
+                    .with_secret_access_key(c.secret_access_key());
+                if let Some(t) = c.session_token() {
+                    b = b.with_token(t);
+                }
+                b
+            }
+            None => b.with_skip_signature(true),
+        };
+        let store = b.build()?;
+        let url = if self.cfg.prefix.is_empty() {
+            format!("s3://{}/", self.cfg.bucket)
+        } else {
+            format!("s3://{}/{}/", self.cfg.bucket, self.cfg.prefix)
+        };
+        let url = Url::parse(&url).map_err(|e| CatalogError::InvalidUri {
+            uri: url.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok((url, Arc::new(store)))
+    }
+}
