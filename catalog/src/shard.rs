@@ -280,12 +280,22 @@ pub fn decode_shard(
     let reader = builder
         .build()
         .map_err(|e| parquet_err(std::path::Path::new(name), e))?;
+    let full = projection.is_none();
     reader
         .map(|b| {
-            b.map_err(|e| CatalogError::CorruptShard {
+            let b = b.map_err(|e| CatalogError::CorruptShard {
                 path: name.to_string(),
                 reason: e.to_string(),
-            })
+            })?;
+            if !full {
+                return Ok(b);
+            }
+            // Whole rows come back under the canonical schema (with its metadata).
+            b.with_schema(sample_schema())
+                .map_err(|e| CatalogError::CorruptShard {
+                    path: name.to_string(),
+                    reason: format!("does not have the sample schema: {e}"),
+                })
         })
         .collect()
 }

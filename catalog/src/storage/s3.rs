@@ -46,6 +46,9 @@ pub struct S3Config {
     /// Path-style addressing (`endpoint/bucket/key`). Default: on when an endpoint is set, since
     /// S3-compatible servers usually need it; `LLAMAGEN_S3_PATH_STYLE=0|1` overrides.
     pub path_style: Option<bool>,
+    /// Static credentials (access key id, secret key), e.g. for an on-premise server. Default:
+    /// the standard AWS chain.
+    pub static_credentials: Option<(String, String)>,
     /// Attempts per request, the first included (default 8).
     pub max_attempts: u32,
     /// Objects at least this large are uploaded in parts (default 16 MiB).
@@ -62,6 +65,7 @@ impl Default for S3Config {
             endpoint: None,
             region: None,
             path_style: None,
+            static_credentials: None,
             max_attempts: 8,
             multipart_threshold: 16 << 20,
             part_size: 8 << 20,
@@ -119,6 +123,15 @@ impl S3Storage {
             );
         if let Some(region) = cfg.region.clone() {
             loader = loader.region(aws_config::Region::new(region));
+        }
+        if let Some((id, secret)) = &cfg.static_credentials {
+            loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
+                id.clone(),
+                secret.clone(),
+                None,
+                None,
+                "llamagen-static",
+            ));
         }
         let endpoint = cfg.resolved_endpoint();
         if let Some(ep) = &endpoint {

@@ -1,0 +1,37 @@
+# The two commands of README.md: `make run` (main job on bundled data) and `make test` (all tests).
+# Each does its own set-up: a project-local Python venv (.venv) with the real components the tests
+# start (S3-compatible server, pyarrow, ...), and the mold linker where apt-get can install it.
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+OUT ?= out
+export LLAMAGEN_PYTHON := $(abspath $(PY))
+
+.PHONY: run test setup bench-catalog clean
+
+run: setup
+	cargo build -p llamagen-pipelines --bin llamagen
+	OUT=$(OUT) ./scripts/main-job.sh
+
+test: setup
+	cargo build -p llamagen-pipelines --bin llamagen
+	cargo test --workspace --no-fail-fast
+
+setup: $(VENV)/.ready
+	@command -v mold >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get install -y -q mold >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q mold >/dev/null 2>&1)) ; } || \
+	  echo "note: mold not installed; linking with the default linker"
+
+$(VENV)/.ready: requirements-dev.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+# On-demand benchmark of catalog SQL against DuckDB (10 million rows; see bench/catalog_sql.sh).
+bench-catalog: setup
+	./bench/catalog_sql.sh
+
+clean:
+	rm -rf $(OUT) $(VENV)

@@ -1,0 +1,335 @@
+//! The commit protocol, shard checks and SQL registration, on the memory and local backends.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use llamagen_catalog::arrow::array::{
+    Array, ArrayRef, AsArray, BinaryArray, Float32Array, Int32Array, ListArray, RecordBatch, StringArray, StructArray,
+};
+use llamagen_catalog::arrow::buffer::OffsetBuffer;
+use llamagen_catalog::arrow::datatypes::{DataType, Field};
+use llamagen_catalog::schema::image_fields;
+use llamagen_catalog::storage::{LocalStorage, MemoryStorage, Storage};
+use llamagen_catalog::{Catalog, CatalogError, Dataset, ShardWriterOptions, Transaction, sql};
+
+fn rows(prefix: &str, n: usize) -> RecordBatch {
+    let keys: Vec<String> = (0..n).map(|i| format!("{prefix}-{i:05}")).collect();
+    let status: Vec<&str> = (0..n).map(|i| ["ok", "failed", "dropped", "pending"][i % 4]).collect();
+    let score: Vec<Option<f32>> = (0..n).map(|i| (i % 4 == 0).then_some(i as f32 / n as f32)).collect();
+    RecordBatch::try_from_iter(vec![
+        ("key", Arc::new(StringArray::from(keys)) as ArrayRef),
+        ("status", Arc::new(StringArray::from(status)) as ArrayRef),
+        ("score_aesthetic", Arc::new(Float32Array::from(score)) as ArrayRef),
+    ])
+    .unwrap()
+}
+
+async fn write_and_commit(ds: &Dataset, prefix: &str, n: usize, unit: Option<&str>) -> Result<u64, CatalogError> {
+    let mut w = ds.writer(ShardWriterOptions {
+        stage: "test".into(),
+        ..Default::default()
+    });
+    w.write(&rows(prefix, n)).await?;
+    let add = w.finish().await?;
+    let m = ds
+        .commit(Transaction {
+            operation: "test".into(),
+            add,
+            units: unit.map(|u| vec![u.to_string()]).unwrap_or_default(),
+            ..Default::default()
+        })
+        .await?;
+    Ok(m.version)
+}
+
+async fn count(storage: Arc<dyn Storage>, q: &str) -> i64 {
+    let ctx = sql::session(storage).await.unwrap();
+    let (_, b) = sql::query(&ctx, q).await.unwrap();
+    b[0].column(0)
+        .as_primitive::<llamagen_catalog::arrow::datatypes::Int64Type>()
+        .value(0)
+}
+
+#[tokio::test]
+async fn commit_read_back_and_sql() {
+    let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::unique());
+    let cat = Catalog::from_storage(storage.clone());
+    let ds = cat.samples();
+    assert_eq!(ds.latest_version().await.unwrap(), 0);
+    // An empty catalog still answers queries.
+    assert_eq!(count(storage.clone(), "SELECT count(*) FROM samples").await, 0);
+    assert_eq!(write_and_commit(&ds, "a", 1000, None).await.unwrap(), 1);
+    assert_eq!(write_and_commit(&ds, "b", 500, None).await.unwrap(), 2);
+    let snap = ds.snapshot().await.unwrap();
+    assert_eq!(snap.rows(), 1500);
+    assert_eq!(snap.shards.len(), 2);
+    let back = ds.read_shard(&snap.shards[0], None).await.unwrap();
+    let got: usize = back.iter().map(|b| b.num_rows()).sum();
+    assert_eq!(got, 1000);
+    assert_eq!(back[0].schema(), llamagen_catalog::sample_schema());
+    let keys = back[0].column_by_name("key").unwrap().as_string::<i32>();
+    assert_eq!(keys.value(0), "a-00000");
+    assert_eq!(count(storage.clone(), "SELECT count(*) FROM samples WHERE status = 'ok'").await, 375);
+    assert_eq!(count(storage.clone(), "SELECT count(DISTINCT key) FROM samples").await, 1500);
+    assert_eq!(count(storage.clone(), "SELECT CAST(sum(rows) AS BIGINT) FROM shards").await, 1500);
+}
+
+#[tokio::test]
+async fn shards_roll_over_at_max_rows_and_bytes() {
+    let ds = Catalog::from_storage(Arc::new(MemoryStorage::unique())).samples();
+    let mut w = ds.writer(ShardWriterOptions {
+        stage: "test".into(),
+        max_rows: 300,
+        ..Default::default()
+    });
+    w.write(&rows("r", 1000)).await.unwrap();
+    let shards = w.finish().await.unwrap();
+    let sizes: Vec<u64> = shards.iter().map(|s| s.rows).collect();
+    assert_eq!(sizes, vec![300, 300, 300, 100]);
+    // Byte-bounded: tiny target forces one row group per shard.
+    let mut w = ds.writer(ShardWriterOptions {
+        stage: "test".into(),
+        target_bytes: 1,
+        ..Default::default()
+    });
+    w.write(&rows("s", 10)).await.unwrap();
+    w.write(&rows("t", 10)).await.unwrap();
+    assert_eq!(w.finish().await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn concurrent_commits_lose_and_duplicate_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage: Arc<dyn Storage> = Arc::new(LocalStorage::new(dir.path()).unwrap());
+    let ds = Catalog::from_storage(storage.clone()).samples();
+    let mut tasks = Vec::new();
+    for t in 0..6 {
+        let ds = ds.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..4 {
+                write_and_commit(&ds, &format!("w{t}-{i}"), 50, None).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let snap = ds.snapshot().await.unwrap();
+    assert_eq!(snap.version, 24);
+    assert_eq!(snap.shards.len(), 24);
+    assert_eq!(ds.versions().await.unwrap(), (1..=24).collect::<Vec<u64>>());
+    assert_eq!(count(storage.clone(), "SELECT count(DISTINCT key) FROM samples").await, 1200);
+    assert_eq!(count(storage, "SELECT count(*) FROM samples").await, 1200);
+}
+
+#[tokio::test]
+async fn work_units_commit_exactly_once() {
+    let storage = Arc::new(MemoryStorage::unique());
+    let ds = Catalog::from_storage(storage.clone()).samples();
+    write_and_commit(&ds, "a", 10, Some("unit-a")).await.unwrap();
+    let err = write_and_commit(&ds, "a", 10, Some("unit-a")).await.unwrap_err();
+    assert!(matches!(err, CatalogError::UnitAlreadyCommitted { ref unit, .. } if unit == "unit-a"), "{err}");
+    let snap = ds.snapshot().await.unwrap();
+    assert_eq!(snap.rows(), 10);
+    assert!(snap.units.contains("unit-a"));
+    // The refused commit's shard was discarded, not left behind.
+    let files = storage.list("samples/data/").await.unwrap();
+    assert_eq!(files.len(), 1);
+}
+
+#[tokio::test]
+async fn replace_and_shard_gone() {
+    let ds = Catalog::from_storage(Arc::new(MemoryStorage::unique())).samples();
+    write_and_commit(&ds, "a", 10, None).await.unwrap();
+    let old = ds.snapshot().await.unwrap().shards[0].path.clone();
+    let mut w = ds.writer(ShardWriterOptions::default());
+    w.write(&rows("a2", 10)).await.unwrap();
+    let add = w.finish().await.unwrap();
+    let m = ds
+        .commit(Transaction {
+            operation: "rewrite".into(),
+            add: add.clone(),
+            remove: vec![old.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(m.shards, add);
+    let err = ds
+        .commit(Transaction {
+            operation: "rewrite".into(),
+            remove: vec![old.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CatalogError::ShardGone { ref path, .. } if *path == old), "{err}");
+}
+
+#[tokio::test]
+async fn malformed_and_unknown_version_manifests_are_named() {
+    let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::unique());
+    let ds = Catalog::from_storage(storage.clone()).samples();
+    write_and_commit(&ds, "a", 10, None).await.unwrap();
+    storage
+        .put("samples/_manifest/00000000000000000002.json", "{\"format\": \"llamagen.manifest\", ".into())
+        .await
+        .unwrap();
+    let e = ds.snapshot().await.unwrap_err().to_string();
+    assert!(e.contains("malformed manifest") && e.contains("00000000000000000002.json"), "{e}");
+    let mut m = serde_json::to_value(ds.manifest(1).await.unwrap()).unwrap();
+    m["version"] = 2.into();
+    m["schema_version"] = 99.into();
+    storage
+        .put("samples/_manifest/00000000000000000002.json", serde_json::to_vec(&m).unwrap().into())
+        .await
+        .unwrap();
+    let e = ds.snapshot().await.unwrap_err().to_string();
+    assert!(e.contains("schema version 99") && e.contains("00000000000000000002.json"), "{e}");
+}
+
+#[tokio::test]
+async fn corrupt_and_truncated_shards_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = LocalStorage::new(dir.path()).unwrap();
+    let storage: Arc<dyn Storage> = Arc::new(local.clone());
+    let ds = Catalog::from_storage(storage.clone()).samples();
+    write_and_commit(&ds, "a", 100, None).await.unwrap();
+    let entry = ds.snapshot().await.unwrap().shards[0].clone();
+    let file = local.path_of(&ds.shard_path(&entry));
+    let good = std::fs::read(&file).unwrap();
+
+    // Truncated: size differs from the manifest.
+    std::fs::write(&file, &good[..good.len() / 2]).unwrap();
+    let e = sql::session(storage.clone()).await.err().expect("session must fail").to_string();
+    assert!(e.contains(&entry.path) && e.contains("truncated"), "{e}");
+    let e = ds.read_shard(&entry, None).await.unwrap_err().to_string();
+    assert!(e.contains(&entry.path), "{e}");
+
+    // Same size, corrupt footer.
+    let mut bad = good.clone();
+    let n = bad.len();
+    for b in &mut bad[n - 200..n - 8] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&file, &bad).unwrap();
+    let e = sql::session(storage.clone()).await.err().expect("session must fail").to_string();
+    assert!(e.contains(&entry.path) && e.contains("corrupt shard"), "{e}");
+
+    // Same size, corrupt data page: the footer still parses, the hash check catches it.
+    let mut bad = good.clone();
+    bad[100] ^= 0xff;
+    std::fs::write(&file, &bad).unwrap();
+    let problems = ds.verify().await.unwrap();
+    assert_eq!(problems.len(), 1);
+    assert!(problems[0].problem.contains("SHA-256"), "{}", problems[0].problem);
+
+    std::fs::write(&file, &good).unwrap();
+    assert!(ds.verify().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn sql_errors_come_from_datafusion() {
+    let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::unique());
+    let ctx = sql::session(storage).await.unwrap();
+    let e = sql::query(&ctx, "SELECT nope FROM samples").await.unwrap_err();
+    assert!(matches!(e, CatalogError::DataFusion(_)), "{e}");
+    assert!(e.to_string().contains("nope"), "{e}");
+    let e = sql::query(&ctx, "SELEC 1").await.unwrap_err();
+    assert!(e.to_string().contains("SELEC"), "{e}");
+}
+
+#[tokio::test]
+async fn gc_removes_only_unreferenced_old_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage: Arc<dyn Storage> = Arc::new(LocalStorage::new(dir.path()).unwrap());
+    let ds = Catalog::from_storage(storage.clone()).samples();
+    write_and_commit(&ds, "a", 10, None).await.unwrap();
+    // An uncommitted shard (a crashed writer's).
+    let mut w = ds.writer(ShardWriterOptions::default());
+    w.write(&rows("orphan", 10)).await.unwrap();
+    let orphan = w.finish().await.unwrap();
+    // Within the grace period nothing goes.
+    let r = ds.gc(Duration::from_secs(3600), 0, false).await.unwrap();
+    assert!(r.orphan_shards.is_empty());
+    let r = ds.gc(Duration::ZERO, 0, true).await.unwrap();
+    assert_eq!(r.orphan_shards, vec![ds.shard_path(&orphan[0])]);
+    assert!(storage.get(&ds.shard_path(&orphan[0])).await.is_ok(), "dry run deleted");
+    ds.gc(Duration::ZERO, 0, false).await.unwrap();
+    assert!(storage.get(&ds.shard_path(&orphan[0])).await.is_err());
+    assert_eq!(count(storage, "SELECT count(*) FROM samples").await, 10);
+}
+
+/// Wide columns (here 64 KiB images) are not read by a query that does not project them.
+#[tokio::test]
+async fn wide_columns_are_not_read_unless_projected() {
+    use llamagen_catalog::datafusion::physical_plan::{ExecutionPlan, collect};
+    let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::unique());
+    let ds = Catalog::from_storage(storage.clone()).samples();
+    let n = 100;
+    let mut seed = 7u64;
+    let blobs: Vec<Vec<u8>> = (0..n)
+        .map(|_| {
+            (0..65536)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    (seed >> 56) as u8
+                })
+                .collect()
+        })
+        .collect();
+    let images = StructArray::new(
+        image_fields(),
+        vec![
+            Arc::new(Int32Array::from(vec![256; n])) as ArrayRef,
+            Arc::new(Int32Array::from(vec![256; n])),
+            Arc::new(Int32Array::from(vec![256; n])),
+            Arc::new(StringArray::from(vec!["jpeg"; n])),
+            Arc::new(BinaryArray::from_iter_values(blobs.iter())),
+        ],
+        None,
+    );
+    let list = ListArray::new(
+        Arc::new(Field::new("item", DataType::Struct(image_fields()), true)),
+        OffsetBuffer::from_lengths(vec![1; n]),
+        Arc::new(images),
+        None,
+    );
+    let mut b = rows("w", n);
+    let mut cols = b.columns().to_vec();
+    let mut fields: Vec<Field> = b.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new("images", list.data_type().clone(), true));
+    cols.push(Arc::new(list));
+    b = RecordBatch::try_new(Arc::new(llamagen_catalog::arrow::datatypes::Schema::new(fields)), cols).unwrap();
+    let mut w = ds.writer(ShardWriterOptions::default());
+    w.write(&b).await.unwrap();
+    let add = w.finish().await.unwrap();
+    let file_bytes = add[0].bytes;
+    assert!(file_bytes > 6_000_000, "{file_bytes}");
+    ds.commit(Transaction {
+        operation: "t".into(),
+        add,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    async fn scanned(storage: Arc<dyn Storage>, q: &str) -> usize {
+        let ctx = sql::session(storage).await.unwrap();
+        let plan = ctx.sql(q).await.unwrap().create_physical_plan().await.unwrap();
+        collect(plan.clone(), ctx.task_ctx()).await.unwrap();
+        fn walk(p: &Arc<dyn ExecutionPlan>) -> usize {
+            let own = p
+                .metrics()
+                .and_then(|m| m.sum_by_name("bytes_scanned"))
+                .map(|v| v.as_usize())
+                .unwrap_or(0);
+            own + p.children().iter().map(|c| walk(c)).sum::<usize>()
+        }
+        walk(&plan)
+    }
+    let narrow = scanned(storage.clone(), "SELECT status, count(*) FROM samples GROUP BY status").await;
+    let wide = scanned(storage, "SELECT max(images[1]['data']) FROM samples").await;
+    assert!(narrow > 0 && narrow < 64 * 1024, "narrow query scanned {narrow} bytes");
+    assert!(wide > 6_000_000, "wide query scanned only {wide} bytes");
+}
