@@ -9,7 +9,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use llamagen_catalog::arrow::array::{ArrayRef, Float32Array, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray};
+use llamagen_catalog::arrow::array::{
+    ArrayRef, Float32Array, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
+};
 use llamagen_catalog::{Catalog, ShardWriterOptions, StorageOptions, Transaction};
 
 /// xorshift64*: deterministic, fast, dependency-free.
@@ -35,9 +37,36 @@ const HOSTS: &[&str] = &[
     "http://www.example-shop.com/media/catalog/product/cache/",
 ];
 const WORDS: &[&str] = &[
-    "red", "vintage", "dress", "wooden", "table", "portrait", "of", "a", "cat", "sunset", "over", "the", "sea",
-    "modern", "kitchen", "design", "with", "white", "cabinets", "logo", "mountain", "landscape", "painting",
-    "oil", "on", "canvas", "blue", "car", "street", "photo",
+    "red",
+    "vintage",
+    "dress",
+    "wooden",
+    "table",
+    "portrait",
+    "of",
+    "a",
+    "cat",
+    "sunset",
+    "over",
+    "the",
+    "sea",
+    "modern",
+    "kitchen",
+    "design",
+    "with",
+    "white",
+    "cabinets",
+    "logo",
+    "mountain",
+    "landscape",
+    "painting",
+    "oil",
+    "on",
+    "canvas",
+    "blue",
+    "car",
+    "street",
+    "photo",
 ];
 
 fn batch(rng: &mut Rng, first: u64, n: usize) -> RecordBatch {
@@ -57,7 +86,9 @@ fn batch(rng: &mut Rng, first: u64, n: usize) -> RecordBatch {
             rng.next() as u32
         ));
         let words = 4 + rng.next() % 8;
-        let t: Vec<&str> = (0..words).map(|_| WORDS[(rng.next() % WORDS.len() as u64) as usize]).collect();
+        let t: Vec<&str> = (0..words)
+            .map(|_| WORDS[(rng.next() % WORDS.len() as u64) as usize])
+            .collect();
         text.push(t.join(" "));
         let width = 200 + (rng.next() % 1800) as i64;
         let height = 200 + (rng.next() % 1800) as i64;
@@ -70,7 +101,10 @@ fn batch(rng: &mut Rng, first: u64, n: usize) -> RecordBatch {
         let (st, k) = if r < 0.60 {
             ("ok", None)
         } else if r < 0.85 {
-            ("failed", Some(["http_404", "timeout", "decode", "connect"][(rng.next() % 4) as usize]))
+            (
+                "failed",
+                Some(["http_404", "timeout", "decode", "connect"][(rng.next() % 4) as usize]),
+            )
         } else if r < 0.95 {
             ("dropped", None)
         } else {
@@ -87,8 +121,16 @@ fn batch(rng: &mut Rng, first: u64, n: usize) -> RecordBatch {
     }
     let cols: Vec<(&str, ArrayRef)> = vec![
         ("key", Arc::new(StringArray::from(key))),
-        ("source", Arc::new(StringArray::from(vec!["part-00000.parquet"; n]))),
-        ("source_row", Arc::new(Int64Array::from_iter_values((0..n as i64).map(|i| first as i64 + i)))),
+        (
+            "source",
+            Arc::new(StringArray::from(vec!["part-00000.parquet"; n])),
+        ),
+        (
+            "source_row",
+            Arc::new(Int64Array::from_iter_values(
+                (0..n as i64).map(|i| first as i64 + i),
+            )),
+        ),
         ("url", Arc::new(StringArray::from(url))),
         ("text", Arc::new(StringArray::from(text))),
         ("width", Arc::new(Int64Array::from(w))),
@@ -172,8 +214,12 @@ async fn query(root: &str, repeats: usize, queries: &[String]) -> anyhow::Result
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("generate") if args.len() == 4 => generate(&args[1], args[2].parse()?, args[3].parse()?).await,
+        Some("generate") if args.len() == 4 => {
+            generate(&args[1], args[2].parse()?, args[3].parse()?).await
+        }
         Some("query") if args.len() >= 4 => query(&args[1], args[2].parse()?, &args[3..]).await,
-        _ => anyhow::bail!("usage: sql_bench generate <root> <rows> <shards> | sql_bench query <root> <repeats> <sql>..."),
+        _ => anyhow::bail!(
+            "usage: sql_bench generate <root> <rows> <shards> | sql_bench query <root> <repeats> <sql>..."
+        ),
     }
 }

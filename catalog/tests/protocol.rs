@@ -4,7 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use llamagen_catalog::arrow::array::{
-    Array, ArrayRef, AsArray, BinaryArray, Float32Array, Int32Array, ListArray, RecordBatch, StringArray, StructArray,
+    Array, ArrayRef, AsArray, BinaryArray, Float32Array, Int32Array, ListArray, RecordBatch,
+    StringArray, StructArray,
 };
 use llamagen_catalog::arrow::buffer::OffsetBuffer;
 use llamagen_catalog::arrow::datatypes::{DataType, Field};
@@ -14,17 +15,29 @@ use llamagen_catalog::{Catalog, CatalogError, Dataset, ShardWriterOptions, Trans
 
 fn rows(prefix: &str, n: usize) -> RecordBatch {
     let keys: Vec<String> = (0..n).map(|i| format!("{prefix}-{i:05}")).collect();
-    let status: Vec<&str> = (0..n).map(|i| ["ok", "failed", "dropped", "pending"][i % 4]).collect();
-    let score: Vec<Option<f32>> = (0..n).map(|i| (i % 4 == 0).then_some(i as f32 / n as f32)).collect();
+    let status: Vec<&str> = (0..n)
+        .map(|i| ["ok", "failed", "dropped", "pending"][i % 4])
+        .collect();
+    let score: Vec<Option<f32>> = (0..n)
+        .map(|i| (i % 4 == 0).then_some(i as f32 / n as f32))
+        .collect();
     RecordBatch::try_from_iter(vec![
         ("key", Arc::new(StringArray::from(keys)) as ArrayRef),
         ("status", Arc::new(StringArray::from(status)) as ArrayRef),
-        ("score_aesthetic", Arc::new(Float32Array::from(score)) as ArrayRef),
+        (
+            "score_aesthetic",
+            Arc::new(Float32Array::from(score)) as ArrayRef,
+        ),
     ])
     .unwrap()
 }
 
-async fn write_and_commit(ds: &Dataset, prefix: &str, n: usize, unit: Option<&str>) -> Result<u64, CatalogError> {
+async fn write_and_commit(
+    ds: &Dataset,
+    prefix: &str,
+    n: usize,
+    unit: Option<&str>,
+) -> Result<u64, CatalogError> {
     let mut w = ds.writer(ShardWriterOptions {
         stage: "test".into(),
         ..Default::default()
@@ -57,7 +70,10 @@ async fn commit_read_back_and_sql() {
     let ds = cat.samples();
     assert_eq!(ds.latest_version().await.unwrap(), 0);
     // An empty catalog still answers queries.
-    assert_eq!(count(storage.clone(), "SELECT count(*) FROM samples").await, 0);
+    assert_eq!(
+        count(storage.clone(), "SELECT count(*) FROM samples").await,
+        0
+    );
     assert_eq!(write_and_commit(&ds, "a", 1000, None).await.unwrap(), 1);
     assert_eq!(write_and_commit(&ds, "b", 500, None).await.unwrap(), 2);
     let snap = ds.snapshot().await.unwrap();
@@ -69,9 +85,26 @@ async fn commit_read_back_and_sql() {
     assert_eq!(back[0].schema(), llamagen_catalog::sample_schema());
     let keys = back[0].column_by_name("key").unwrap().as_string::<i32>();
     assert_eq!(keys.value(0), "a-00000");
-    assert_eq!(count(storage.clone(), "SELECT count(*) FROM samples WHERE status = 'ok'").await, 375);
-    assert_eq!(count(storage.clone(), "SELECT count(DISTINCT key) FROM samples").await, 1500);
-    assert_eq!(count(storage.clone(), "SELECT CAST(sum(rows) AS BIGINT) FROM shards").await, 1500);
+    assert_eq!(
+        count(
+            storage.clone(),
+            "SELECT count(*) FROM samples WHERE status = 'ok'"
+        )
+        .await,
+        375
+    );
+    assert_eq!(
+        count(storage.clone(), "SELECT count(DISTINCT key) FROM samples").await,
+        1500
+    );
+    assert_eq!(
+        count(
+            storage.clone(),
+            "SELECT CAST(sum(rows) AS BIGINT) FROM shards"
+        )
+        .await,
+        1500
+    );
 }
 
 #[tokio::test]
@@ -107,7 +140,9 @@ async fn concurrent_commits_lose_and_duplicate_nothing() {
         let ds = ds.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0..4 {
-                write_and_commit(&ds, &format!("w{t}-{i}"), 50, None).await.unwrap();
+                write_and_commit(&ds, &format!("w{t}-{i}"), 50, None)
+                    .await
+                    .unwrap();
             }
         }));
     }
@@ -118,7 +153,10 @@ async fn concurrent_commits_lose_and_duplicate_nothing() {
     assert_eq!(snap.version, 24);
     assert_eq!(snap.shards.len(), 24);
     assert_eq!(ds.versions().await.unwrap(), (1..=24).collect::<Vec<u64>>());
-    assert_eq!(count(storage.clone(), "SELECT count(DISTINCT key) FROM samples").await, 1200);
+    assert_eq!(
+        count(storage.clone(), "SELECT count(DISTINCT key) FROM samples").await,
+        1200
+    );
     assert_eq!(count(storage, "SELECT count(*) FROM samples").await, 1200);
 }
 
@@ -126,9 +164,16 @@ async fn concurrent_commits_lose_and_duplicate_nothing() {
 async fn work_units_commit_exactly_once() {
     let storage = Arc::new(MemoryStorage::unique());
     let ds = Catalog::from_storage(storage.clone()).samples();
-    write_and_commit(&ds, "a", 10, Some("unit-a")).await.unwrap();
-    let err = write_and_commit(&ds, "a", 10, Some("unit-a")).await.unwrap_err();
-    assert!(matches!(err, CatalogError::UnitAlreadyCommitted { ref unit, .. } if unit == "unit-a"), "{err}");
+    write_and_commit(&ds, "a", 10, Some("unit-a"))
+        .await
+        .unwrap();
+    let err = write_and_commit(&ds, "a", 10, Some("unit-a"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, CatalogError::UnitAlreadyCommitted { ref unit, .. } if unit == "unit-a"),
+        "{err}"
+    );
     let snap = ds.snapshot().await.unwrap();
     assert_eq!(snap.rows(), 10);
     assert!(snap.units.contains("unit-a"));
@@ -163,7 +208,10 @@ async fn replace_and_shard_gone() {
         })
         .await
         .unwrap_err();
-    assert!(matches!(err, CatalogError::ShardGone { ref path, .. } if *path == old), "{err}");
+    assert!(
+        matches!(err, CatalogError::ShardGone { ref path, .. } if *path == old),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -172,20 +220,32 @@ async fn malformed_and_unknown_version_manifests_are_named() {
     let ds = Catalog::from_storage(storage.clone()).samples();
     write_and_commit(&ds, "a", 10, None).await.unwrap();
     storage
-        .put("samples/_manifest/00000000000000000002.json", "{\"format\": \"llamagen.manifest\", ".into())
+        .put(
+            "samples/_manifest/00000000000000000002.json",
+            "{\"format\": \"llamagen.manifest\", ".into(),
+        )
         .await
         .unwrap();
     let e = ds.snapshot().await.unwrap_err().to_string();
-    assert!(e.contains("malformed manifest") && e.contains("00000000000000000002.json"), "{e}");
+    assert!(
+        e.contains("malformed manifest") && e.contains("00000000000000000002.json"),
+        "{e}"
+    );
     let mut m = serde_json::to_value(ds.manifest(1).await.unwrap()).unwrap();
     m["version"] = 2.into();
     m["schema_version"] = 99.into();
     storage
-        .put("samples/_manifest/00000000000000000002.json", serde_json::to_vec(&m).unwrap().into())
+        .put(
+            "samples/_manifest/00000000000000000002.json",
+            serde_json::to_vec(&m).unwrap().into(),
+        )
         .await
         .unwrap();
     let e = ds.snapshot().await.unwrap_err().to_string();
-    assert!(e.contains("schema version 99") && e.contains("00000000000000000002.json"), "{e}");
+    assert!(
+        e.contains("schema version 99") && e.contains("00000000000000000002.json"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -201,7 +261,11 @@ async fn corrupt_and_truncated_shards_are_named() {
 
     // Truncated: size differs from the manifest.
     std::fs::write(&file, &good[..good.len() / 2]).unwrap();
-    let e = sql::session(storage.clone()).await.err().expect("session must fail").to_string();
+    let e = sql::session(storage.clone())
+        .await
+        .err()
+        .expect("session must fail")
+        .to_string();
     assert!(e.contains(&entry.path) && e.contains("truncated"), "{e}");
     let e = ds.read_shard(&entry, None).await.unwrap_err().to_string();
     assert!(e.contains(&entry.path), "{e}");
@@ -213,8 +277,15 @@ async fn corrupt_and_truncated_shards_are_named() {
         *b ^= 0x5a;
     }
     std::fs::write(&file, &bad).unwrap();
-    let e = sql::session(storage.clone()).await.err().expect("session must fail").to_string();
-    assert!(e.contains(&entry.path) && e.contains("corrupt shard"), "{e}");
+    let e = sql::session(storage.clone())
+        .await
+        .err()
+        .expect("session must fail")
+        .to_string();
+    assert!(
+        e.contains(&entry.path) && e.contains("corrupt shard"),
+        "{e}"
+    );
 
     // Same size, corrupt data page: the footer still parses, the hash check catches it.
     let mut bad = good.clone();
@@ -222,7 +293,11 @@ async fn corrupt_and_truncated_shards_are_named() {
     std::fs::write(&file, &bad).unwrap();
     let problems = ds.verify().await.unwrap();
     assert_eq!(problems.len(), 1);
-    assert!(problems[0].problem.contains("SHA-256"), "{}", problems[0].problem);
+    assert!(
+        problems[0].problem.contains("SHA-256"),
+        "{}",
+        problems[0].problem
+    );
 
     std::fs::write(&file, &good).unwrap();
     assert!(ds.verify().await.unwrap().is_empty());
@@ -232,7 +307,9 @@ async fn corrupt_and_truncated_shards_are_named() {
 async fn sql_errors_come_from_datafusion() {
     let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::unique());
     let ctx = sql::session(storage).await.unwrap();
-    let e = sql::query(&ctx, "SELECT nope FROM samples").await.unwrap_err();
+    let e = sql::query(&ctx, "SELECT nope FROM samples")
+        .await
+        .unwrap_err();
     assert!(matches!(e, CatalogError::DataFusion(_)), "{e}");
     assert!(e.to_string().contains("nope"), "{e}");
     let e = sql::query(&ctx, "SELEC 1").await.unwrap_err();
@@ -254,7 +331,10 @@ async fn gc_removes_only_unreferenced_old_files() {
     assert!(r.orphan_shards.is_empty());
     let r = ds.gc(Duration::ZERO, 0, true).await.unwrap();
     assert_eq!(r.orphan_shards, vec![ds.shard_path(&orphan[0])]);
-    assert!(storage.get(&ds.shard_path(&orphan[0])).await.is_ok(), "dry run deleted");
+    assert!(
+        storage.get(&ds.shard_path(&orphan[0])).await.is_ok(),
+        "dry run deleted"
+    );
     ds.gc(Duration::ZERO, 0, false).await.unwrap();
     assert!(storage.get(&ds.shard_path(&orphan[0])).await.is_err());
     assert_eq!(count(storage, "SELECT count(*) FROM samples").await, 10);
@@ -297,10 +377,19 @@ async fn wide_columns_are_not_read_unless_projected() {
     );
     let mut b = rows("w", n);
     let mut cols = b.columns().to_vec();
-    let mut fields: Vec<Field> = b.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut fields: Vec<Field> = b
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
     fields.push(Field::new("images", list.data_type().clone(), true));
     cols.push(Arc::new(list));
-    b = RecordBatch::try_new(Arc::new(llamagen_catalog::arrow::datatypes::Schema::new(fields)), cols).unwrap();
+    b = RecordBatch::try_new(
+        Arc::new(llamagen_catalog::arrow::datatypes::Schema::new(fields)),
+        cols,
+    )
+    .unwrap();
     let mut w = ds.writer(ShardWriterOptions::default());
     w.write(&b).await.unwrap();
     let add = w.finish().await.unwrap();
@@ -316,7 +405,13 @@ async fn wide_columns_are_not_read_unless_projected() {
 
     async fn scanned(storage: Arc<dyn Storage>, q: &str) -> usize {
         let ctx = sql::session(storage).await.unwrap();
-        let plan = ctx.sql(q).await.unwrap().create_physical_plan().await.unwrap();
+        let plan = ctx
+            .sql(q)
+            .await
+            .unwrap()
+            .create_physical_plan()
+            .await
+            .unwrap();
         collect(plan.clone(), ctx.task_ctx()).await.unwrap();
         fn walk(p: &Arc<dyn ExecutionPlan>) -> usize {
             let own = p
@@ -328,8 +423,15 @@ async fn wide_columns_are_not_read_unless_projected() {
         }
         walk(&plan)
     }
-    let narrow = scanned(storage.clone(), "SELECT status, count(*) FROM samples GROUP BY status").await;
+    let narrow = scanned(
+        storage.clone(),
+        "SELECT status, count(*) FROM samples GROUP BY status",
+    )
+    .await;
     let wide = scanned(storage, "SELECT max(images[1]['data']) FROM samples").await;
-    assert!(narrow > 0 && narrow < 64 * 1024, "narrow query scanned {narrow} bytes");
+    assert!(
+        narrow > 0 && narrow < 64 * 1024,
+        "narrow query scanned {narrow} bytes"
+    );
     assert!(wide > 6_000_000, "wide query scanned only {wide} bytes");
 }

@@ -16,14 +16,20 @@ use llamagen_catalog::storage::S3Config;
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_path_buf()
 }
 
 /// Directory of the binaries of the profile the tests were built with.
 fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test exe");
     // target/<profile>/deps/<test>-<hash>
-    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
 }
 
 /// Path of the `llamagen` binary, building it if needed.
@@ -60,7 +66,11 @@ pub fn python() -> PathBuf {
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// An S3-compatible server (moto) on 127.0.0.1, stopped on drop.
@@ -82,7 +92,11 @@ impl S3Server {
     /// Starts a server on `port` (used to restart one at the same address).
     pub fn start_on(port: u16) -> S3Server {
         let bin = python().parent().unwrap().join("moto_server");
-        assert!(bin.exists(), "{} not found: run `make setup`", bin.display());
+        assert!(
+            bin.exists(),
+            "{} not found: run `make setup`",
+            bin.display()
+        );
         let log = std::env::temp_dir().join(format!("moto-{port}.log"));
         let logf = std::fs::File::create(&log).unwrap();
         let child = Command::new(&bin)

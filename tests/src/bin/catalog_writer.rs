@@ -13,7 +13,10 @@ use llamagen_catalog::{Catalog, CatalogError, ShardWriterOptions, StorageOptions
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().skip(1).collect();
-    anyhow::ensure!(a.len() >= 4, "usage: catalog_writer <root> <prefix> <shards> <rows> [sleep-ms]");
+    anyhow::ensure!(
+        a.len() >= 4,
+        "usage: catalog_writer <root> <prefix> <shards> <rows> [sleep-ms]"
+    );
     let (root, prefix) = (&a[0], &a[1]);
     let shards: usize = a[2].parse()?;
     let rows: usize = a[3].parse()?;
@@ -36,8 +39,14 @@ async fn main() -> anyhow::Result<()> {
             let scores: Vec<f32> = (r..r + n).map(|i| i as f32 / rows as f32).collect();
             let b = RecordBatch::try_from_iter(vec![
                 ("key", Arc::new(StringArray::from(keys)) as ArrayRef),
-                ("status", Arc::new(StringArray::from(vec!["ok"; n])) as ArrayRef),
-                ("score_aesthetic", Arc::new(Float32Array::from(scores)) as ArrayRef),
+                (
+                    "status",
+                    Arc::new(StringArray::from(vec!["ok"; n])) as ArrayRef,
+                ),
+                (
+                    "score_aesthetic",
+                    Arc::new(Float32Array::from(scores)) as ArrayRef,
+                ),
             ])?;
             w.write(&b).await?;
             r += n;
