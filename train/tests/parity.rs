@@ -219,3 +219,57 @@ fn saved_safetensors_round_trip_with_official_keys() -> Result<()> {
     }
     Ok(())
 }
+
+fn fixtures() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+#[test]
+fn torch_training_checkpoint_loads_the_model_entry() -> Result<()> {
+    let cfg = config("gpt_c2i")?;
+    let dev = Device::Cpu;
+    // {"model", "optimizer", "steps", "args": argparse.Namespace}, with freqs_cis and a
+    // KV-cache buffer in the state dict.
+    let sd = read_state_dict(&fixtures().join("tiny_c2i.pt"), &dev)?;
+    validate_state_dict(&cfg, &sd)?;
+    let reference = read_state_dict(&parity_dir().join("gpt_c2i_weights.safetensors"), &dev)?;
+    assert_eq!(sd.tensors.len(), reference.tensors.len());
+    for (k, t) in &reference.tensors {
+        assert_eq!(max_abs(t, &sd.tensors[k])?, 0.0, "{k}");
+    }
+    // The loaded model reproduces the reference logits.
+    let model = load_gpt(&fixtures().join("tiny_c2i.pt"), &cfg, DType::F32, &dev)?;
+    let io = tensors("gpt_c2i_io.safetensors")?;
+    let logits = model.forward(
+        get(&io, "inputs.idx")?,
+        &Condition::Class(get(&io, "inputs.cond_idx")?.clone()),
+        None,
+        None,
+    )?;
+    assert!(max_abs(&logits, get(&io, "outputs.logits")?)? <= LOGITS_TOL);
+    Ok(())
+}
+
+#[test]
+fn fsdp_checkpoint_directory_loads_the_raw_state_dict() -> Result<()> {
+    let cfg = config("gpt_t2i")?;
+    let dev = Device::Cpu;
+    let sd = read_state_dict(&fixtures().join("tiny_t2i_fsdp/0000100"), &dev)?;
+    validate_state_dict(&cfg, &sd)?;
+    let reference = read_state_dict(&parity_dir().join("gpt_t2i_weights.safetensors"), &dev)?;
+    for (k, t) in &reference.tensors {
+        assert_eq!(max_abs(t, &sd.tensors[k])?, 0.0, "{k}");
+    }
+    // The wrong configuration fails on the first tensor whose shape differs.
+    let err = load_gpt(
+        &fixtures().join("tiny_t2i_fsdp/0000100"),
+        &config("gpt_t2i120")?,
+        DType::F32,
+        &dev,
+    );
+    assert!(err.is_ok(), "cls_token_num does not change shapes");
+    let c2i = config("gpt_c2i")?;
+    let msg = validate_state_dict(&c2i, &sd).unwrap_err().to_string();
+    assert!(msg.contains("consolidated.pth"), "{msg}");
+    Ok(())
+}
