@@ -232,6 +232,35 @@ pub fn mask_to_bias(mask: &Tensor) -> Result<Tensor> {
     Ok(m.affine(-MASKED_SCORE, MASKED_SCORE)?)
 }
 
+/// The t2i attention mask of §1.5 for left-padded captions: `emb_mask` `(B, T)` (1 = real
+/// caption token) and total length `seq_len >= T`. Causal, caption columns `j < T` with
+/// `emb_mask[b, j] == 0` blocked for every row, then the diagonal set to 1 (so a padding row
+/// attends only to itself). Returns u8 `(B, 1, seq_len, seq_len)`, 1 = may attend.
+pub fn caption_attention_mask(emb_mask: &Tensor, seq_len: usize) -> Result<Tensor> {
+    let (b, t) = emb_mask.dims2()?;
+    if seq_len < t {
+        return Err(TrainError::InvalidInput(format!(
+            "sequence length {seq_len} is shorter than the caption ({t})"
+        )));
+    }
+    let m = emb_mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let mut out = vec![0u8; b * seq_len * seq_len];
+    for (bi, row_mask) in m.iter().enumerate() {
+        let base = bi * seq_len * seq_len;
+        for i in 0..seq_len {
+            for j in 0..=i {
+                let allowed = i == j || j >= t || row_mask[j] != 0.0;
+                out[base + i * seq_len + j] = u8::from(allowed);
+            }
+        }
+    }
+    Ok(Tensor::from_vec(
+        out,
+        (b, 1, seq_len, seq_len),
+        emb_mask.device(),
+    )?)
+}
+
 /// Additive causal bias for queries at positions `q0..q0+lq` over keys `0..lk`, `(1,1,lq,lk)`.
 fn causal_bias(q0: usize, lq: usize, lk: usize, device: &Device) -> Result<Tensor> {
     let v: Vec<f32> = (0..lq)

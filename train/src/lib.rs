@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod gpt;
+pub mod sample;
 
 pub use config::{GptConfig, GptSize, ModelType};
 pub use error::{Result, TrainError};
