@@ -67,6 +67,10 @@ pub enum TrainError {
     /// The loss became NaN or infinite.
     #[error("non-finite loss {loss} at step {step}")]
     NonFiniteLoss { step: u64, loss: f32 },
+
+    /// The gradient norm became NaN or infinite.
+    #[error("non-finite gradient norm {norm} at step {step}")]
+    NonFiniteGradient { step: u64, norm: f32 },
 }
 
 impl TrainError {

@@ -10,7 +10,9 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod gpt;
+pub mod optim;
 pub mod sample;
+pub mod train;
 
 pub use config::{GptConfig, GptSize, ModelType};
 pub use error::{Result, TrainError};
