@@ -8,6 +8,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod conformance;
 pub mod error;
 pub mod gpt;
 pub mod optim;
@@ -15,5 +16,6 @@ pub mod sample;
 pub mod train;
 
 pub use config::{GptConfig, GptSize, ModelType};
+pub use conformance::{Check, conformance_checks};
 pub use error::{Result, TrainError};
 pub use gpt::{Condition, Gpt, KvCache, Trace};
