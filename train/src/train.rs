@@ -112,3 +112,114 @@ pub fn train_step(
         grad_norm,
     })
 }
+
+/// Randomness of training step `step` for run seed `seed`: an independent generator per step,
+/// so a resumed run draws exactly what an uninterrupted one would.
+pub fn step_rng(seed: u64, step: u64) -> StdRng {
+    use rand::SeedableRng;
+    // SplitMix64 finaliser of (seed, step): distinct, well-mixed seeds per step.
+    let mut z = seed
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(step.wrapping_add(1).wrapping_mul(0xBF58_476D_1CE4_E5B9));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    StdRng::seed_from_u64(z ^ (z >> 31))
+}
+
+/// Training-progress record stored beside the weights of a checkpoint.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainState {
+    /// Optimiser steps completed.
+    pub step: u64,
+    /// Run seed (see [`step_rng`]).
+    pub seed: u64,
+    /// Model configuration.
+    pub model: crate::config::GptConfig,
+    /// Optimiser hyper-parameters (learning rate as of the last step).
+    pub optimizer: crate::optim::AdamWConfig,
+}
+
+/// File names inside a training checkpoint directory.
+pub const MODEL_FILE: &str = "model.safetensors";
+/// Optimiser moments and step count.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// [`TrainState`] as JSON.
+pub const STATE_FILE: &str = "train_state.json";
+
+/// Writes a training checkpoint to `dir/{step:07}/` (model weights with official key names,
+/// optimiser state, [`TrainState`]). The directory appears atomically: it is written under a
+/// temporary name and renamed. Returns the checkpoint directory.
+pub fn save_training_checkpoint(
+    dir: &std::path::Path,
+    model: &Gpt,
+    opt: &AdamW,
+    seed: u64,
+) -> Result<std::path::PathBuf> {
+    let step = opt.step_count();
+    let fin = dir.join(format!("{step:07}"));
+    let tmp = dir.join(format!(".{step:07}.partial"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    crate::checkpoint::save_gpt(&tmp.join(MODEL_FILE), model)?;
+    crate::checkpoint::save_safetensors(&tmp.join(OPTIMIZER_FILE), &opt.state_tensors()?)?;
+    let state = TrainState {
+        step,
+        seed,
+        model: model.config().clone(),
+        optimizer: opt.config().clone(),
+    };
+    let json = serde_json::to_string_pretty(&state).map_err(|source| TrainError::Json {
+        path: tmp.join(STATE_FILE),
+        source,
+    })?;
+    std::fs::write(tmp.join(STATE_FILE), json)
+        .map_err(|e| TrainError::io(tmp.join(STATE_FILE), e))?;
+    if fin.exists() {
+        std::fs::remove_dir_all(&fin).map_err(|e| TrainError::io(&fin, e))?;
+    }
+    std::fs::rename(&tmp, &fin).map_err(|e| TrainError::io(&fin, e))?;
+    Ok(fin)
+}
+
+/// Restores weights (into the VarMap of a model built by
+/// [`crate::checkpoint::new_trainable`]) and optimiser state from a checkpoint written by
+/// [`save_training_checkpoint`], and returns its [`TrainState`]. The checkpoint's model
+/// configuration must equal `cfg`.
+pub fn load_training_checkpoint(
+    ckpt: &std::path::Path,
+    varmap: &candle_nn::VarMap,
+    cfg: &crate::config::GptConfig,
+    opt: &mut AdamW,
+) -> Result<TrainState> {
+    let sp = ckpt.join(STATE_FILE);
+    let text = std::fs::read_to_string(&sp).map_err(|e| TrainError::io(&sp, e))?;
+    let state: TrainState = serde_json::from_str(&text).map_err(|source| TrainError::Json {
+        path: sp.clone(),
+        source,
+    })?;
+    if &state.model != cfg {
+        return Err(TrainError::InvalidConfig(format!(
+            "checkpoint {} was written for a different model configuration",
+            ckpt.display()
+        )));
+    }
+    let device = opt
+        .vars()
+        .first()
+        .map(|v| v.device().clone())
+        .unwrap_or(candle_core::Device::Cpu);
+    let sd = crate::checkpoint::read_state_dict(&ckpt.join(MODEL_FILE), &device)?;
+    crate::checkpoint::load_into_varmap(varmap, cfg, &sd)?;
+    let op = ckpt.join(OPTIMIZER_FILE);
+    let ost = candle_core::safetensors::load(&op, &device).map_err(|e| {
+        TrainError::UnreadableCheckpoint {
+            path: op.clone(),
+            reason: e.to_string(),
+        }
+    })?;
+    opt.load_state(&ost, &op)?;
+    opt.set_lr(state.optimizer.lr);
+    Ok(state)
+}

@@ -245,3 +245,94 @@ fn lr_schedule_warmup_and_cosine() {
     assert!((s.lr_at(110) - 0.1).abs() < 1e-12);
     assert!((s.lr_at(500) - 0.1).abs() < 1e-12);
 }
+
+#[test]
+fn resume_from_checkpoint_is_exact() -> Result<()> {
+    use llamagen_train::train::{load_training_checkpoint, save_training_checkpoint, step_rng};
+    let mut cfg = config("gpt_c2i")?;
+    cfg.token_dropout_p = 0.1;
+    cfg.resid_dropout_p = 0.1;
+    cfg.ffn_dropout_p = 0.1;
+    let dev = Device::Cpu;
+    let io = tensors("train_c2i_io.safetensors")?;
+    let batch = Batch {
+        cond: Condition::Class(get(&io, "inputs.cond_idx")?.clone()),
+        tokens: get(&io, "inputs.z")?.clone(),
+        mask: None,
+        valid: None,
+    };
+    let fresh = || -> Result<(VarMap, Gpt, AdamW)> {
+        let varmap = VarMap::new();
+        let model = new_trainable(&varmap, &cfg, &dev)?;
+        load_into_varmap(
+            &varmap,
+            &cfg,
+            &read_state_dict(&parity_dir().join("gpt_c2i_weights.safetensors"), &dev)?,
+        )?;
+        let opt = AdamW::for_gpt(
+            &varmap,
+            &cfg,
+            AdamWConfig {
+                lr: 1e-3,
+                ..AdamWConfig::default()
+            },
+        )?;
+        Ok((varmap, model, opt))
+    };
+    let seed = 11;
+    let run = |model: &Gpt, opt: &mut AdamW, steps: std::ops::Range<u64>| -> Result<Vec<f32>> {
+        steps
+            .map(|s| {
+                let mut rng = step_rng(seed, s);
+                Ok(train_step(
+                    model,
+                    opt,
+                    std::slice::from_ref(&batch),
+                    1.0,
+                    Some(&mut rng),
+                    s,
+                )?
+                .loss)
+            })
+            .collect()
+    };
+    // Uninterrupted: 4 steps.
+    let (va, ma, mut oa) = fresh()?;
+    let la = run(&ma, &mut oa, 0..4)?;
+    // Interrupted after 2 steps, restored into a fresh model and optimiser.
+    let dir = tempfile::tempdir()?;
+    let (_, mb, mut ob) = fresh()?;
+    let mut lb = run(&mb, &mut ob, 0..2)?;
+    let ckpt = save_training_checkpoint(dir.path(), &mb, &ob, seed)?;
+    assert!(ckpt.ends_with("0000002"));
+    let (vc, mc, mut oc) = fresh()?;
+    let state = load_training_checkpoint(&ckpt, &vc, &cfg, &mut oc)?;
+    assert_eq!((state.step, state.seed, oc.step_count()), (2, seed, 2));
+    lb.extend(run(&mc, &mut oc, 2..4)?);
+    assert_eq!(la, lb);
+    let a = va.data().lock().unwrap();
+    let c = vc.data().lock().unwrap();
+    for (name, v) in a.iter() {
+        assert_eq!(max_abs(v.as_tensor(), c[name].as_tensor())?, 0.0, "{name}");
+    }
+    // The saved model file uses official key names and loads for inference.
+    llamagen_train::checkpoint::load_gpt(
+        &ckpt.join("model.safetensors"),
+        &cfg,
+        candle_core::DType::F32,
+        &dev,
+    )?;
+    // A checkpoint for another configuration is refused.
+    let other = GptConfig {
+        n_layer: 1,
+        ..cfg.clone()
+    };
+    let (vo, _, mut oo) = {
+        let varmap = VarMap::new();
+        let m = new_trainable(&varmap, &other, &dev)?;
+        let o = AdamW::for_gpt(&varmap, &other, AdamWConfig::default())?;
+        (varmap, m, o)
+    };
+    assert!(load_training_checkpoint(&ckpt, &vo, &other, &mut oo).is_err());
+    Ok(())
+}
