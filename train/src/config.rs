@@ -173,7 +173,11 @@ impl Default for GptConfig {
 }
 
 fn find_multiple(n: usize, k: usize) -> usize {
-    if n % k == 0 { n } else { n + k - n % k }
+    if n.is_multiple_of(k) {
+        n
+    } else {
+        n + k - n % k
+    }
 }
 
 impl GptConfig {
@@ -206,21 +210,21 @@ impl GptConfig {
     /// Checks the invariants listed at the top of this module.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(TrainError::InvalidConfig(m));
-        if self.n_head == 0 || self.dim % self.n_head != 0 {
+        if self.n_head == 0 || !self.dim.is_multiple_of(self.n_head) {
             return bad(format!(
                 "dim {} is not divisible by n_head {}",
                 self.dim, self.n_head
             ));
         }
         let kv = self.n_kv_head();
-        if kv == 0 || self.n_head % kv != 0 {
+        if kv == 0 || !self.n_head.is_multiple_of(kv) {
             return bad(format!(
                 "n_head {} is not divisible by n_kv_head {kv}",
                 self.n_head
             ));
         }
         let hd = self.head_dim();
-        if hd < 4 || hd % 2 != 0 {
+        if hd < 4 || !hd.is_multiple_of(2) {
             return bad(format!("head_dim {hd} must be even and >= 4"));
         }
         let g = self.grid_size();

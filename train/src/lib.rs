@@ -4,7 +4,8 @@
 //!
 //! Modules: [`config`] (hyper-parameters and state-dict layout), [`gpt`] (the model),
 //! [`checkpoint`] (safetensors and torch checkpoints), [`sample`] (generation), [`optim`]
-//! (AdamW, gradient clipping, schedules), [`conformance`] (checks against a reference set).
+//! (AdamW, gradient clipping, schedules), [`train`] (training step, accumulation, checkpoints
+//! with exact resume), [`conformance`] (checks against a reference set).
 
 pub mod checkpoint;
 pub mod config;

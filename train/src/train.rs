@@ -23,7 +23,8 @@ pub struct Batch {
     pub cond: Condition,
     /// Image tokens `(B, block_size)`: the targets; the model input is `tokens[:, :-1]`.
     pub tokens: Tensor,
-    /// Optional "1 = may attend" mask `(B, 1, S, S)` over `S = cls_token_num + block_size - 1`.
+    /// Optional "1 = may attend" mask `(B, 1, S, S)` over `S = cls_token_num + block_size - 1`
+    /// (t2i: [`crate::gpt::caption_attention_mask`] of the caption mask at length `S`).
     pub mask: Option<Tensor>,
     /// Optional per-sample validity `(B,)`; samples with 0 do not count in the loss.
     pub valid: Option<Tensor>,
