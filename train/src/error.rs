@@ -1,0 +1,86 @@
+//! The one error type of this crate.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while building, loading, running, sampling or training a GPT.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A tensor operation failed inside candle.
+    #[error("tensor operation failed: {0}")]
+    Tensor(#[from] candle_core::Error),
+
+    /// A file could not be read or written.
+    #[error("cannot access {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A JSON file (manifest, config, training state) could not be parsed.
+    #[error("invalid JSON in {path}: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A checkpoint file could not be decoded (not safetensors / not a torch zip checkpoint).
+    #[error("cannot read checkpoint {path}: {reason}")]
+    UnreadableCheckpoint { path: PathBuf, reason: String },
+
+    /// A checkpoint lacks a tensor the model needs.
+    #[error("checkpoint {path} has no tensor `{name}` (expected shape {expected:?})")]
+    MissingTensor {
+        path: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+    },
+
+    /// A checkpoint tensor has a different shape than the configured model.
+    #[error(
+        "checkpoint {path}: tensor `{name}` has shape {found:?}, the model expects {expected:?}"
+    )]
+    ShapeMismatch {
+        path: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+
+    /// A checkpoint holds a tensor that the configured model does not have.
+    #[error("checkpoint {path} has tensor `{name}` that the configured model does not have")]
+    UnexpectedTensor { path: PathBuf, name: String },
+
+    /// A reference file lacks a tensor or value the check needs.
+    #[error("reference {path}: missing `{name}`")]
+    MissingReference { path: PathBuf, name: String },
+
+    /// A configuration is inconsistent (e.g. dim not divisible by n_head).
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+
+    /// Inputs do not fit the model (wrong batch, length, condition kind, dtype).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+
+    /// The loss became NaN or infinite.
+    #[error("non-finite loss {loss} at step {step}")]
+    NonFiniteLoss { step: u64, loss: f32 },
+
+    /// The gradient norm became NaN or infinite.
+    #[error("non-finite gradient norm {norm} at step {step}")]
+    NonFiniteGradient { step: u64, norm: f32 },
+}
+
+impl TrainError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        TrainError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, TrainError>;

@@ -1,0 +1,22 @@
+//! LlamaGen GPT (arXiv 2406.06525) in candle: class- and text-conditional autoregressive image
+//! token models that load and save the official checkpoints, sample with the official
+//! KV-cache/CFG procedure, and train with the official AdamW recipe.
+//!
+//! Modules: [`config`] (hyper-parameters and state-dict layout), [`gpt`] (the model),
+//! [`checkpoint`] (safetensors and torch checkpoints), [`sample`] (generation), [`optim`]
+//! (AdamW, gradient clipping, schedules), [`train`] (training step, accumulation, checkpoints
+//! with exact resume), [`conformance`] (checks against a reference set).
+
+pub mod checkpoint;
+pub mod config;
+pub mod conformance;
+pub mod error;
+pub mod gpt;
+pub mod optim;
+pub mod sample;
+pub mod train;
+
+pub use config::{GptConfig, GptSize, ModelType};
+pub use conformance::{Check, conformance_checks};
+pub use error::{Result, TrainError};
+pub use gpt::{Condition, Gpt, KvCache, Trace};
