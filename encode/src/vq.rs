@@ -333,7 +333,8 @@ impl Module for Upsample {
 }
 
 /// One resolution level (`conv_blocks.{i}`): ResnetBlocks, each followed by an AttnBlock on
-/// the attention level, then an optional resampling step.
+/// the attention level, then an optional resampling step. The state_dict lists all `res.*`
+/// before all `attn.*`.
 #[derive(Debug, Clone)]
 struct Level<R> {
     res: Vec<ResnetBlock>,
@@ -413,7 +414,9 @@ impl Encoder {
                     block_out,
                 )?);
                 block_in = block_out;
-                if i == n - 1 {
+            }
+            if i == n - 1 {
+                for j in 0..args.num_res_blocks {
                     attn.push(AttnBlock::load(vb_l.pp("attn").pp(j), block_in)?);
                 }
             }
@@ -484,7 +487,9 @@ impl Decoder {
                     block_out,
                 )?);
                 block_in = block_out;
-                if level == n - 1 {
+            }
+            if level == n - 1 {
+                for j in 0..args.num_res_blocks + 1 {
                     attn.push(AttnBlock::load(vb_l.pp("attn").pp(j), block_in)?);
                 }
             }
