@@ -2,6 +2,7 @@
 //! decoder) loaded from safetensors or official torch checkpoints under the official key names,
 //! and the image preprocessing of LlamaGen's code extraction (`center_crop_arr`, ten-crop).
 
+pub mod augment;
 pub mod checkpoint;
 pub mod error;
 pub mod vq;
