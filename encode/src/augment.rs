@@ -8,7 +8,8 @@
 //!   then quantised to fixed point with [`PRECISION_BITS`] fractional bits (rounded half away
 //!   from zero), accumulators starting at one half. BICUBIC is the Keys kernel with a = −0.5 and
 //!   support 2; BOX has support ½ and covers (−½, ½]. A pass whose size does not change is
-//!   skipped.
+//!   skipped. (Resizers with 16-bit coefficients, such as fast_image_resize's convolution,
+//!   round differently and are off by up to tens of levels, so the resampler lives here.)
 //! - `center_crop_arr(img, S)`: halve with BOX (`(W//2, H//2)`) while `min(W, H) ≥ 2S`, then
 //!   BICUBIC-resize to `(round(W·S/min), round(H·S/min))` rounding half to even, then take the
 //!   S×S window at `((H′−S)//2, (W′−S)//2)`.
