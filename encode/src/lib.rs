@@ -4,8 +4,10 @@
 
 pub mod augment;
 pub mod checkpoint;
+pub mod conformance;
 pub mod error;
 pub mod vq;
 
+pub use conformance::{Check, conformance_checks};
 pub use error::EncodeError;
 pub use vq::{ModelArgs, VqModel};
