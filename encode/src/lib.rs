@@ -4,8 +4,10 @@
 
 pub mod augment;
 pub mod checkpoint;
+pub mod codes;
 pub mod conformance;
 pub mod error;
+pub mod metrics;
 pub mod vq;
 
 pub use conformance::{Check, conformance_checks};

@@ -928,6 +928,11 @@ impl VqModel {
         &self.args
     }
 
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        self.quantize.embedding.device()
+    }
+
     pub fn encoder(&self) -> &Encoder {
         &self.encoder
     }
