@@ -151,7 +151,7 @@ impl ModelArgs {
         ] {
             for &m in mults.iter() {
                 let c = self.ch * m;
-                if c == 0 || c % GROUP_NORM_GROUPS != 0 {
+                if c == 0 || !c.is_multiple_of(GROUP_NORM_GROUPS) {
                     return bad(format!(
                         "{what}: ch·mult = {} is not a positive multiple of the {GROUP_NORM_GROUPS} GroupNorm groups",
                         c
@@ -159,7 +159,7 @@ impl ModelArgs {
                 }
             }
         }
-        if self.ch % GROUP_NORM_GROUPS != 0 {
+        if !self.ch.is_multiple_of(GROUP_NORM_GROUPS) {
             return bad(format!(
                 "ch {} is not a multiple of the {GROUP_NORM_GROUPS} GroupNorm groups",
                 self.ch
@@ -965,7 +965,7 @@ impl VqModel {
     /// Checks that an image of `height` × `width` pixels maps onto a whole code grid.
     pub fn check_image_size(&self, height: usize, width: usize) -> Result<(usize, usize)> {
         let f = self.downsample_factor();
-        if height == 0 || width == 0 || height % f != 0 || width % f != 0 {
+        if height == 0 || width == 0 || !height.is_multiple_of(f) || !width.is_multiple_of(f) {
             return Err(EncodeError::ImageSize {
                 width,
                 height,
@@ -1053,5 +1053,45 @@ impl VqModel {
         let (q, losses) = self.quantize.forward_train(&pre_quant)?;
         let dec = self.decode(&q.quant)?;
         Ok((dec, q, losses))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entropy_loss_closed_forms() -> candle_core::Result<()> {
+        // Equal affinities: every row is uniform over K codes, so the sample entropy is ln K and
+        // the mean-distribution entropy is −ln(1/K + 1e-5): loss = ln(1 + 1e-5·K).
+        let k = 4usize;
+        let flat = Tensor::zeros((6, k), DType::F32, &Device::Cpu)?;
+        let got = entropy_loss(&flat)?.to_scalar::<f32>()? as f64;
+        let want = (1.0 + 1e-5 * k as f64).ln();
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        // One confident row per code: sample entropy ≈ 0, mean distribution uniform.
+        let eye = Tensor::eye(k, DType::F32, &Device::Cpu)?;
+        let got = entropy_loss(&eye)?.to_scalar::<f32>()? as f64;
+        let want = (0.25f64 + 1e-5).ln();
+        assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+        Ok(())
+    }
+
+    #[test]
+    fn configs_validate() {
+        assert!(ModelArgs::vq_16().validate().is_ok());
+        assert!(ModelArgs::vq_8().validate().is_ok());
+        assert!(ModelArgs::reduced().validate().is_ok());
+        let bad = ModelArgs {
+            ch: 48,
+            ..ModelArgs::reduced()
+        };
+        assert!(bad.validate().is_err());
+        let bad = ModelArgs {
+            encoder_ch_mult: vec![],
+            ..ModelArgs::reduced()
+        };
+        assert!(bad.validate().is_err());
+        assert_eq!(ModelArgs::reduced().downsample_factor(), 4);
     }
 }

@@ -63,9 +63,7 @@ fn ten_crop_codes_are_raster_grids_independent_of_batching() -> Result<()> {
                 }
             }
         }
-        // The flipped half is the mirror of the first half's centre crop, so it must be encoded
-        // from different pixels: the two centre grids are generally not mirrors in code space,
-        // but both come from a 32×32 crop of the same 35×35 image.
+        // Every code is a row of the 64-entry codebook.
         ensure!(
             grids
                 .iter()
