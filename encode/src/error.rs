@@ -1,0 +1,78 @@
+//! The crate's one error type. Every variant names the file, tensor or image it is about.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while loading, running or checking the VQ tokenizer and its
+/// image preprocessing.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("tensor operation failed: {0}")]
+    Tensor(#[from] candle_core::Error),
+
+    #[error("invalid VQ model config: {0}")]
+    InvalidConfig(String),
+
+    #[error("{file}: tensor {name:?} is missing (expected shape {expected:?})")]
+    MissingTensor {
+        file: String,
+        name: String,
+        expected: Vec<usize>,
+    },
+
+    #[error("{file}: tensor {name:?} has shape {found:?}, but the model expects {expected:?}")]
+    TensorShape {
+        file: String,
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+
+    #[error("{file}: tensor {name:?} is not part of the model (shape {found:?})")]
+    UnexpectedTensor {
+        file: String,
+        name: String,
+        found: Vec<usize>,
+    },
+
+    #[error("unreadable checkpoint {path}: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
+
+    #[error("cannot decode image {path}: {source}")]
+    ImageDecode {
+        path: PathBuf,
+        #[source]
+        source: image::ImageError,
+    },
+
+    #[error(
+        "image of {width}x{height} pixels does not fit the VQ grid: both sides must be positive \
+         multiples of the downsampling factor {factor}"
+    )]
+    ImageSize {
+        width: usize,
+        height: usize,
+        factor: usize,
+    },
+
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+
+    #[error("malformed reference data {path}: {reason}")]
+    Reference { path: PathBuf, reason: String },
+}
+
+impl EncodeError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
