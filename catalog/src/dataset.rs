@@ -63,6 +63,9 @@ pub struct ShardEntry {
     /// The stage that wrote it.
     pub stage: String,
     pub created_at: DateTime<Utc>,
+    /// Every stage whose columns this shard's rows carry, in order (see [`crate::stage`]).
+    #[serde(default)]
+    pub applied: Vec<String>,
 }
 
 /// Who committed a version and why.

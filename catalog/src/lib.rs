@@ -18,6 +18,7 @@ pub mod schema;
 pub mod shard;
 pub mod source;
 pub mod sql;
+pub mod stage;
 pub mod storage;
 
 pub use arrow;

@@ -44,6 +44,9 @@ pub struct ShardWriterOptions {
     pub zstd_level: i32,
     /// The stage that writes these shards, recorded in the manifest (e.g. "ingest").
     pub stage: String,
+    /// Stages whose columns the rows carry, recorded in the manifest (default: `[stage]`
+    /// is added by [`crate::stage::map_shards`]; writers of fresh rows leave it empty or set it).
+    pub applied: Vec<String>,
 }
 
 impl Default for ShardWriterOptions {
@@ -55,6 +58,7 @@ impl Default for ShardWriterOptions {
             row_group_rows: 1 << 20,
             zstd_level: 3,
             stage: "unknown".into(),
+            applied: Vec::new(),
         }
     }
 }
@@ -213,6 +217,7 @@ impl ShardWriter {
             sha256,
             stage: self.opts.stage.clone(),
             created_at: Utc::now(),
+            applied: self.opts.applied.clone(),
         });
         Ok(())
     }

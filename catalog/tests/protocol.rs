@@ -435,3 +435,88 @@ async fn wide_columns_are_not_read_unless_projected() {
     );
     assert!(wide > 6_000_000, "wide query scanned only {wide} bytes");
 }
+
+#[tokio::test]
+async fn map_shards_rewrites_each_shard_once() {
+    use llamagen_catalog::stage::map_shards;
+    let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::unique());
+    let ds = Catalog::from_storage(storage.clone()).samples();
+    write_and_commit(&ds, "a", 100, None).await.unwrap();
+    write_and_commit(&ds, "b", 50, None).await.unwrap();
+    let score = |b: RecordBatch| async move {
+        let n = b.num_rows();
+        Ok(RecordBatch::try_from_iter(vec![
+            ("key", b.column_by_name("key").unwrap().clone()),
+            (
+                "score_watermark",
+                Arc::new(Float32Array::from(vec![0.25f32; n])) as ArrayRef,
+            ),
+        ])
+        .unwrap())
+    };
+    let r = map_shards(
+        &ds,
+        "watermark",
+        (0, 1),
+        ShardWriterOptions::default(),
+        score,
+        |_, _| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.shards_rewritten, r.rows), (2, 150));
+    let snap = ds.snapshot().await.unwrap();
+    assert_eq!(snap.rows(), 150);
+    for s in &snap.shards {
+        assert_eq!(s.applied, vec!["test".to_string(), "watermark".to_string()]);
+    }
+    assert_eq!(
+        count(
+            storage.clone(),
+            "SELECT count(*) FROM samples WHERE score_watermark = 0.25"
+        )
+        .await,
+        150
+    );
+    // Earlier columns survive the rewrite.
+    assert_eq!(
+        count(
+            storage.clone(),
+            "SELECT count(score_aesthetic) FROM samples"
+        )
+        .await,
+        25 + 13
+    );
+    // A second run has nothing to do.
+    let r = map_shards(
+        &ds,
+        "watermark",
+        (0, 1),
+        ShardWriterOptions::default(),
+        score,
+        |_, _| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.shards_rewritten, r.shards_skipped), (0, 2));
+    // Keys must not change.
+    let bad = |b: RecordBatch| async move {
+        let n = b.num_rows();
+        Ok(RecordBatch::try_from_iter(vec![(
+            "key",
+            Arc::new(StringArray::from(vec!["x"; n])) as ArrayRef,
+        )])
+        .unwrap())
+    };
+    let e = map_shards(
+        &ds,
+        "bad",
+        (0, 1),
+        ShardWriterOptions::default(),
+        bad,
+        |_, _| {},
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("keys"), "{e}");
+}

@@ -12,7 +12,8 @@
 //!   pipeline sees; grey is expanded, 16-bit is reduced to 8-bit.
 //! - JPEGs much larger than the target may be decoded at 1/2, 1/4 or 1/8 scale in the DCT domain
 //!   ([`decode_rgb`] with `min_side_hint`); the scale is chosen so that the shorter side stays at
-//!   least twice the target, which keeps the result within the tolerance stated in `resize.rs`.
+//!   least twice the target, so `center_crop_arr` still starts with a BOX halving; the tests
+//!   bound the difference from a full decode.
 
 use std::io::Cursor;
 

@@ -19,7 +19,6 @@
 
 pub mod decode;
 pub mod fetch;
-pub mod resize;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -532,7 +531,9 @@ pub fn process_image_bytes(
     let decoded = decode::decode_rgb(data, &cfg.decode, cfg.reduced_decode.then_some(max_size))?;
     let mut out = Vec::with_capacity(cfg.sizes.len());
     for &s in &cfg.sizes {
-        let crop = resize::center_crop_arr(&decoded.rgb, s);
+        // LlamaGen's center_crop_arr, byte-exact with PIL (see llamagen_encode::augment).
+        let crop = llamagen_encode::augment::center_crop_arr(&decoded.rgb, s)
+            .map_err(|e| DecodeFailure::Corrupt(format!("resizing to {s}: {e}")))?;
         out.push((s, encode_image(&crop, cfg.format)?));
     }
     Ok((decoded, out))

@@ -1,0 +1,179 @@
+//! Stages that add columns to existing samples: copy-on-write shard rewrites.
+//!
+//! Rules of [`map_shards`]:
+//! - A stage named `s` rewrites each committed shard that does not list `s` in its
+//!   [`ShardEntry::applied`]; the new shard lists everything the old one did, plus `s`.
+//! - Each rewrite commits on its own: the new shard replaces the old one in one manifest version
+//!   (remove + add), so readers see either the old rows or the new rows, never both or neither.
+//! - A re-run after a crash continues with the shards not yet rewritten. Two workers rewriting the
+//!   same shard race safely: the loser's commit fails with `ShardGone` and its output is discarded.
+//! - `partition = (index, count)` limits a worker to the shards whose path hashes to `index`.
+//! - The function maps a batch of whole sample rows to a batch of the same rows (same keys, same
+//!   order) holding the columns it sets; columns it does not return are carried over unchanged.
+
+use std::future::Future;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use sha2::{Digest, Sha256};
+
+use crate::counters::StageCounters;
+use crate::dataset::{Dataset, ShardEntry, Transaction};
+use crate::error::{CatalogError, Result};
+use crate::schema::col;
+use crate::shard::ShardWriterOptions;
+
+/// What a [`map_shards`] run did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct MapReport {
+    pub shards_rewritten: u64,
+    pub shards_skipped: u64,
+    pub shards_lost_race: u64,
+    pub rows: u64,
+}
+
+/// Whether a shard belongs to worker `index` of `count`.
+pub fn shard_in_partition(entry: &ShardEntry, (index, count): (usize, usize)) -> bool {
+    if count <= 1 {
+        return true;
+    }
+    let h = Sha256::digest(entry.path.as_bytes());
+    (u64::from_be_bytes(h[..8].try_into().expect("8 bytes")) % count as u64) as usize == index
+}
+
+/// Rewrites the shards of `ds` that `stage` has not processed, through `f`, batch by batch.
+/// `f` gets whole rows and returns the columns it sets (see the module rules); `on_shard` is told
+/// after each commit (for progress and counters).
+pub async fn map_shards<F, Fut>(
+    ds: &Dataset,
+    stage: &str,
+    partition: (usize, usize),
+    writer: ShardWriterOptions,
+    mut f: F,
+    mut on_shard: impl FnMut(&ShardEntry, u64),
+) -> Result<MapReport>
+where
+    F: FnMut(RecordBatch) -> Fut,
+    Fut: Future<Output = Result<RecordBatch>>,
+{
+    let mut report = MapReport::default();
+    let snap = ds.snapshot().await?;
+    for entry in &snap.shards {
+        if entry.applied.iter().any(|s| s == stage) || !shard_in_partition(entry, partition) {
+            report.shards_skipped += 1;
+            continue;
+        }
+        let batches = ds.read_shard(entry, None).await?;
+        let mut applied = entry.applied.clone();
+        if applied.is_empty() {
+            applied.push(entry.stage.clone());
+        }
+        applied.push(stage.to_string());
+        let mut w = ds.writer(ShardWriterOptions {
+            stage: stage.to_string(),
+            applied,
+            ..writer.clone()
+        });
+        let mut rows = 0u64;
+        for b in batches {
+            let out = f(b.clone()).await?;
+            let merged = overlay(&b, &out)?;
+            rows += merged.num_rows() as u64;
+            w.write(&merged).await?;
+        }
+        let add = w.finish().await?;
+        match ds
+            .commit(Transaction {
+                operation: stage.to_string(),
+                run_id: None,
+                add,
+                remove: vec![entry.path.clone()],
+                units: vec![],
+            })
+            .await
+        {
+            Ok(_) => {
+                report.shards_rewritten += 1;
+                report.rows += rows;
+                on_shard(entry, rows);
+            }
+            Err(CatalogError::ShardGone { .. }) => report.shards_lost_race += 1,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(report)
+}
+
+/// `base` with the columns of `update` replacing (or adding) columns of the same name. Keys must
+/// match row for row.
+pub fn overlay(base: &RecordBatch, update: &RecordBatch) -> Result<RecordBatch> {
+    if base.num_rows() != update.num_rows() {
+        return Err(CatalogError::SchemaMismatch(format!(
+            "stage returned {} rows for {}",
+            update.num_rows(),
+            base.num_rows()
+        )));
+    }
+    if let (Some(a), Some(b)) = (
+        base.column_by_name(col::KEY),
+        update.column_by_name(col::KEY),
+    ) {
+        if a.as_string::<i32>() != b.as_string::<i32>() {
+            return Err(CatalogError::SchemaMismatch(
+                "stage changed or reordered the keys".into(),
+            ));
+        }
+    }
+    let mut fields: Vec<arrow::datatypes::FieldRef> = Vec::new();
+    let mut cols = Vec::new();
+    let bs = base.schema();
+    for (i, f) in bs.fields().iter().enumerate() {
+        match update.column_by_name(f.name()) {
+            Some(c) => {
+                fields.push(
+                    update
+                        .schema()
+                        .field_with_name(f.name())
+                        .expect("present")
+                        .clone()
+                        .into(),
+                );
+                cols.push(c.clone());
+            }
+            None => {
+                fields.push(f.clone());
+                cols.push(base.column(i).clone());
+            }
+        }
+    }
+    for (f, c) in update.schema().fields().iter().zip(update.columns()) {
+        if bs.field_with_name(f.name()).is_err() {
+            fields.push(f.clone());
+            cols.push(c.clone());
+        }
+    }
+    Ok(RecordBatch::try_new(
+        std::sync::Arc::new(arrow::datatypes::Schema::new(fields)),
+        cols,
+    )?)
+}
+
+/// Adds the stage's counters for a batch of rows by their final status and reasons.
+pub fn count_rows(counters: &mut StageCounters, batch: &RecordBatch) {
+    counters.received += batch.num_rows() as u64;
+    counters.written += batch.num_rows() as u64;
+    if let Some(st) = batch.column_by_name(col::STATUS) {
+        let st = st.as_string::<i32>();
+        let kinds = batch
+            .column_by_name(col::ERROR_KIND)
+            .map(|k| k.as_string::<i32>().clone());
+        for i in 0..batch.num_rows() {
+            if st.value(i) == "failed" {
+                let k = kinds
+                    .as_ref()
+                    .filter(|k| k.is_valid(i))
+                    .map_or("unknown", |k| k.value(i));
+                counters.error_kind(k);
+            }
+        }
+    }
+}
