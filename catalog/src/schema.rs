@@ -68,6 +68,8 @@ pub mod col {
     pub const LONG_CAPTION: &str = "long_caption";
     pub const SHORT_CAPTION: &str = "short_caption";
     pub const CAPTION_SOURCE: &str = "caption_source";
+    /// Class label for class-conditional training (e.g. an ImageNet class index).
+    pub const LABEL: &str = "label";
     // encodings
     pub const VQ_CODES: &str = "vq_codes";
     pub const T5_LONG: &str = "t5_long";
@@ -231,6 +233,7 @@ pub fn sample_schema() -> SchemaRef {
                 utf8(col::LONG_CAPTION),
                 utf8(col::SHORT_CAPTION),
                 utf8(col::CAPTION_SOURCE),
+                Field::new(col::LABEL, DataType::Int32, true),
                 list_of(col::VQ_CODES, DataType::Struct(vq_code_fields())),
                 Field::new(col::T5_LONG, DataType::Struct(embedding_fields()), true),
                 Field::new(col::T5_SHORT, DataType::Struct(embedding_fields()), true),
