@@ -27,7 +27,7 @@ Q3="SELECT count(*) AS n, avg(score_clip_similarity) AS clip FROM samples WHERE 
 ours=$(mktemp); theirs=$(mktemp)
 # Alternate the engines so drift on a shared machine hits both alike.
 for round in 1 2; do
-  DATAFUSION_EXECUTION_TARGET_PARTITIONS=$THREADS "$BIN" query "$ROOT" "$REPEATS" "$Q1" "$Q2" "$Q3" >> "$ours"
+  "$BIN" query "$ROOT" "$REPEATS" "$Q1" "$Q2" "$Q3" >> "$ours"
   "$PY" bench/catalog_sql_duckdb.py "$ROOT" "$REPEATS" "$THREADS" "$Q1" "$Q2" "$Q3" >> "$theirs"
 done
 "$PY" - "$ours" "$theirs" "$ROWS" "$THREADS" <<'PYEOF'

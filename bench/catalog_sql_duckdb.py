@@ -17,12 +17,13 @@ manifest = sorted(glob.glob(f"{root}/samples/_manifest/*.json"))[-1]
 files = [f"{root}/samples/{s['path']}" for s in json.load(open(manifest))["shards"]]
 con = duckdb.connect()
 con.execute(f"SET threads = {threads}")
-con.execute("CREATE VIEW samples AS SELECT * FROM read_parquet(?)", [files])
+listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+con.execute(f"CREATE VIEW samples AS SELECT * FROM read_parquet([{listing}])")
 open_s = time.perf_counter() - t0
 for q in queries:
     times, rows = [], 0
     for _ in range(repeats):
         t = time.perf_counter()
-        rows = len(con.execute(q).fetch_arrow_table())
+        rows = len(con.execute(q).to_arrow_table())
         times.append(time.perf_counter() - t)
     print(json.dumps({"engine": "duckdb", "query": q, "open_s": open_s, "times_s": times, "result_rows": rows}))

@@ -44,7 +44,8 @@ pub async fn session(storage: Arc<dyn Storage>) -> Result<SessionContext> {
 
 /// Like [`session`], with `samples` showing the dataset called `dataset`.
 pub async fn session_for(storage: Arc<dyn Storage>, dataset: &str) -> Result<SessionContext> {
-    let config = SessionConfig::new().with_information_schema(true);
+    // DATAFUSION_* environment variables tune the engine (e.g. DATAFUSION_EXECUTION_TARGET_PARTITIONS).
+    let config = SessionConfig::from_env()?.with_information_schema(true);
     let ctx = SessionContext::new_with_config(config);
     let (url, store) = storage.object_store()?;
     ctx.register_object_store(&url, store);
@@ -77,6 +78,20 @@ pub async fn register_snapshot(
         let u = format!("{url}{}", join(ds.name(), &s.path));
         urls.push(ListingTableUrl::parse(&u)?);
     }
+    // DataFusion reads Parquet strings and binaries as view arrays by default; the table schema
+    // must say so too, or every string would be read as a view and then copied into a plain array.
+    let schema = if ctx
+        .state()
+        .config()
+        .options()
+        .execution
+        .parquet
+        .schema_force_view_types
+    {
+        Arc::new(with_view_types(&schema))
+    } else {
+        schema
+    };
     let options =
         ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
     let config = ListingTableConfig::new_with_multi_paths(urls)
@@ -84,6 +99,24 @@ pub async fn register_snapshot(
         .with_schema(schema);
     ctx.register_table(table, Arc::new(ListingTable::try_new(config)?))?;
     Ok(())
+}
+
+/// Top-level `Utf8`/`Binary` columns as `Utf8View`/`BinaryView`, as DataFusion reads them.
+fn with_view_types(schema: &Schema) -> Schema {
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| match f.data_type() {
+            DataType::Utf8 | DataType::LargeUtf8 => {
+                f.as_ref().clone().with_data_type(DataType::Utf8View)
+            }
+            DataType::Binary | DataType::LargeBinary => {
+                f.as_ref().clone().with_data_type(DataType::BinaryView)
+            }
+            _ => f.as_ref().clone(),
+        })
+        .collect();
+    Schema::new_with_metadata(fields, schema.metadata().clone())
 }
 
 /// Checks that every shard of `snap` exists with its manifest size and has a readable footer of
