@@ -69,3 +69,10 @@ impl Catalog {
         sql::session(self.storage.clone()).await
     }
 }
+
+/// Row count of a Parquet file from its footer (None if it is not readable Parquet).
+pub fn parquet_rows(file: std::fs::File) -> Option<u64> {
+    use parquet::file::reader::FileReader;
+    let r = parquet::file::reader::SerializedFileReader::new(file).ok()?;
+    Some(r.metadata().file_metadata().num_rows().max(0) as u64)
+}

@@ -529,6 +529,11 @@ fn classify(e: reqwest::Error) -> FetchFailure {
     }
     if e.is_body() || e.is_decode() || e.is_request() {
         let lower = chain.to_ascii_lowercase();
+        if lower.contains("before message length reached")
+            || lower.contains("unexpected end of file")
+        {
+            return FetchFailure::new("truncated", chain).retryable();
+        }
         if lower.contains("reset")
             || lower.contains("broken pipe")
             || lower.contains("closed")

@@ -1,6 +1,7 @@
 //! The `llamagen` command.
 
 mod catalog_cmd;
+mod ingest_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -15,6 +16,8 @@ struct Cli {
 enum Command {
     /// Query and maintain a catalog: SQL, stats, URL-list import, verification, garbage collection.
     Catalog(catalog_cmd::CatalogArgs),
+    /// Download, decode, crop and store the images of URL lists (Parquet/CSV/JSONL) as image shards.
+    Ingest(Box<ingest_cmd::IngestArgs>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -26,6 +29,7 @@ fn main() -> std::process::ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Catalog(args) => catalog_cmd::run(args).await,
+            Command::Ingest(args) => ingest_cmd::run(*args).await,
         }
     });
     match result {

@@ -1,10 +1,12 @@
 //! Test harness: real components started the way users start them.
 //!
-//! - [`llamagen`]: the real `llamagen` binary (built on first use if a plain `cargo test` ran
-//!   before it was built).
+//! - [`llamagen`]: the real `llamagen` binary, rebuilt if stale on first use.
 //! - [`S3Server`]: an S3-compatible server (moto) on 127.0.0.1, from the project's `.venv`
 //!   (`make setup` installs it). A missing server fails the test with what to run; nothing skips.
 //! - [`python`]: the venv's Python, for reading our Parquet back with pyarrow.
+//! - [`http::FaultServer`]: an HTTP server on 127.0.0.1 with the faults of the web.
+
+pub mod http;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -32,12 +34,13 @@ fn target_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// Path of the `llamagen` binary, building it if needed.
+/// Path of the `llamagen` binary, brought up to date once per test process.
 pub fn llamagen() -> PathBuf {
     let bin = target_dir().join("llamagen");
     static BUILD: std::sync::Once = std::sync::Once::new();
     BUILD.call_once(|| {
-        if !bin.exists() {
+        // Always (re)build: cheap when up to date, and a stale binary would test old code.
+        {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let status = Command::new(cargo)
                 .args(["build", "-p", "llamagen-pipelines", "--bin", "llamagen"])

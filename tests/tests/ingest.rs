@@ -1,0 +1,390 @@
+//! `llamagen ingest` end to end against a real HTTP server on 127.0.0.1 serving the bundled real
+//! images and the faults of the web.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use llamagen_tests::http::FaultServer;
+use llamagen_tests::{llamagen, workspace};
+use serde_json::Value;
+
+async fn run(args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(llamagen())
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn write_list(path: &std::path::Path, rows: &[(String, Option<i64>)]) {
+    let mut text = String::new();
+    for (i, (url, width)) in rows.iter().enumerate() {
+        let mut o =
+            serde_json::json!({"URL": url, "TEXT": format!("caption {i}"), "LICENSE": "cc-by"});
+        if let Some(w) = width {
+            o["WIDTH"] = (*w).into();
+        }
+        text.push_str(&o.to_string());
+        text.push('\n');
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+async fn rows_of(root: &str) -> Vec<Value> {
+    let (code, out, err) = run(&[
+        "catalog",
+        "sql",
+        "SELECT source_row, url, status, error_kind, error, reject_reasons, duplicate_of, orig_width, orig_height, \
+         http_status, content_sha256, extra, images FROM samples ORDER BY source_row",
+        "--root",
+        root,
+        "--format",
+        "json",
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn base_args<'a>(list: &'a str, root: &'a str) -> Vec<&'a str> {
+    vec![
+        "ingest",
+        "--input",
+        list,
+        "--root",
+        root,
+        "--image-size",
+        "64,128",
+        "--timeout",
+        "2",
+        "--connect-timeout",
+        "1",
+        "--retries",
+        "2",
+        "--backoff",
+        "0.05",
+        "--max-bytes",
+        "5000000",
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_images_and_faults() {
+    let server = FaultServer::start(workspace().join("data/images"), Duration::ZERO).await;
+    let u = |p: &str| server.url(p);
+    // (url, metadata WIDTH, expected status, expected error kind or reason)
+    let cases: Vec<(String, Option<i64>, &str, &str)> = vec![
+        (u("/img/pillow/hopper.jpg"), None, "ok", ""),
+        (u("/img/pillow/hopper.png"), None, "ok", ""),
+        (u("/img/pillow/hopper.webp"), None, "ok", ""),
+        (u("/img/pillow/hopper.gif"), None, "ok", ""),
+        (u("/img/pillow/hopper.bmp"), None, "ok", ""),
+        (u("/img/skimage/multipage.tif"), None, "ok", ""),
+        (u("/img/pillow/hopper_orientation_6.jpg"), None, "ok", ""),
+        (u("/img/pillow/pil_sample_cmyk.jpg"), None, "ok", ""),
+        (u("/img/pillow/hopper_16bit_qtables.jpg"), None, "ok", ""),
+        (u("/status/404"), None, "failed", "http_404"),
+        (u("/status/403"), None, "failed", "http_403"),
+        (u("/status/500"), None, "failed", "http_5xx"),
+        (u("/html"), None, "failed", "not_an_image"),
+        (u("/corrupt"), None, "failed", "not_an_image"),
+        (
+            u("/truncated/skimage/rocket.jpg"),
+            None,
+            "failed",
+            "truncated",
+        ),
+        (u("/reset"), None, "failed", "connection_reset"),
+        (u("/slow-headers"), None, "failed", "timeout"),
+        (u("/drip/skimage/retina.jpg"), None, "failed", "timeout"),
+        (u("/redirect/3/matplotlib/grace_hopper.jpg"), None, "ok", ""),
+        (
+            u("/redirect/9/matplotlib/grace_hopper.jpg"),
+            None,
+            "failed",
+            "too_many_redirects",
+        ),
+        (
+            u("/redirect-to/http%3A%2F%2F169.254.169.254%2Flatest%2Fmeta-data"),
+            None,
+            "failed",
+            "ssrf_refused",
+        ),
+        (u("/noai/pillow/flower.jpg"), None, "dropped", "robots_noai"),
+        (u("/huge"), None, "failed", "too_large"),
+        (
+            u("/img/pillow/decompression_bomb.gif"),
+            None,
+            "failed",
+            "decompression_bomb",
+        ),
+        (u("/flaky/f1/2/skimage/coffee.png"), None, "ok", ""),
+        (u("/retry-after/r1/skimage/chelsea.png"), None, "ok", ""),
+        (
+            u("/img/pillow/hopper.jpg"),
+            None,
+            "dropped",
+            "duplicate_url",
+        ),
+        (
+            u("/img/pillow/hopper.jpg?copy=1"),
+            None,
+            "dropped",
+            "duplicate_content",
+        ),
+        (
+            "ftp://example.com/x.jpg".to_string(),
+            None,
+            "failed",
+            "invalid_url",
+        ),
+        (
+            u("/img/pillow/flower2.jpg"),
+            Some(10),
+            "dropped",
+            "width<64",
+        ),
+        (
+            u("/img/pillow/hopper.heif"),
+            None,
+            "failed",
+            "unsupported_format",
+        ),
+        (u("/img/pillow/broken.png"), None, "failed", "decode_error"),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("list.jsonl");
+    write_list(
+        &list,
+        &cases.iter().map(|c| (c.0.clone(), c.1)).collect::<Vec<_>>(),
+    );
+    let root = dir.path().join("cat").display().to_string();
+    let list_s = list.display().to_string();
+    let mut args = base_args(&list_s, &root);
+    args.extend([
+        "--allow-cidr",
+        "127.0.0.0/8",
+        "--min-width",
+        "64",
+        "--unit-rows",
+        "100",
+    ]);
+    let (code, out, err) = run(&args).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("received") && out.contains(&cases.len().to_string()),
+        "{out}"
+    );
+
+    let rows = rows_of(&root).await;
+    assert_eq!(rows.len(), cases.len());
+    let mut by_status: BTreeMap<String, usize> = BTreeMap::new();
+    for (row, (url, _, status, what)) in rows.iter().zip(&cases) {
+        *by_status.entry(status.to_string()).or_default() += 1;
+        assert_eq!(row["url"], url.as_str());
+        assert_eq!(row["status"], *status, "{url}: {row}");
+        match *status {
+            "failed" => assert_eq!(row["error_kind"], *what, "{url}: {row}"),
+            "dropped" => assert!(
+                row["reject_reasons"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r == what),
+                "{url}: {row}"
+            ),
+            _ => {
+                let images = row["images"].as_array().unwrap();
+                assert_eq!(images.len(), 2, "{url}");
+                assert_eq!(images[0]["size"], 64);
+                assert_eq!(images[1]["size"], 128);
+                assert_eq!(row["http_status"], 200);
+                assert_eq!(row["content_sha256"].as_str().unwrap().len(), 64);
+            }
+        }
+        assert_eq!(row["extra"], "{\"LICENSE\":\"cc-by\"}");
+    }
+    // EXIF orientation 6 stores the picture rotated: the upright size swaps width and height.
+    let rot = &rows[6];
+    assert_eq!(
+        (rot["orig_width"].as_i64(), rot["orig_height"].as_i64()),
+        (Some(128), Some(128))
+    );
+    // Duplicates point at the first copy.
+    for dup in [26, 27] {
+        let of = rows[dup]["duplicate_of"].as_str().unwrap_or_default();
+        assert!(
+            of.ends_with("-0000000000"),
+            "row {dup} is a duplicate of {of:?}, not of row 0"
+        );
+    }
+    // The pre-filtered row was never fetched; flaky and rate-limited URLs were retried.
+    let requests = server.requests();
+    assert!(
+        !requests.iter().any(|r| r.contains("flower2.jpg")),
+        "{requests:?}"
+    );
+    assert_eq!(
+        requests
+            .iter()
+            .filter(|r| r.starts_with("/flaky/f1/"))
+            .count(),
+        3
+    );
+    assert_eq!(
+        requests
+            .iter()
+            .filter(|r| r.starts_with("/retry-after/r1/"))
+            .count(),
+        2
+    );
+    // A non-retryable status is asked for once.
+    assert_eq!(requests.iter().filter(|r| *r == "/status/404").count(), 1);
+    assert_eq!(requests.iter().filter(|r| *r == "/status/500").count(), 3);
+
+    // The stored images are real JPEGs of the right sizes.
+    let (code, out, _) = run(&[
+        "catalog",
+        "sql",
+        "SELECT count(*) AS n FROM samples WHERE status = 'ok' AND images[1]['format'] = 'jpeg' \
+         AND images[2]['width'] = 128",
+        "--root",
+        &root,
+        "--format",
+        "csv",
+    ])
+    .await;
+    assert_eq!(code, 0);
+    assert_eq!(out, format!("n\n{}\n", by_status["ok"]));
+
+    // Running again does nothing new: every unit is committed.
+    let (code, out, _) = run(&args).await;
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("units already done               1") || out.contains("units already done"),
+        "{out}"
+    );
+    assert_eq!(rows_of(&root).await.len(), cases.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_addresses_are_refused_without_an_allow_list() {
+    let server = FaultServer::start(workspace().join("data/images"), Duration::ZERO).await;
+    let port = server.addr.port();
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("list.jsonl");
+    let urls = [
+        server.url("/img/pillow/hopper.jpg"),
+        format!("http://localhost:{port}/img/pillow/hopper.png"),
+        "http://169.254.169.254/latest/meta-data/".to_string(),
+        "http://10.1.2.3/x.jpg".to_string(),
+        format!("http://[::1]:{port}/img/pillow/hopper.png"),
+    ];
+    write_list(
+        &list,
+        &urls.iter().map(|u| (u.clone(), None)).collect::<Vec<_>>(),
+    );
+    let root = dir.path().join("cat").display().to_string();
+    let list_s = list.display().to_string();
+    let (code, _, err) = run(&base_args(&list_s, &root)).await;
+    assert_eq!(code, 0, "{err}");
+    let rows = rows_of(&root).await;
+    for r in &rows {
+        assert_eq!(r["status"], "failed", "{r}");
+        assert_eq!(r["error_kind"], "ssrf_refused", "{r}");
+    }
+    assert!(server.requests().is_empty(), "{:?}", server.requests());
+}
+
+/// SIGKILL at a random point, then a re-run: exactly the samples of an uninterrupted run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_and_resume_gives_the_uninterrupted_result() {
+    let server =
+        FaultServer::start(workspace().join("data/images"), Duration::from_millis(40)).await;
+    let imgs = [
+        "pillow/hopper.jpg",
+        "pillow/hopper.png",
+        "skimage/coffee.png",
+        "skimage/chelsea.png",
+        "matplotlib/grace_hopper.jpg",
+        "skimage/rocket.jpg",
+    ];
+    let rows: Vec<(String, Option<i64>)> = (0..60)
+        .map(|i| {
+            let url = if i % 9 == 4 {
+                server.url("/status/404")
+            } else {
+                server.url(&format!("/img/{}?n={i}", imgs[i % imgs.len()]))
+            };
+            (url, None)
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("list.jsonl");
+    write_list(&list, &rows);
+    let list_s = list.display().to_string();
+    let reference = dir.path().join("ref").display().to_string();
+    let killed = dir.path().join("killed").display().to_string();
+    let extra = [
+        "--allow-cidr",
+        "127.0.0.0/8",
+        "--unit-rows",
+        "10",
+        "--concurrency",
+        "4",
+    ];
+
+    let mut args = base_args(&list_s, &reference);
+    args.extend(extra);
+    assert_eq!(run(&args).await.0, 0);
+
+    let mut args = base_args(&list_s, &killed);
+    args.extend(extra);
+    let manifest_dir = dir.path().join("killed/samples/_manifest");
+    let mut child = tokio::process::Command::new(llamagen())
+        .args(&args)
+        .spawn()
+        .unwrap();
+    // Kill once two units are committed, mid-way through the third.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = std::fs::read_dir(&manifest_dir)
+            .map(|d| d.count())
+            .unwrap_or(0);
+        if n >= 2 || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    child.kill().await.unwrap();
+    let partial = rows_of(&killed).await.len();
+    assert!(
+        partial < 60 && partial % 10 == 0,
+        "{partial} rows visible after the kill"
+    );
+    assert_eq!(run(&args).await.0, 0);
+
+    let strip = |rows: Vec<Value>| -> Vec<Value> {
+        rows.into_iter()
+            .map(|mut r| {
+                // Content and status must match; timestamps and http details may not.
+                for k in ["images"] {
+                    r.as_object_mut().unwrap().remove(k);
+                }
+                r
+            })
+            .collect()
+    };
+    let a = strip(rows_of(&reference).await);
+    let b = strip(rows_of(&killed).await);
+    assert_eq!(a.len(), 60);
+    assert_eq!(a, b);
+}
