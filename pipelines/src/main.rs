@@ -1,6 +1,7 @@
 //! The `llamagen` command.
 
 mod catalog_cmd;
+mod conformance_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -15,19 +16,23 @@ struct Cli {
 enum Command {
     /// Query and maintain a catalog: SQL, stats, URL-list import, verification, garbage collection.
     Catalog(catalog_cmd::CatalogArgs),
+    /// Run every GPT, sampling, training, VQ and augmentation check of a reference directory
+    /// (the format of data/parity/); exits non-zero on any failure.
+    Conformance(conformance_cmd::ConformanceArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let result = rt.block_on(async {
-        match cli.command {
-            Command::Catalog(args) => catalog_cmd::run(args).await,
-        }
-    });
+    // Catalog commands are async (object stores); model commands are synchronous (candle) and
+    // start their own runtime where they read a catalog.
+    let result = match cli.command {
+        Command::Catalog(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(catalog_cmd::run(args))),
+        Command::Conformance(args) => conformance_cmd::run(args),
+    };
     match result {
         Ok(code) => code,
         Err(e) => {
