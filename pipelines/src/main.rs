@@ -2,6 +2,8 @@
 
 mod catalog_cmd;
 mod conformance_cmd;
+mod sample_cmd;
+mod train_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +21,10 @@ enum Command {
     /// Run every GPT, sampling, training, VQ and augmentation check of a reference directory
     /// (the format of data/parity/); exits non-zero on any failure.
     Conformance(conformance_cmd::ConformanceArgs),
+    /// Train a GPT from a run config (TOML) on the code and caption shards of a catalog.
+    Train(train_cmd::TrainArgs),
+    /// Sample images from a trained GPT (KV cache, CFG) and decode them with the VQ into a PNG grid.
+    Sample(sample_cmd::SampleArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -32,6 +38,8 @@ fn main() -> std::process::ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(catalog_cmd::run(args))),
         Command::Conformance(args) => conformance_cmd::run(args),
+        Command::Train(args) => train_cmd::run_cmd(args),
+        Command::Sample(args) => sample_cmd::run(args),
     };
     match result {
         Ok(code) => code,

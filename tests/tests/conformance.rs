@@ -30,7 +30,11 @@ fn conformance(dir: &Path) -> (bool, Vec<String>) {
 fn line<'a>(lines: &'a [String], check: &str) -> &'a str {
     lines
         .iter()
-        .find(|l| l.split_once(' ').map(|(_, r)| r.starts_with(&format!("{check}: "))) == Some(true))
+        .find(|l| {
+            l.split_once(' ')
+                .map(|(_, r)| r.starts_with(&format!("{check}: ")))
+                == Some(true)
+        })
         .unwrap_or_else(|| panic!("no line for check {check}"))
 }
 
