@@ -21,10 +21,10 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::config::{GptConfig, UNCOND_KEY, is_ignorable_key};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use crate::error::{Result, TrainError};
 use crate::gpt::Gpt;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 /// Entries of a `torch.save` dict that may hold the state dict, in the order they are tried.
 pub const TORCH_STATE_ENTRIES: [&str; 3] = ["model", "module", "state_dict"];
@@ -265,4 +265,3 @@ pub fn seeded_init(varmap: &VarMap, cfg: &GptConfig, seed: u64) -> Result<()> {
     }
     Ok(())
 }
-

@@ -27,8 +27,8 @@ use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{load_into_varmap, new_trainable, read_state_dict};
 pub use crate::checkpoint::seeded_init;
+use crate::checkpoint::{load_into_varmap, new_trainable, read_state_dict};
 use crate::config::{GptConfig, GptSize, ModelType};
 use crate::data::{CatalogLoader, DataConfig, SampleSpec};
 use crate::error::{Result, TrainError};
@@ -372,7 +372,12 @@ pub fn parse_device(name: &str) -> Result<Device> {
 
 /// A model whose weights are the bf16 casts of the f32 variables, so the forward and backward
 /// run in bf16 while gradients reach the f32 master weights through the casts.
-pub fn compute_view(varmap: &VarMap, cfg: &GptConfig, dtype: DType, device: &Device) -> Result<Gpt> {
+pub fn compute_view(
+    varmap: &VarMap,
+    cfg: &GptConfig,
+    dtype: DType,
+    device: &Device,
+) -> Result<Gpt> {
     let data = varmap.data().lock().expect("VarMap lock poisoned");
     let tensors = data
         .iter()

@@ -15,8 +15,8 @@ use llamagen_catalog::{Catalog, ShardWriterOptions, StorageOptions, Transaction}
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::train::mix_seed;
 use crate::error::{Result, TrainError};
+use crate::train::mix_seed;
 
 /// What to write.
 #[derive(Debug, Clone)]

@@ -236,4 +236,3 @@ pub fn mix_seed(words: &[u64]) -> u64 {
     }
     z
 }
-

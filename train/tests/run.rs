@@ -39,13 +39,20 @@ fn unknown_keys_and_bad_values_are_named() {
     assert!(e.to_string().contains("GPT-Q"), "{e}");
     let e = RunConfig::from_toml("[model]\nsize = \"GPT-B\"\n[data]\nroot = \"x\"\n").unwrap_err();
     assert!(e.to_string().contains("output.dir"), "{e}");
-    let g = RunConfig::from_toml(base).unwrap().model.gpt_config().unwrap();
-    assert_eq!((g.dim, g.n_layer, g.block_size), (768, 12, 256));
-    let g = RunConfig::from_toml(&base.replace("size = \"GPT-B\"", "size = \"GPT-XL\"\ntype = \"t2i\"\nimage_size = 512"))
+    let g = RunConfig::from_toml(base)
         .unwrap()
         .model
         .gpt_config()
         .unwrap();
+    assert_eq!((g.dim, g.n_layer, g.block_size), (768, 12, 256));
+    let g = RunConfig::from_toml(&base.replace(
+        "size = \"GPT-B\"",
+        "size = \"GPT-XL\"\ntype = \"t2i\"\nimage_size = 512",
+    ))
+    .unwrap()
+    .model
+    .gpt_config()
+    .unwrap();
     assert_eq!((g.dim, g.block_size, g.cls_token_num), (1280, 1024, 120));
 }
 
@@ -67,10 +74,17 @@ fn seeded_initialisation_is_reproducible() -> Result<()> {
     let a = weights(1)?;
     assert_eq!(a, weights(1)?);
     assert_ne!(a, weights(2)?);
-    let sd: Vec<String> = cfg.state_dict_shapes().into_iter().map(|(n, _)| n).collect();
+    let sd: Vec<String> = cfg
+        .state_dict_shapes()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     let out = sd.iter().position(|n| n == "output.weight").unwrap();
     assert!(a[out].iter().all(|&x| x == 0.0));
-    let tok = sd.iter().position(|n| n == "tok_embeddings.weight").unwrap();
+    let tok = sd
+        .iter()
+        .position(|n| n == "tok_embeddings.weight")
+        .unwrap();
     let std = (a[tok].iter().map(|x| x * x).sum::<f32>() / a[tok].len() as f32).sqrt();
     assert!((std - 0.02).abs() < 0.002, "std {std}");
     Ok(())
