@@ -20,6 +20,9 @@ CUDA_ROOT=$(cd "$(dirname "$(ls "$VENV"/lib/python3*/site-packages/nvidia/cu13/b
 export CUDA_ROOT CUDA_PATH="$CUDA_ROOT" CUDA_HOME="$CUDA_ROOT"
 export PATH="$CUDA_ROOT/bin:$PATH"
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-80}
+# cudarc 0.19.10 knows toolkits up to 13.4 and refuses newer nvcc versions (PyPI serves 13.5):
+# bind the 13.4 API, which the 13.5 toolkit and drivers provide.
+export CUDARC_CUDA_VERSION=${CUDARC_CUDA_VERSION:-13040}
 # Link-time libraries in one directory: unversioned names for the wheels' libraries, and a stub
 # libcuda.so exporting every driver API symbol that cuda.h declares (the real one comes with the
 # NVIDIA driver at run time).
