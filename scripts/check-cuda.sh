@@ -11,9 +11,13 @@ VENV=${VENV:-.venv}
 PY="$VENV/bin/python"
 # nvcc and headers, plus the libraries candle links (cudarc's dynamic-linking): cudart, cuBLAS(Lt),
 # cuRAND, NVRTC. All from PyPI; only the driver library (libcuda) is stubbed below.
+# nvcc must match the toolkit headers (cudart, CCCL) exactly, so all of them are brought to the
+# same (latest 13.x) release together; torch's pinned runtime is only used on the GPU.
 if ! ls "$VENV"/lib/python3*/site-packages/nvidia/cu13/bin/nvcc >/dev/null 2>&1 ||
-   ! ls "$VENV"/lib/python3*/site-packages/nvidia/cu13/lib/libcurand.so.* >/dev/null 2>&1; then
-  "$PY" -m pip install -q "nvidia-cuda-nvcc>=13,<14" "nvidia-cuda-runtime>=13,<14" \
+   ! ls "$VENV"/lib/python3*/site-packages/nvidia/cu13/lib/libcurand.so.* >/dev/null 2>&1 ||
+   [ "$("$PY" -m pip show nvidia-cuda-runtime 2>/dev/null | sed -n 's/^Version: \([0-9]*\.[0-9]*\).*/\1/p')" != \
+     "$("$PY" -m pip show nvidia-cuda-nvcc 2>/dev/null | sed -n 's/^Version: \([0-9]*\.[0-9]*\).*/\1/p')" ]; then
+  "$PY" -m pip install -q -U "nvidia-cuda-nvcc>=13,<14" "nvidia-cuda-runtime>=13,<14" \
     "nvidia-cuda-cccl>=13,<14" "nvidia-cuda-nvrtc>=13,<14" "nvidia-cublas>=13,<14" "nvidia-curand>=10.4"
 fi
 CUDA_ROOT=$(cd "$(dirname "$(ls "$VENV"/lib/python3*/site-packages/nvidia/cu13/bin/nvcc | head -n1)")/.." && pwd)
