@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 OUT ?= out
 export LLAMAGEN_PYTHON := $(abspath $(PY))
 
-.PHONY: run test setup bench-catalog clean
+.PHONY: run test setup bench-catalog bench-train clean
 
 run: setup
 	cargo build -p llamagen-pipelines --bin llamagen
@@ -32,6 +32,10 @@ $(VENV)/.ready: requirements-dev.txt
 # On-demand benchmark of catalog SQL against DuckDB (10 million rows; see bench/catalog_sql.sh).
 bench-catalog: setup
 	./bench/catalog_sql.sh
+
+# On-demand benchmark of a GPT-B training step and sampling against PyTorch (see bench/train_step.sh).
+bench-train: setup
+	./bench/train_step.sh
 
 clean:
 	rm -rf $(OUT) $(VENV)

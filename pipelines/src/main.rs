@@ -1,7 +1,10 @@
 //! The `llamagen` command.
 
 mod catalog_cmd;
+mod conformance_cmd;
 mod ingest_cmd;
+mod sample_cmd;
+mod train_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -18,20 +21,32 @@ enum Command {
     Catalog(catalog_cmd::CatalogArgs),
     /// Download, decode, crop and store the images of URL lists (Parquet/CSV/JSONL) as image shards.
     Ingest(Box<ingest_cmd::IngestArgs>),
+    /// Run every GPT, sampling, training, VQ and augmentation check of a reference directory
+    /// (the format of data/parity/); exits non-zero on any failure.
+    Conformance(conformance_cmd::ConformanceArgs),
+    /// Train a GPT from a run config (TOML) on the code and caption shards of a catalog.
+    Train(train_cmd::TrainArgs),
+    /// Sample images from a trained GPT (KV cache, CFG) and decode them with the VQ into a PNG grid.
+    Sample(sample_cmd::SampleArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let result = rt.block_on(async {
-        match cli.command {
-            Command::Catalog(args) => catalog_cmd::run(args).await,
-            Command::Ingest(args) => ingest_cmd::run(*args).await,
-        }
-    });
+    // Catalog and data commands are async (object stores, HTTP); model commands are synchronous
+    // (candle) and start their own runtime where they read a catalog.
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+    };
+    let result = match cli.command {
+        Command::Catalog(args) => runtime().and_then(|rt| rt.block_on(catalog_cmd::run(args))),
+        Command::Ingest(args) => runtime().and_then(|rt| rt.block_on(ingest_cmd::run(*args))),
+        Command::Conformance(args) => conformance_cmd::run(args),
+        Command::Train(args) => train_cmd::run_cmd(args),
+        Command::Sample(args) => sample_cmd::run(args),
+    };
     match result {
         Ok(code) => code,
         Err(e) => {

@@ -20,9 +20,11 @@ use candle_core::pickle::PthTensors;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
-use crate::config::{GptConfig, is_ignorable_key};
+use crate::config::{GptConfig, UNCOND_KEY, is_ignorable_key};
 use crate::error::{Result, TrainError};
 use crate::gpt::Gpt;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 /// Entries of a `torch.save` dict that may hold the state dict, in the order they are tried.
 pub const TORCH_STATE_ENTRIES: [&str; 3] = ["model", "module", "state_dict"];
@@ -218,4 +220,48 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()>
 /// Saves a model's state dict (official key names, including the t2i null caption buffer).
 pub fn save_gpt(path: &Path, model: &Gpt) -> Result<()> {
     save_safetensors(path, &model.state_dict())
+}
+
+fn normal(rng: &mut StdRng, n: usize, std: f64) -> Vec<f32> {
+    // Box-Muller.
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+        let u2: f64 = rng.random();
+        let r = (-2.0 * u1.ln()).sqrt() * std;
+        let t = std::f64::consts::TAU * u2;
+        out.push((r * t.cos()) as f32);
+        if out.len() < n {
+            out.push((r * t.sin()) as f32);
+        }
+    }
+    out
+}
+
+/// Overwrites the variables of a model built by [`new_trainable`] with the official
+/// initialisation drawn from a generator seeded by `seed` (module invariants).
+pub fn seeded_init(varmap: &VarMap, cfg: &GptConfig, seed: u64) -> Result<()> {
+    let data = varmap.data().lock().expect("VarMap lock poisoned");
+    for (i, (name, shape)) in cfg.state_dict_shapes().into_iter().enumerate() {
+        let var = data.get(&name).ok_or_else(|| {
+            TrainError::InvalidInput(format!("model variable `{name}` is not in the VarMap"))
+        })?;
+        let n: usize = shape.iter().product();
+        let values = if name == "output.weight" {
+            vec![0f32; n]
+        } else if shape.len() == 1 {
+            vec![1f32; n]
+        } else {
+            let std = if name == UNCOND_KEY {
+                1.0 / (cfg.caption_dim as f64).sqrt()
+            } else {
+                cfg.initializer_range
+            };
+            let mut rng = StdRng::seed_from_u64(crate::train::mix_seed(&[seed, 0x1417, i as u64]));
+            normal(&mut rng, n, std)
+        };
+        let t = Tensor::from_vec(values, shape, var.device())?.to_dtype(var.dtype())?;
+        var.set(&t)?;
+    }
+    Ok(())
 }

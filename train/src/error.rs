@@ -64,9 +64,28 @@ pub enum TrainError {
     #[error("invalid input: {0}")]
     InvalidInput(String),
 
+    /// The catalog could not be opened or a shard could not be read.
+    #[cfg(feature = "catalog")]
+    #[error("catalog: {0}")]
+    Catalog(#[from] llamagen_catalog::CatalogError),
+
+    /// Training data is unusable (no usable rows, malformed columns).
+    #[error("training data: {0}")]
+    Data(String),
+
     /// The loss became NaN or infinite.
     #[error("non-finite loss {loss} at step {step}")]
     NonFiniteLoss { step: u64, loss: f32 },
+
+    /// A training run stopped on a non-finite loss or gradient norm.
+    #[error("training stopped: {reason}; {}", match last_checkpoint {
+        Some(p) => format!("the last good checkpoint is {}", p.display()),
+        None => "no checkpoint was written before it".to_string(),
+    })]
+    Diverged {
+        reason: String,
+        last_checkpoint: Option<PathBuf>,
+    },
 
     /// The gradient norm became NaN or infinite.
     #[error("non-finite gradient norm {norm} at step {step}")]

@@ -10,10 +10,18 @@
 pub mod checkpoint;
 pub mod config;
 pub mod conformance;
+#[cfg(feature = "catalog")]
+pub mod data;
 pub mod error;
 pub mod gpt;
 pub mod optim;
+#[cfg(feature = "catalog")]
+pub mod plot;
+#[cfg(feature = "catalog")]
+pub mod run;
 pub mod sample;
+#[cfg(feature = "catalog")]
+pub mod synthetic;
 pub mod train;
 
 pub use config::{GptConfig, GptSize, ModelType};

@@ -224,3 +224,15 @@ pub fn load_training_checkpoint(
     opt.set_lr(state.optimizer.lr);
     Ok(state)
 }
+
+/// Seeds a generator from several words (SplitMix64 over each).
+pub fn mix_seed(words: &[u64]) -> u64 {
+    let mut z: u64 = 0x243F_6A88_85A3_08D3;
+    for &w in words {
+        z = z.wrapping_add(w).wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+    }
+    z
+}

@@ -1,0 +1,269 @@
+//! `llamagen sample`: generate image tokens with a trained GPT (KV cache, CFG, temperature,
+//! top-k, top-p) and decode them with the VQ decoder into a PNG grid.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor};
+use clap::Args;
+use llamagen_encode::{ModelArgs, VqModel};
+use llamagen_train::checkpoint::load_gpt;
+use llamagen_train::data::{DataConfig, caption_features, left_pad_captions};
+use llamagen_train::run::{RunConfig, parse_device};
+use llamagen_train::sample::{SamplingConfig, generate};
+use llamagen_train::train::{MODEL_FILE, STATE_FILE, TrainState};
+use llamagen_train::{Condition, GptConfig, ModelType};
+use rand::SeedableRng;
+
+#[derive(Args, Debug)]
+pub struct SampleArgs {
+    /// GPT checkpoint: a training checkpoint directory (its train_state.json gives the model
+    /// config), a safetensors file, or an official torch checkpoint.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Run config (TOML) whose [model] describes the GPT; needed when the checkpoint is a file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// VQ checkpoint (safetensors or the official torch .pt).
+    #[arg(long)]
+    pub vq: PathBuf,
+    /// VQ architecture: vq16, vq8, reduced (the reference set's), or a JSON file of ModelArgs.
+    #[arg(long, default_value = "vq16")]
+    pub vq_args: String,
+    /// c2i: class labels, one image each (e.g. 207,360,387).
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Vec<u32>,
+    /// t2i: caption features as .npy ([1, L, caption_dim] or [L, caption_dim], as the official
+    /// extract_t5_feature.py writes them); repeat for several images.
+    #[arg(long)]
+    pub caption_npy: Vec<PathBuf>,
+    /// t2i: catalog root to read caption features (t5_long) of --keys from.
+    #[arg(long)]
+    pub catalog: Option<String>,
+    /// t2i: sample keys in --catalog.
+    #[arg(long, value_delimiter = ',')]
+    pub keys: Vec<String>,
+    /// t2i: read t5_short instead of t5_long.
+    #[arg(long)]
+    pub short: bool,
+    /// Classifier-free guidance scale (on when > 1).
+    #[arg(long, default_value_t = 4.0)]
+    pub cfg_scale: f32,
+    /// Last decode step that uses CFG (-1: all).
+    #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
+    pub cfg_interval: i64,
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Images per row of the grid (default: all in one row up to 8).
+    #[arg(long)]
+    pub nrow: Option<usize>,
+    /// Output PNG.
+    #[arg(long, default_value = "samples.png")]
+    pub out: PathBuf,
+    /// Also write the generated tokens as JSON (one array per image).
+    #[arg(long)]
+    pub tokens_out: Option<PathBuf>,
+}
+
+fn model_config(args: &SampleArgs) -> Result<(GptConfig, PathBuf)> {
+    let (weights, state) = if args.checkpoint.is_dir() && args.checkpoint.join(MODEL_FILE).exists()
+    {
+        (
+            args.checkpoint.join(MODEL_FILE),
+            Some(args.checkpoint.join(STATE_FILE)),
+        )
+    } else {
+        (args.checkpoint.clone(), None)
+    };
+    if let Some(cfg) = &args.config {
+        return Ok((RunConfig::from_file(cfg)?.model.gpt_config()?, weights));
+    }
+    match state.filter(|s| s.exists()) {
+        Some(s) => {
+            let st: TrainState = serde_json::from_str(
+                &std::fs::read_to_string(&s).with_context(|| s.display().to_string())?,
+            )
+            .with_context(|| s.display().to_string())?;
+            Ok((st.model, weights))
+        }
+        None => bail!(
+            "{} is not a training checkpoint directory: give --config with the model",
+            args.checkpoint.display()
+        ),
+    }
+}
+
+fn vq_args(name: &str) -> Result<ModelArgs> {
+    Ok(match name {
+        "vq16" => ModelArgs::vq_16(),
+        "vq8" => ModelArgs::vq_8(),
+        "reduced" => ModelArgs::reduced(),
+        path => serde_json::from_str(
+            &std::fs::read_to_string(path).with_context(|| format!("--vq-args {path}"))?,
+        )
+        .with_context(|| format!("--vq-args {path}"))?,
+    })
+}
+
+fn read_npy(path: &Path) -> Result<(usize, usize, Vec<f32>)> {
+    let t = Tensor::read_npy(path).with_context(|| path.display().to_string())?;
+    let t = match t.rank() {
+        3 if t.dim(0)? == 1 => t.squeeze(0)?,
+        2 => t,
+        _ => bail!(
+            "{}: caption features of shape {:?}, expected [1, L, C] or [L, C]",
+            path.display(),
+            t.dims()
+        ),
+    };
+    let (l, c) = t.dims2()?;
+    Ok((l, c, t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?))
+}
+
+/// Images `(B, 3, H, W)` in about [-1, 1] to one RGB grid, `nrow` per row, 2 px black padding
+/// (torchvision `save_image` conventions: clamp, then `x * 127.5 + 127.5` rounded).
+fn grid(images: &Tensor, nrow: usize) -> Result<image::RgbImage> {
+    let (b, _, h, w) = images.dims4()?;
+    let px = ((images.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?
+        .round()?
+        .to_dtype(DType::U8)?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<u8>()?;
+    let nrow = nrow.clamp(1, b.max(1));
+    let rows = b.div_ceil(nrow);
+    let pad = 2usize;
+    let (gw, gh) = (nrow * (w + pad) + pad, rows * (h + pad) + pad);
+    let mut img = image::RgbImage::new(gw as u32, gh as u32);
+    for i in 0..b {
+        let (ox, oy) = (pad + (i % nrow) * (w + pad), pad + (i / nrow) * (h + pad));
+        for y in 0..h {
+            for x in 0..w {
+                let at = |c: usize| px[((i * 3 + c) * h + y) * w + x];
+                img.put_pixel(
+                    (ox + x) as u32,
+                    (oy + y) as u32,
+                    image::Rgb([at(0), at(1), at(2)]),
+                );
+            }
+        }
+    }
+    Ok(img)
+}
+
+pub fn run(args: SampleArgs) -> Result<ExitCode> {
+    let device = parse_device(&args.device)?;
+    let (cfg, weights) = model_config(&args)?;
+    let model = load_gpt(&weights, &cfg, DType::F32, &device)
+        .with_context(|| format!("loading {}", weights.display()))?;
+    let (cond, emb_mask) = match cfg.model_type {
+        ModelType::C2i => {
+            if args.labels.is_empty() {
+                bail!("a c2i model needs --labels");
+            }
+            if let Some(bad) = args.labels.iter().find(|&&l| l as usize >= cfg.num_classes) {
+                bail!(
+                    "label {bad} is out of range (the model has {} classes)",
+                    cfg.num_classes
+                );
+            }
+            let n = args.labels.len();
+            (
+                Condition::Class(Tensor::from_vec(args.labels.clone(), n, &device)?),
+                None,
+            )
+        }
+        ModelType::T2i => {
+            let mut feats = Vec::new();
+            for p in &args.caption_npy {
+                feats.push(read_npy(p)?);
+            }
+            if !args.keys.is_empty() {
+                let root = args.catalog.clone().context("--keys needs --catalog")?;
+                let dc = DataConfig {
+                    root,
+                    ..DataConfig::default()
+                };
+                feats.extend(caption_features(&dc, &args.keys, args.short)?);
+            }
+            if feats.is_empty() {
+                bail!("a t2i model needs --caption-npy or --catalog with --keys");
+            }
+            let (t, c) = (cfg.cls_token_num, cfg.caption_dim);
+            if let Some((_, dim, _)) = feats.iter().find(|(_, d, _)| *d != c) {
+                bail!("caption features of width {dim}, the model has caption_dim {c}");
+            }
+            let caps: Vec<(usize, Vec<f32>)> = feats.into_iter().map(|(l, _, v)| (l, v)).collect();
+            let refs: Vec<Option<&(usize, Vec<f32>)>> = caps.iter().map(Some).collect();
+            let (cap, mask) = left_pad_captions(&refs, t, c)?;
+            let b = caps.len();
+            (
+                Condition::Caption(Tensor::from_vec(cap, (b, t, c), &device)?),
+                Some(Tensor::from_vec(mask, (b, t), &device)?),
+            )
+        }
+    };
+    let sc = SamplingConfig {
+        cfg_scale: args.cfg_scale,
+        cfg_interval: args.cfg_interval,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        sample_logits: true,
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    let start = std::time::Instant::now();
+    let tokens = generate(
+        &model,
+        &cond,
+        emb_mask.as_ref(),
+        cfg.block_size,
+        &sc,
+        &mut rng,
+    )?;
+    let secs = start.elapsed().as_secs_f64();
+    let b = tokens.dim(0)?;
+    eprintln!(
+        "generated {b} x {} tokens in {secs:.2} s ({:.1} tokens/s)",
+        cfg.block_size,
+        (b * cfg.block_size) as f64 / secs.max(1e-9)
+    );
+    if let Some(p) = &args.tokens_out {
+        let rows: Vec<Vec<u32>> = tokens.to_vec2()?;
+        std::fs::write(p, serde_json::to_string(&rows)?)
+            .with_context(|| p.display().to_string())?;
+    }
+    let vq_args = vq_args(&args.vq_args)?;
+    if vq_args.codebook_size != cfg.vocab_size {
+        bail!(
+            "the VQ codebook has {} codes, the GPT vocabulary {}",
+            vq_args.codebook_size,
+            cfg.vocab_size
+        );
+    }
+    let vq = VqModel::from_file(&args.vq, &vq_args, &device)
+        .with_context(|| format!("loading {}", args.vq.display()))?;
+    let g = cfg.grid_size();
+    let images = vq.decode_code(&tokens, (b, vq_args.codebook_embed_dim, g, g))?;
+    let img = grid(&images, args.nrow.unwrap_or(b.min(8)))?;
+    img.save(&args.out)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    println!(
+        "wrote {} ({b} images of {}x{} px)",
+        args.out.display(),
+        images.dim(3)?,
+        images.dim(2)?
+    );
+    Ok(ExitCode::SUCCESS)
+}

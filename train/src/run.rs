@@ -1,0 +1,658 @@
+//! A whole training run from a TOML config (`llamagen train --config run.toml`): model, data
+//! from a catalog, AdamW with the official groups and an lr schedule, gradient accumulation,
+//! dropout, checkpoints with exact resume, stage-II initialisation, a NaN/Inf guard, metrics
+//! (JSON lines), a loss-curve PNG and a progress bar.
+//!
+//! Invariants enforced here:
+//! - Unknown keys anywhere in the config are refused with their name.
+//! - Step `s` (0-based) reads samples `(s * grad_accum + j) * batch_size ..` of the rank's stream
+//!   for micro-batch `j`, draws its dropout from [`step_rng`]`(seed, s)` and uses lr
+//!   `schedule.lr_at(s)`; with the weights and AdamW moments of a checkpoint nothing else
+//!   carries state, so on CPU a resumed run repeats the losses of an uninterrupted one bit for bit.
+//! - Fresh weights are drawn from a generator seeded by `train.seed` (the official
+//!   initialisation: N(0, initializer_range) linears and embeddings, ones for norms, zeros for
+//!   `output`, N(0, 1/caption_dim) for the t2i null caption), so two runs with one seed start equal.
+//! - A non-finite loss or gradient norm stops the run before the optimiser sees it; the error
+//!   names the step and the last good checkpoint, and no checkpoint is written after it.
+//! - Checkpoints are `output_dir/checkpoints/{step:07}/` ([`save_training_checkpoint`]);
+//!   `output_dir/metrics.jsonl` holds one JSON object per log interval (after a resume, lines past
+//!   the resumed step are dropped first) and `output_dir/loss.png` is redrawn from it at every
+//!   checkpoint and at the end.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+
+pub use crate::checkpoint::seeded_init;
+use crate::checkpoint::{load_into_varmap, new_trainable, read_state_dict};
+use crate::config::{GptConfig, GptSize, ModelType};
+use crate::data::{CatalogLoader, DataConfig, SampleSpec};
+use crate::error::{Result, TrainError};
+use crate::gpt::Gpt;
+use crate::optim::{AdamW, AdamWConfig, LrSchedule};
+use crate::train::{
+    MODEL_FILE, STATE_FILE, load_training_checkpoint, save_training_checkpoint, step_rng,
+    train_step,
+};
+
+/// The `[model]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSection {
+    /// Official size name (`GPT-B`, `GPT-L`, `GPT-XL`, `GPT-XXL`, `GPT-XXXL`, `GPT-1B`,
+    /// `GPT-3B`, `GPT-7B`); `dim`, `n_layer` and `n_head` override it (all three are needed
+    /// without a size).
+    pub size: Option<String>,
+    pub dim: Option<usize>,
+    pub n_layer: Option<usize>,
+    pub n_head: Option<usize>,
+    /// `c2i` or `t2i`. Default c2i.
+    #[serde(rename = "type")]
+    pub model_type: ModelType,
+    /// Image side in pixels; the code grid is `image_size / vq_downsample` (256 -> 16x16,
+    /// 512 -> 32x32 with VQ-16). Default 256.
+    pub image_size: u32,
+    /// Downsampling factor of the VQ that made the codes. Default 16.
+    pub vq_downsample: u32,
+    /// Codebook size. Default 16384.
+    pub vocab_size: usize,
+    /// c2i classes. Default 1000.
+    pub num_classes: usize,
+    /// t2i caption feature width. Default 2048 (flan-t5-xl).
+    pub caption_dim: usize,
+    /// Condition positions (default: 1 for c2i, 120 for t2i).
+    pub cls_token_num: Option<usize>,
+    /// Dropouts (official defaults).
+    pub token_dropout_p: f64,
+    pub attn_dropout_p: f64,
+    pub resid_dropout_p: f64,
+    pub ffn_dropout_p: f64,
+    /// Label / caption dropout for classifier-free guidance. Default 0.1.
+    pub class_dropout_prob: f64,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        let d = GptConfig::default();
+        ModelSection {
+            size: None,
+            dim: None,
+            n_layer: None,
+            n_head: None,
+            model_type: ModelType::C2i,
+            image_size: 256,
+            vq_downsample: 16,
+            vocab_size: d.vocab_size,
+            num_classes: d.num_classes,
+            caption_dim: d.caption_dim,
+            cls_token_num: None,
+            token_dropout_p: d.token_dropout_p,
+            attn_dropout_p: d.attn_dropout_p,
+            resid_dropout_p: d.resid_dropout_p,
+            ffn_dropout_p: d.ffn_dropout_p,
+            class_dropout_prob: d.class_dropout_prob,
+        }
+    }
+}
+
+impl ModelSection {
+    /// The GPT configuration this section describes.
+    pub fn gpt_config(&self) -> Result<GptConfig> {
+        let bad = |m: String| TrainError::InvalidConfig(m);
+        let (mut n_layer, mut n_head, mut dim) = (self.n_layer, self.n_head, self.dim);
+        if let Some(name) = &self.size {
+            let size = GptSize::from_name(name).ok_or_else(|| {
+                bad(format!(
+                    "model.size {name:?} is not one of GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-XXXL, GPT-1B, GPT-3B, GPT-7B"
+                ))
+            })?;
+            let (l, h, d) = size.dims();
+            n_layer = n_layer.or(Some(l));
+            n_head = n_head.or(Some(h));
+            dim = dim.or(Some(d));
+        }
+        let (Some(n_layer), Some(n_head), Some(dim)) = (n_layer, n_head, dim) else {
+            return Err(bad(
+                "model: give `size` or all of `dim`, `n_layer`, `n_head`".into(),
+            ));
+        };
+        if self.vq_downsample == 0 || !self.image_size.is_multiple_of(self.vq_downsample) {
+            return Err(bad(format!(
+                "model.image_size {} is not a multiple of vq_downsample {}",
+                self.image_size, self.vq_downsample
+            )));
+        }
+        let g = (self.image_size / self.vq_downsample) as usize;
+        let cfg = GptConfig {
+            dim,
+            n_layer,
+            n_head,
+            vocab_size: self.vocab_size,
+            num_classes: self.num_classes,
+            caption_dim: self.caption_dim,
+            model_type: self.model_type,
+            cls_token_num: self.cls_token_num.unwrap_or(match self.model_type {
+                ModelType::C2i => 1,
+                ModelType::T2i => crate::config::UNCOND_CAPTION_TOKENS,
+            }),
+            block_size: g * g,
+            token_dropout_p: self.token_dropout_p,
+            attn_dropout_p: self.attn_dropout_p,
+            resid_dropout_p: self.resid_dropout_p,
+            ffn_dropout_p: self.ffn_dropout_p,
+            class_dropout_prob: self.class_dropout_prob,
+            ..GptConfig::default()
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// Numeric precision of the forward and backward passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in f32.
+    F32,
+    /// bf16 compute with f32 master weights and AdamW state (the official autocast recipe);
+    /// meant for CUDA (on the CPU it works but is slow).
+    Bf16,
+}
+
+/// The `[train]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainSection {
+    /// Optimiser steps in total (a resumed run continues up to this). Default 1000.
+    pub steps: u64,
+    /// Samples per micro-batch on each rank. Default 2.
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step. Default 1.
+    pub grad_accum: usize,
+    /// Run seed: weights, data order, crops, caption choice, dropout. Default 0.
+    pub seed: u64,
+    /// Gradient clipping norm. Default 1.0.
+    pub max_grad_norm: f64,
+    /// `cpu`, `cuda` or `cuda:N` (CUDA needs a build with the `cuda` feature). Default cpu.
+    pub device: String,
+    /// `f32` or `bf16`. Default f32.
+    pub precision: Precision,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            steps: 1000,
+            batch_size: 2,
+            grad_accum: 1,
+            seed: 0,
+            max_grad_norm: 1.0,
+            device: "cpu".into(),
+            precision: Precision::F32,
+        }
+    }
+}
+
+/// The `[optim]` table: AdamW and the lr schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimSection {
+    /// Peak learning rate. Default 1e-4 (constant, as the official recipe).
+    pub lr: f64,
+    /// Linear warm-up steps. Default 0.
+    pub warmup_steps: u64,
+    /// Cosine decay to `min_lr` ending at this step; 0 keeps the lr constant. Default 0.
+    pub decay_steps: u64,
+    pub min_lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Weight decay of every rank >= 2 parameter. Default 0.05.
+    pub weight_decay: f64,
+}
+
+impl Default for OptimSection {
+    fn default() -> Self {
+        let a = AdamWConfig::default();
+        OptimSection {
+            lr: a.lr,
+            warmup_steps: 0,
+            decay_steps: 0,
+            min_lr: 0.0,
+            beta1: a.beta1,
+            beta2: a.beta2,
+            eps: a.eps,
+            weight_decay: a.weight_decay,
+        }
+    }
+}
+
+impl OptimSection {
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig {
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
+    }
+
+    pub fn schedule(&self) -> LrSchedule {
+        LrSchedule {
+            lr: self.lr,
+            warmup_steps: self.warmup_steps,
+            decay_steps: self.decay_steps,
+            min_lr: self.min_lr,
+        }
+    }
+}
+
+/// The `[output]` table: where checkpoints and logs go, what to start from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutputSection {
+    /// Run directory (checkpoints/, metrics.jsonl, loss.png). Required.
+    pub dir: PathBuf,
+    /// Write a checkpoint every this many steps (and always at the last step). Default 5000.
+    pub checkpoint_every: u64,
+    /// Log (metrics line, progress message) every this many steps. Default 10.
+    pub log_every: u64,
+    /// Show a progress bar on a terminal. Default true.
+    pub progress: bool,
+    /// Resume: `"latest"` (the newest checkpoint under `dir/checkpoints`, or a fresh start if
+    /// there is none) or a checkpoint directory. Default: no resume.
+    pub resume_from: Option<String>,
+    /// Initialise the weights from a checkpoint (a training checkpoint directory or a weights
+    /// file, safetensors or torch) before step 0: stage II from stage I. The RoPE table is built
+    /// for this run's grid. Ignored when resuming.
+    pub init_from: Option<PathBuf>,
+}
+
+impl Default for OutputSection {
+    fn default() -> Self {
+        OutputSection {
+            dir: PathBuf::new(),
+            checkpoint_every: 5000,
+            log_every: 10,
+            progress: true,
+            resume_from: None,
+            init_from: None,
+        }
+    }
+}
+
+/// A training run config (see `configs/*.toml`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: ModelSection,
+    pub data: DataConfig,
+    pub train: TrainSection,
+    pub optim: OptimSection,
+    pub output: OutputSection,
+}
+
+impl RunConfig {
+    /// Parses a TOML config; unknown keys are refused with their name.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let cfg: RunConfig =
+            toml::from_str(text).map_err(|e| TrainError::InvalidConfig(e.to_string()))?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Reads and parses a TOML config file. Relative paths in it (data root, output dir,
+    /// resume and init checkpoints) stay relative to the working directory.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        Self::from_toml(&text).map_err(|e| match e {
+            TrainError::InvalidConfig(m) => {
+                TrainError::InvalidConfig(format!("{}: {m}", path.display()))
+            }
+            other => other,
+        })
+    }
+
+    fn check(&self) -> Result<()> {
+        let bad = |m: &str| Err(TrainError::InvalidConfig(m.into()));
+        if self.output.dir.as_os_str().is_empty() {
+            return bad("output.dir is required");
+        }
+        if self.data.root.is_empty() {
+            return bad("data.root is required");
+        }
+        if self.train.batch_size == 0 || self.train.grad_accum == 0 {
+            return bad("train.batch_size and train.grad_accum must be >= 1");
+        }
+        if self.output.checkpoint_every == 0 || self.output.log_every == 0 {
+            return bad("output.checkpoint_every and output.log_every must be >= 1");
+        }
+        self.model.gpt_config()?;
+        Ok(())
+    }
+
+    /// What the data loader must produce for this model.
+    pub fn sample_spec(&self) -> Result<SampleSpec> {
+        let g = self.model.gpt_config()?;
+        Ok(SampleSpec {
+            model_type: g.model_type,
+            image_size: self.model.image_size,
+            grid: g.grid_size(),
+            caption_tokens: g.cls_token_num,
+            caption_dim: g.caption_dim,
+        })
+    }
+}
+
+/// Parses `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(name: &str) -> Result<Device> {
+    let cuda = |ordinal: usize| {
+        Device::new_cuda(ordinal).map_err(|e| {
+            TrainError::InvalidConfig(format!(
+                "device {name:?} is not available ({e}); CUDA needs a build with `--features cuda` and a GPU"
+            ))
+        })
+    };
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => cuda(0),
+        _ => match name.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => cuda(i),
+            _ => Err(TrainError::InvalidConfig(format!(
+                "train.device {name:?}: expected cpu, cuda or cuda:N"
+            ))),
+        },
+    }
+}
+
+/// A model whose weights are the bf16 casts of the f32 variables, so the forward and backward
+/// run in bf16 while gradients reach the f32 master weights through the casts.
+pub fn compute_view(
+    varmap: &VarMap,
+    cfg: &GptConfig,
+    dtype: DType,
+    device: &Device,
+) -> Result<Gpt> {
+    let data = varmap.data().lock().expect("VarMap lock poisoned");
+    let tensors = data
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.as_tensor().to_dtype(dtype)?)))
+        .collect::<Result<std::collections::HashMap<_, _>>>()?;
+    drop(data);
+    Gpt::load(VarBuilder::from_tensors(tensors, dtype, device), cfg)
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsLine {
+    /// Optimiser steps completed.
+    pub step: u64,
+    /// Mean loss over the steps of this interval.
+    pub loss: f64,
+    /// Gradient norm (before clipping) of the last step of the interval.
+    pub grad_norm: f64,
+    /// Learning rate of the last step.
+    pub lr: f64,
+    /// Image tokens (targets) per second over the interval, this rank.
+    pub tokens_per_s: f64,
+    pub steps_per_s: f64,
+    /// Epoch of the last sample read (this rank).
+    pub epoch: u64,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSummary {
+    /// Steps completed in total (including those before a resume).
+    pub steps: u64,
+    /// Step the run started from (0, or the resumed checkpoint's).
+    pub start_step: u64,
+    /// The last checkpoint written.
+    pub last_checkpoint: Option<PathBuf>,
+    /// Per-step losses of this invocation, `(step, loss)`, 1-based steps.
+    pub losses: Vec<(u64, f32)>,
+}
+
+/// Checkpoint directories under `dir/checkpoints`, ascending by step.
+pub fn checkpoints(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let cdir = dir.join("checkpoints");
+    let Ok(rd) = std::fs::read_dir(&cdir) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for e in rd {
+        let e = e.map_err(|e| TrainError::io(&cdir, e))?;
+        let name = e.file_name().to_string_lossy().to_string();
+        if let Ok(step) = name.parse::<u64>()
+            && e.path().join(STATE_FILE).exists()
+        {
+            out.push((step, e.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn read_metrics(path: &Path) -> Vec<MetricsLine> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn write_metrics(path: &Path, lines: &[MetricsLine]) -> Result<()> {
+    let mut text = String::new();
+    for l in lines {
+        text.push_str(&serde_json::to_string(l).expect("metrics serialise"));
+        text.push('\n');
+    }
+    std::fs::write(path, text).map_err(|e| TrainError::io(path, e))
+}
+
+/// Trains as `cfg` says (module invariants).
+pub fn run(cfg: &RunConfig) -> Result<RunSummary> {
+    let gpt_cfg = cfg.model.gpt_config()?;
+    let device = parse_device(&cfg.train.device)?;
+    let out = &cfg.output.dir;
+    std::fs::create_dir_all(out.join("checkpoints")).map_err(|e| TrainError::io(out, e))?;
+    std::fs::write(
+        out.join("config.toml"),
+        toml::to_string_pretty(cfg).expect("config serialises"),
+    )
+    .map_err(|e| TrainError::io(out.join("config.toml"), e))?;
+
+    let varmap = VarMap::new();
+    let model = new_trainable(&varmap, &gpt_cfg, &device)?;
+    let mut opt = AdamW::for_gpt(&varmap, &gpt_cfg, cfg.optim.adamw())?;
+    let seed = cfg.train.seed;
+
+    // Where to start.
+    let resume = match cfg.output.resume_from.as_deref() {
+        None => None,
+        Some("latest") => checkpoints(out)?.pop().map(|(_, p)| p),
+        Some(p) => Some(PathBuf::from(p)),
+    };
+    let mut last_checkpoint = None;
+    let start_step = if let Some(ckpt) = &resume {
+        let state = load_training_checkpoint(ckpt, &varmap, &gpt_cfg, &mut opt)?;
+        if state.seed != seed {
+            return Err(TrainError::InvalidConfig(format!(
+                "checkpoint {} was trained with seed {}, the config says {seed}",
+                ckpt.display(),
+                state.seed
+            )));
+        }
+        last_checkpoint = Some(ckpt.clone());
+        state.step
+    } else {
+        seeded_init(&varmap, &gpt_cfg, seed)?;
+        if let Some(init) = &cfg.output.init_from {
+            let file = if init.join(MODEL_FILE).exists() {
+                init.join(MODEL_FILE)
+            } else {
+                init.clone()
+            };
+            let sd = read_state_dict(&file, &device)?;
+            load_into_varmap(&varmap, &gpt_cfg, &sd)?;
+        }
+        0
+    };
+
+    let metrics_path = out.join("metrics.jsonl");
+    let mut history: Vec<MetricsLine> = read_metrics(&metrics_path)
+        .into_iter()
+        .filter(|l| l.step <= start_step)
+        .collect();
+    write_metrics(&metrics_path, &history)?;
+
+    let spec = cfg.sample_spec()?;
+    let mut loader = CatalogLoader::open(&cfg.data, spec, seed, 0, 1)?;
+    let (bs, accum) = (cfg.train.batch_size, cfg.train.grad_accum);
+    let schedule = cfg.optim.schedule();
+    let tokens_per_step = (bs * accum * gpt_cfg.block_size) as f64;
+
+    let bar = if cfg.output.progress {
+        indicatif::ProgressBar::new(cfg.train.steps)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps {msg}",
+        )
+        .expect("progress template"),
+    );
+    bar.set_position(start_step);
+    let say = |msg: String| {
+        if bar.is_hidden() {
+            eprintln!("{msg}");
+        } else {
+            bar.println(msg);
+        }
+    };
+    say(format!(
+        "training {} {:?} ({} parameters, {}x{} codes) on {} rows of {} (version {}), from step {start_step}",
+        cfg.model.size.as_deref().unwrap_or("custom"),
+        gpt_cfg.model_type,
+        gpt_cfg.num_parameters(),
+        gpt_cfg.grid_size(),
+        gpt_cfg.grid_size(),
+        loader.num_samples(),
+        cfg.data.root,
+        loader.version()
+    ));
+
+    let mut losses = Vec::new();
+    let (mut interval_loss, mut interval_steps) = (0f64, 0u64);
+    let mut interval_start = Instant::now();
+    for step in start_step..cfg.train.steps {
+        let lr = schedule.lr_at(step);
+        opt.set_lr(lr);
+        let first = step * accum as u64 * bs as u64;
+        let micro = (0..accum)
+            .map(|j| loader.batch(first + (j * bs) as u64, bs, &device))
+            .collect::<Result<Vec<_>>>()?;
+        let mut rng = step_rng(seed, step);
+        let stats = match cfg.train.precision {
+            Precision::F32 => train_step(
+                &model,
+                &mut opt,
+                &micro,
+                cfg.train.max_grad_norm,
+                Some(&mut rng),
+                step + 1,
+            ),
+            Precision::Bf16 => {
+                let view = compute_view(&varmap, &gpt_cfg, DType::BF16, &device)?;
+                train_step(
+                    &view,
+                    &mut opt,
+                    &micro,
+                    cfg.train.max_grad_norm,
+                    Some(&mut rng),
+                    step + 1,
+                )
+            }
+        };
+        let stats = match stats {
+            Ok(s) => s,
+            Err(e @ (TrainError::NonFiniteLoss { .. } | TrainError::NonFiniteGradient { .. })) => {
+                bar.abandon();
+                return Err(TrainError::Diverged {
+                    reason: e.to_string(),
+                    last_checkpoint: last_checkpoint.clone(),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        let done = step + 1;
+        losses.push((done, stats.loss));
+        interval_loss += stats.loss as f64;
+        interval_steps += 1;
+        bar.set_position(done);
+        if done.is_multiple_of(cfg.output.log_every) || done == cfg.train.steps {
+            let secs = interval_start.elapsed().as_secs_f64().max(1e-9);
+            let line = MetricsLine {
+                step: done,
+                loss: interval_loss / interval_steps as f64,
+                grad_norm: stats.grad_norm as f64,
+                lr,
+                tokens_per_s: tokens_per_step * interval_steps as f64 / secs,
+                steps_per_s: interval_steps as f64 / secs,
+                epoch: loader.locate(first + (accum * bs) as u64 - 1).0,
+            };
+            bar.set_message(format!(
+                "loss {:.4} | grad {:.3} | lr {:.2e} | {:.0} tok/s | {:.2} steps/s",
+                line.loss, line.grad_norm, line.lr, line.tokens_per_s, line.steps_per_s
+            ));
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&metrics_path)
+                .map_err(|e| TrainError::io(&metrics_path, e))?;
+            writeln!(
+                f,
+                "{}",
+                serde_json::to_string(&line).expect("metrics serialise")
+            )
+            .map_err(|e| TrainError::io(&metrics_path, e))?;
+            if bar.is_hidden() {
+                say(format!(
+                    "step {done}/{}: loss {:.4}, grad norm {:.3}, lr {:.2e}, {:.0} tokens/s, {:.2} steps/s",
+                    cfg.train.steps,
+                    line.loss,
+                    line.grad_norm,
+                    line.lr,
+                    line.tokens_per_s,
+                    line.steps_per_s
+                ));
+            }
+            history.push(line);
+            interval_loss = 0.0;
+            interval_steps = 0;
+            interval_start = Instant::now();
+        }
+        if done.is_multiple_of(cfg.output.checkpoint_every) || done == cfg.train.steps {
+            last_checkpoint = Some(save_training_checkpoint(
+                &out.join("checkpoints"),
+                &model,
+                &opt,
+                seed,
+            )?);
+            crate::plot::loss_curve(&history, &out.join("loss.png"))?;
+        }
+    }
+    bar.finish();
+    Ok(RunSummary {
+        steps: cfg.train.steps.max(start_step),
+        start_step,
+        last_checkpoint,
+        losses,
+    })
+}
