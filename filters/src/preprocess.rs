@@ -249,8 +249,8 @@ pub fn short_side_size(w: u32, h: u32, n: u32) -> (u32, u32) {
     if w <= h { (n, new_long) } else { (new_long, n) }
 }
 
-/// CLIP's `_transform(n)` of an RGB image, appended to `out` as `[3,n,n]` floats.
-pub fn clip_preprocess(img: &RgbImage, n: u32, out: &mut Vec<f32>) {
+/// The `n`×`n` RGB pixels CLIP's Resize + CenterCrop produce (before float conversion).
+pub fn clip_window(img: &RgbImage, n: u32) -> Vec<u8> {
     let (w, h) = img.dimensions();
     let (rw, rh) = if w.min(h) == n {
         (w, h)
@@ -259,21 +259,24 @@ pub fn clip_preprocess(img: &RgbImage, n: u32, out: &mut Vec<f32>) {
     };
     let top = ((rh as f64 - n as f64) / 2.0).round_ties_even() as u32;
     let left = ((rw as f64 - n as f64) / 2.0).round_ties_even() as u32;
-    let window = resize_window(img, rw, rh, Filter::Bicubic, (left, top, n, n));
+    resize_window(img, rw, rh, Filter::Bicubic, (left, top, n, n))
+}
+
+/// CLIP's `_transform(n)` of an RGB image, appended to `out` as `[3,n,n]` floats.
+pub fn clip_preprocess(img: &RgbImage, n: u32, out: &mut Vec<f32>) {
+    let window = clip_window(img, n);
     normalise_chw(&window, n as usize, n as usize, CLIP_MEAN, CLIP_STD, out);
+}
+
+/// The `n`×`n` RGB pixels of the watermark classifier's squash resize.
+pub fn watermark_window(img: &RgbImage, n: u32) -> Vec<u8> {
+    resize_window(img, n, n, Filter::Bilinear, (0, 0, n, n))
 }
 
 /// The watermark classifier's preprocessing (squash to `n`×`n`), appended as `[3,n,n]`.
 pub fn watermark_preprocess(img: &RgbImage, n: u32, out: &mut Vec<f32>) {
-    let window = resize_window(img, n, n, Filter::Bilinear, (0, 0, n, n));
-    normalise_chw(
-        &window,
-        n as usize,
-        n as usize,
-        IMAGENET_MEAN,
-        IMAGENET_STD,
-        out,
-    );
+    let window = watermark_window(img, n);
+    normalise_chw(&window, n as usize, n as usize, IMAGENET_MEAN, IMAGENET_STD, out);
 }
 
 /// Decodes image bytes to RGB (see the module invariants). Images over `max_pixels` are refused
