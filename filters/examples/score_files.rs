@@ -21,7 +21,10 @@ fn main() -> anyhow::Result<()> {
     let threads: usize = args[2].parse()?;
     let batch: usize = args[3].parse()?;
     let repeat: usize = args[4].parse()?;
-    let files: Vec<Vec<u8>> = args[5..].iter().map(std::fs::read).collect::<Result<_, _>>()?;
+    let files: Vec<Vec<u8>> = args[5..]
+        .iter()
+        .map(std::fs::read)
+        .collect::<Result<_, _>>()?;
     let nsfw = dir.join("nsfw_head.onnx");
     let scorer = Scorer::load(ScorerConfig {
         clip_image: Some(dir.join("clip_b32_image.onnx")),

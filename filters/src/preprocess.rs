@@ -276,7 +276,14 @@ pub fn watermark_window(img: &RgbImage, n: u32) -> Vec<u8> {
 /// The watermark classifier's preprocessing (squash to `n`×`n`), appended as `[3,n,n]`.
 pub fn watermark_preprocess(img: &RgbImage, n: u32, out: &mut Vec<f32>) {
     let window = watermark_window(img, n);
-    normalise_chw(&window, n as usize, n as usize, IMAGENET_MEAN, IMAGENET_STD, out);
+    normalise_chw(
+        &window,
+        n as usize,
+        n as usize,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        out,
+    );
 }
 
 /// Decodes image bytes to RGB (see the module invariants). Images over `max_pixels` are refused

@@ -4,7 +4,11 @@
 use llamagen_filters::heads::{Head, Layout, TorchHead};
 
 fn assets(name: &str) -> Vec<u8> {
-    std::fs::read(format!("{}/assets/laion-aesthetic/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    std::fs::read(format!(
+        "{}/assets/laion-aesthetic/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
 }
 
 /// make_reference.py `embedding_input(n, d)`.
@@ -44,12 +48,23 @@ fn real_heads_match_the_reference() {
         };
         assert_eq!((t.layout, t.input_dim()), (layout, d));
         let got = head.score(&embedding_input(4, d), 4, d).unwrap();
-        let want: Vec<f64> = r["scores"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let want: Vec<f64> = r["scores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
         for (g, w) in got.iter().zip(&want) {
-            assert!((*g as f64 - w).abs() < 1e-4, "{name}: got {got:?}, want {want:?}");
+            assert!(
+                (*g as f64 - w).abs() < 1e-4,
+                "{name}: got {got:?}, want {want:?}"
+            );
         }
         let zero = t.forward(&vec![0.0; d], 1)[0] as f64;
-        assert!((zero - r["score_of_zero"].as_f64().unwrap()).abs() < 1e-5, "{name}: bias {zero}");
+        assert!(
+            (zero - r["score_of_zero"].as_f64().unwrap()).abs() < 1e-5,
+            "{name}: bias {zero}"
+        );
     }
 }
 
@@ -64,6 +79,8 @@ fn bundled_v2_head_is_the_published_file() {
     let e = h.score(&vec![1.0; 768], 1, 768).err().expect("norm check");
     assert!(e.to_string().contains("norm"), "{e}");
     // Corrupt checkpoints are refused with their name.
-    let e = TorchHead::from_pth("bad.pth", b"not a zip").err().expect("bad file");
+    let e = TorchHead::from_pth("bad.pth", b"not a zip")
+        .err()
+        .expect("bad file");
     assert!(e.to_string().contains("bad.pth"), "{e}");
 }

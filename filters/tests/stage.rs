@@ -44,8 +44,8 @@ fn batch_of(rows: &[Row]) -> RecordBatch {
     let mut ow = Int32Builder::new();
     let mut oh = Int32Builder::new();
     let item = Field::new("item", DataType::Struct(image_fields()), true);
-    let mut images = ListBuilder::new(StructBuilder::from_fields(image_fields(), 0))
-        .with_field(Arc::new(item));
+    let mut images =
+        ListBuilder::new(StructBuilder::from_fields(image_fields(), 0)).with_field(Arc::new(item));
     for r in rows {
         keys.append_value(&r.key);
         status.append_value("ok");
@@ -57,11 +57,17 @@ fn batch_of(rows: &[Row]) -> RecordBatch {
             Some(list) => {
                 for (bytes, w, h) in list {
                     let s = images.values();
-                    s.field_builder::<Int32Builder>(0).unwrap().append_value((*w).max(*h));
+                    s.field_builder::<Int32Builder>(0)
+                        .unwrap()
+                        .append_value((*w).max(*h));
                     s.field_builder::<Int32Builder>(1).unwrap().append_value(*w);
                     s.field_builder::<Int32Builder>(2).unwrap().append_value(*h);
-                    s.field_builder::<StringBuilder>(3).unwrap().append_value("jpeg");
-                    s.field_builder::<BinaryBuilder>(4).unwrap().append_value(bytes);
+                    s.field_builder::<StringBuilder>(3)
+                        .unwrap()
+                        .append_value("jpeg");
+                    s.field_builder::<BinaryBuilder>(4)
+                        .unwrap()
+                        .append_value(bytes);
                     s.append(true);
                 }
                 images.append(true);
@@ -76,13 +82,21 @@ fn batch_of(rows: &[Row]) -> RecordBatch {
         (col::ORIG_HEIGHT, Arc::new(oh.finish())),
         (
             col::CONTENT_BYTES,
-            Arc::new(Int64Array::from(rows.iter().map(|r| r.content_bytes).collect::<Vec<_>>())),
+            Arc::new(Int64Array::from(
+                rows.iter().map(|r| r.content_bytes).collect::<Vec<_>>(),
+            )),
         ),
         (col::IMAGES, Arc::new(images.finish())),
     ];
     let schema = Schema::new(
         cols.iter()
-            .map(|(n, a)| Field::new(*n, a.data_type().clone(), *n != col::KEY && *n != col::STATUS))
+            .map(|(n, a)| {
+                Field::new(
+                    *n,
+                    a.data_type().clone(),
+                    *n != col::KEY && *n != col::STATUS,
+                )
+            })
             .collect::<Vec<_>>(),
     );
     RecordBatch::try_new(Arc::new(schema), cols.into_iter().map(|(_, a)| a).collect()).unwrap()
@@ -91,7 +105,9 @@ fn batch_of(rows: &[Row]) -> RecordBatch {
 /// One row per bundled image (the file itself as the stored rendition, plus a small decoy
 /// rendition on one row), one row without images and one without a caption.
 async fn make_catalog(root: &str, caption: &str) -> (Dataset, Vec<String>) {
-    let cat = Catalog::open(root, &StorageOptions::default()).await.unwrap();
+    let cat = Catalog::open(root, &StorageOptions::default())
+        .await
+        .unwrap();
     let ds = cat.samples();
     let dir = manifest_dir().join("../data/images");
     let mut names: Vec<String> = std::fs::read_dir(&dir)
@@ -205,7 +221,10 @@ async fn scores(ds: &Dataset) -> RowScores {
             a.is_valid(r).then(|| a.value(r))
         };
         for r in 0..b.num_rows() {
-            m.insert(k.value(r).to_string(), [get(1, r), get(2, r), get(3, r), get(4, r)]);
+            m.insert(
+                k.value(r).to_string(),
+                [get(1, r), get(2, r), get(3, r), get(4, r)],
+            );
         }
     }
     m
@@ -218,7 +237,9 @@ async fn scores_match_the_python_pipeline_and_broken_images_flow_through() {
     let root = tmp.path().to_str().unwrap();
     let (ds, names) = make_catalog(root, exp["caption"].as_str().unwrap()).await;
     let sc = Arc::new(scorer());
-    let report = stage::score_catalog(&ds, sc.clone(), (0, 1), |_| {}).await.unwrap();
+    let report = stage::score_catalog(&ds, sc.clone(), (0, 1), |_| {})
+        .await
+        .unwrap();
     assert_eq!(report.map.shards_rewritten, 2);
     assert_eq!(report.counters.received as usize, names.len() + 2);
     assert_eq!(report.counters.errors.get("no_image"), Some(&1));
@@ -241,20 +262,39 @@ async fn scores_match_the_python_pipeline_and_broken_images_flow_through() {
         // PNGs are pixel-exact; JPEG decoders may differ by a level on single pixels.
         let tol = if n.ends_with(".png") { 2e-5 } else { 2e-3 };
         let want = &rec["scores"];
-        for (j, k) in ["clip_similarity", "aesthetic", "watermark", "nsfw"].iter().enumerate() {
+        for (j, k) in ["clip_similarity", "aesthetic", "watermark", "nsfw"]
+            .iter()
+            .enumerate()
+        {
             let w = want[k].as_f64().unwrap();
             let g = row[j].unwrap() as f64;
-            assert!((g - w).abs() <= tol * (1.0 + w.abs()), "{n} {k}: got {g}, Python {w}");
+            assert!(
+                (g - w).abs() <= tol * (1.0 + w.abs()),
+                "{n} {k}: got {g}, Python {w}"
+            );
         }
         compared += 1;
     }
     assert!(compared >= 10, "compared {compared}");
     // Formats and files the decoder refuses are per-row failures, never shard failures.
-    for must_fail in ["broken.png", "zero_width.gif", "decompression_bomb.gif", "hopper.avif"] {
-        assert!(undecodable.contains(&must_fail.to_string()), "{must_fail} scored: {undecodable:?}");
+    for must_fail in [
+        "broken.png",
+        "zero_width.gif",
+        "decompression_bomb.gif",
+        "hopper.avif",
+    ] {
+        assert!(
+            undecodable.contains(&must_fail.to_string()),
+            "{must_fail} scored: {undecodable:?}"
+        );
     }
     assert_eq!(
-        report.counters.errors.get("decode_error").copied().unwrap_or(0) as usize,
+        report
+            .counters
+            .errors
+            .get("decode_error")
+            .copied()
+            .unwrap_or(0) as usize,
         undecodable.len()
     );
     // No caption: image scores but no similarity.
@@ -284,7 +324,10 @@ async fn scores_match_the_python_pipeline_and_broken_images_flow_through() {
 
     // Same models again: nothing to do. The scores are unchanged.
     let again = stage::score_catalog(&ds, sc, (0, 1), |_| {}).await.unwrap();
-    assert_eq!((again.map.shards_rewritten, again.map.shards_skipped), (0, 2));
+    assert_eq!(
+        (again.map.shards_rewritten, again.map.shards_skipped),
+        (0, 2)
+    );
     assert_eq!(scores(&ds).await, got);
 }
 
@@ -315,7 +358,9 @@ async fn thresholds_apply_change_and_reapply_without_rescoring() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_str().unwrap();
     let (ds, _) = make_catalog(root, "a photo of a cat sitting on a wooden table").await;
-    stage::score_catalog(&ds, Arc::new(scorer()), (0, 1), |_| {}).await.unwrap();
+    stage::score_catalog(&ds, Arc::new(scorer()), (0, 1), |_| {})
+        .await
+        .unwrap();
     let before = scores(&ds).await;
 
     let strict = Thresholds::from_toml(
@@ -323,11 +368,14 @@ async fn thresholds_apply_change_and_reapply_without_rescoring() {
         "[aesthetic]\nmin = 5.5\n[pwatermark]\nmax = 0.6\nmax_inclusive = false\n[min_side]\nmin = 256\n",
     )
     .unwrap();
-    let loose = Thresholds::from_toml("loose", "on_missing = \"keep\"\n[aesthetic]\nmin = 4.0\n").unwrap();
+    let loose =
+        Thresholds::from_toml("loose", "on_missing = \"keep\"\n[aesthetic]\nmin = 4.0\n").unwrap();
 
     // The dry run predicts exactly what applying does.
     let dr = dry_run(&ds, &strict).await;
-    let (_, map, counters) = stage::apply_catalog(&ds, &strict, (0, 1), |_| {}).await.unwrap();
+    let (_, map, counters) = stage::apply_catalog(&ds, &strict, (0, 1), |_| {})
+        .await
+        .unwrap();
     assert_eq!(map.shards_rewritten, 2);
     let v1 = verdicts(&ds).await;
     let dropped = v1.values().filter(|(s, _)| s == "dropped").count() as u64;
@@ -339,32 +387,55 @@ async fn thresholds_apply_change_and_reapply_without_rescoring() {
     for (k, (s, reasons)) in &v1 {
         let sc = before[k];
         if let Some(a) = sc[1] {
-            assert_eq!(a < 5.5, reasons.contains(&"aesthetic<5.5".to_string()), "{k}");
+            assert_eq!(
+                a < 5.5,
+                reasons.contains(&"aesthetic<5.5".to_string()),
+                "{k}"
+            );
         } else {
-            assert!(reasons.contains(&"aesthetic:missing".to_string()), "{k}: {reasons:?}");
+            assert!(
+                reasons.contains(&"aesthetic:missing".to_string()),
+                "{k}: {reasons:?}"
+            );
         }
         if let Some(w) = sc[2] {
-            assert_eq!(w >= 0.6, reasons.contains(&"pwatermark>=0.6".to_string()), "{k}");
+            assert_eq!(
+                w >= 0.6,
+                reasons.contains(&"pwatermark>=0.6".to_string()),
+                "{k}"
+            );
         }
         assert_eq!(s == "dropped", !reasons.is_empty(), "{k}");
     }
-    assert!(v1.values().any(|(_, r)| r.contains(&"min_side<256".to_string())));
+    assert!(
+        v1.values()
+            .any(|(_, r)| r.contains(&"min_side<256".to_string()))
+    );
 
     // Same thresholds again: nothing to do.
-    let (_, map, _) = stage::apply_catalog(&ds, &strict, (0, 1), |_| {}).await.unwrap();
+    let (_, map, _) = stage::apply_catalog(&ds, &strict, (0, 1), |_| {})
+        .await
+        .unwrap();
     assert_eq!(map.shards_rewritten, 0);
 
     // Looser thresholds: recomputed from the stored scores.
-    stage::apply_catalog(&ds, &loose, (0, 1), |_| {}).await.unwrap();
+    stage::apply_catalog(&ds, &loose, (0, 1), |_| {})
+        .await
+        .unwrap();
     let v2 = verdicts(&ds).await;
     for (k, (s, reasons)) in &v2 {
         let keep = before[k][1].is_none_or(|a| a >= 4.0);
         assert_eq!(s == "ok", keep, "{k}: {reasons:?}");
     }
-    assert!(v2.values().filter(|(s, _)| s == "ok").count() > v1.values().filter(|(s, _)| s == "ok").count());
+    assert!(
+        v2.values().filter(|(s, _)| s == "ok").count()
+            > v1.values().filter(|(s, _)| s == "ok").count()
+    );
 
     // Back to the strict ones: the same verdicts as the first time.
-    let (_, map, _) = stage::apply_catalog(&ds, &strict, (0, 1), |_| {}).await.unwrap();
+    let (_, map, _) = stage::apply_catalog(&ds, &strict, (0, 1), |_| {})
+        .await
+        .unwrap();
     assert_eq!(map.shards_rewritten, 2);
     assert_eq!(verdicts(&ds).await, v1);
     // Scores never changed.

@@ -8,7 +8,10 @@ use llamagen_filters::tokenizer::{CONTEXT_LENGTH, ClipTokenizer};
 
 #[test]
 fn matches_the_python_tokenizer_on_every_text() -> anyhow::Result<()> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tokenizer/expected_tokens.jsonl.gz");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/tokenizer/expected_tokens.jsonl.gz"
+    );
     let f = std::fs::File::open(path)?;
     let tok = ClipTokenizer::bundled();
     let mut total = 0;
@@ -28,13 +31,22 @@ fn matches_the_python_tokenizer_on_every_text() -> anyhow::Result<()> {
         let mut padded = want.clone();
         padded.resize(CONTEXT_LENGTH, 0);
         if row[..] != padded[..] {
-            mismatches.push(format!("{source}: {text:?}\n  got  {:?}\n  want {:?}", &row[..], want));
+            mismatches.push(format!(
+                "{source}: {text:?}\n  got  {:?}\n  want {:?}",
+                &row[..],
+                want
+            ));
         }
         total += 1;
-        *sources.entry(source.split(':').next().unwrap_or("").to_string()).or_default() += 1;
+        *sources
+            .entry(source.split(':').next().unwrap_or("").to_string())
+            .or_default() += 1;
     }
     assert!(total > 45_000, "fixture has {total} texts");
-    assert!(sources["laion"] > 9_000 && sources["coco"] == 30_000, "{sources:?}");
+    assert!(
+        sources["laion"] > 9_000 && sources["coco"] == 30_000,
+        "{sources:?}"
+    );
     assert!(
         mismatches.is_empty(),
         "{} of {total} texts differ, first ones:\n{}",

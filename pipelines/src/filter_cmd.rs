@@ -151,7 +151,10 @@ async fn score(a: ScoreArgs) -> Result<ExitCode> {
     };
     let scorer = tokio::task::spawn_blocking(move || Scorer::load(cfg)).await??;
     for id in scorer.model_ids() {
-        eprintln!("{}: {} sha256 {} ({})", id.score, id.model, id.sha256, id.version);
+        eprintln!(
+            "{}: {} sha256 {} ({})",
+            id.score, id.model, id.sha256, id.version
+        );
     }
     let cat = a.root.open().await?;
     let ds = cat.dataset(&a.root.dataset);
@@ -160,7 +163,8 @@ async fn score(a: ScoreArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let pb = bar("scoring");
     let pb2 = pb.clone();
-    let result = stage::score_catalog(&ds, Arc::new(scorer), partition, move |rows| pb2.inc(rows)).await;
+    let result =
+        stage::score_catalog(&ds, Arc::new(scorer), partition, move |rows| pb2.inc(rows)).await;
     pb.finish_and_clear();
     let (code, report) = match &result {
         Ok(r) => (0, serde_json::to_value(r)?),
