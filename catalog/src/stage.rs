@@ -2,7 +2,8 @@
 //!
 //! Rules of [`map_shards`]:
 //! - A stage named `s` rewrites each committed shard that does not list `s` in its
-//!   [`ShardEntry::applied`]; the new shard lists everything the old one did, plus `s`.
+//!   [`ShardEntry::applied`] (with [`map_shards_where`]: each shard its predicate selects); the
+//!   new shard lists everything the old one did, plus `s`.
 //! - Each rewrite commits on its own: the new shard replaces the old one in one manifest version
 //!   (remove + add), so readers see either the old rows or the new rows, never both or neither.
 //! - A re-run after a crash continues with the shards not yet rewritten. Two workers rewriting the
@@ -48,6 +49,25 @@ pub async fn map_shards<F, Fut>(
     stage: &str,
     partition: (usize, usize),
     writer: ShardWriterOptions,
+    f: F,
+    on_shard: impl FnMut(&ShardEntry, u64),
+) -> Result<MapReport>
+where
+    F: FnMut(RecordBatch) -> Fut,
+    Fut: Future<Output = Result<RecordBatch>>,
+{
+    let needs = |e: &ShardEntry| !e.applied.iter().any(|s| s == stage);
+    map_shards_where(ds, stage, partition, writer, needs, f, on_shard).await
+}
+
+/// [`map_shards`] for stages that may need to run again on a shard they already processed
+/// (e.g. re-applying thresholds): `needs(entry)` decides which shards are rewritten.
+pub async fn map_shards_where<F, Fut>(
+    ds: &Dataset,
+    stage: &str,
+    partition: (usize, usize),
+    writer: ShardWriterOptions,
+    needs: impl Fn(&ShardEntry) -> bool,
     mut f: F,
     mut on_shard: impl FnMut(&ShardEntry, u64),
 ) -> Result<MapReport>
@@ -58,7 +78,7 @@ where
     let mut report = MapReport::default();
     let snap = ds.snapshot().await?;
     for entry in &snap.shards {
-        if entry.applied.iter().any(|s| s == stage) || !shard_in_partition(entry, partition) {
+        if !needs(entry) || !shard_in_partition(entry, partition) {
             report.shards_skipped += 1;
             continue;
         }

@@ -2,6 +2,7 @@
 
 mod catalog_cmd;
 mod conformance_cmd;
+mod filter_cmd;
 mod ingest_cmd;
 mod sample_cmd;
 mod train_cmd;
@@ -28,6 +29,8 @@ enum Command {
     Train(train_cmd::TrainArgs),
     /// Sample images from a trained GPT (KV cache, CFG) and decode them with the VQ into a PNG grid.
     Sample(sample_cmd::SampleArgs),
+    /// Score samples (CLIP similarity, aesthetic, watermark, NSFW) and apply thresholds.
+    Filter(filter_cmd::FilterArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -43,6 +46,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Catalog(args) => runtime().and_then(|rt| rt.block_on(catalog_cmd::run(args))),
         Command::Ingest(args) => runtime().and_then(|rt| rt.block_on(ingest_cmd::run(*args))),
+        Command::Filter(args) => runtime().and_then(|rt| rt.block_on(filter_cmd::run(args))),
         Command::Conformance(args) => conformance_cmd::run(args),
         Command::Train(args) => train_cmd::run_cmd(args),
         Command::Sample(args) => sample_cmd::run(args),
