@@ -37,9 +37,11 @@ pub struct StateTensor {
 #[derive(Debug, Clone)]
 enum Pk {
     None,
-    Bool(bool),
+    /// A boolean (`requires_grad`); its value does not matter for inference.
+    Bool,
     Int(i64),
-    Float(f64),
+    /// A float; its value does not matter for inference.
+    Float,
     Str(String),
     Tuple(Vec<Pk>),
     List(Vec<Pk>),
@@ -165,11 +167,11 @@ fn unpickle(path: &str, b: &[u8]) -> Result<Vec<(String, Pk)>> {
                 }
                 st.push(Pk::Int(v));
             }
-            b'G' => st.push(Pk::Float(f64::from_be_bytes(
-                take(&mut i, 8)?.try_into().expect("8"),
-            ))),
-            0x88 => st.push(Pk::Bool(true)),
-            0x89 => st.push(Pk::Bool(false)),
+            b'G' => {
+                take(&mut i, 8)?;
+                st.push(Pk::Float);
+            }
+            0x88 | 0x89 => st.push(Pk::Bool),
             b'N' => st.push(Pk::None),
             b'c' => {
                 let rest = &b[i..];
@@ -302,8 +304,9 @@ pub fn read_state_dict(path: &str, bytes: &[u8]) -> Result<Vec<(String, StateTen
         .map_err(|e| ck(path, format!("not a torch zip checkpoint: {e}")))?;
     let pkl = zip
         .file_names()
-        .find(|n| n.ends_with("/data.pkl") || *n == "data.pkl")
-        .map(str::to_string)
+        .filter_map(|n| n.ok())
+        .find(|n| n.ends_with("/data.pkl") || n == "data.pkl")
+        .map(|n| n.to_string())
         .ok_or_else(|| ck(path, "no data.pkl in the checkpoint"))?;
     let prefix = pkl.trim_end_matches("data.pkl").to_string();
     let mut buf = Vec::new();

