@@ -9,9 +9,12 @@
 //!   (`3.5`, `$2.50`), domains and URLs (`www.example.com/en`), initialisms (`U.S.`, `S.K.`)
 //!   and a lowercase continuation (`e.g. a dog`, `"Fun!" appears`) never end it.
 //! - A period after a title or prefix abbreviation (`St.`, `Mt.`, `Mr.`, `Mrs.`, `Ms.`, `Dr.`,
-//!   `Prof.`, `No.`, `vs.`, `e.g.`, `i.e.`, `etc.`, ...) or after a single capital initial
-//!   (`J. Smith`) or an initialism (`U.S. Army`) does not end it.
-//! - Inside an open double quote that closes later in the same paragraph, no boundary is taken.
+//!   `Prof.`, `No.`, `vs.`, `e.g.`, `i.e.`, ...) or a single capital initial (`J. Smith`) does
+//!   not end it. After an abbreviation that may close a sentence (`etc.`, `Inc.`, `Jr.`) or an
+//!   initialism (`U.S.`, `D.C.`) it ends only before a capitalised sentence-opening word (`The`,
+//!   `A`, `It`, ...): `U.S. Army` goes on, `Washington, D.C. The entrance` ends.
+//! - Inside an open double quote that closes later in the same paragraph, no boundary is taken,
+//!   except where the quote closes after a space (`"... CHINA. " The`).
 //! - CJK full-width `。`, `！`, `？` always end a sentence.
 //! - A blank line always ends it; a single newline ends it when the next line starts a sentence.
 
@@ -19,7 +22,7 @@
 /// final period).
 const ABBREVIATIONS: &[&str] = &[
     "st", "mt", "mr", "mrs", "ms", "dr", "prof", "rev", "gen", "col", "lt", "sgt", "capt", "cpt",
-    "ft", "hon", "sen", "rep", "gov", "pres", "no", "nos", "vs", "v", "e.g", "i.e", "etc", "cf",
+    "ft", "hon", "sen", "rep", "gov", "pres", "no", "nos", "vs", "v", "e.g", "i.e", "cf",
     "approx", "ca", "jr", "sr", "inc", "ltd", "co", "corp", "ave", "blvd", "rd", "mgr", "dept",
     "est", "fig", "vol", "ed", "al", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep",
     "sept", "oct", "nov", "dec",
@@ -55,24 +58,56 @@ fn word_before(text: &str, dot: usize) -> &str {
     &text[start..dot]
 }
 
-fn is_abbreviation(word: &str) -> bool {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Abbrev {
+    /// Precedes a name or number (`St.`, `Dr.`, `J.`): never ends a sentence.
+    Title,
+    /// May end a sentence (`etc.`, `Inc.`, `U.S.`): ends it only before a [`STARTERS`] word.
+    MayEnd,
+}
+
+/// Abbreviations that may also close a sentence.
+const MAY_END: &[&str] = &["etc", "inc", "ltd", "co", "corp", "jr", "sr", "al", "approx"];
+
+/// Words that begin a new sentence after an ambiguous abbreviation (`... in Washington, D.C. The
+/// entrance ...`).
+const STARTERS: &[&str] = &[
+    "the", "a", "an", "this", "that", "these", "those", "it", "its", "in", "on", "at", "to",
+    "there", "here", "he", "she", "they", "we", "i", "his", "her", "their", "above", "below",
+    "behind", "beside", "next", "each", "both", "all", "two", "three", "several", "some", "one",
+    "from", "with", "overall", "however", "captured", "to", "photo", "image",
+];
+
+fn next_word_is_starter(rest: &str) -> bool {
+    let w: String = rest
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_alphabetic())
+        .collect();
+    let first_upper = w.chars().next().is_some_and(char::is_uppercase);
+    first_upper && STARTERS.contains(&w.to_lowercase().as_str())
+}
+
+fn abbreviation_kind(word: &str) -> Option<Abbrev> {
     if word.is_empty() {
-        return false;
+        return None;
     }
     let lower = word.to_lowercase();
+    if MAY_END.contains(&lower.as_str()) {
+        return Some(Abbrev::MayEnd);
+    }
     if ABBREVIATIONS.contains(&lower.as_str()) {
-        return true;
+        return Some(Abbrev::Title);
     }
     // A single capital initial (`J.`), or an initialism (`U.S`, `S.K`, `D.C`).
-    let mut chars = word.chars();
-    let first = chars.next().expect("non-empty");
-    if word.chars().count() == 1 && first.is_uppercase() {
-        return true;
+    if word.chars().count() == 1 && word.chars().all(char::is_uppercase) {
+        return Some(Abbrev::Title);
     }
-    word.contains('.')
+    let initialism = word.contains('.')
         && word
             .split('.')
-            .all(|p| p.chars().count() == 1 && p.chars().all(char::is_alphabetic))
+            .all(|p| p.chars().count() == 1 && p.chars().all(char::is_alphabetic));
+    initialism.then_some(Abbrev::MayEnd)
 }
 
 /// Whether an unclosed double quote is open at byte `pos` and closes later in the paragraph.
@@ -151,14 +186,42 @@ pub fn first_sentence(text: &str) -> String {
                     false
                 };
                 let single_period = c == '.' && (k + 1 >= n || chars[k + 1].1 != '.');
-                let abbreviation = single_period && is_abbreviation(word_before(t, i));
+                let abbreviation = if single_period {
+                    abbreviation_kind(word_before(t, i))
+                } else {
+                    None
+                };
                 let next_is_newline = t[after..].trim_start_matches([' ', '\t']).starts_with('\n');
-                if boundary
-                    && (!abbreviation || j >= n || next_is_newline)
-                    && (j >= n || next_is_newline || !inside_quote(t, i))
-                {
+                let at_end = j >= n || next_is_newline;
+                let quoted = !at_end && inside_quote(t, i);
+                let abbreviation_ok = match abbreviation {
+                    None => true,
+                    Some(Abbrev::Title) => at_end,
+                    Some(Abbrev::MayEnd) => at_end || next_word_is_starter(&t[after..]),
+                };
+                if boundary && abbreviation_ok && !quoted {
                     end = after;
                     break;
+                }
+                if quoted && abbreviation_ok {
+                    // `... CHINA. " The`: the quote closes after a space, then a sentence starts.
+                    let mut m = j;
+                    while m < n && chars[m].1.is_whitespace() && chars[m].1 != '\n' {
+                        m += 1;
+                    }
+                    if m < n
+                        && matches!(chars[m].1, '"' | '”')
+                        && (m + 1 >= n || chars[m + 1].1.is_whitespace())
+                    {
+                        let mut q = m + 1;
+                        while q < n && chars[q].1.is_whitespace() {
+                            q += 1;
+                        }
+                        if q >= n || starts_sentence(chars[q].1) {
+                            end = chars.get(m + 1).map(|p| p.0).unwrap_or(t.len());
+                            break;
+                        }
+                    }
                 }
                 k = j;
                 continue;

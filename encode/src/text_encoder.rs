@@ -296,3 +296,13 @@ pub fn left_pad(data: &[f32], tokens: usize, dim: usize, max_tokens: usize) -> (
     mask[max_tokens - n..].iter_mut().for_each(|m| *m = 1);
     (out, mask)
 }
+
+/// The device and compute dtype for a run: CPU in float32, or the first CUDA GPU in bf16 (as
+/// LlamaGen runs the encoder). CUDA needs the crate's `cuda` feature.
+pub fn device_and_dtype(cuda: bool) -> Result<(Device, DType)> {
+    if cuda {
+        Ok((Device::new_cuda(0)?, DType::BF16))
+    } else {
+        Ok((Device::Cpu, DType::F32))
+    }
+}

@@ -389,3 +389,74 @@ pub fn embed_batch(
         (col::PROVENANCE, prov),
     ])
 }
+
+/// What a stage run did: shards and rows, and the stage counters.
+#[derive(Debug, serde::Serialize)]
+pub struct StageRun {
+    pub map: llamagen_catalog::stage::MapReport,
+    pub counters: StageCounters,
+}
+
+fn stage_error(stage: &str, e: EncodeError) -> llamagen_catalog::CatalogError {
+    llamagen_catalog::CatalogError::InvalidArgument(format!("{stage} stage: {e}"))
+}
+
+/// Runs the `captions` stage over the shards of `ds` not yet processed by it.
+pub async fn run_captions(
+    ds: &llamagen_catalog::Dataset,
+    index: Arc<CaptionIndex>,
+    fallbacks: Vec<Fallback>,
+    partition: (usize, usize),
+    mut on_shard: impl FnMut(&llamagen_catalog::ShardEntry, u64),
+) -> Result<StageRun> {
+    let counters = Arc::new(std::sync::Mutex::new(StageCounters::new(CAPTIONS_STAGE)));
+    let c2 = counters.clone();
+    let fallbacks = Arc::new(fallbacks);
+    let map = llamagen_catalog::stage::map_shards(
+        ds,
+        CAPTIONS_STAGE,
+        partition,
+        Default::default(),
+        move |batch| {
+            let (index, fallbacks, counters) = (index.clone(), fallbacks.clone(), c2.clone());
+            async move {
+                let mut c = counters.lock().expect("counters");
+                caption_batch(&batch, &index, &fallbacks, &mut c)
+                    .map_err(|e| stage_error(CAPTIONS_STAGE, e))
+            }
+        },
+        |e, rows| on_shard(e, rows),
+    )
+    .await?;
+    let counters = counters.lock().expect("counters").clone();
+    Ok(StageRun { map, counters })
+}
+
+/// Runs the `t5` stage over the shards of `ds` not yet processed by it.
+pub async fn run_t5(
+    ds: &llamagen_catalog::Dataset,
+    encoder: Arc<TextEncoder>,
+    dtype: StoreDtype,
+    partition: (usize, usize),
+    mut on_shard: impl FnMut(&llamagen_catalog::ShardEntry, u64),
+) -> Result<StageRun> {
+    let counters = Arc::new(std::sync::Mutex::new(StageCounters::new(T5_STAGE)));
+    let c2 = counters.clone();
+    let map = llamagen_catalog::stage::map_shards(
+        ds,
+        T5_STAGE,
+        partition,
+        Default::default(),
+        move |batch| {
+            let (encoder, counters) = (encoder.clone(), c2.clone());
+            async move {
+                let mut c = counters.lock().expect("counters");
+                embed_batch(&batch, &encoder, dtype, &mut c).map_err(|e| stage_error(T5_STAGE, e))
+            }
+        },
+        |e, rows| on_shard(e, rows),
+    )
+    .await?;
+    let counters = counters.lock().expect("counters").clone();
+    Ok(StageRun { map, counters })
+}

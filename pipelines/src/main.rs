@@ -1,6 +1,7 @@
 //! The `llamagen` command.
 
 mod catalog_cmd;
+mod text_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -15,6 +16,8 @@ struct Cli {
 enum Command {
     /// Query and maintain a catalog: SQL, stats, URL-list import, verification, garbage collection.
     Catalog(catalog_cmd::CatalogArgs),
+    /// Captions (long, first-sentence short) and their T5 encoder features.
+    Text(text_cmd::TextArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -26,6 +29,7 @@ fn main() -> std::process::ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Catalog(args) => catalog_cmd::run(args).await,
+            Command::Text(args) => text_cmd::run(args).await,
         }
     });
     match result {
