@@ -10,7 +10,10 @@ use llamagen_encode::text_encoder::{ModelPaths, TextEncoder, TextEncoderConfig};
 
 fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().collect();
-    anyhow::ensure!(a.len() == 5, "usage: t5_bench MODEL_DIR TOKENIZER CAPTIONS.txt REPEATS");
+    anyhow::ensure!(
+        a.len() == 5,
+        "usage: t5_bench MODEL_DIR TOKENIZER CAPTIONS.txt REPEATS"
+    );
     let mut paths = ModelPaths::in_dir(Path::new(&a[1]));
     paths.tokenizer = a[2].clone().into();
     let captions: Vec<String> = std::fs::read_to_string(&a[3])?
@@ -34,7 +37,11 @@ fn main() -> anyhow::Result<()> {
         let t = Instant::now();
         let out = enc.encode(&refs)?;
         times.push(t.elapsed().as_secs_f64());
-        tokens = out.iter().filter_map(|o| o.as_ref().ok()).map(|f| f.tokens).sum();
+        tokens = out
+            .iter()
+            .filter_map(|o| o.as_ref().ok())
+            .map(|f| f.tokens)
+            .sum();
     }
     times.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
     let median = times[times.len() / 2];

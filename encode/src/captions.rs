@@ -251,18 +251,25 @@ impl CaptionIndex {
     }
 }
 
-fn string_column(batch: &RecordBatch, name: &str) -> std::result::Result<Vec<Option<String>>, String> {
+fn string_column(
+    batch: &RecordBatch,
+    name: &str,
+) -> std::result::Result<Vec<Option<String>>, String> {
     let c = batch
         .column_by_name(name)
         .ok_or_else(|| format!("no column {name:?}"))?;
-    let c = arrow::compute::cast(c, &DataType::Utf8).map_err(|e| format!("column {name:?}: {e}"))?;
+    let c =
+        arrow::compute::cast(c, &DataType::Utf8).map_err(|e| format!("column {name:?}: {e}"))?;
     let s = c.as_string::<i32>();
     Ok((0..s.len())
         .map(|i| (!s.is_null(i)).then(|| s.value(i).to_string()))
         .collect())
 }
 
-fn caption_column(batch: &RecordBatch, name: &str) -> std::result::Result<Vec<Option<String>>, String> {
+fn caption_column(
+    batch: &RecordBatch,
+    name: &str,
+) -> std::result::Result<Vec<Option<String>>, String> {
     let c = batch
         .column_by_name(name)
         .ok_or_else(|| format!("no column {name:?}"))?;
@@ -346,7 +353,10 @@ mod tests {
 
     #[test]
     fn image_paths_join_on_their_stem() {
-        assert_eq!(join_value(JoinOn::ImagePath, "00001/000012345.jpg"), "000012345");
+        assert_eq!(
+            join_value(JoinOn::ImagePath, "00001/000012345.jpg"),
+            "000012345"
+        );
         assert_eq!(join_value(JoinOn::ImagePath, "abc"), "abc");
         assert_eq!(join_value(JoinOn::Url, "http://x/a.jpg"), "http://x/a.jpg");
     }

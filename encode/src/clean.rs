@@ -168,11 +168,12 @@ fn rules() -> &'static Rules {
 }
 
 fn sub(re: &Regex, text: String, rep: &str) -> String {
-    match re.try_replacen(&text, 0, rep) {
-        Ok(Cow::Owned(s)) => s,
-        // No match, or a backtracking limit hit on pathological input: leave the text as is.
-        _ => text,
-    }
+    // No match, or a backtracking limit hit on pathological input: the text stays as it is.
+    let replaced = match re.try_replacen(&text, 0, rep) {
+        Ok(Cow::Owned(s)) => Some(s),
+        _ => None,
+    };
+    replaced.unwrap_or(text)
 }
 
 /// PixArt's `clean_caption` (one pass).

@@ -150,7 +150,9 @@ fn numeric_unescape(v: u64) -> String {
     if invalid {
         return String::new();
     }
-    char::from_u32(v as u32).map(String::from).unwrap_or_default()
+    char::from_u32(v as u32)
+        .map(String::from)
+        .unwrap_or_default()
 }
 
 /// Elements whose strings BeautifulSoup does not count as text.
@@ -250,7 +252,10 @@ fn goahead<'a>(soup: &mut Soup, raw: &'a str, end: bool) -> &'a str {
         let j = match &soup.cdata {
             Some(elem) => {
                 let pat = format!(r"(?i)</{PY_S}*{elem}{PY_S}*>");
-                match Regex::new(&pat).ok().and_then(|r| r.find(&raw[i..]).ok().flatten()) {
+                match Regex::new(&pat)
+                    .ok()
+                    .and_then(|r| r.find(&raw[i..]).ok().flatten())
+                {
                     Some(m) => i + m.start(),
                     None => break,
                 }
@@ -273,7 +278,9 @@ fn goahead<'a>(soup: &mut Soup, raw: &'a str, end: bool) -> &'a str {
             } else if starts(raw, i, "<!--") {
                 parse_comment(raw, i)
             } else if starts(raw, i, "<?") {
-                find_from(raw, i + 2, ">").map(|p| p as isize + 1).unwrap_or(-1)
+                find_from(raw, i + 2, ">")
+                    .map(|p| p as isize + 1)
+                    .unwrap_or(-1)
             } else if starts(raw, i, "<!") {
                 parse_declaration(raw, i)
             } else if i + 1 < n {
@@ -370,11 +377,19 @@ fn parse_declaration(raw: &str, i: usize) -> isize {
         };
         return end.map(|p| p as isize).unwrap_or(-1);
     }
-    if raw.len() >= i + 9 && raw[i..].get(..9).is_some_and(|s| s.eq_ignore_ascii_case("<!doctype")) {
-        return find_from(raw, i + 9, ">").map(|p| p as isize + 1).unwrap_or(-1);
+    if raw.len() >= i + 9
+        && raw[i..]
+            .get(..9)
+            .is_some_and(|s| s.eq_ignore_ascii_case("<!doctype"))
+    {
+        return find_from(raw, i + 9, ">")
+            .map(|p| p as isize + 1)
+            .unwrap_or(-1);
     }
     // bogus comment
-    find_from(raw, i + 2, ">").map(|p| p as isize + 1).unwrap_or(-1)
+    find_from(raw, i + 2, ">")
+        .map(|p| p as isize + 1)
+        .unwrap_or(-1)
 }
 
 fn tag_name_end(raw: &str, from: usize) -> usize {

@@ -22,10 +22,10 @@
 /// final period).
 const ABBREVIATIONS: &[&str] = &[
     "st", "mt", "mr", "mrs", "ms", "dr", "prof", "rev", "gen", "col", "lt", "sgt", "capt", "cpt",
-    "ft", "hon", "sen", "rep", "gov", "pres", "no", "nos", "vs", "v", "e.g", "i.e", "cf",
-    "approx", "ca", "jr", "sr", "inc", "ltd", "co", "corp", "ave", "blvd", "rd", "mgr", "dept",
-    "est", "fig", "vol", "ed", "al", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep",
-    "sept", "oct", "nov", "dec",
+    "ft", "hon", "sen", "rep", "gov", "pres", "no", "nos", "vs", "v", "e.g", "i.e", "cf", "approx",
+    "ca", "jr", "sr", "inc", "ltd", "co", "corp", "ave", "blvd", "rd", "mgr", "dept", "est", "fig",
+    "vol", "ed", "al", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct",
+    "nov", "dec",
 ];
 
 fn is_closer(c: char) -> bool {
@@ -43,7 +43,10 @@ fn is_opener(c: char) -> bool {
 }
 
 fn starts_sentence(c: char) -> bool {
-    c.is_uppercase() || c.is_ascii_digit() || is_opener(c) || (c.is_alphabetic() && !c.is_lowercase())
+    c.is_uppercase()
+        || c.is_ascii_digit()
+        || is_opener(c)
+        || (c.is_alphabetic() && !c.is_lowercase())
 }
 
 /// The word (letters, digits and inner periods) ending right before byte `dot`.
@@ -67,7 +70,9 @@ enum Abbrev {
 }
 
 /// Abbreviations that may also close a sentence.
-const MAY_END: &[&str] = &["etc", "inc", "ltd", "co", "corp", "jr", "sr", "al", "approx"];
+const MAY_END: &[&str] = &[
+    "etc", "inc", "ltd", "co", "corp", "jr", "sr", "al", "approx",
+];
 
 /// Words that begin a new sentence after an ambiguous abbreviation (`... in Washington, D.C. The
 /// entrance ...`).
@@ -125,7 +130,10 @@ fn inside_quote(text: &str, pos: usize) -> bool {
     if !open {
         return false;
     }
-    let para_end = text[pos..].find("\n\n").map(|i| i + pos).unwrap_or(text.len());
+    let para_end = text[pos..]
+        .find("\n\n")
+        .map(|i| i + pos)
+        .unwrap_or(text.len());
     text[pos..para_end].contains(['"', '”'])
 }
 
@@ -157,9 +165,7 @@ pub fn first_sentence(text: &str) -> String {
                     }
                     j += 1;
                 }
-                if !t[..i].trim().is_empty()
-                    && (blank || j >= n || starts_sentence(chars[j].1))
-                {
+                if !t[..i].trim().is_empty() && (blank || j >= n || starts_sentence(chars[j].1)) {
                     end = i;
                     break;
                 }
@@ -245,20 +251,38 @@ mod tests {
     #[test]
     fn basic_rules() {
         assert_eq!(f("A dog. A cat."), "A dog.");
-        assert_eq!(f("A full shot of St. Louis. Then"), "A full shot of St. Louis.");
+        assert_eq!(
+            f("A full shot of St. Louis. Then"),
+            "A full shot of St. Louis."
+        );
         assert_eq!(f("It costs $2.50 today. Next"), "It costs $2.50 today.");
-        assert_eq!(f("Visit www.example.com/en now. Next"), "Visit www.example.com/en now.");
+        assert_eq!(
+            f("Visit www.example.com/en now. Next"),
+            "Visit www.example.com/en now."
+        );
         assert_eq!(f("The U.S. Army tank. Next"), "The U.S. Army tank.");
         assert_eq!(f("Wait... Then more"), "Wait...");
         assert_eq!(f("Wait... and more. X"), "Wait... and more.");
-        assert_eq!(f("The words \"Fun!\" appear here. X"), "The words \"Fun!\" appear here.");
-        assert_eq!(f("He said \"Stop. Go.\" Then left."), "He said \"Stop. Go.\"");
+        assert_eq!(
+            f("The words \"Fun!\" appear here. X"),
+            "The words \"Fun!\" appear here."
+        );
+        assert_eq!(
+            f("He said \"Stop. Go.\" Then left."),
+            "He said \"Stop. Go.\""
+        );
         assert_eq!(f("一只猫。一只狗。"), "一只猫。");
         assert_eq!(f("  \nTitle line\n\nBody text."), "Title line");
         assert_eq!(f("a soft\nwrap. Next"), "a soft wrap.");
         assert_eq!(f("no terminator"), "no terminator");
         assert_eq!(f("   "), "");
-        assert_eq!(f("Dogs, cats, etc. are here. X"), "Dogs, cats, etc. are here.");
-        assert_eq!(f("Brand \"S.K. Knives\" shown. X"), "Brand \"S.K. Knives\" shown.");
+        assert_eq!(
+            f("Dogs, cats, etc. are here. X"),
+            "Dogs, cats, etc. are here."
+        );
+        assert_eq!(
+            f("Brand \"S.K. Knives\" shown. X"),
+            "Brand \"S.K. Knives\" shown."
+        );
     }
 }

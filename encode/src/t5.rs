@@ -318,8 +318,15 @@ struct Attention {
 }
 
 enum FeedForward {
-    Plain { wi: Linear, wo: Linear },
-    Gated { wi_0: Linear, wi_1: Linear, wo: Linear },
+    Plain {
+        wi: Linear,
+        wo: Linear,
+    },
+    Gated {
+        wi_0: Linear,
+        wi_1: Linear,
+        wo: Linear,
+    },
 }
 
 struct Block {
@@ -345,7 +352,12 @@ pub struct T5Encoder {
 impl T5Encoder {
     /// Loads the encoder of `config` from `weights`, computing in `dtype` (float32 for parity on
     /// CPU; bf16/f16 on GPUs).
-    pub fn load(config: &T5Config, weights: &WeightFiles, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn load(
+        config: &T5Config,
+        weights: &WeightFiles,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         config.validate()?;
         let (gated, act) = config.feed_forward()?;
         let src = TensorSource::open(weights, device, dtype)?;
@@ -388,9 +400,13 @@ impl T5Encoder {
                 }
             };
             blocks.push(Block {
-                attn_norm: src.get(&format!("{p}.0.layer_norm.weight"), &[d])?.to_dtype(DType::F32)?,
+                attn_norm: src
+                    .get(&format!("{p}.0.layer_norm.weight"), &[d])?
+                    .to_dtype(DType::F32)?,
                 attn,
-                ff_norm: src.get(&format!("{p}.1.layer_norm.weight"), &[d])?.to_dtype(DType::F32)?,
+                ff_norm: src
+                    .get(&format!("{p}.1.layer_norm.weight"), &[d])?
+                    .to_dtype(DType::F32)?,
                 ff: ffn,
             });
         }
@@ -481,8 +497,8 @@ impl T5Encoder {
                 DType::BF16 => f64::from(half::bf16::MIN),
                 _ => f64::from(f32::MIN),
             };
-            let add = ((m.to_dtype(DType::F32)?.affine(-1.0, 1.0)?) * min)?
-                .reshape((b, 1, 1, s))?;
+            let add =
+                ((m.to_dtype(DType::F32)?.affine(-1.0, 1.0)?) * min)?.reshape((b, 1, 1, s))?;
             bias = bias.broadcast_add(&add)?;
         }
         let bias = bias.to_dtype(self.dtype)?;
@@ -492,7 +508,9 @@ impl T5Encoder {
             let x = self.rms(&h, &blk.attn_norm)?;
             let a = &blk.attn;
             let split = |t: Tensor| -> candle_core::Result<Tensor> {
-                t.reshape((b, s, a.heads, a.d_kv))?.transpose(1, 2)?.contiguous()
+                t.reshape((b, s, a.heads, a.d_kv))?
+                    .transpose(1, 2)?
+                    .contiguous()
             };
             let q = split(a.q.forward(&x)?)?;
             let k = split(a.k.forward(&x)?)?;
@@ -504,11 +522,12 @@ impl T5Encoder {
                 candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
                     .to_dtype(self.dtype)?
             };
-            let ctx = probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((b, s, heads * dkv))?;
+            let ctx =
+                probs
+                    .matmul(&v)?
+                    .transpose(1, 2)?
+                    .contiguous()?
+                    .reshape((b, s, heads * dkv))?;
             h = (h + a.o.forward(&ctx)?)?;
             let x = self.rms(&h, &blk.ff_norm)?;
             let y = match &blk.ff {
@@ -538,7 +557,9 @@ impl T5Encoder {
         let mut mask = vec![0f32; b * s];
         for (i, r) in rows.iter().enumerate() {
             ids[i * s..i * s + r.len()].copy_from_slice(r);
-            mask[i * s..i * s + r.len()].iter_mut().for_each(|m| *m = 1.0);
+            mask[i * s..i * s + r.len()]
+                .iter_mut()
+                .for_each(|m| *m = 1.0);
         }
         let ids = Tensor::from_vec(ids, (b, s), &self.device)?;
         let mask = if padded {

@@ -206,7 +206,10 @@ impl TextEncoder {
     }
 
     /// Features (or the reason there are none) for each caption, in input order.
-    pub fn encode(&self, captions: &[&str]) -> Result<Vec<std::result::Result<Features, CaptionIssue>>> {
+    pub fn encode(
+        &self,
+        captions: &[&str],
+    ) -> Result<Vec<std::result::Result<Features, CaptionIssue>>> {
         let mut out: Vec<Option<std::result::Result<Features, CaptionIssue>>> =
             vec![None; captions.len()];
         let mut rows: Vec<(usize, Vec<u32>, bool)> = Vec::new();
@@ -242,7 +245,10 @@ impl TextEncoder {
             }
             start = end;
         }
-        Ok(out.into_iter().map(|o| o.expect("every caption has an outcome")).collect())
+        Ok(out
+            .into_iter()
+            .map(|o| o.expect("every caption has an outcome"))
+            .collect())
     }
 }
 

@@ -65,6 +65,20 @@ pub struct ProvenanceEntry {
     pub version: Option<String>,
 }
 
+fn push_provenance(sb: &mut StructBuilder, vals: [Option<&str>; 4]) {
+    for (k, v) in vals.iter().enumerate() {
+        let fb = sb
+            .field_builder::<StringBuilder>(k)
+            .expect("provenance fields are strings");
+        match v {
+            Some(s) => fb.append_value(s),
+            None if k == 0 => fb.append_value(""),
+            None => fb.append_null(),
+        }
+    }
+    sb.append(true);
+}
+
 /// The `provenance` column of `batch` with `entry` appended to the rows where `touched`.
 pub fn append_provenance(
     batch: &RecordBatch,
@@ -72,28 +86,13 @@ pub fn append_provenance(
     entry: &ProvenanceEntry,
 ) -> Result<ArrayRef> {
     let fields = provenance_fields();
-    let mut b = ListBuilder::new(StructBuilder::from_fields(fields.clone(), batch.num_rows()))
-        .with_field(Arc::new(Field::new(
-            "item",
-            DataType::Struct(fields.clone()),
-            true,
-        )));
+    let mut b =
+        ListBuilder::new(StructBuilder::from_fields(fields.clone(), batch.num_rows())).with_field(
+            Arc::new(Field::new("item", DataType::Struct(fields.clone()), true)),
+        );
     let old = batch
         .column_by_name(col::PROVENANCE)
         .and_then(|c| c.as_list_opt::<i32>());
-    let push = |sb: &mut StructBuilder, vals: [Option<&str>; 4]| {
-        for (k, v) in vals.iter().enumerate() {
-            let fb = sb
-                .field_builder::<StringBuilder>(k)
-                .expect("provenance fields are strings");
-            match v {
-                Some(s) => fb.append_value(s),
-                None if k == 0 => fb.append_value(""),
-                None => fb.append_null(),
-            }
-        }
-        sb.append(true);
-    };
     for i in 0..batch.num_rows() {
         let had = old.is_some_and(|o| !o.is_null(i));
         if let (Some(o), true) = (old, had) {
@@ -104,11 +103,11 @@ pub fn append_provenance(
                     let a = s.column(k).as_string::<i32>();
                     (!a.is_null(j)).then(|| a.value(j))
                 };
-                push(b.values(), [get(0), get(1), get(2), get(3)]);
+                push_provenance(b.values(), [get(0), get(1), get(2), get(3)]);
             }
         }
         if touched[i] {
-            push(
+            push_provenance(
                 b.values(),
                 [
                     Some(entry.stage.as_str()),
@@ -153,8 +152,16 @@ pub fn caption_batch(
     let old_short = strings(batch, col::SHORT_CAPTION)?;
     let old_source = strings(batch, col::CAPTION_SOURCE)?;
     let n = batch.num_rows();
-    let (mut long, mut short, mut source) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-    let (mut st, mut ek, mut er) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut long, mut short, mut source) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut st, mut ek, mut er) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
     let mut touched = vec![false; n];
     for i in 0..n {
         let s = status.value(i);
@@ -206,7 +213,10 @@ pub fn caption_batch(
         },
     )?;
     batch_of(vec![
-        (col::KEY, batch.column_by_name(col::KEY).expect("key").clone()),
+        (
+            col::KEY,
+            batch.column_by_name(col::KEY).expect("key").clone(),
+        ),
         (col::LONG_CAPTION, s(long)),
         (col::SHORT_CAPTION, s(short)),
         (col::CAPTION_SOURCE, s(source)),
@@ -258,8 +268,14 @@ impl EmbeddingColumn {
     fn keep(&mut self, old: Option<&StructArray>, i: usize) {
         match old {
             Some(s) if !s.is_null(i) => {
-                let t = s.column(0).as_primitive::<arrow::datatypes::Int32Type>().value(i);
-                let d = s.column(1).as_primitive::<arrow::datatypes::Int32Type>().value(i);
+                let t = s
+                    .column(0)
+                    .as_primitive::<arrow::datatypes::Int32Type>()
+                    .value(i);
+                let d = s
+                    .column(1)
+                    .as_primitive::<arrow::datatypes::Int32Type>()
+                    .value(i);
                 let dt = match s.column(2).as_string::<i32>().value(i) {
                     "f16" => "f16",
                     "f32" => "f32",
@@ -301,8 +317,12 @@ pub fn embed_batch(
     let error = strings(batch, col::ERROR)?;
     let long = strings(batch, col::LONG_CAPTION)?;
     let short = strings(batch, col::SHORT_CAPTION)?;
-    let old_long = batch.column_by_name(col::T5_LONG).and_then(|c| c.as_struct_opt());
-    let old_short = batch.column_by_name(col::T5_SHORT).and_then(|c| c.as_struct_opt());
+    let old_long = batch
+        .column_by_name(col::T5_LONG)
+        .and_then(|c| c.as_struct_opt());
+    let old_short = batch
+        .column_by_name(col::T5_SHORT)
+        .and_then(|c| c.as_struct_opt());
     let n = batch.num_rows();
     let rows: Vec<usize> = (0..n).filter(|&i| processable(status.value(i))).collect();
     let longs: Vec<&str> = rows.iter().map(|&i| opt(long, i).unwrap_or("")).collect();
@@ -314,10 +334,19 @@ pub fn embed_batch(
         pos[i] = Some(j);
     }
     let (mut cl, mut cs) = (EmbeddingColumn::new(), EmbeddingColumn::new());
-    let (mut st, mut ek, mut er) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut st, mut ek, mut er) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
     let mut touched = vec![false; n];
     let store = |f: &crate::text_encoder::Features| {
-        Some((f.tokens as i32, f.dim as i32, dtype.as_str(), dtype.encode(&f.data)))
+        Some((
+            f.tokens as i32,
+            f.dim as i32,
+            dtype.as_str(),
+            dtype.encode(&f.data),
+        ))
     };
     for i in 0..n {
         let Some(j) = pos[i] else {
@@ -380,7 +409,10 @@ pub fn embed_batch(
     )?;
     let s = |v: Vec<Option<String>>| -> ArrayRef { Arc::new(StringArray::from(v)) };
     batch_of(vec![
-        (col::KEY, batch.column_by_name(col::KEY).expect("key").clone()),
+        (
+            col::KEY,
+            batch.column_by_name(col::KEY).expect("key").clone(),
+        ),
         (col::T5_LONG, cl.finish()?),
         (col::T5_SHORT, cs.finish()?),
         (col::STATUS, Arc::new(StringArray::from(st))),

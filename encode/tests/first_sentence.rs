@@ -23,7 +23,8 @@ struct Expected {
 }
 
 fn corpus() -> Result<Vec<Row>> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/captions/first_sentence_cases.jsonl");
+    let p =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/captions/first_sentence_cases.jsonl");
     let text = std::fs::read_to_string(p)?;
     Ok(text
         .lines()
@@ -34,7 +35,8 @@ fn corpus() -> Result<Vec<Row>> {
 #[test]
 fn hand_checked_first_sentences() -> Result<()> {
     let rows = corpus()?;
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/first_sentence_expected.json");
+    let p =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/first_sentence_expected.json");
     let cases: Vec<Expected> = serde_json::from_slice(&std::fs::read(p)?)?;
     let mut flags = std::collections::BTreeSet::new();
     let mut wrong = Vec::new();
@@ -43,12 +45,21 @@ fn hand_checked_first_sentences() -> Result<()> {
         flags.extend(c.flags.iter().cloned());
         let got = first_sentence(&rows[c.line].text);
         if got != c.expected {
-            wrong.push(format!("line {}:\n  want {:?}\n  got  {:?}", c.line, c.expected, got));
+            wrong.push(format!(
+                "line {}:\n  want {:?}\n  got  {:?}",
+                c.line, c.expected, got
+            ));
         }
     }
     let all: std::collections::BTreeSet<_> = rows.iter().flat_map(|r| r.flags.clone()).collect();
     assert_eq!(flags, all, "every flag has hand-checked cases");
-    assert!(wrong.is_empty(), "{} of {} wrong:\n{}", wrong.len(), cases.len(), wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "{} of {} wrong:\n{}",
+        wrong.len(),
+        cases.len(),
+        wrong.join("\n")
+    );
     Ok(())
 }
 
@@ -80,7 +91,10 @@ fn corpus_statistics_against_the_naive_cut() -> Result<()> {
         assert_eq!(naive_first_sentence(&r.text), r.llamagen_naive_first);
         let ours = first_sentence(&r.text);
         let norm = r.text.split_whitespace().collect::<Vec<_>>().join(" ");
-        assert!(!ours.is_empty() && norm.starts_with(&ours), "not a prefix: {ours:?}");
+        assert!(
+            !ours.is_empty() && norm.starts_with(&ours),
+            "not a prefix: {ours:?}"
+        );
         let why = reason(&ours, &r.llamagen_naive_first);
         *reasons.entry(why).or_default() += 1;
         for f in &r.flags {
@@ -91,8 +105,15 @@ fn corpus_statistics_against_the_naive_cut() -> Result<()> {
             }
         }
     }
-    let differ: usize = reasons.iter().filter(|(k, _)| **k != "same").map(|(_, v)| v).sum();
-    eprintln!("{} captions, {differ} differ from the naive cut", rows.len());
+    let differ: usize = reasons
+        .iter()
+        .filter(|(k, _)| **k != "same")
+        .map(|(_, v)| v)
+        .sum();
+    eprintln!(
+        "{} captions, {differ} differ from the naive cut",
+        rows.len()
+    );
     for (k, v) in &reasons {
         eprintln!("  {v:4}  {k}");
     }

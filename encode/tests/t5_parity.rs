@@ -76,7 +76,10 @@ fn gated_gelu_encoder_matches_transformers() -> Result<()> {
 fn sharded_weights_load_through_the_index() -> Result<()> {
     let w = WeightFiles::resolve(&fixtures().join("sharded"))?;
     assert_eq!(w.files.len(), 2);
-    let enc = load("gated", &fixtures().join("sharded/model.safetensors.index.json"))?;
+    let enc = load(
+        "gated",
+        &fixtures().join("sharded/model.safetensors.index.json"),
+    )?;
     check_model("gated", &enc)
 }
 
@@ -154,7 +157,10 @@ fn token_ids_match_transformers_on_real_corpora() -> Result<()> {
         }
     }
     assert_eq!(bad, 0, "{bad} of {} differ, e.g. {first:?}", cases.len());
-    assert!(cases.iter().any(|c| c.ids.len() == 120), "a truncated case is covered");
+    assert!(
+        cases.iter().any(|c| c.ids.len() == 120),
+        "a truncated case is covered"
+    );
     Ok(())
 }
 

@@ -20,7 +20,17 @@ fn s(v: Vec<Option<&str>>) -> ArrayRef {
 
 async fn samples(ds: &Dataset) -> Result<()> {
     let batch = RecordBatch::try_from_iter(vec![
-        ("key", s(vec![Some("k1"), Some("k2"), Some("k3"), Some("k4"), Some("k5"), Some("k6")])),
+        (
+            "key",
+            s(vec![
+                Some("k1"),
+                Some("k2"),
+                Some("k3"),
+                Some("k4"),
+                Some("k5"),
+                Some("k6"),
+            ]),
+        ),
         (
             "url",
             s(vec![
@@ -34,15 +44,36 @@ async fn samples(ds: &Dataset) -> Result<()> {
         ),
         (
             "text",
-            s(vec![Some("alt one"), Some("alt two"), Some("alt three"), None, Some("  "), Some("alt six")]),
+            s(vec![
+                Some("alt one"),
+                Some("alt two"),
+                Some("alt three"),
+                None,
+                Some("  "),
+                Some("alt six"),
+            ]),
         ),
         (
             "top_caption",
-            s(vec![None, Some("A top caption. Second."), None, None, None, None]),
+            s(vec![
+                None,
+                Some("A top caption. Second."),
+                None,
+                None,
+                None,
+                None,
+            ]),
         ),
         (
             "status",
-            s(vec![Some("ok"), Some("ok"), Some("ok"), Some("ok"), Some("ok"), Some("dropped")]),
+            s(vec![
+                Some("ok"),
+                Some("ok"),
+                Some("ok"),
+                Some("ok"),
+                Some("ok"),
+                Some("dropped"),
+            ]),
         ),
     ])?;
     let mut w = ds.writer(ShardWriterOptions {
@@ -139,7 +170,10 @@ async fn captions_then_t5_features() -> Result<()> {
     assert_eq!(short.value(k1), "A full shot of St. Louis, Missouri.");
     assert_eq!(short.value(k1), first_sentence(long.value(k1)));
     let k2 = row("k2");
-    assert_eq!((src.value(k2), short.value(k2)), ("top_caption", "A top caption."));
+    assert_eq!(
+        (src.value(k2), short.value(k2)),
+        ("top_caption", "A top caption.")
+    );
     assert_eq!(src.value(row("k3")), "text");
     let k4 = row("k4");
     assert_eq!((status.value(k4), kind.value(k4)), ("failed", "no_caption"));
@@ -151,7 +185,12 @@ async fn captions_then_t5_features() -> Result<()> {
     // T5 stage with the tiny random encoder.
     let mut paths = ModelPaths::in_dir(&fixtures().join("gated"));
     paths.tokenizer = fixtures().join("tokenizer.json");
-    let enc = TextEncoder::load(&paths, &Device::Cpu, DType::F32, TextEncoderConfig::default())?;
+    let enc = TextEncoder::load(
+        &paths,
+        &Device::Cpu,
+        DType::F32,
+        TextEncoderConfig::default(),
+    )?;
     let sha = enc.weights_sha256.clone();
     let dim = enc.dim();
     let expect_k1 = enc.encode(&[long.value(k1)])?.remove(0).unwrap();
@@ -163,18 +202,33 @@ async fn captions_then_t5_features() -> Result<()> {
     let b = read_all(&ds).await?;
     let key = b.column_by_name("key").unwrap().as_string::<i32>().clone();
     let row = |k: &str| (0..b.num_rows()).find(|&i| key.value(i) == k).unwrap();
-    let status = b.column_by_name("status").unwrap().as_string::<i32>().clone();
-    let kind = b.column_by_name("error_kind").unwrap().as_string::<i32>().clone();
+    let status = b
+        .column_by_name("status")
+        .unwrap()
+        .as_string::<i32>()
+        .clone();
+    let kind = b
+        .column_by_name("error_kind")
+        .unwrap()
+        .as_string::<i32>()
+        .clone();
     let t5l = b.column_by_name("t5_long").unwrap().as_struct().clone();
     let t5s = b.column_by_name("t5_short").unwrap().as_struct().clone();
     // k5's caption is only markup and punctuation: empty after cleaning.
     let k5 = row("k5");
-    assert_eq!((status.value(k5), kind.value(k5)), ("failed", "empty_caption"));
+    assert_eq!(
+        (status.value(k5), kind.value(k5)),
+        ("failed", "empty_caption")
+    );
     assert!(t5l.is_null(k5));
     let k1 = row("k1");
     assert_eq!(status.value(k1), "ok");
-    let tokens = t5l.column(0).as_primitive::<llamagen_catalog::arrow::datatypes::Int32Type>();
-    let dims = t5l.column(1).as_primitive::<llamagen_catalog::arrow::datatypes::Int32Type>();
+    let tokens = t5l
+        .column(0)
+        .as_primitive::<llamagen_catalog::arrow::datatypes::Int32Type>();
+    let dims = t5l
+        .column(1)
+        .as_primitive::<llamagen_catalog::arrow::datatypes::Int32Type>();
     assert_eq!(tokens.value(k1) as usize, expect_k1.tokens);
     assert_eq!(dims.value(k1) as usize, dim);
     assert_eq!(t5l.column(2).as_string::<i32>().value(k1), "f16");
@@ -185,20 +239,33 @@ async fn captions_then_t5_features() -> Result<()> {
         assert!((a - b).abs() <= 1e-2 * b.abs().max(1.0), "{a} vs {b}");
     }
     assert!(!t5s.is_null(k1));
-    let short_tokens =
-        t5s.column(0).as_primitive::<llamagen_catalog::arrow::datatypes::Int32Type>().value(k1);
+    let short_tokens = t5s
+        .column(0)
+        .as_primitive::<llamagen_catalog::arrow::datatypes::Int32Type>()
+        .value(k1);
     assert!(short_tokens < tokens.value(k1));
     assert!(t5l.is_null(row("k4")) && t5l.is_null(row("k6")));
     // Provenance: captions, then t5 with the weight hash.
-    let prov = b.column_by_name("provenance").unwrap().as_list::<i32>().value(k1);
+    let prov = b
+        .column_by_name("provenance")
+        .unwrap()
+        .as_list::<i32>()
+        .value(k1);
     let prov = prov.as_struct();
-    let stages: Vec<&str> = (0..prov.len()).map(|i| prov.column(0).as_string::<i32>().value(i)).collect();
+    let stages: Vec<&str> = (0..prov.len())
+        .map(|i| prov.column(0).as_string::<i32>().value(i))
+        .collect();
     assert_eq!(stages, vec!["captions", "t5"]);
     assert_eq!(prov.column(1).as_string::<i32>().value(1), "gated");
     assert_eq!(prov.column(2).as_string::<i32>().value(1), sha);
 
     // Resumable: a second run has nothing to do.
-    let enc = TextEncoder::load(&paths, &Device::Cpu, DType::F32, TextEncoderConfig::default())?;
+    let enc = TextEncoder::load(
+        &paths,
+        &Device::Cpu,
+        DType::F32,
+        TextEncoderConfig::default(),
+    )?;
     let r = run_t5(&ds, Arc::new(enc), StoreDtype::F16, (0, 1), |_, _| {}).await?;
     assert_eq!((r.map.shards_rewritten, r.map.shards_skipped), (0, 1));
     Ok(())

@@ -144,10 +144,9 @@ pub async fn run(args: TextArgs) -> Result<std::process::ExitCode> {
                 "skipped": index.skipped,
             });
             let pb = bar(shards, "captions");
-            let r = text_stage::run_captions(&ds, Arc::new(index), fallbacks, part, |_, _| {
-                pb.inc(1)
-            })
-            .await?;
+            let r =
+                text_stage::run_captions(&ds, Arc::new(index), fallbacks, part, |_, _| pb.inc(1))
+                    .await?;
             pb.finish();
             let c = &r.counters;
             let long = c.extra.get("caption_source_long").copied().unwrap_or(0);
