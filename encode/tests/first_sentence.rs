@@ -74,7 +74,30 @@ fn reason(ours: &str, naive: &str) -> &'static str {
         return "same";
     }
     if ours.len() > naive_norm.len() && ours.starts_with(&naive_norm) {
-        return "naive cut stops early at an inner period (abbreviation, initial, decimal, domain, quote)";
+        let rest = &ours[naive_norm.len() + 1..];
+        let word: String = naive_norm
+            .chars()
+            .rev()
+            .take_while(|c| c.is_alphanumeric())
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        let quotes_open = naive_norm.matches(['"', '“']).count() % 2 == 1
+            || naive_norm.matches('“').count() > naive_norm.matches('”').count();
+        return if rest.starts_with(|c: char| c.is_ascii_digit()) {
+            "naive cut stops early: decimal or number (3.5, $2.50, 2.0n)"
+        } else if !rest.starts_with(char::is_whitespace) && !rest.starts_with(['"', '”', '\'', '’', ')']) {
+            "naive cut stops early: domain, file name or initialism without space (www.x.com, U.S.)"
+        } else if word.chars().count() == 1 && word.chars().all(char::is_uppercase) {
+            "naive cut stops early: initial or initialism (J. Smith, D. C.)"
+        } else if word.chars().next().is_some_and(char::is_uppercase) && word.len() <= 4 {
+            "naive cut stops early: abbreviation (St., Mt., Dr., Mr.)"
+        } else if quotes_open {
+            "naive cut stops early: period inside a quotation"
+        } else {
+            "naive cut stops early: other inner period"
+        };
     }
     if naive_norm.starts_with(ours_core) {
         return "sentence ends before the first period (! ? newline, CJK)";
