@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-/// Everything that can go wrong while loading, running or checking the VQ tokenizer and its
-/// image preprocessing.
+/// Everything that can go wrong while loading, running or checking the VQ tokenizer, its image
+/// preprocessing, the caption files and the T5 text encoder.
 #[derive(Debug, thiserror::Error)]
 pub enum EncodeError {
     #[error("I/O error on {path}: {source}")]
@@ -63,6 +63,28 @@ pub enum EncodeError {
 
     #[error("invalid input: {0}")]
     InvalidInput(String),
+
+    #[error("{what} not found: {path}")]
+    MissingFile { what: &'static str, path: PathBuf },
+
+    #[error("cannot load tokenizer {path}: {reason}")]
+    Tokenizer { path: PathBuf, reason: String },
+
+    #[error("tokenizing caption failed: {0}")]
+    Tokenize(String),
+
+    #[error("{path}, line {line}: {reason}")]
+    CaptionFile {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+
+    #[error("caption file {path}: {reason}")]
+    CaptionParquet { path: PathBuf, reason: String },
+
+    #[error("catalog: {0}")]
+    Catalog(#[from] llamagen_catalog::CatalogError),
 
     #[error("malformed reference data {path}: {reason}")]
     Reference { path: PathBuf, reason: String },

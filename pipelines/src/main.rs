@@ -6,6 +6,7 @@ mod filter_cmd;
 mod ingest_cmd;
 mod sample_cmd;
 mod train_cmd;
+mod text_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -31,6 +32,8 @@ enum Command {
     Sample(sample_cmd::SampleArgs),
     /// Score samples (CLIP similarity, aesthetic, watermark, NSFW) and apply thresholds.
     Filter(filter_cmd::FilterArgs),
+    /// Captions (long, first-sentence short) and their T5 encoder features.
+    Text(text_cmd::TextArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -47,6 +50,7 @@ fn main() -> std::process::ExitCode {
         Command::Catalog(args) => runtime().and_then(|rt| rt.block_on(catalog_cmd::run(args))),
         Command::Ingest(args) => runtime().and_then(|rt| rt.block_on(ingest_cmd::run(*args))),
         Command::Filter(args) => runtime().and_then(|rt| rt.block_on(filter_cmd::run(args))),
+        Command::Text(args) => runtime().and_then(|rt| rt.block_on(text_cmd::run(args))),
         Command::Conformance(args) => conformance_cmd::run(args),
         Command::Train(args) => train_cmd::run_cmd(args),
         Command::Sample(args) => sample_cmd::run(args),
