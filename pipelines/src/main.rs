@@ -7,6 +7,8 @@ mod ingest_cmd;
 mod sample_cmd;
 mod train_cmd;
 mod text_cmd;
+mod pipeline;
+mod pipeline_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +36,8 @@ enum Command {
     Filter(filter_cmd::FilterArgs),
     /// Captions (long, first-sentence short) and their T5 encoder features.
     Text(text_cmd::TextArgs),
+    /// The whole data pipeline from one config: ingest, filters, captions, T5 and VQ codes.
+    Pipeline(pipeline_cmd::PipelineArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -51,6 +55,7 @@ fn main() -> std::process::ExitCode {
         Command::Ingest(args) => runtime().and_then(|rt| rt.block_on(ingest_cmd::run(*args))),
         Command::Filter(args) => runtime().and_then(|rt| rt.block_on(filter_cmd::run(args))),
         Command::Text(args) => runtime().and_then(|rt| rt.block_on(text_cmd::run(args))),
+        Command::Pipeline(args) => runtime().and_then(|rt| rt.block_on(pipeline_cmd::run(args))),
         Command::Conformance(args) => conformance_cmd::run(args),
         Command::Train(args) => train_cmd::run_cmd(args),
         Command::Sample(args) => sample_cmd::run(args),
