@@ -67,7 +67,7 @@ rm -rf "$OUT/train_t2i_sample"
 "$BIN" train --config "$OUT/train_t2i_sample.toml"
 KEYS=$("$BIN" catalog sql --root "$OUT/pipeline" --format csv \
   "SELECT key FROM samples WHERE status = 'ok' AND t5_long IS NOT NULL ORDER BY key LIMIT 4" | tail -n +2 | paste -sd, -)
-"$BIN" sample --checkpoint "$OUT/train_t2i_sample" --vq "$OUT/models/vq_standin.safetensors" \
+"$BIN" sample --checkpoint "$OUT/train_t2i_sample/checkpoints/0000012" --vq "$OUT/models/vq_standin.safetensors" \
   --vq-args configs/pipeline/vq_standin.json --catalog "$OUT/pipeline" --keys "$KEYS" \
   --cfg-scale 4 --top-k 100 --seed 0 --out "$OUT/samples.png"
 echo "sample grid: $OUT/samples.png (stand-in models: noise, not pictures)"

@@ -13,7 +13,9 @@
 //! 3. A holder that cannot write g+1 on renewal (someone took the lease after it expired) has
 //!    lost it and must stop writing ([`CatalogError::LeaseLost`]).
 //! 4. Expiry is judged by the reader's clock against the writer's `expires_at`: clocks must agree
-//!    to well within the time-to-live (minutes, not seconds).
+//!    to well within the time-to-live (minutes, not seconds). A record written on this host by a
+//!    process that no longer exists (`/proc/<pid>` is gone: it was killed) counts as expired, so a
+//!    re-run after a crash on the same machine does not wait for the time-to-live.
 //! 5. Old generations are garbage: a holder deletes generations more than two below its own.
 
 use std::sync::Arc;
@@ -34,6 +36,8 @@ pub const LEASES_DIR: &str = "_leases";
 pub struct LeaseRecord {
     pub holder: String,
     pub host: Option<String>,
+    #[serde(default)]
+    pub pid: Option<u32>,
     pub acquired_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     pub released: bool,
@@ -101,6 +105,17 @@ fn hostname() -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+/// Whether `rec` was written on this host by a process that has exited (Linux `/proc`).
+fn holder_is_dead(rec: &LeaseRecord) -> bool {
+    let proc_fs = std::path::Path::new("/proc/self");
+    match (rec.pid, &rec.host) {
+        (Some(pid), Some(host)) if proc_fs.exists() && hostname().as_ref() == Some(host) => {
+            pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        }
+        _ => false,
+    }
+}
+
 impl Lease {
     /// Takes lease `name` for `holder` for `ttl`, or fails with [`CatalogError::LeaseHeld`]
     /// naming the live holder.
@@ -115,7 +130,7 @@ impl Lease {
             let now = Utc::now();
             let next = match &cur {
                 Some((g, rec)) => {
-                    if !rec.released && rec.expires_at > now {
+                    if !rec.released && rec.expires_at > now && !holder_is_dead(rec) {
                         return Err(CatalogError::LeaseHeld {
                             path: dir(name),
                             holder: rec.holder.clone(),
@@ -154,6 +169,7 @@ impl Lease {
         let rec = LeaseRecord {
             holder: self.holder.clone(),
             host: hostname(),
+            pid: Some(std::process::id()),
             acquired_at: self.acquired_at,
             expires_at: if released {
                 now
