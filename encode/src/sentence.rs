@@ -13,7 +13,8 @@
 //!   not end it. After an abbreviation that may close a sentence (`etc.`, `Inc.`, `Jr.`) or an
 //!   initialism (`U.S.`, `D.C.`) it ends only before a capitalised sentence-opening word (`The`,
 //!   `A`, `It`, ...): `U.S. Army` goes on, `Washington, D.C. The entrance` ends.
-//! - Inside an open double quote that closes later in the same paragraph, no boundary is taken,
+//! - Inside a double quote still open after the terminator and its closers, that closes later in
+//!   the same paragraph, no boundary is taken (`"Stop. Go." Then` ends after the quote),
 //!   except where the quote closes after a space (`"... CHINA. " The`).
 //! - CJK full-width `。`, `！`, `？` always end a sentence.
 //! - A blank line always ends it; a single newline ends it when the next line starts a sentence.
@@ -199,7 +200,7 @@ pub fn first_sentence(text: &str) -> String {
                 };
                 let next_is_newline = t[after..].trim_start_matches([' ', '\t']).starts_with('\n');
                 let at_end = j >= n || next_is_newline;
-                let quoted = !at_end && inside_quote(t, i);
+                let quoted = !at_end && inside_quote(t, after);
                 let abbreviation_ok = match abbreviation {
                     None => true,
                     Some(Abbrev::Title) => at_end,

@@ -110,9 +110,12 @@ async fn make_catalog(root: &str, caption: &str) -> (Dataset, Vec<String>) {
         .unwrap();
     let ds = cat.samples();
     let dir = manifest_dir().join("../data/images");
+    // The top-level images (the subdirectories hold the wider ingest corpus).
     let mut names: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into())
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().unwrap().is_file())
+        .map(|e| e.file_name().to_string_lossy().into())
         .collect();
     names.sort();
     let decoy = std::fs::read(dir.join("hopper.jpg")).unwrap();

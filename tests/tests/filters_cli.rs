@@ -195,9 +195,9 @@ async fn score_dry_run_and_apply() {
         &[],
     );
     assert_eq!(code, 0, "{err}");
-    // broken.png: no scores and no size; hopper.jpg is 128 px.
+    // broken.png: no scores and no size; hopper.jpg is 128 px. (CSV quotes the list with commas.)
     assert!(
-        out.contains("broken.png,dropped,aesthetic:missing,min_side:missing"),
+        out.contains("broken.png,dropped,\"aesthetic:missing,min_side:missing\""),
         "{out}"
     );
     assert!(
