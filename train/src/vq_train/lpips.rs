@@ -5,8 +5,9 @@
 //!   (.458, .448, .450).
 //! - VGG16 `features` (torchvision key names `features.{i}.weight/bias`) cut at relu1_2,
 //!   relu2_2, relu3_3, relu4_3 and relu5_3 (slices `[0:4]`, `[4:9]`, `[9:16]`, `[16:23]`,
-//!   `[23:30]`): 3×3 convs with padding 1, ReLU, and 2×2 max-pooling between the slices. The
-//!   channel widths are read from the checkpoint's shapes.
+//!   `[23:30]`): 3×3 convs with padding 1, ReLU, and 2×2 max-pooling between the slices (a
+//!   window's gradient goes to its maximum). The channel widths are read from the checkpoint's
+//!   shapes.
 //! - Each feature map is divided by `sqrt(Σ_c f²) + 1e-10`; the squared difference of the two
 //!   normalised maps goes through Dropout (p 0.5, when enabled) and the bias-free 1×1 conv
 //!   `lin{k}.model.1.weight`; the result is averaged over space, and the five are summed: one
@@ -209,7 +210,7 @@ impl Lpips {
         let mut out = Vec::with_capacity(5);
         for (s, convs) in self.slices.iter().enumerate() {
             if s > 0 {
-                h = h.max_pool2d(2)?;
+                h = max_pool_2x2(&h)?;
             }
             for c in convs {
                 h = c.forward(&h)?.relu()?;
@@ -243,6 +244,16 @@ impl Lpips {
         }
         total.ok_or_else(|| TrainError::InvalidConfig("LPIPS without layers".into()))
     }
+}
+
+/// 2×2 max-pooling with stride 2 (odd trailing rows/columns dropped, as PyTorch's floor mode),
+/// written as a reshape and two max reductions: candle's `max_pool2d` backward scales the
+/// gradient of a window's maximum by 1/4 instead of passing it through.
+fn max_pool_2x2(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (oh, ow) = (h / 2, w / 2);
+    let x = x.narrow(2, 0, oh * 2)?.narrow(3, 0, ow * 2)?;
+    Ok(x.reshape((b, c, oh, 2, ow, 2))?.max(5)?.max(3)?)
 }
 
 /// `x / (sqrt(Σ_c x²) + 1e-10)` over the channel axis.

@@ -426,6 +426,11 @@ impl VqTrainer {
         &self.disc
     }
 
+    /// The discriminator, for calls outside a step (its BatchNorm statistics advance).
+    pub fn discriminator_mut(&mut self) -> &mut Discriminator {
+        &mut self.disc
+    }
+
     /// The trainable variables of the model (official keys, `codebook_used` excluded) and of
     /// the discriminator.
     pub fn trainable_vars(&self) -> Result<(Vec<(String, Var)>, Vec<(String, Var)>)> {
