@@ -7,6 +7,7 @@ mod ingest_cmd;
 mod sample_cmd;
 mod train_cmd;
 mod text_cmd;
+mod tokenizer_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +35,8 @@ enum Command {
     Filter(filter_cmd::FilterArgs),
     /// Captions (long, first-sentence short) and their T5 encoder features.
     Text(text_cmd::TextArgs),
+    /// Train or fine-tune the VQ image tokenizer (reconstruction, LPIPS and PatchGAN losses).
+    Tokenizer(tokenizer_cmd::TokenizerArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -54,6 +57,7 @@ fn main() -> std::process::ExitCode {
         Command::Conformance(args) => conformance_cmd::run(args),
         Command::Train(args) => train_cmd::run_cmd(args),
         Command::Sample(args) => sample_cmd::run(args),
+        Command::Tokenizer(args) => tokenizer_cmd::run_cmd(args),
     };
     match result {
         Ok(code) => code,

@@ -527,3 +527,37 @@ fn per_parameter_gradients_match_the_reference() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn fine_tunes_an_official_checkpoint() -> Result<()> {
+    // The reference set's VQ weights were written by the official code (official keys).
+    let f = fixture()?;
+    let official = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/parity/vq_weights.safetensors");
+    let cfg = VqStepConfig {
+        model: ModelArgs::reduced(),
+        loss: LossConfig { disc_start: 0, ..LossConfig::default() },
+        ..reference_config(true)
+    };
+    let mut t = VqTrainer::new(&cfg, Some(&official), lpips(&f, true)?, &Device::Cpu)?;
+    let file = candle_core::safetensors::load(&official, &Device::Cpu)?;
+    let before = t.model_tensors();
+    assert_eq!(before.len(), file.len());
+    for (name, v) in &before {
+        let diff = (v - &file[name].to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0, "{name} differs from the checkpoint");
+    }
+    let s = t.step(&f.x)?;
+    assert_eq!(s.disc_weight, 0.5, "fine-tuning (disc_start 0) trains adversarially from step 1");
+    assert!(s.loss_disc > 0.0 && s.loss_gen.is_finite());
+    let out = tempfile::tempdir()?;
+    let path = out.path().join("vq.safetensors");
+    t.export_vq(&path, false)?;
+    let reloaded = llamagen_encode::VqModel::from_file(&path, &ModelArgs::reduced(), &Device::Cpu)?;
+    let moved = (reloaded.named_tensors().into_iter().find(|(n, _)| n == "decoder.conv_out.weight").unwrap().1
+        - &file["decoder.conv_out.weight"])?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?;
+    assert!(moved > 0.0, "the exported weights are the trained ones");
+    Ok(())
+}
