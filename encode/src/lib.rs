@@ -11,6 +11,7 @@ pub mod captions;
 pub mod checkpoint;
 pub mod clean;
 pub mod codes;
+pub mod conv;
 pub mod conformance;
 pub mod error;
 mod html_entities;

@@ -28,10 +28,11 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{D, DType, Device, Module, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{GroupNorm, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
+pub use crate::conv::Conv2d;
 use crate::error::EncodeError;
 
 /// Number of groups of every GroupNorm in the model.
@@ -186,12 +187,16 @@ fn conv(
     padding: usize,
     vb: VarBuilder,
 ) -> candle_core::Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding,
-        stride,
-        ..Default::default()
+    // The tensors and their order are those of `candle_nn::conv2d` (weight, then bias).
+    let init_ws = candle_nn::init::DEFAULT_KAIMING_NORMAL;
+    let weight = vb.get_with_hints((out_c, in_c, k, k), "weight", init_ws)?;
+    let bound = 1. / (in_c as f64).sqrt();
+    let init_bs = candle_nn::Init::Uniform {
+        lo: -bound,
+        up: bound,
     };
-    candle_nn::conv2d(in_c, out_c, k, cfg, vb)
+    let bias = vb.get_with_hints(out_c, "bias", init_bs)?;
+    Ok(Conv2d::new(weight, Some(bias), padding, stride))
 }
 
 fn swish(x: &Tensor) -> candle_core::Result<Tensor> {

@@ -18,7 +18,8 @@
 //!   running mean 0, running var 1.
 
 use candle_core::{D, DType, Device, Module, Tensor, Var};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder, VarMap};
+use candle_nn::{VarBuilder, VarMap};
+use llamagen_encode::conv::Conv2d;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -279,11 +280,6 @@ impl Discriminator {
                     stride,
                     bias,
                 } => {
-                    let conv_cfg = Conv2dConfig {
-                        padding: 1,
-                        stride,
-                        ..Default::default()
-                    };
                     let vb = vb.pp(format!("main.{idx}"));
                     let w = vb.get((out_c, in_c, 4, 4), "weight")?;
                     let b = if bias {
@@ -291,7 +287,7 @@ impl Discriminator {
                     } else {
                         None
                     };
-                    Layer::Conv(Conv2d::new(w, b, conv_cfg))
+                    Layer::Conv(Conv2d::new(w, b, 1, stride))
                 }
                 Spec::Bn { idx, c } => {
                     let vb = vb.pp(format!("main.{idx}"));

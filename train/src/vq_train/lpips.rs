@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::pickle::PthTensors;
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig};
+use llamagen_encode::conv::Conv2d;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -166,10 +166,8 @@ impl Lpips {
                 convs.push(Conv2d::new(
                     w.to_dtype(DType::F32)?.to_device(device)?,
                     Some(b.to_dtype(DType::F32)?.to_device(device)?),
-                    Conv2dConfig {
-                        padding: 1,
-                        ..Default::default()
-                    },
+                    1,
+                    1,
                 ));
             }
             widths.push(in_c);
