@@ -561,3 +561,15 @@ fn fine_tunes_an_official_checkpoint() -> Result<()> {
     assert!(moved > 0.0, "the exported weights are the trained ones");
     Ok(())
 }
+
+#[test]
+fn the_example_config_parses() -> Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tokenizer_finetune.toml");
+    let cfg = llamagen_train::vq_train::run::TokenizerTrainConfig::from_file(&path)?;
+    assert_eq!(cfg.loss.disc_start, 0);
+    assert_eq!(cfg.model, ModelArgs::vq_16());
+    assert!(cfg.loss.lpips_dropout);
+    assert_eq!((cfg.optim.beta1, cfg.optim.beta2, cfg.optim.lr), (0.9, 0.95, 1e-4));
+    assert!(matches!(cfg.data, ImageSourceConfig::Catalog(_)));
+    Ok(())
+}
