@@ -573,3 +573,83 @@ fn the_example_config_parses() -> Result<()> {
     assert!(matches!(cfg.data, ImageSourceConfig::Catalog(_)));
     Ok(())
 }
+
+#[test]
+fn a_run_writes_metrics_checkpoints_evaluation_and_export_and_resumes() -> Result<()> {
+    use llamagen_train::vq_train::run::{TokenizerTrainConfig, run};
+    let f = fixture()?;
+    let dir = image_dir_with_real_images()?;
+    let work = tempfile::tempdir()?;
+    let save = |name: &str, m: &HashMap<String, Tensor>| -> Result<PathBuf> {
+        let p = work.path().join(name);
+        candle_core::safetensors::save(m, &p)?;
+        Ok(p)
+    };
+    let vgg = save("vgg.safetensors", &f.vgg)?;
+    let lin = save("lin.safetensors", &f.lin)?;
+    let out = work.path().join("out");
+    let text = format!(
+        r#"
+[train]
+out_dir = {out:?}
+image_size = 32
+batch_size = 2
+steps = 3
+ckpt_every = 2
+log_every = 1
+progress = false
+seed = 5
+[model]
+codebook_size = 64
+encoder_ch_mult = [1, 1]
+decoder_ch_mult = [1, 1]
+z_channels = 16
+ch = 32
+[disc]
+ndf = 8
+[loss]
+disc_start = 2
+[lpips]
+vgg16 = {vgg:?}
+lin = {lin:?}
+[data]
+kind = "dir"
+path = {data:?}
+[eval]
+data = {{ kind = "dir", path = {data:?} }}
+num_images = 2
+grid_images = 2
+"#,
+        data = dir.path()
+    );
+    let mut cfg = TokenizerTrainConfig::from_toml(&text)?;
+    let s = run(&cfg)?;
+    assert_eq!((s.start_step, s.steps), (0, 3));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<std::result::Result<_, _>>()?;
+    assert_eq!(lines.iter().map(|l| l["step"].as_u64().unwrap()).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(lines[0]["disc_weight"], 0.0);
+    assert_eq!(lines[1]["disc_weight"], 0.5);
+    for dir in ["0000002", "0000003"] {
+        assert!(out.join("checkpoints").join(dir).join("state.json").is_file(), "{dir}");
+    }
+    let e = s.eval.context("evaluation")?;
+    assert_eq!(e.images, 2);
+    assert!(e.psnr.is_finite() && e.psnr > 0.0 && e.ssim.is_finite());
+    assert!(e.codebook_usage > 0.0 && e.codebook_usage <= 1.0);
+    let grid = image::open(&e.grid)?;
+    assert_eq!((grid.width(), grid.height()), (64, 64));
+    llamagen_encode::VqModel::from_file(&s.exported, &tiny_args(), &Device::Cpu)?;
+    // Continue the same run to 4 steps: it resumes from the step-3 checkpoint.
+    cfg.train.steps = 4;
+    let s2 = run(&cfg)?;
+    assert_eq!((s2.start_step, s2.steps), (3, 4));
+    // A changed step configuration is refused.
+    cfg.train.steps = 5;
+    cfg.disc.ndf = 16;
+    let err = run(&cfg).unwrap_err().to_string();
+    assert!(err.contains("another"), "{err}");
+    Ok(())
+}
