@@ -161,7 +161,10 @@ mod tests {
             assert_eq!(d(&fast, &slow)?, 0.0);
             let gx = d(g.get(&x).unwrap(), g2.get(&x2).unwrap())?;
             let gw = d(g.get(&w).unwrap(), g2.get(&w2).unwrap())?;
-            assert!(gx < 1e-4 && gw < 1e-4, "k{k} p{p} s{s}: grad x {gx}, grad w {gw}");
+            assert!(
+                gx < 1e-4 && gw < 1e-4,
+                "k{k} p{p} s{s}: grad x {gx}, grad w {gw}"
+            );
         }
         Ok(())
     }

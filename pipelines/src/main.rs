@@ -5,9 +5,9 @@ mod conformance_cmd;
 mod filter_cmd;
 mod ingest_cmd;
 mod sample_cmd;
-mod train_cmd;
 mod text_cmd;
 mod tokenizer_cmd;
+mod train_cmd;
 
 use clap::{Parser, Subcommand};
 

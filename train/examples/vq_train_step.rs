@@ -8,7 +8,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use llamagen_encode::vq::ModelArgs;
 use llamagen_train::vq_train::{
-    DiscConfig, Lpips, LossConfig, VqOptimConfig, VqStepConfig, VqTrainer, init_vq_tensors,
+    DiscConfig, LossConfig, Lpips, VqOptimConfig, VqStepConfig, VqTrainer, init_vq_tensors,
 };
 
 /// The benchmark configuration (the same in bench/vq_train_step_torch.py): the reduced VQ
@@ -32,18 +32,37 @@ fn main() -> anyhow::Result<()> {
     for (s, (&w, &n)) in widths.iter().zip(&convs).enumerate() {
         for _ in 0..n {
             let std = (2.0 / (9.0 * cin as f64)).sqrt();
-            vgg.insert(format!("features.{}.weight", idx[k]), (Tensor::randn(0f32, 1f32, (w, cin, 3, 3), &dev)? * std)?);
-            vgg.insert(format!("features.{}.bias", idx[k]), Tensor::zeros(w, candle_core::DType::F32, &dev)?);
+            vgg.insert(
+                format!("features.{}.weight", idx[k]),
+                (Tensor::randn(0f32, 1f32, (w, cin, 3, 3), &dev)? * std)?,
+            );
+            vgg.insert(
+                format!("features.{}.bias", idx[k]),
+                Tensor::zeros(w, candle_core::DType::F32, &dev)?,
+            );
             cin = w;
             k += 1;
         }
-        lin.insert(format!("lin{s}.model.1.weight"), Tensor::rand(0f32, 0.2f32, (1, w, 1, 1), &dev)?);
+        lin.insert(
+            format!("lin{s}.model.1.weight"),
+            Tensor::rand(0f32, 0.2f32, (1, w, 1, 1), &dev)?,
+        );
     }
-    let lpips = Lpips::from_tensors(&vgg, Path::new("random"), &lin, Path::new("random"), true, &dev)?;
+    let lpips = Lpips::from_tensors(
+        &vgg,
+        Path::new("random"),
+        &lin,
+        Path::new("random"),
+        true,
+        &dev,
+    )?;
     let cfg = VqStepConfig {
         model: args(),
         disc: DiscConfig::default(),
-        loss: LossConfig { disc_start: 0, ..LossConfig::default() },
+        loss: LossConfig {
+            disc_start: 0,
+            ..LossConfig::default()
+        },
         optim: VqOptimConfig::default(),
         seed: 0,
     };

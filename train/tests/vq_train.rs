@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use llamagen_encode::vq::ModelArgs;
 use llamagen_train::vq_train::{
-    DiscConfig, ImageSource, ImageSourceConfig, Lpips, LossConfig, VqOptimConfig, VqStepConfig,
+    DiscConfig, ImageSource, ImageSourceConfig, LossConfig, Lpips, VqOptimConfig, VqStepConfig,
     VqStepStats, VqTrainer,
 };
 
@@ -75,7 +75,9 @@ fn fixture() -> Result<Fixture> {
     let all = candle_core::safetensors::load(fixture_dir().join("init.safetensors"), &dev)?;
     let vq = all
         .iter()
-        .filter(|(k, _)| !k.starts_with("disc.") && !k.starts_with("vgg.") && !k.starts_with("lpips."))
+        .filter(|(k, _)| {
+            !k.starts_with("disc.") && !k.starts_with("vgg.") && !k.starts_with("lpips.")
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let disc = strip(&all, "disc.")
@@ -83,14 +85,18 @@ fn fixture() -> Result<Fixture> {
         .filter(|(k, _)| !k.contains("running_") && !k.contains("num_batches"))
         .collect();
     let input = candle_core::safetensors::load(fixture_dir().join("input.safetensors"), &dev)?;
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("reference.json"))?)?;
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        fixture_dir().join("reference.json"),
+    )?)?;
     Ok(Fixture {
         vq,
         disc,
         vgg: strip(&all, "vgg."),
         lin: strip(&all, "lpips."),
-        x: input.get("x").context("input.safetensors has no x")?.clone(),
+        x: input
+            .get("x")
+            .context("input.safetensors has no x")?
+            .clone(),
         reference,
     })
 }
@@ -153,7 +159,13 @@ fn three_steps_match_the_pytorch_reference() -> Result<()> {
         let g = serde_json::to_value(&got)?;
         let step = got.global_step;
         assert_eq!(step, want["global_step"].as_u64().context("global_step")?);
-        close("disc_weight", got.disc_weight, want["disc_weight"].as_f64().unwrap(), 0.0, 0.0);
+        close(
+            "disc_weight",
+            got.disc_weight,
+            want["disc_weight"].as_f64().unwrap(),
+            0.0,
+            0.0,
+        );
         // Gradient norms: the first two steps agree to ~1e-5. At step 3 this tiny run is
         // chaotic: PyTorch itself moves its step-3 model gradient norm by ~8e-3 when the input
         // moves by 1e-6 (Adam's first updates are nearly sign(g), at lr 1e-3), so the
@@ -175,7 +187,9 @@ fn three_steps_match_the_pytorch_reference() -> Result<()> {
             ("codebook_usage", 0.0, 0.0),
         ] {
             let gv = g[key].as_f64().with_context(|| format!("stats.{key}"))?;
-            let wv = want[key].as_f64().with_context(|| format!("reference.{key}"))?;
+            let wv = want[key]
+                .as_f64()
+                .with_context(|| format!("reference.{key}"))?;
             close(&format!("step {step} {key}"), gv, wv, rtol, atol);
         }
         // BatchNorm running statistics of main.3 (three training-mode calls per step).
@@ -190,7 +204,13 @@ fn three_steps_match_the_pytorch_reference() -> Result<()> {
             let want: Vec<f64> = serde_json::from_value(want[key].clone())?;
             assert_eq!(got.len(), want.len());
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                close(&format!("step {step} {name}[{i}]"), *a as f64, *b, 1e-4, 1e-6);
+                close(
+                    &format!("step {step} {name}[{i}]"),
+                    *a as f64,
+                    *b,
+                    1e-4,
+                    1e-6,
+                );
             }
         }
     }
@@ -198,8 +218,15 @@ fn three_steps_match_the_pytorch_reference() -> Result<()> {
     let m: HashMap<String, Tensor> = t.model_tensors().into_iter().collect();
     let d: HashMap<String, Tensor> = t.disc_tensors()?.into_iter().collect();
     let sum = |t: &Tensor| -> Result<f64> { Ok(t.sum_all()?.to_scalar::<f32>()? as f64) };
-    let abs_sum = |t: &Tensor| -> Result<f64> { Ok(t.abs()?.sum_all()?.to_scalar::<f32>()? as f64) };
-    close("quant_conv.weight sum", sum(&m["quant_conv.weight"])?, fin["quant_conv_weight_sum"].as_f64().unwrap(), 1e-4, 1e-5);
+    let abs_sum =
+        |t: &Tensor| -> Result<f64> { Ok(t.abs()?.sum_all()?.to_scalar::<f32>()? as f64) };
+    close(
+        "quant_conv.weight sum",
+        sum(&m["quant_conv.weight"])?,
+        fin["quant_conv_weight_sum"].as_f64().unwrap(),
+        1e-4,
+        1e-5,
+    );
     close(
         "decoder.conv_out.weight |sum|",
         abs_sum(&m["decoder.conv_out.weight"])?,
@@ -214,7 +241,13 @@ fn three_steps_match_the_pytorch_reference() -> Result<()> {
         1e-4,
         1e-5,
     );
-    close("main.11.weight sum", sum(&d["main.11.weight"])?, fin["disc_last_weight_sum"].as_f64().unwrap(), 1e-4, 1e-5);
+    close(
+        "main.11.weight sum",
+        sum(&d["main.11.weight"])?,
+        fin["disc_last_weight_sum"].as_f64().unwrap(),
+        1e-4,
+        1e-5,
+    );
     Ok(())
 }
 
@@ -233,7 +266,10 @@ fn every_trainable_parameter_gets_a_gradient() -> Result<()> {
             .get(v.as_tensor())
             .with_context(|| format!("VQ parameter {name} has no gradient"))?;
         let s = g.abs()?.sum_all()?.to_scalar::<f32>()?;
-        assert!(s > 0.0 && s.is_finite(), "VQ parameter {name}: |grad| sum {s}");
+        assert!(
+            s > 0.0 && s.is_finite(),
+            "VQ parameter {name}: |grad| sum {s}"
+        );
         checked += 1;
     }
     assert_eq!(checked, vq_vars.len());
@@ -251,26 +287,60 @@ fn every_trainable_parameter_gets_a_gradient() -> Result<()> {
             continue;
         }
         let s = g.abs()?.sum_all()?.to_scalar::<f32>()?;
-        assert!(s > 0.0 && s.is_finite(), "discriminator parameter {name}: |grad| sum {s}");
+        assert!(
+            s > 0.0 && s.is_finite(),
+            "discriminator parameter {name}: |grad| sum {s}"
+        );
     }
     // The last bias: check the closed form with fresh logits of the same weights.
-    let bias_var = &disc_vars.iter().find(|(n, _)| n == "main.11.bias").context("main.11.bias")?.1;
-    let g_bias = grads.get(bias_var.as_tensor()).context("main.11.bias has no gradient")?.to_vec1::<f32>()?[0];
+    let bias_var = &disc_vars
+        .iter()
+        .find(|(n, _)| n == "main.11.bias")
+        .context("main.11.bias")?
+        .1;
+    let g_bias = grads
+        .get(bias_var.as_tensor())
+        .context("main.11.bias has no gradient")?
+        .to_vec1::<f32>()?[0];
     let mut probe = trainer(&f, &cfg)?;
     let (_, rec_p, _) = probe.generator_loss(&f.x)?;
     let disc = probe.discriminator_mut();
     let lr = disc.forward_train(&f.x)?.flatten_all()?.to_vec1::<f32>()?;
-    let lf = disc.forward_train(&rec_p.detach())?.flatten_all()?.to_vec1::<f32>()?;
-    let share = |v: &[f32], p: &dyn Fn(f32) -> bool| v.iter().filter(|x| p(**x)).count() as f32 / v.len() as f32;
+    let lf = disc
+        .forward_train(&rec_p.detach())?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let share = |v: &[f32], p: &dyn Fn(f32) -> bool| {
+        v.iter().filter(|x| p(**x)).count() as f32 / v.len() as f32
+    };
     let want = 0.5 * 0.5 * (share(&lf, &|x| x > -1.0) - share(&lr, &|x| x < 1.0));
-    assert!((g_bias - want).abs() < 1e-6, "main.11.bias gradient {g_bias}, closed form {want}");
-    assert_eq!(disc_vars.len(), DiscConfig { input_nc: 3, ndf: 8, n_layers: 3 }.parameter_specs().len());
+    assert!(
+        (g_bias - want).abs() < 1e-6,
+        "main.11.bias gradient {g_bias}, closed form {want}"
+    );
+    assert_eq!(
+        disc_vars.len(),
+        DiscConfig {
+            input_nc: 3,
+            ndf: 8,
+            n_layers: 3
+        }
+        .parameter_specs()
+        .len()
+    );
     Ok(())
 }
 
 fn image_dir_with_real_images() -> Result<tempfile::TempDir> {
     let dir = tempfile::tempdir()?;
-    for n in ["hopper.jpg", "chelsea.png", "coffee.png", "rocket.jpg", "flower.jpg", "camera.png"] {
+    for n in [
+        "hopper.jpg",
+        "chelsea.png",
+        "coffee.png",
+        "rocket.jpg",
+        "flower.jpg",
+        "camera.png",
+    ] {
         std::fs::copy(images_dir().join(n), dir.path().join(n))?;
     }
     Ok(dir)
@@ -290,7 +360,12 @@ fn total_loss_falls_over_a_short_run() -> Result<()> {
     let mut cfg = reference_config(true);
     cfg.optim.lr = 2e-3;
     cfg.loss.disc_start = 1_000_000;
-    let mut src = ImageSource::open(&ImageSourceConfig::Dir { path: dir.path().to_path_buf() }, cfg.seed)?;
+    let mut src = ImageSource::open(
+        &ImageSourceConfig::Dir {
+            path: dir.path().to_path_buf(),
+        },
+        cfg.seed,
+    )?;
     let mut t = trainer(&f, &cfg)?;
     let mut losses = Vec::new();
     for step in 0..30 {
@@ -299,7 +374,10 @@ fn total_loss_falls_over_a_short_run() -> Result<()> {
     }
     let first: f32 = losses[..5].iter().sum::<f32>() / 5.0;
     let last: f32 = losses[losses.len() - 5..].iter().sum::<f32>() / 5.0;
-    assert!(last < 0.8 * first, "loss did not fall: first five {first}, last five {last}: {losses:?}");
+    assert!(
+        last < 0.8 * first,
+        "loss did not fall: first five {first}, last five {last}: {losses:?}"
+    );
     Ok(())
 }
 
@@ -321,7 +399,9 @@ fn resume_is_exact() -> Result<()> {
     cfg.loss.disc_start = 2;
     cfg.optim.ema = true;
     cfg.optim.ema_decay = 0.9;
-    let src_cfg = ImageSourceConfig::Dir { path: dir.path().to_path_buf() };
+    let src_cfg = ImageSourceConfig::Dir {
+        path: dir.path().to_path_buf(),
+    };
 
     let mut src = ImageSource::open(&src_cfg, cfg.seed)?;
     let mut a = trainer(&f, &cfg)?;
@@ -343,7 +423,10 @@ fn resume_is_exact() -> Result<()> {
     let mut src = ImageSource::open(&src_cfg, cfg.seed)?;
     for step in 2..4 {
         let s = b.step(&batch(&mut src, step, 2)?)?;
-        assert_eq!(s, stats_a[step as usize], "step {step} differs after resume");
+        assert_eq!(
+            s, stats_a[step as usize],
+            "step {step} differs after resume"
+        );
     }
     assert_eq!(all_state(&a)?, all_state(&b)?);
     // The exported EMA and model load as a VQ model with the official keys.
@@ -377,7 +460,9 @@ fn lpips_dropout_is_on_by_default_and_seeded() -> Result<()> {
 #[test]
 fn missing_vgg_backbone_names_the_file() {
     let missing = Path::new("/nonexistent/vgg16-397923af.pth");
-    let err = Lpips::load(missing, None, true, &Device::Cpu).unwrap_err().to_string();
+    let err = Lpips::load(missing, None, true, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("vgg16-397923af.pth"), "{err}");
     assert!(err.contains("torchvision"), "{err}");
 }
@@ -395,15 +480,31 @@ fn make_image_catalog(root: &Path) -> Result<Vec<String>> {
     use std::sync::Arc;
 
     let names = ["hopper.jpg", "chelsea.png", "rocket.jpg", "flower.jpg"];
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
-        let cat = Catalog::open(root.to_str().context("utf8 root")?, &StorageOptions::default()).await?;
+        let cat = Catalog::open(
+            root.to_str().context("utf8 root")?,
+            &StorageOptions::default(),
+        )
+        .await?;
         let ds = cat.samples();
         let rows: Vec<(String, &str, Option<Vec<u8>>)> = names
             .iter()
-            .map(|n| Ok((n.to_string(), "ok", Some(std::fs::read(images_dir().join(n))?))))
+            .map(|n| {
+                Ok((
+                    n.to_string(),
+                    "ok",
+                    Some(std::fs::read(images_dir().join(n))?),
+                ))
+            })
             .chain([
-                Ok(("failed".to_string(), "error", Some(std::fs::read(images_dir().join("hopper.jpg"))?))),
+                Ok((
+                    "failed".to_string(),
+                    "error",
+                    Some(std::fs::read(images_dir().join("hopper.jpg"))?),
+                )),
                 Ok(("no-image".to_string(), "ok", None)),
             ])
             .collect::<Result<Vec<_>>>()?;
@@ -420,10 +521,18 @@ fn make_image_catalog(root: &Path) -> Result<Vec<String>> {
                     None => images.append(false),
                     Some(b) => {
                         let s = images.values();
-                        s.field_builder::<Int32Builder>(0).unwrap().append_value(256);
-                        s.field_builder::<Int32Builder>(1).unwrap().append_value(256);
-                        s.field_builder::<Int32Builder>(2).unwrap().append_value(256);
-                        s.field_builder::<StringBuilder>(3).unwrap().append_value("orig");
+                        s.field_builder::<Int32Builder>(0)
+                            .unwrap()
+                            .append_value(256);
+                        s.field_builder::<Int32Builder>(1)
+                            .unwrap()
+                            .append_value(256);
+                        s.field_builder::<Int32Builder>(2)
+                            .unwrap()
+                            .append_value(256);
+                        s.field_builder::<StringBuilder>(3)
+                            .unwrap()
+                            .append_value("orig");
                         s.field_builder::<BinaryBuilder>(4).unwrap().append_value(b);
                         s.append(true);
                         images.append(true);
@@ -440,8 +549,12 @@ fn make_image_catalog(root: &Path) -> Result<Vec<String>> {
                     .map(|(n, a)| Field::new(*n, a.data_type().clone(), *n == col::IMAGES))
                     .collect::<Vec<_>>(),
             );
-            let batch = RecordBatch::try_new(Arc::new(schema), cols.into_iter().map(|(_, a)| a).collect())?;
-            let mut w = ds.writer(ShardWriterOptions { stage: "ingest".into(), ..Default::default() });
+            let batch =
+                RecordBatch::try_new(Arc::new(schema), cols.into_iter().map(|(_, a)| a).collect())?;
+            let mut w = ds.writer(ShardWriterOptions {
+                stage: "ingest".into(),
+                ..Default::default()
+            });
             w.write(&batch).await?;
             let add = w.finish().await?;
             ds.commit(Transaction {
@@ -474,7 +587,10 @@ fn catalog_images_are_read_from_committed_shards() -> Result<()> {
     }
     for n in &names {
         let want = llamagen_encode::augment::load_rgb(&images_dir().join(n))?;
-        assert!(decoded.iter().any(|d| d == &want), "{n} not among the catalog images");
+        assert!(
+            decoded.iter().any(|d| d == &want),
+            "{n} not among the catalog images"
+        );
     }
     // One epoch visits every image once; crops are 32 px and reproducible.
     let mut seen: Vec<usize> = (0..src.len() as u64).map(|k| src.locate(k)).collect();
@@ -493,8 +609,14 @@ fn catalog_images_are_read_from_committed_shards() -> Result<()> {
     Ok(())
 }
 
-fn grad_norm(grads: &candle_core::backprop::GradStore, v: &candle_core::Var, name: &str) -> Result<f64> {
-    let g = grads.get(v.as_tensor()).with_context(|| format!("{name} has no gradient"))?;
+fn grad_norm(
+    grads: &candle_core::backprop::GradStore,
+    v: &candle_core::Var,
+    name: &str,
+) -> Result<f64> {
+    let g = grads
+        .get(v.as_tensor())
+        .with_context(|| format!("{name} has no gradient"))?;
     Ok(g.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64)
 }
 
@@ -503,8 +625,12 @@ fn per_parameter_gradients_match_the_reference() -> Result<()> {
     // Every model parameter at step 1, every discriminator parameter at step 2.
     let f = fixture()?;
     let cfg = reference_config(false);
-    let vq_ref = f.reference["grad_norms_step1_vq"].as_object().context("vq grads")?;
-    let disc_ref = f.reference["grad_norms_step2_disc"].as_object().context("disc grads")?;
+    let vq_ref = f.reference["grad_norms_step1_vq"]
+        .as_object()
+        .context("vq grads")?;
+    let disc_ref = f.reference["grad_norms_step2_disc"]
+        .as_object()
+        .context("disc grads")?;
     let mut t = trainer(&f, &cfg)?;
     let (vq_vars, disc_vars) = t.trainable_vars()?;
     assert_eq!(vq_vars.len(), vq_ref.len());
@@ -512,8 +638,16 @@ fn per_parameter_gradients_match_the_reference() -> Result<()> {
     let (loss, _, _) = t.generator_loss(&f.x)?;
     let grads = loss.backward()?;
     for (name, v) in &vq_vars {
-        let want = vq_ref[name].as_f64().with_context(|| format!("reference for {name}"))?;
-        close(&format!("step 1 grad of {name}"), grad_norm(&grads, v, name)?, want, 1e-3, 1e-6);
+        let want = vq_ref[name]
+            .as_f64()
+            .with_context(|| format!("reference for {name}"))?;
+        close(
+            &format!("step 1 grad of {name}"),
+            grad_norm(&grads, v, name)?,
+            want,
+            1e-3,
+            1e-6,
+        );
     }
     let mut t = trainer(&f, &cfg)?;
     let (_, disc_vars) = t.trainable_vars()?;
@@ -522,8 +656,16 @@ fn per_parameter_gradients_match_the_reference() -> Result<()> {
     let (d_loss, _, _) = t.discriminator_loss(&f.x, &rec)?;
     let grads = d_loss.backward()?;
     for (name, v) in &disc_vars {
-        let want = disc_ref[name].as_f64().with_context(|| format!("reference for {name}"))?;
-        close(&format!("step 2 grad of {name}"), grad_norm(&grads, v, name)?, want, 1e-3, 1e-6);
+        let want = disc_ref[name]
+            .as_f64()
+            .with_context(|| format!("reference for {name}"))?;
+        close(
+            &format!("step 2 grad of {name}"),
+            grad_norm(&grads, v, name)?,
+            want,
+            1e-3,
+            1e-6,
+        );
     }
     Ok(())
 }
@@ -532,10 +674,14 @@ fn per_parameter_gradients_match_the_reference() -> Result<()> {
 fn fine_tunes_an_official_checkpoint() -> Result<()> {
     // The reference set's VQ weights were written by the official code (official keys).
     let f = fixture()?;
-    let official = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/parity/vq_weights.safetensors");
+    let official =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/parity/vq_weights.safetensors");
     let cfg = VqStepConfig {
         model: ModelArgs::reduced(),
-        loss: LossConfig { disc_start: 0, ..LossConfig::default() },
+        loss: LossConfig {
+            disc_start: 0,
+            ..LossConfig::default()
+        },
         ..reference_config(true)
     };
     let mut t = VqTrainer::new(&cfg, Some(&official), lpips(&f, true)?, &Device::Cpu)?;
@@ -543,17 +689,28 @@ fn fine_tunes_an_official_checkpoint() -> Result<()> {
     let before = t.model_tensors();
     assert_eq!(before.len(), file.len());
     for (name, v) in &before {
-        let diff = (v - &file[name].to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (v - &file[name].to_dtype(DType::F32)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert_eq!(diff, 0.0, "{name} differs from the checkpoint");
     }
     let s = t.step(&f.x)?;
-    assert_eq!(s.disc_weight, 0.5, "fine-tuning (disc_start 0) trains adversarially from step 1");
+    assert_eq!(
+        s.disc_weight, 0.5,
+        "fine-tuning (disc_start 0) trains adversarially from step 1"
+    );
     assert!(s.loss_disc > 0.0 && s.loss_gen.is_finite());
     let out = tempfile::tempdir()?;
     let path = out.path().join("vq.safetensors");
     t.export_vq(&path, false)?;
     let reloaded = llamagen_encode::VqModel::from_file(&path, &ModelArgs::reduced(), &Device::Cpu)?;
-    let moved = (reloaded.named_tensors().into_iter().find(|(n, _)| n == "decoder.conv_out.weight").unwrap().1
+    let moved = (reloaded
+        .named_tensors()
+        .into_iter()
+        .find(|(n, _)| n == "decoder.conv_out.weight")
+        .unwrap()
+        .1
         - &file["decoder.conv_out.weight"])?
         .abs()?
         .max_all()?
@@ -569,7 +726,10 @@ fn the_example_config_parses() -> Result<()> {
     assert_eq!(cfg.loss.disc_start, 0);
     assert_eq!(cfg.model, ModelArgs::vq_16());
     assert!(cfg.loss.lpips_dropout);
-    assert_eq!((cfg.optim.beta1, cfg.optim.beta2, cfg.optim.lr), (0.9, 0.95, 1e-4));
+    assert_eq!(
+        (cfg.optim.beta1, cfg.optim.beta2, cfg.optim.lr),
+        (0.9, 0.95, 1e-4)
+    );
     assert!(matches!(cfg.data, ImageSourceConfig::Catalog(_)));
     Ok(())
 }
@@ -629,11 +789,23 @@ grid_images = 2
         .lines()
         .map(serde_json::from_str)
         .collect::<std::result::Result<_, _>>()?;
-    assert_eq!(lines.iter().map(|l| l["step"].as_u64().unwrap()).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(
+        lines
+            .iter()
+            .map(|l| l["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
     assert_eq!(lines[0]["disc_weight"], 0.0);
     assert_eq!(lines[1]["disc_weight"], 0.5);
     for dir in ["0000002", "0000003"] {
-        assert!(out.join("checkpoints").join(dir).join("state.json").is_file(), "{dir}");
+        assert!(
+            out.join("checkpoints")
+                .join(dir)
+                .join("state.json")
+                .is_file(),
+            "{dir}"
+        );
     }
     let e = s.eval.context("evaluation")?;
     assert_eq!(e.images, 2);

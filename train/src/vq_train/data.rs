@@ -94,12 +94,23 @@ fn largest_images(batch: &RecordBatch, shard: &str) -> Result<Vec<Option<Vec<u8>
         .ok_or_else(|| bad("is missing"))?
         .as_list_opt::<i32>()
         .ok_or_else(|| bad("is not a list"))?;
-    let items = list.values().as_struct_opt().ok_or_else(|| bad("items are not structs"))?;
+    let items = list
+        .values()
+        .as_struct_opt()
+        .ok_or_else(|| bad("items are not structs"))?;
     let field = |n: &str| items.column_by_name(n).ok_or_else(|| bad("lacks a field"));
-    let size = field("size")?.as_primitive_opt::<Int32Type>().ok_or_else(|| bad("size"))?;
-    let width = field("width")?.as_primitive_opt::<Int32Type>().ok_or_else(|| bad("width"))?;
-    let height = field("height")?.as_primitive_opt::<Int32Type>().ok_or_else(|| bad("height"))?;
-    let data = field("data")?.as_binary_opt::<i32>().ok_or_else(|| bad("data"))?;
+    let size = field("size")?
+        .as_primitive_opt::<Int32Type>()
+        .ok_or_else(|| bad("size"))?;
+    let width = field("width")?
+        .as_primitive_opt::<Int32Type>()
+        .ok_or_else(|| bad("width"))?;
+    let height = field("height")?
+        .as_primitive_opt::<Int32Type>()
+        .ok_or_else(|| bad("height"))?;
+    let data = field("data")?
+        .as_binary_opt::<i32>()
+        .ok_or_else(|| bad("data"))?;
     let offsets = list.value_offsets();
     let mut out = Vec::with_capacity(batch.num_rows());
     for i in 0..batch.num_rows() {
@@ -109,7 +120,10 @@ fn largest_images(batch: &RecordBatch, shard: &str) -> Result<Vec<Option<Vec<u8>
         }
         let (a, b) = (offsets[i] as usize, offsets[i + 1] as usize);
         let best = (a..b).filter(|&j| data.is_valid(j)).max_by_key(|&j| {
-            (width.value(j) as i64 * height.value(j) as i64, size.value(j))
+            (
+                width.value(j) as i64 * height.value(j) as i64,
+                size.value(j),
+            )
         });
         out.push(best.map(|j| data.value(j).to_vec()));
     }
@@ -141,7 +155,11 @@ impl ImageSource {
                         path.display()
                     )));
                 }
-                Ok(Self::with_items(files.into_iter().map(Item::File).collect(), None, seed))
+                Ok(Self::with_items(
+                    files.into_iter().map(Item::File).collect(),
+                    None,
+                    seed,
+                ))
             }
             ImageSourceConfig::Catalog(dc) => {
                 let rt = tokio::runtime::Builder::new_current_thread()
@@ -224,7 +242,9 @@ impl ImageSource {
         let (epoch, pos) = (k / n, (k % n) as usize);
         if self.order.as_ref().map(|(e, _)| *e) != Some(epoch) {
             let mut order: Vec<usize> = (0..self.items.len()).collect();
-            order.shuffle(&mut StdRng::seed_from_u64(mix_seed(&[self.seed, epoch, 0x1A6E])));
+            order.shuffle(&mut StdRng::seed_from_u64(mix_seed(&[
+                self.seed, epoch, 0x1A6E,
+            ])));
             self.order = Some((epoch, order));
         }
         self.order.as_ref().expect("just set").1[pos]
@@ -289,4 +309,3 @@ fn round_half_even(v: f64) -> u32 {
     };
     r.max(1.0) as u32
 }
-

@@ -237,10 +237,10 @@ impl BatchNorm2d {
             .broadcast_add(&self.bias.reshape(shape)?)?;
         let mean_d = mean.detach().flatten_all()?;
         let var_unbiased = (var.detach().flatten_all()? * (n as f64 / (n as f64 - 1.0)))?;
-        self.running_mean = ((&self.running_mean * (1.0 - BN_MOMENTUM))?
-            + (mean_d * BN_MOMENTUM)?)?;
-        self.running_var = ((&self.running_var * (1.0 - BN_MOMENTUM))?
-            + (var_unbiased * BN_MOMENTUM)?)?;
+        self.running_mean =
+            ((&self.running_mean * (1.0 - BN_MOMENTUM))? + (mean_d * BN_MOMENTUM)?)?;
+        self.running_var =
+            ((&self.running_var * (1.0 - BN_MOMENTUM))? + (var_unbiased * BN_MOMENTUM)?)?;
         self.num_batches_tracked += 1;
         Ok(y)
     }
@@ -382,7 +382,10 @@ impl Discriminator {
                     *slot = t.to_dtype(DType::F32)?.to_device(bn.weight.device())?;
                 }
                 let n = get(format!("main.{idx}.num_batches_tracked"))?;
-                bn.num_batches_tracked = n.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?
+                bn.num_batches_tracked = n
+                    .to_dtype(DType::I64)?
+                    .flatten_all()?
+                    .to_vec1::<i64>()?
                     .first()
                     .copied()
                     .unwrap_or(0);

@@ -137,11 +137,13 @@ impl Lpips {
         device: &Device,
     ) -> Result<Self> {
         let get = |map: &HashMap<String, Tensor>, src: &Path, name: &str| {
-            map.get(name).cloned().ok_or_else(|| TrainError::MissingTensor {
-                path: src.to_path_buf(),
-                name: name.to_string(),
-                expected: vec![],
-            })
+            map.get(name)
+                .cloned()
+                .ok_or_else(|| TrainError::MissingTensor {
+                    path: src.to_path_buf(),
+                    name: name.to_string(),
+                    expected: vec![],
+                })
         };
         let mut slices = Vec::new();
         let mut conv_iter = VGG16_CONV_INDICES.iter();
@@ -185,7 +187,11 @@ impl Lpips {
                     found: w.dims().to_vec(),
                 });
             }
-            lin_ts.push(w.to_dtype(DType::F32)?.to_device(device)?.reshape((1, c, 1, 1))?);
+            lin_ts.push(
+                w.to_dtype(DType::F32)?
+                    .to_device(device)?
+                    .reshape((1, c, 1, 1))?,
+            );
         }
         Ok(Lpips {
             slices,
@@ -202,9 +208,7 @@ impl Lpips {
     }
 
     fn features(&self, x: &Tensor) -> Result<Vec<Tensor>> {
-        let mut h = x
-            .broadcast_sub(&self.shift)?
-            .broadcast_div(&self.scale)?;
+        let mut h = x.broadcast_sub(&self.shift)?.broadcast_div(&self.scale)?;
         let mut out = Vec::with_capacity(5);
         for (s, convs) in self.slices.iter().enumerate() {
             if s > 0 {

@@ -214,7 +214,11 @@ fn uniform(rng: &mut StdRng, n: usize, bound: f64) -> Vec<f32> {
 /// A freshly initialised VQ model's tensors (PyTorch defaults, as the official `VQModel`
 /// leaves them): conv weights and biases U(±1/√fan_in), GroupNorm weight 1 and bias 0, the
 /// codebook U(±1/K) then L2-normalised when `codebook_l2_norm`, `codebook_used` zeros.
-pub fn init_vq_tensors(args: &ModelArgs, seed: u64, device: &Device) -> Result<HashMap<String, Tensor>> {
+pub fn init_vq_tensors(
+    args: &ModelArgs,
+    seed: u64,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
     let specs = VqModel::tensor_specs(args)?;
     let shapes: HashMap<&str, &Vec<usize>> = specs.iter().map(|(n, s)| (n.as_str(), s)).collect();
     let mut rng = StdRng::seed_from_u64(mix_seed(&[seed, 0x5EED_0F09]));
@@ -233,7 +237,11 @@ pub fn init_vq_tensors(args: &ModelArgs, seed: u64, device: &Device) -> Result<H
             }
         } else if shape.len() == 4 {
             let fan_in = (shape[1] * shape[2] * shape[3]) as f64;
-            Tensor::from_vec(uniform(&mut rng, n, 1.0 / fan_in.sqrt()), shape.as_slice(), device)?
+            Tensor::from_vec(
+                uniform(&mut rng, n, 1.0 / fan_in.sqrt()),
+                shape.as_slice(),
+                device,
+            )?
         } else {
             let stem = name.rsplit_once('.').map(|(a, _)| a).unwrap_or(name);
             match shapes.get(format!("{stem}.weight").as_str()) {
@@ -398,7 +406,12 @@ impl VqTrainer {
 
     /// A trainer from scratch (`init` None) or fine-tuning an official VQ checkpoint
     /// (`.pt`/`.pth` or safetensors with the official keys).
-    pub fn new(cfg: &VqStepConfig, init: Option<&Path>, lpips: Lpips, device: &Device) -> Result<Self> {
+    pub fn new(
+        cfg: &VqStepConfig,
+        init: Option<&Path>,
+        lpips: Lpips,
+        device: &Device,
+    ) -> Result<Self> {
         let tensors = match init {
             None => init_vq_tensors(&cfg.model, cfg.seed, device)?,
             Some(p) => VqModel::from_file(p, &cfg.model, device)?
@@ -534,7 +547,11 @@ impl VqTrainer {
         stats.grad_norm_disc = clip_grad_norm(
             &mut grads,
             &d_refs,
-            if max_norm > 0.0 { max_norm } else { f64::INFINITY },
+            if max_norm > 0.0 {
+                max_norm
+            } else {
+                f64::INFINITY
+            },
         )?;
         self.opt_disc.step(&grads)?;
         self.steps += 1;
@@ -628,7 +645,8 @@ impl VqTrainer {
     /// Restores a trainer from a checkpoint directory written by [`Self::save_checkpoint`].
     pub fn load_checkpoint(dir: &Path, lpips: Lpips, device: &Device) -> Result<Self> {
         let state_path = dir.join(CKPT_STATE);
-        let text = std::fs::read_to_string(&state_path).map_err(|e| TrainError::io(&state_path, e))?;
+        let text =
+            std::fs::read_to_string(&state_path).map_err(|e| TrainError::io(&state_path, e))?;
         let state: CheckpointState = serde_json::from_str(&text).map_err(|e| TrainError::Json {
             path: state_path.clone(),
             source: e,
@@ -647,16 +665,21 @@ impl VqTrainer {
             .parameter_specs()
             .into_iter()
             .map(|(n, _)| {
-                disc.get(&n).cloned().map(|t| (n.clone(), t)).ok_or(TrainError::MissingReference {
-                    path: dir.join(CKPT_DISC),
-                    name: n,
-                })
+                disc.get(&n)
+                    .cloned()
+                    .map(|t| (n.clone(), t))
+                    .ok_or(TrainError::MissingReference {
+                        path: dir.join(CKPT_DISC),
+                        name: n,
+                    })
             })
             .collect::<Result<_>>()?;
         let mut t = Self::from_tensors(&state.config, &model, Some(&disc_params), lpips, device)?;
         t.disc.load_buffers(&disc, &dir.join(CKPT_DISC))?;
-        t.opt
-            .load_state(&read_safetensors(&dir.join(CKPT_OPT), device)?, &dir.join(CKPT_OPT))?;
+        t.opt.load_state(
+            &read_safetensors(&dir.join(CKPT_OPT), device)?,
+            &dir.join(CKPT_OPT),
+        )?;
         t.opt_disc.load_state(
             &read_safetensors(&dir.join(CKPT_OPT_DISC), device)?,
             &dir.join(CKPT_OPT_DISC),

@@ -29,7 +29,7 @@ use llamagen_encode::vq::ModelArgs;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    DiscConfig, ImageSource, ImageSourceConfig, Lpips, LossConfig, VqOptimConfig, VqStepConfig,
+    DiscConfig, ImageSource, ImageSourceConfig, LossConfig, Lpips, VqOptimConfig, VqStepConfig,
     VqStepStats, VqTrainer,
 };
 use crate::error::{Result, TrainError};
@@ -287,7 +287,12 @@ fn write_grid(path: &Path, top: &[RgbImage], bottom: &[RgbImage], size: u32) -> 
     let mut grid = RgbImage::new(cols * size, 2 * size);
     for (row, imgs) in [top, bottom].iter().enumerate() {
         for (i, img) in imgs.iter().enumerate() {
-            image::imageops::replace(&mut grid, img, (i as u32 * size) as i64, (row as u32 * size) as i64);
+            image::imageops::replace(
+                &mut grid,
+                img,
+                (i as u32 * size) as i64,
+                (row as u32 * size) as i64,
+            );
         }
     }
     grid.save(path)
@@ -365,7 +370,13 @@ pub fn run(cfg: &TokenizerTrainConfig) -> Result<VqRunSummary> {
     while trainer.steps() < lc.steps {
         let s = trainer.steps();
         let imgs = (0..lc.batch_size as u64)
-            .map(|i| src.sample(s * lc.batch_size as u64 + i, lc.image_size, (lc.crop_min, lc.crop_max)))
+            .map(|i| {
+                src.sample(
+                    s * lc.batch_size as u64 + i,
+                    lc.image_size,
+                    (lc.crop_min, lc.crop_max),
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         let x = to_tensor(&imgs, &device)?;
         let stats = trainer.step(&x)?;
@@ -429,4 +440,3 @@ pub fn run(cfg: &TokenizerTrainConfig) -> Result<VqRunSummary> {
         eval: last_eval,
     })
 }
-
