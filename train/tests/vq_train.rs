@@ -468,7 +468,8 @@ fn missing_vgg_backbone_names_the_file() {
 }
 
 /// A catalog dataset whose rows hold real images as their stored renditions: two shards, plus
-/// a row with status `error` and a row without images, which must both be skipped.
+/// a row with status `failed` (with an image) and a `dropped` row without images, which must
+/// both be skipped.
 fn make_image_catalog(root: &Path) -> Result<Vec<String>> {
     use llamagen_catalog::arrow::array::{
         ArrayRef, BinaryBuilder, Int32Builder, ListBuilder, RecordBatch, StringBuilder,
@@ -502,10 +503,10 @@ fn make_image_catalog(root: &Path) -> Result<Vec<String>> {
             .chain([
                 Ok((
                     "failed".to_string(),
-                    "error",
+                    "failed",
                     Some(std::fs::read(images_dir().join("hopper.jpg"))?),
                 )),
-                Ok(("no-image".to_string(), "ok", None)),
+                Ok(("no-image".to_string(), "dropped", None)),
             ])
             .collect::<Result<Vec<_>>>()?;
         for part in [&rows[..3], &rows[3..]] {

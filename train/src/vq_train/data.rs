@@ -3,20 +3,25 @@
 //! horizontal flip.
 //!
 //! Invariants enforced here:
-//! - Catalog rows are used when their `status` is `ok` and they hold an image rendition; the
-//!   largest rendition (by pixel count, then target size) is decoded.
+//! - Catalog rows are used when their `status` is `ok` (indexing reads only that column); the
+//!   largest rendition of the `images` column (by pixel count, then target size) is decoded. A
+//!   row with status `ok` but no rendition fails with an error naming its shard and row.
 //! - A directory source uses its files with an image extension (jpg, jpeg, png, webp, bmp,
 //!   gif, tif, tiff), sorted by name.
-//! - The sample stream is a pure function of (source, seed): epoch `e` is a permutation of all
-//!   items drawn with a generator seeded by `(seed, e)`; sample `k` is position `k % n` of
-//!   epoch `k / n`. The crop and flip of sample `k` come from a generator seeded by
+//! - The sample stream is a pure function of (source, seed): epoch `e` is drawn with a generator
+//!   seeded by `(seed, e)`. A directory's files are permuted as a whole; a catalog's shards are
+//!   permuted, grouped into windows of `shuffle_window` shards, and the rows inside each window
+//!   permuted (so only a window's shards need to be held decoded). Sample `k` is position
+//!   `k % n` of epoch `k / n`. The crop and flip of sample `k` come from a generator seeded by
 //!   `(seed, k)`. A resumed run therefore sees exactly the images an uninterrupted one would.
 //! - `random_crop_arr(img, S)` (ADM): side `s` uniform in `[ceil(S/max_frac), ceil(S/min_frac)]`
 //!   (inclusive), BOX-halve while `min(W, H) ≥ 2s`, BICUBIC-resize so the short side is `s`
 //!   (`round(dim·s/min)`), then an S×S window at a uniform offset; then a flip with
 //!   probability ½.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use image::RgbImage;
 use llamagen_catalog::arrow::array::{Array, AsArray, RecordBatch};
@@ -57,7 +62,10 @@ enum Item {
 pub struct ImageSource {
     items: Vec<Item>,
     catalog: Option<CatalogImages>,
-    cached: Option<(usize, Vec<Option<Vec<u8>>>)>,
+    /// Decoded catalog shards, most recently used last.
+    cache: VecDeque<(usize, Arc<Vec<Option<Vec<u8>>>>)>,
+    /// Shards per shuffle window (catalog sources).
+    window: usize,
     seed: u64,
     order: Option<(u64, Vec<usize>)>,
 }
@@ -69,6 +77,34 @@ struct CatalogImages {
 }
 
 impl CatalogImages {
+    /// Row indices with status `ok` of a shard.
+    fn ok_rows(&self, shard: usize) -> Result<Vec<usize>> {
+        let batches = self.rt.block_on(
+            self.dataset
+                .read_shard(&self.shards[shard], Some(&[col::STATUS][..])),
+        )?;
+        let mut out = Vec::new();
+        let mut base = 0;
+        for b in &batches {
+            let status = b
+                .column_by_name(col::STATUS)
+                .and_then(|c| c.as_string_opt::<i32>())
+                .ok_or_else(|| {
+                    TrainError::Data(format!(
+                        "shard {}: no utf8 status column",
+                        self.shards[shard].path
+                    ))
+                })?;
+            for i in 0..b.num_rows() {
+                if status.is_valid(i) && status.value(i) == "ok" {
+                    out.push(base + i);
+                }
+            }
+            base += b.num_rows();
+        }
+        Ok(out)
+    }
+
     fn read(&self, shard: usize) -> Result<Vec<Option<Vec<u8>>>> {
         let batches = self.rt.block_on(
             self.dataset
@@ -177,21 +213,24 @@ impl ImageSource {
                     dataset,
                     shards: manifest.shards,
                 };
+                if dc.shuffle_window == 0 {
+                    return Err(TrainError::InvalidConfig(
+                        "data.shuffle_window must be >= 1".into(),
+                    ));
+                }
                 let mut items = Vec::new();
                 for s in 0..cat.shards.len() {
-                    for (r, img) in cat.read(s)?.iter().enumerate() {
-                        if img.is_some() {
-                            items.push(Item::Row(s, r));
-                        }
-                    }
+                    items.extend(cat.ok_rows(s)?.into_iter().map(|r| Item::Row(s, r)));
                 }
                 if items.is_empty() {
                     return Err(TrainError::Data(format!(
-                        "catalog {} dataset {} (version {}) has no rows with status ok and an image",
+                        "catalog {} dataset {} (version {}) has no rows with status ok",
                         dc.root, dc.dataset, manifest.version
                     )));
                 }
-                Ok(Self::with_items(items, Some(cat), seed))
+                let mut src = Self::with_items(items, Some(cat), seed);
+                src.window = dc.shuffle_window;
+                Ok(src)
             }
         }
     }
@@ -200,7 +239,8 @@ impl ImageSource {
         ImageSource {
             items,
             catalog,
-            cached: None,
+            cache: VecDeque::new(),
+            window: 1,
             seed,
             order: None,
         }
@@ -221,16 +261,30 @@ impl ImageSource {
         match self.items[i].clone() {
             Item::File(p) => Ok(llamagen_encode::augment::load_rgb(&p)?),
             Item::Row(s, r) => {
-                if self.cached.as_ref().map(|(c, _)| *c) != Some(s) {
-                    let cat = self.catalog.as_ref().expect("rows come from a catalog");
-                    self.cached = Some((s, cat.read(s)?));
-                }
-                let rows = &self.cached.as_ref().expect("just cached").1;
+                let rows = match self.cache.iter().position(|(c, _)| *c == s) {
+                    Some(i) => {
+                        let hit = self.cache.remove(i).expect("position is valid");
+                        self.cache.push_back(hit);
+                        self.cache.back().expect("just pushed").1.clone()
+                    }
+                    None => {
+                        let cat = self.catalog.as_ref().expect("rows come from a catalog");
+                        let rows = Arc::new(cat.read(s)?);
+                        self.cache.push_back((s, rows.clone()));
+                        while self.cache.len() > self.window + 1 {
+                            self.cache.pop_front();
+                        }
+                        rows
+                    }
+                };
+                let shard = &self.catalog.as_ref().expect("catalog").shards[s].path;
                 let bytes = rows.get(r).and_then(|b| b.as_ref()).ok_or_else(|| {
-                    TrainError::Data(format!("shard {s} row {r} changed since indexing"))
+                    TrainError::Data(format!(
+                        "shard {shard} row {r}: status ok but no image rendition"
+                    ))
                 })?;
                 let img = image::load_from_memory(bytes)
-                    .map_err(|e| TrainError::Data(format!("shard {s} row {r}: {e}")))?;
+                    .map_err(|e| TrainError::Data(format!("shard {shard} row {r}: {e}")))?;
                 Ok(img.to_rgb8())
             }
         }
@@ -241,10 +295,32 @@ impl ImageSource {
         let n = self.items.len() as u64;
         let (epoch, pos) = (k / n, (k % n) as usize);
         if self.order.as_ref().map(|(e, _)| *e) != Some(epoch) {
-            let mut order: Vec<usize> = (0..self.items.len()).collect();
-            order.shuffle(&mut StdRng::seed_from_u64(mix_seed(&[
-                self.seed, epoch, 0x1A6E,
-            ])));
+            let mut rng = StdRng::seed_from_u64(mix_seed(&[self.seed, epoch, 0x1A6E]));
+            let order = if let Some(cat) = &self.catalog {
+                // Items are in shard order: group them, permute shards, then rows per window.
+                let mut by_shard: Vec<Vec<usize>> = vec![Vec::new(); cat.shards.len()];
+                for (i, it) in self.items.iter().enumerate() {
+                    if let Item::Row(s, _) = it {
+                        by_shard[*s].push(i);
+                    }
+                }
+                let mut shards: Vec<usize> = (0..by_shard.len()).collect();
+                shards.shuffle(&mut rng);
+                let mut order = Vec::with_capacity(self.items.len());
+                for w in shards.chunks(self.window) {
+                    let mut rows: Vec<usize> = w
+                        .iter()
+                        .flat_map(|&s| by_shard[s].iter().copied())
+                        .collect();
+                    rows.shuffle(&mut rng);
+                    order.extend(rows);
+                }
+                order
+            } else {
+                let mut order: Vec<usize> = (0..self.items.len()).collect();
+                order.shuffle(&mut rng);
+                order
+            };
             self.order = Some((epoch, order));
         }
         self.order.as_ref().expect("just set").1[pos]
