@@ -103,7 +103,7 @@ impl CustomOp3 for ConvBackward {
         let (_, _, kh, kw) = w.dims4()?;
         let grad_x = if !x.track_op() {
             None
-        } else if s == 1 && kh == kw && kh >= p + 1 {
+        } else if s == 1 && kh == kw && kh > p {
             let wt = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
             Some(grad.conv2d(&wt, kh - 1 - p, 1, 1, 1)?)
         } else {

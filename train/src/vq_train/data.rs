@@ -63,12 +63,15 @@ pub struct ImageSource {
     items: Vec<Item>,
     catalog: Option<CatalogImages>,
     /// Decoded catalog shards, most recently used last.
-    cache: VecDeque<(usize, Arc<Vec<Option<Vec<u8>>>>)>,
+    cache: VecDeque<(usize, Arc<ShardImages>)>,
     /// Shards per shuffle window (catalog sources).
     window: usize,
     seed: u64,
     order: Option<(u64, Vec<usize>)>,
 }
+
+/// The image bytes of a shard's rows (None: no rendition or status not `ok`).
+type ShardImages = Vec<Option<Vec<u8>>>;
 
 struct CatalogImages {
     rt: tokio::runtime::Runtime,

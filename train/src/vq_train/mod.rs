@@ -3,8 +3,8 @@
 //! and for the discriminator, checkpoints with exact resume.
 //!
 //! Invariants enforced here (the official recipe and its quirks):
-//! - Generator loss = rec_weight·MSE(x, x̂) + perceptual_weight·mean(LPIPS(x, x̂))
-//!   + disc_weight_eff·(−mean(D(x̂))) + vq_loss + commit_loss + entropy_loss. There is no
+//! - Generator loss = rec_weight·MSE(x, x̂) + perceptual_weight·mean(LPIPS(x, x̂)) +
+//!   disc_weight_eff·(−mean(D(x̂))) + vq_loss + commit_loss + entropy_loss. There is no
 //!   adaptive weight and no codebook weight (the codebook terms are added unweighted).
 //! - `disc_weight_eff` = 0 while `global_step < disc_start`, else `disc_weight` (0.5), with
 //!   `global_step = steps + 1` (`steps` = updates done before this one).
@@ -46,6 +46,9 @@ use crate::train::mix_seed;
 pub use data::{ImageSource, ImageSourceConfig};
 pub use disc::{DiscConfig, Discriminator};
 pub use lpips::Lpips;
+
+/// Variables under their official names.
+pub type NamedVars = Vec<(String, Var)>;
 
 /// Name of the quantizer's usage buffer (never optimised).
 pub const CODEBOOK_USED_KEY: &str = "quantize.codebook_used";
@@ -446,7 +449,7 @@ impl VqTrainer {
 
     /// The trainable variables of the model (official keys, `codebook_used` excluded) and of
     /// the discriminator.
-    pub fn trainable_vars(&self) -> Result<(Vec<(String, Var)>, Vec<(String, Var)>)> {
+    pub fn trainable_vars(&self) -> Result<(NamedVars, NamedVars)> {
         let disc_names: Vec<String> = self
             .cfg
             .disc
