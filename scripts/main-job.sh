@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: local folders and the bundled sample data.
 #  1. import the bundled LAION URL list (10,000 real rows) into a catalog;
-#  2. ingest the bundled real images (served on 127.0.0.1 by a local HTTP server, as a mirror
-#     would) into image shards at 256 px, edge cases and broken files included;
-#  3. show what is in the catalogs (stats, a SQL query, verification);
-#  4. run the model conformance checks against the bundled reference tensors.
+#  2. run the data pipeline (configs/pipeline/sample.toml) on the bundled real images, served on
+#     127.0.0.1 by a local HTTP server: ingest (edge cases and broken files included), filter
+#     scores and verdicts, long and short captions, T5 features and VQ codes, with stand-in models;
+#  3. show what is in the catalog (stats, SQL, verification);
+#  4. train a tiny text-to-image GPT on the ready shards for a few CPU steps and sample a grid;
+#  5. run the model conformance checks against the bundled reference tensors.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
+export OUT="$(mkdir -p "$OUT" && cd "$OUT" && pwd)"
 BIN=${LLAMAGEN_BIN:-target/debug/llamagen}
 PY=${LLAMAGEN_PYTHON:-python3}
 mkdir -p "$OUT"
@@ -18,31 +21,56 @@ echo "== 1. import the bundled LAION URL list into $OUT/laion"
   "SELECT split_part(url, '/', 3) AS host, count(*) AS samples FROM samples
    GROUP BY host ORDER BY samples DESC, host LIMIT 5"
 
-echo "== 2. ingest the bundled images through a local HTTP server into $OUT/images"
+echo "== 2. the data pipeline on the bundled images: ingest -> filters -> captions -> T5 -> VQ codes"
+# The images are served by a local HTTP server on 127.0.0.1, as a mirror would serve them; the URL
+# list and a long-caption file (joined by URL) are made from the bundled images' manifest.
 PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 "$PY" -m http.server "$PORT" --bind 127.0.0.1 --directory data/images >/dev/null 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
-"$PY" - "$PORT" "$OUT/images.jsonl" <<'PYEOF'
+"$PY" - "$PORT" "$OUT/images.jsonl" "$OUT/long_captions.jsonl" <<'PYEOF'
 import json, sys, urllib.parse
-port, out = sys.argv[1], sys.argv[2]
-with open("data/images_manifest.jsonl") as f, open(out, "w") as o:
+port, out, caps = sys.argv[1], sys.argv[2], sys.argv[3]
+with open("data/images_manifest.jsonl") as f, open(out, "w") as o, open(caps, "w") as c:
     for line in f:
         m = json.loads(line)
         rel = m["relpath"].removeprefix("images/")
         url = f"http://127.0.0.1:{port}/" + urllib.parse.quote(rel)
-        o.write(json.dumps({"URL": url, "TEXT": rel, "WIDTH": m["width"], "HEIGHT": m["height"]}) + "\n")
+        name = rel.rsplit("/", 1)[-1].rsplit(".", 1)[0].replace("_", " ")
+        o.write(json.dumps({"URL": url, "TEXT": name, "WIDTH": m["width"], "HEIGHT": m["height"]}) + "\n")
+        tags = ", ".join(m.get("tags") or []) or "none"
+        long = (f"The image {name} from the {m.get('source', 'bundled')} collection. "
+                f"It is a {m.get('format')} file of {m['width']} by {m['height']} pixels (tags: {tags}).")
+        c.write(json.dumps({"url": url, "caption": long}) + "\n")
 PYEOF
 for _ in $(seq 50); do "$PY" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PORT/')" 2>/dev/null && break; sleep 0.1; done
-"$BIN" ingest --input "$OUT/images.jsonl" --root "$OUT/images" --image-size 256 --allow-cidr 127.0.0.0/8
+rm -rf "$OUT/pipeline"
+"$BIN" pipeline check configs/pipeline/sample.toml --input "$OUT/images.jsonl" --root "$OUT/pipeline"
+"$BIN" pipeline run configs/pipeline/sample.toml --input "$OUT/images.jsonl" --root "$OUT/pipeline" \
+  --report-json "$OUT/pipeline-report.json"
+# (a second run finds nothing to do: every unit and shard stage is already committed)
 kill $SERVER 2>/dev/null || true
 
-echo "== 3. what is in the image catalog"
-"$BIN" catalog stats --root "$OUT/images"
-"$BIN" catalog sql --root "$OUT/images" \
-  "SELECT orig_format, count(*) AS images, CAST(avg(content_bytes) AS BIGINT) AS avg_bytes
-   FROM samples WHERE status = 'ok' GROUP BY orig_format ORDER BY images DESC"
-"$BIN" catalog verify --root "$OUT/images"
+echo "== 3. what is in the catalog"
+"$BIN" catalog stats --root "$OUT/pipeline"
+"$BIN" catalog sql --root "$OUT/pipeline" \
+  "SELECT status, coalesce(error_kind, '') AS error_kind, count(*) AS samples,
+          count(vq_codes) AS with_codes, count(t5_long) AS with_t5
+   FROM samples GROUP BY status, error_kind ORDER BY samples DESC"
+"$BIN" catalog sql --root "$OUT/pipeline" \
+  "SELECT key, short_caption FROM samples WHERE status = 'ok' ORDER BY key LIMIT 3"
+"$BIN" catalog verify --root "$OUT/pipeline"
 
-echo "== 4. model conformance against the bundled reference tensors"
+echo "== 4. a short CPU training run on the ready shards, then a sample grid"
+sed -e "s#\"out/#\"$OUT/#" configs/pipeline/train_t2i_sample.toml > "$OUT/train_t2i_sample.toml"
+rm -rf "$OUT/train_t2i_sample"
+"$BIN" train --config "$OUT/train_t2i_sample.toml"
+KEYS=$("$BIN" catalog sql --root "$OUT/pipeline" --format csv \
+  "SELECT key FROM samples WHERE status = 'ok' AND t5_long IS NOT NULL ORDER BY key LIMIT 4" | tail -n +2 | paste -sd, -)
+"$BIN" sample --checkpoint "$OUT/train_t2i_sample/checkpoints/0000012" --vq "$OUT/models/vq_standin.safetensors" \
+  --vq-args configs/pipeline/vq_standin.json --catalog "$OUT/pipeline" --keys "$KEYS" \
+  --cfg-scale 4 --top-k 100 --seed 0 --out "$OUT/samples.png"
+echo "sample grid: $OUT/samples.png (stand-in models: noise, not pictures)"
+
+echo "== 5. model conformance against the bundled reference tensors"
 "$BIN" conformance data/parity | tail -n 3

@@ -73,6 +73,9 @@ pub enum CatalogError {
         expires_at: String,
     },
 
+    #[error("lease {path} was lost to {holder} (it expired before renewal); stop writing")]
+    LeaseLost { path: String, holder: String },
+
     #[error("Parquet error in {path}: {source}")]
     Parquet {
         path: String,

@@ -13,6 +13,7 @@
 pub mod counters;
 pub mod dataset;
 pub mod error;
+pub mod lease;
 pub mod runs;
 pub mod schema;
 pub mod shard;

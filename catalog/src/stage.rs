@@ -8,7 +8,10 @@
 //!   (remove + add), so readers see either the old rows or the new rows, never both or neither.
 //! - A re-run after a crash continues with the shards not yet rewritten. Two workers rewriting the
 //!   same shard race safely: the loser's commit fails with `ShardGone` and its output is discarded.
-//! - `partition = (index, count)` limits a worker to the shards whose path hashes to `index`.
+//! - The [`ShardSelection`] limits a run to some shards: `partition = (index, count)` to the shards
+//!   whose path hashes to `index` (a rewritten shard has a new path, so its next stage may fall to
+//!   another worker), and `requires` to the shards whose `applied` list holds every named stage, so
+//!   a stage never sees rows an earlier stage (run by another worker) has not processed yet.
 //! - The function maps a batch of whole sample rows to a batch of the same rows (same keys, same
 //!   order) holding the columns it sets; columns it does not return are carried over unchanged.
 
@@ -32,6 +35,37 @@ pub struct MapReport {
     pub rows: u64,
 }
 
+/// Which committed shards a stage run may rewrite (see the module rules). A plain
+/// `(index, count)` tuple converts into a selection without requirements.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShardSelection {
+    /// `(index, count)`: this worker's share of the shards; `(0, 1)` (or count 0) is all of them.
+    pub partition: (usize, usize),
+    /// Stages every selected shard must already list in [`ShardEntry::applied`] (or as its
+    /// writing stage).
+    pub requires: Vec<String>,
+}
+
+impl ShardSelection {
+    /// Whether `entry` is selected.
+    pub fn selects(&self, entry: &ShardEntry) -> bool {
+        shard_in_partition(entry, self.partition)
+            && self
+                .requires
+                .iter()
+                .all(|r| entry.stage == *r || entry.applied.iter().any(|a| a == r))
+    }
+}
+
+impl From<(usize, usize)> for ShardSelection {
+    fn from(partition: (usize, usize)) -> Self {
+        ShardSelection {
+            partition,
+            requires: Vec::new(),
+        }
+    }
+}
+
 /// Whether a shard belongs to worker `index` of `count`.
 pub fn shard_in_partition(entry: &ShardEntry, (index, count): (usize, usize)) -> bool {
     if count <= 1 {
@@ -47,7 +81,7 @@ pub fn shard_in_partition(entry: &ShardEntry, (index, count): (usize, usize)) ->
 pub async fn map_shards<F, Fut>(
     ds: &Dataset,
     stage: &str,
-    partition: (usize, usize),
+    partition: impl Into<ShardSelection>,
     writer: ShardWriterOptions,
     f: F,
     on_shard: impl FnMut(&ShardEntry, u64),
@@ -65,7 +99,7 @@ where
 pub async fn map_shards_where<F, Fut>(
     ds: &Dataset,
     stage: &str,
-    partition: (usize, usize),
+    partition: impl Into<ShardSelection>,
     writer: ShardWriterOptions,
     needs: impl Fn(&ShardEntry) -> bool,
     mut f: F,
@@ -75,10 +109,11 @@ where
     F: FnMut(RecordBatch) -> Fut,
     Fut: Future<Output = Result<RecordBatch>>,
 {
+    let selection = partition.into();
     let mut report = MapReport::default();
     let snap = ds.snapshot().await?;
     for entry in &snap.shards {
-        if !needs(entry) || !shard_in_partition(entry, partition) {
+        if !needs(entry) || !selection.selects(entry) {
             report.shards_skipped += 1;
             continue;
         }

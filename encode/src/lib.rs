@@ -22,6 +22,7 @@ pub mod t5;
 pub mod text_encoder;
 pub mod text_stage;
 pub mod vq;
+pub mod vq_stage;
 
 pub use conformance::{Check, conformance_checks};
 pub use error::EncodeError;

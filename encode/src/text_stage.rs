@@ -438,7 +438,7 @@ pub async fn run_captions(
     ds: &llamagen_catalog::Dataset,
     index: Arc<CaptionIndex>,
     fallbacks: Vec<Fallback>,
-    partition: (usize, usize),
+    partition: impl Into<llamagen_catalog::stage::ShardSelection>,
     mut on_shard: impl FnMut(&llamagen_catalog::ShardEntry, u64),
 ) -> Result<StageRun> {
     let counters = Arc::new(std::sync::Mutex::new(StageCounters::new(CAPTIONS_STAGE)));
@@ -469,7 +469,7 @@ pub async fn run_t5(
     ds: &llamagen_catalog::Dataset,
     encoder: Arc<TextEncoder>,
     dtype: StoreDtype,
-    partition: (usize, usize),
+    partition: impl Into<llamagen_catalog::stage::ShardSelection>,
     mut on_shard: impl FnMut(&llamagen_catalog::ShardEntry, u64),
 ) -> Result<StageRun> {
     let counters = Arc::new(std::sync::Mutex::new(StageCounters::new(T5_STAGE)));

@@ -303,7 +303,7 @@ pub struct ScoreReport {
 pub async fn score_catalog(
     ds: &Dataset,
     scorer: Arc<Scorer>,
-    partition: (usize, usize),
+    partition: impl Into<llamagen_catalog::stage::ShardSelection>,
     mut on_shard: impl FnMut(u64),
 ) -> Result<ScoreReport> {
     if scorer.is_empty() {
@@ -541,7 +541,7 @@ pub fn needs_apply(entry: &ShardEntry, stage: &str) -> bool {
 pub async fn apply_catalog(
     ds: &Dataset,
     t: &Thresholds,
-    partition: (usize, usize),
+    partition: impl Into<llamagen_catalog::stage::ShardSelection>,
     mut on_shard: impl FnMut(u64),
 ) -> Result<(String, MapReport, StageCounters)> {
     let stage = apply_stage_name(t);

@@ -4,6 +4,8 @@ mod catalog_cmd;
 mod conformance_cmd;
 mod filter_cmd;
 mod ingest_cmd;
+mod pipeline;
+mod pipeline_cmd;
 mod sample_cmd;
 mod text_cmd;
 mod tokenizer_cmd;
@@ -35,6 +37,8 @@ enum Command {
     Filter(filter_cmd::FilterArgs),
     /// Captions (long, first-sentence short) and their T5 encoder features.
     Text(text_cmd::TextArgs),
+    /// The whole data pipeline from one config: ingest, filters, captions, T5 and VQ codes.
+    Pipeline(pipeline_cmd::PipelineArgs),
     /// Train or fine-tune the VQ image tokenizer (reconstruction, LPIPS and PatchGAN losses).
     Tokenizer(tokenizer_cmd::TokenizerArgs),
 }
@@ -54,6 +58,7 @@ fn main() -> std::process::ExitCode {
         Command::Ingest(args) => runtime().and_then(|rt| rt.block_on(ingest_cmd::run(*args))),
         Command::Filter(args) => runtime().and_then(|rt| rt.block_on(filter_cmd::run(args))),
         Command::Text(args) => runtime().and_then(|rt| rt.block_on(text_cmd::run(args))),
+        Command::Pipeline(args) => runtime().and_then(|rt| rt.block_on(pipeline_cmd::run(args))),
         Command::Conformance(args) => conformance_cmd::run(args),
         Command::Train(args) => train_cmd::run_cmd(args),
         Command::Sample(args) => sample_cmd::run(args),

@@ -1,0 +1,704 @@
+//! `llamagen pipeline run`: URL lists → image shards → scores and verdicts → captions → T5
+//! features and VQ codes, from one config file (see [`config`]).
+//!
+//! Resume and concurrency rules (every stage commits through the catalog's protocol):
+//! - Ingest commits one work unit (a row range of one input file) at a time; a unit already in
+//!   the manifest is skipped. Later stages rewrite shard by shard and record themselves in the
+//!   shard's `applied` list; a shard that lists a stage is not processed by it again. So a re-run
+//!   after SIGKILL at any point does only the missing work, and the final dataset holds every
+//!   input row exactly once.
+//! - A stage only takes shards that carry every earlier enabled stage (its `requires`), so with
+//!   several workers no stage sees rows an earlier stage has not processed.
+//! - Workers (`--worker I/N`, or `JOB_COMPLETION_INDEX`/`WORKERS`, or Slurm's array variables)
+//!   ingest the input units whose hash falls to them, then run each stage on their share of the
+//!   shards, then sweep every shard still missing a stage (a rewritten shard's share can move to
+//!   another worker; two workers racing for one shard is safe: the loser's commit is refused and
+//!   its output discarded). Every worker's sweep starts after its own ingest, so each shard is
+//!   finished by at least the worker that wrote it.
+//! - A lease per (dataset, worker share) keeps two runs of the same share from working at once
+//!   (a scheduler that starts tonight's run while last night's is still going gets exit code 75).
+//! - Exit codes: 0 done; 1 a stage failed (the run record and report say which; a re-run
+//!   resumes); 2 the config or arguments are invalid; 75 the lease is held by another live run.
+
+pub mod config;
+mod report;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use llamagen_catalog::lease::Lease;
+use llamagen_catalog::stage::ShardSelection;
+use llamagen_catalog::storage::S3Config;
+use llamagen_catalog::{Catalog, CatalogError, StageCounters, StorageOptions, runs};
+use llamagen_ingest::{IngestConfig, OutputFormat, PreFilter, Progress};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+pub use config::PipelineConfig;
+
+/// Exit code when another live run holds the lease (EX_TEMPFAIL: try again later).
+pub const EXIT_LEASE_HELD: u8 = 75;
+/// Exit code of an invalid config or arguments.
+pub const EXIT_CONFIG: u8 = 2;
+
+/// How a run was asked to go.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub config: PathBuf,
+    /// `INDEX/COUNT`; default from the environment, else 0/1.
+    pub worker: Option<String>,
+    /// Replaces `[output] root`.
+    pub root: Option<String>,
+    /// Replaces `[input] files`.
+    pub inputs: Vec<String>,
+}
+
+/// What one stage did in this run.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageOutcome {
+    pub stage: String,
+    pub pass: &'static str,
+    pub shards_rewritten: u64,
+    pub shards_skipped: u64,
+    pub shards_lost_race: u64,
+    pub rows: u64,
+    pub seconds: f64,
+    pub rows_per_s: f64,
+    pub counters: StageCounters,
+}
+
+/// The machine-readable run report (also stored in the catalog's `runs` table).
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub run_id: String,
+    pub config: String,
+    pub root: String,
+    pub dataset: String,
+    pub worker: (usize, usize),
+    pub status: String,
+    pub exit_code: u8,
+    pub error: Option<String>,
+    pub inputs: Vec<String>,
+    pub inputs_skipped_incremental: Vec<String>,
+    /// Inputs whose every unit is committed (this run's and earlier runs' of the same share).
+    pub inputs_completed: Vec<String>,
+    pub stages: Vec<StageOutcome>,
+    pub seconds: f64,
+    pub dataset_version: Option<u64>,
+    pub dataset_rows: Option<u64>,
+    pub report_html: Option<String>,
+}
+
+/// A config error (exit 2) as opposed to a run failure (exit 1).
+#[derive(Debug)]
+pub struct ConfigError(pub anyhow::Error);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+impl std::error::Error for ConfigError {}
+
+fn storage_options(cfg: &PipelineConfig) -> StorageOptions {
+    StorageOptions {
+        s3: S3Config {
+            endpoint: cfg.output.s3_endpoint.clone(),
+            region: cfg.output.s3_region.clone(),
+            path_style: cfg.output.s3_path_style,
+            ..Default::default()
+        },
+    }
+}
+
+/// Loads the config with the command-line overrides applied and checks it.
+pub fn load_config(opts: &RunOptions) -> Result<PipelineConfig> {
+    let mut cfg = PipelineConfig::load(&opts.config)?;
+    if let Some(r) = &opts.root {
+        cfg.output.root = r.clone();
+    }
+    if !opts.inputs.is_empty() {
+        cfg.input.files = opts.inputs.clone();
+    }
+    cfg.check()?;
+    Ok(cfg)
+}
+
+/// Expands local directories into the URL lists inside them (sorted); other entries stay.
+fn expand_inputs(files: &[String]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for f in files {
+        let p = Path::new(f);
+        if !f.contains("://") && p.is_dir() {
+            let mut inner: Vec<String> = std::fs::read_dir(p)
+                .with_context(|| format!("listing input directory {f}"))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.is_file()
+                        && matches!(
+                            p.extension().and_then(|e| e.to_str()),
+                            Some("parquet" | "csv" | "jsonl" | "json" | "tsv")
+                        )
+                })
+                .map(|p| p.display().to_string())
+                .collect();
+            inner.sort();
+            out.extend(inner);
+        } else {
+            out.push(f.clone());
+        }
+    }
+    Ok(out)
+}
+
+fn ingest_config(cfg: &PipelineConfig, partition: (usize, usize), run_id: &str) -> Result<IngestConfig> {
+    let s = &cfg.ingest;
+    let mut c = IngestConfig::default();
+    c.sizes = s.image_sizes.clone();
+    c.format = match s.format.as_str() {
+        "png" => OutputFormat::Png,
+        "webp" => OutputFormat::Webp,
+        _ => OutputFormat::Jpeg { quality: s.quality },
+    };
+    c.reduced_decode = s.reduced_decode;
+    c.unit_rows = s.unit_rows;
+    c.partition = partition;
+    if let Some(n) = s.cpu_workers {
+        c.cpu_workers = n;
+    }
+    c.fetch.concurrency = s.concurrency;
+    c.fetch.per_host = s.per_host;
+    c.fetch.connect_timeout = Duration::from_secs_f64(s.connect_timeout_s);
+    c.fetch.deadline = Duration::from_secs_f64(s.timeout_s);
+    c.fetch.max_retries = s.retries;
+    c.fetch.backoff = Duration::from_secs_f64(s.backoff_s);
+    c.fetch.max_body_bytes = s.max_bytes;
+    c.fetch.max_redirects = s.max_redirects;
+    if let Some(ua) = &s.user_agent {
+        c.fetch.user_agent = ua.clone();
+    }
+    c.fetch.respect_robots = s.respect_robots;
+    for a in &s.allow_cidrs {
+        c.fetch.allow_cidrs.push(a.parse()?);
+    }
+    c.prefilter = PreFilter {
+        min_width: s.min_width,
+        min_height: s.min_height,
+        max_pwatermark: s.max_pwatermark,
+        min_similarity: s.min_similarity,
+    };
+    c.source.url_column = cfg.input.url_column.clone();
+    c.source.caption_column = cfg.input.caption_column.clone();
+    c.storage = storage_options(cfg);
+    c.dataset = cfg.output.dataset.clone();
+    c.run_id = Some(run_id.to_string());
+    Ok(c)
+}
+
+fn spinner(msg: &str) -> ProgressBar {
+    let b = ProgressBar::new_spinner().with_style(
+        ProgressStyle::with_template("{spinner} {prefix} {msg} [{elapsed_precise}]")
+            .expect("template"),
+    );
+    b.set_prefix(msg.to_string());
+    b.enable_steady_tick(Duration::from_millis(200));
+    b
+}
+
+struct IngestBar {
+    bar: ProgressBar,
+    rows: AtomicU64,
+    ok: AtomicU64,
+}
+
+impl Progress for IngestBar {
+    fn rows_done(&self, n: u64, ok: u64) {
+        let rows = self.rows.fetch_add(n, Ordering::Relaxed) + n;
+        let ok = self.ok.fetch_add(ok, Ordering::Relaxed) + ok;
+        self.bar.set_message(format!("{rows} rows, {ok} ok"));
+    }
+    fn message(&self, _msg: &str) {}
+}
+
+fn sha256_file(p: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Random stand-in VQ weights (demos and tests: the codes mean nothing), a pure function of
+/// the architecture and `seed`: norms 1/0, biases 0, convolutions N(0, 1/fan_in), the codebook
+/// uniform in ±1/codebook_size as the official init.
+pub fn write_standin_vq(path: &Path, args: &llamagen_encode::ModelArgs, seed: u64) -> Result<()> {
+    use candle_core::{Device, Tensor};
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut tensors = std::collections::HashMap::new();
+    for (name, shape) in llamagen_encode::VqModel::tensor_specs(args)? {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = if name.ends_with("codebook_used") || name.ends_with(".bias") {
+            vec![0.0; n]
+        } else if name.contains("norm") && shape.len() == 1 {
+            vec![1.0; n]
+        } else if name.contains("quantize.embedding") {
+            let b = 1.0 / args.codebook_size as f32;
+            (0..n).map(|_| rng.random_range(-b..b)).collect()
+        } else {
+            let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
+            let std = (1.0 / fan_in as f32).sqrt();
+            (0..n)
+                .map(|_| {
+                    // Box-Muller
+                    let (u1, u2): (f32, f32) = (rng.random_range(1e-7..1.0), rng.random());
+                    std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+                })
+                .collect()
+        };
+        tensors.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+    }
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let tmp = path.with_extension("tmp");
+    candle_core::safetensors::save(&tensors, &tmp)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Runs a config; returns the report (its `exit_code` says how it ended).
+pub async fn run(opts: &RunOptions) -> Result<RunReport> {
+    let cfg = load_config(opts).map_err(|e| anyhow!(ConfigError(e)))?;
+    let partition = crate::ingest_cmd::worker_partition(opts.worker.as_deref())
+        .map_err(|e| anyhow!(ConfigError(e)))?;
+    let started = Instant::now();
+    let cat = Catalog::open(&cfg.output.root, &storage_options(&cfg))
+        .await
+        .with_context(|| format!("opening catalog root {}", cfg.output.root))?;
+    let ds = cat.dataset(&cfg.output.dataset);
+    let mut record = runs::RunRecord::start(std::env::args().collect::<Vec<_>>().join(" "));
+    let mut report = RunReport {
+        run_id: record.run_id.clone(),
+        config: opts.config.display().to_string(),
+        root: cfg.output.root.clone(),
+        dataset: cfg.output.dataset.clone(),
+        worker: partition,
+        status: "running".into(),
+        exit_code: 0,
+        error: None,
+        inputs: Vec::new(),
+        inputs_skipped_incremental: Vec::new(),
+        inputs_completed: Vec::new(),
+        stages: Vec::new(),
+        seconds: 0.0,
+        dataset_version: None,
+        dataset_rows: None,
+        report_html: None,
+    };
+
+    // The lease of this (dataset, share).
+    let lease_name = format!(
+        "pipeline-{}-w{}of{}",
+        cfg.output.dataset, partition.0, partition.1
+    );
+    let lease = if cfg.lease.enabled {
+        match Lease::acquire(
+            cat.storage().clone(),
+            &lease_name,
+            &record.run_id,
+            Duration::from_secs(cfg.lease.ttl_s),
+        )
+        .await
+        {
+            Ok(l) => Some(Arc::new(tokio::sync::Mutex::new(Some(l)))),
+            Err(e @ CatalogError::LeaseHeld { .. }) => {
+                report.status = "lease_held".into();
+                report.exit_code = EXIT_LEASE_HELD;
+                report.error = Some(e.to_string());
+                return Ok(report);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        None
+    };
+    let lost = Arc::new(AtomicBool::new(false));
+    let renewer = lease.clone().map(|l| {
+        let lost = lost.clone();
+        let every = Duration::from_secs(cfg.lease.ttl_s).div_f64(3.0);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let mut g = l.lock().await;
+                let Some(lease) = g.as_mut() else { return };
+                if let Err(e) = lease.renew().await {
+                    eprintln!("lease: {e}");
+                    if matches!(e, CatalogError::LeaseLost { .. }) {
+                        lost.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                }
+            }
+        })
+    });
+
+    runs::record_run(cat.storage(), &record).await?;
+    let result = run_inner(&cfg, &cat, &ds, partition, &record.run_id, &mut report, &lost).await;
+    if let Some(r) = renewer {
+        r.abort();
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    match &result {
+        Ok(()) => {
+            report.status = "succeeded".into();
+            report.exit_code = 0;
+        }
+        Err(e) => {
+            report.status = "failed".into();
+            report.exit_code = 1;
+            report.error = Some(format!("{e:#}"));
+        }
+    }
+    if let Ok(m) = ds.snapshot().await {
+        report.dataset_version = Some(m.version);
+        report.dataset_rows = Some(m.rows());
+    }
+    if cfg.report.html {
+        match report::write_html(&cat, &ds, &cfg, &report).await {
+            Ok(p) => report.report_html = Some(p),
+            Err(e) => eprintln!("report: {e:#}"),
+        }
+    }
+    let json = serde_json::to_value(&report)?;
+    let path = format!(
+        "{}/_reports/{}.json",
+        cfg.output.dataset, report.run_id
+    );
+    cat.storage()
+        .put(&path, serde_json::to_vec_pretty(&json)?.into())
+        .await?;
+    record.finish(report.exit_code as i32, json);
+    runs::record_run(cat.storage(), &record).await?;
+    if let Some(l) = lease {
+        if let Some(l) = l.lock().await.take() {
+            if let Err(e) = l.release().await {
+                eprintln!("lease: {e}");
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Inputs an earlier successful run of the same dataset and share completed.
+async fn completed_inputs(cat: &Catalog, dataset: &str, partition: (usize, usize)) -> Result<BTreeSet<String>> {
+    let mut done = BTreeSet::new();
+    for r in runs::list_runs(cat.storage()).await? {
+        if r.status != "succeeded" {
+            continue;
+        }
+        let rep = &r.report;
+        let same = rep.get("dataset").and_then(|d| d.as_str()) == Some(dataset)
+            && rep.get("worker") == Some(&serde_json::json!([partition.0, partition.1]));
+        if !same {
+            continue;
+        }
+        if let Some(list) = rep.get("inputs_completed").and_then(|l| l.as_array()) {
+            done.extend(list.iter().filter_map(|v| v.as_str().map(str::to_string)));
+        }
+    }
+    Ok(done)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_inner(
+    cfg: &PipelineConfig,
+    cat: &Catalog,
+    ds: &llamagen_catalog::Dataset,
+    partition: (usize, usize),
+    run_id: &str,
+    report: &mut RunReport,
+    lost: &AtomicBool,
+) -> Result<()> {
+    let check_lease = || -> Result<()> {
+        if lost.load(Ordering::SeqCst) {
+            bail!("the lease was lost (it expired and another run took it); stopping");
+        }
+        Ok(())
+    };
+    // 1. Ingest.
+    let mut inputs = expand_inputs(&cfg.input.files)?;
+    if cfg.input.incremental {
+        let done = completed_inputs(cat, &cfg.output.dataset, partition).await?;
+        let (skip, todo): (Vec<String>, Vec<String>) =
+            inputs.into_iter().partition(|i| done.contains(i));
+        report.inputs_skipped_incremental = skip;
+        inputs = todo;
+    }
+    report.inputs = inputs.clone();
+    if !inputs.is_empty() {
+        let icfg = ingest_config(cfg, partition, run_id)?;
+        let bar = IngestBar {
+            bar: spinner("ingest"),
+            rows: AtomicU64::new(0),
+            ok: AtomicU64::new(0),
+        };
+        let t = Instant::now();
+        let r = llamagen_ingest::run(cat, &inputs, &icfg, &bar)
+            .await
+            .context("ingest")?;
+        bar.bar.finish_and_clear();
+        let secs = t.elapsed().as_secs_f64();
+        let mut counters = r.counters.clone();
+        counters.add_extra("units_committed", r.units_committed);
+        counters.add_extra("units_skipped", r.units_skipped);
+        report.stages.push(StageOutcome {
+            stage: "ingest".into(),
+            pass: "share",
+            shards_rewritten: r.units_committed,
+            shards_skipped: r.units_skipped,
+            shards_lost_race: 0,
+            rows: r.counters.received,
+            seconds: secs,
+            rows_per_s: r.counters.received as f64 / secs.max(1e-9),
+            counters,
+        });
+    }
+    report.inputs_completed = inputs.clone();
+    report
+        .inputs_completed
+        .extend(report.inputs_skipped_incremental.iter().cloned());
+    check_lease()?;
+
+    // 2. Load the models of the enabled stages once.
+    let scorer = match &cfg.filters {
+        Some(f) => {
+            let sc = llamagen_filters::scorer::ScorerConfig {
+                clip_image: f.clip_image.clone(),
+                clip_text: f.clip_text.clone(),
+                caption: f.caption.parse().map_err(|e| anyhow!("[filters] caption: {e}"))?,
+                clip_l14_image: f.clip_l14_image.clone(),
+                aesthetic_head: f.aesthetic_head.clone(),
+                no_aesthetic: f.no_aesthetic,
+                nsfw_head: f.nsfw_head.clone(),
+                watermark: f.watermark.clone(),
+                watermark_class_index: f.watermark_class_index,
+                model: llamagen_filters::model::ModelOptions {
+                    intra_threads: f.intra_threads,
+                    batch_size: f.batch_size,
+                    ..Default::default()
+                },
+                preprocess_threads: f.preprocess_threads,
+                ..llamagen_filters::scorer::ScorerConfig::new()
+            };
+            let s = tokio::task::spawn_blocking(move || llamagen_filters::scorer::Scorer::load(sc))
+                .await??;
+            Some(Arc::new(s))
+        }
+        None => None,
+    };
+    let captions = match &cfg.captions {
+        Some(c) => {
+            use llamagen_encode::captions::{CaptionFileOptions, CaptionIndex, Fallback, JoinOn};
+            let join = JoinOn::parse(&c.join).with_context(|| format!("[captions] join {:?}", c.join))?;
+            let fallbacks = c
+                .fallback
+                .iter()
+                .map(|f| Fallback::parse(f).with_context(|| format!("[captions] fallback {f:?}")))
+                .collect::<Result<Vec<_>>>()?;
+            let paths: Vec<&Path> = c.files.iter().map(|p| p.as_path()).collect();
+            let index = CaptionIndex::read(
+                &paths,
+                &CaptionFileOptions {
+                    join,
+                    join_field: c.join_field.clone(),
+                    text_field: c.text_field.clone(),
+                },
+            )?;
+            Some((Arc::new(index), fallbacks))
+        }
+        None => None,
+    };
+    let t5 = match &cfg.t5 {
+        Some(t) => {
+            use llamagen_encode::text_encoder::{
+                ModelPaths, StoreDtype, TextEncoder, TextEncoderConfig, device_and_dtype,
+            };
+            let mut paths = ModelPaths::in_dir(&t.model);
+            if let Some(tk) = &t.tokenizer {
+                paths.tokenizer = tk.clone();
+            }
+            let (device, compute) = device_and_dtype(t.cuda)?;
+            let mut enc = TextEncoder::load(
+                &paths,
+                &device,
+                compute,
+                TextEncoderConfig {
+                    max_tokens: t.max_tokens,
+                    batch_tokens: t.batch_tokens,
+                    ..Default::default()
+                },
+            )?;
+            if let Some(id) = &t.model_id {
+                enc.model_id = id.clone();
+            }
+            let store = if t.dtype == "f16" { StoreDtype::F16 } else { StoreDtype::Bf16 };
+            Some((Arc::new(enc), store))
+        }
+        None => None,
+    };
+    let vq = match &cfg.vq {
+        Some(v) => {
+            let args = v.model.args()?;
+            if let (Some(seed), false) = (v.standin_seed, v.checkpoint.exists()) {
+                eprintln!(
+                    "vq: writing STAND-IN random weights (seed {seed}) to {}: codes from them mean nothing",
+                    v.checkpoint.display()
+                );
+                write_standin_vq(&v.checkpoint, &args, seed)?;
+            }
+            let model = llamagen_encode::VqModel::from_file(
+                &v.checkpoint,
+                &args,
+                &candle_core::Device::Cpu,
+            )?;
+            let scfg = llamagen_encode::vq_stage::VqStageConfig {
+                views: v.views.clone(),
+                batch_size: v.batch_size,
+                model_id: v
+                    .checkpoint
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                weights_sha256: sha256_file(&v.checkpoint)?,
+            };
+            Some((Arc::new(model), scfg))
+        }
+        None => None,
+    };
+
+    // 3. The shard stages: this worker's share first, then (with several workers) a sweep.
+    let score_name = scorer
+        .as_ref()
+        .map(|s| llamagen_filters::stage::score_stage_name(s));
+    let thresholds = cfg.filters.as_ref().and_then(|f| f.thresholds.clone());
+    let apply_name = thresholds
+        .as_ref()
+        .map(llamagen_filters::stage::apply_stage_name);
+    let passes: &[(&'static str, (usize, usize))] = if partition.1 > 1 {
+        &[("share", partition), ("sweep", (0, 1))]
+    } else {
+        &[("all", (0, 1))]
+    };
+    for &(pass, part) in passes {
+        let mut requires: Vec<String> = Vec::new();
+        let sel = |requires: &Vec<String>| ShardSelection {
+            partition: part,
+            requires: requires.clone(),
+        };
+        if let (Some(scorer), Some(name)) = (&scorer, &score_name) {
+            let t = Instant::now();
+            let pb = spinner("filters: score");
+            let pb2 = pb.clone();
+            let r = llamagen_filters::stage::score_catalog(ds, scorer.clone(), sel(&requires), move |rows| {
+                pb2.inc(rows);
+                pb2.set_message(format!("{} rows", pb2.position()));
+            })
+            .await
+            .context("filters: score")?;
+            pb.finish_and_clear();
+            push(report, name, pass, &r.map, r.counters.clone(), t);
+            requires.push(name.clone());
+            check_lease()?;
+        }
+        if let (Some(th), Some(name)) = (&thresholds, &apply_name) {
+            let t = Instant::now();
+            let pb = spinner("filters: apply");
+            let (stage, map, counters) =
+                llamagen_filters::stage::apply_catalog(ds, th, sel(&requires), |_| pb.inc(1))
+                    .await
+                    .context("filters: apply")?;
+            pb.finish_and_clear();
+            push(report, &stage, pass, &map, counters, t);
+            requires.push(name.clone());
+            check_lease()?;
+        }
+        let mut text_requires = requires.clone();
+        if let Some((index, fallbacks)) = &captions {
+            let t = Instant::now();
+            let pb = spinner("captions");
+            let r = llamagen_encode::text_stage::run_captions(
+                ds,
+                index.clone(),
+                fallbacks.clone(),
+                sel(&text_requires),
+                |_, _| pb.inc(1),
+            )
+            .await
+            .context("captions")?;
+            pb.finish_and_clear();
+            push(report, llamagen_encode::text_stage::CAPTIONS_STAGE, pass, &r.map, r.counters, t);
+            text_requires.push(llamagen_encode::text_stage::CAPTIONS_STAGE.into());
+            check_lease()?;
+        }
+        if let Some((enc, store)) = &t5 {
+            let t = Instant::now();
+            let pb = spinner("t5");
+            let r = llamagen_encode::text_stage::run_t5(ds, enc.clone(), *store, sel(&text_requires), |_, _| {
+                pb.inc(1)
+            })
+            .await
+            .context("t5")?;
+            pb.finish_and_clear();
+            push(report, llamagen_encode::text_stage::T5_STAGE, pass, &r.map, r.counters, t);
+            check_lease()?;
+        }
+        if let Some((model, scfg)) = &vq {
+            let t = Instant::now();
+            let pb = spinner("vq");
+            let r = llamagen_encode::vq_stage::run_vq(ds, model.clone(), scfg.clone(), sel(&requires), |_, _| {
+                pb.inc(1)
+            })
+            .await
+            .context("vq")?;
+            pb.finish_and_clear();
+            push(report, &scfg.stage_name(), pass, &r.map, r.counters, t);
+            check_lease()?;
+        }
+    }
+    Ok(())
+}
+
+fn push(
+    report: &mut RunReport,
+    stage: &str,
+    pass: &'static str,
+    map: &llamagen_catalog::stage::MapReport,
+    counters: StageCounters,
+    t: Instant,
+) {
+    let secs = t.elapsed().as_secs_f64();
+    report.stages.push(StageOutcome {
+        stage: stage.to_string(),
+        pass,
+        shards_rewritten: map.shards_rewritten,
+        shards_skipped: map.shards_skipped,
+        shards_lost_race: map.shards_lost_race,
+        rows: map.rows,
+        seconds: secs,
+        rows_per_s: map.rows as f64 / secs.max(1e-9),
+        counters,
+    });
+}

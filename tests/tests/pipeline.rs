@@ -1,0 +1,384 @@
+//! `llamagen pipeline run` end to end: real HTTP server on 127.0.0.1 serving bundled real images,
+//! the real ONNX Runtime with the stand-in filter models, the stand-in T5 and a random VQ, to a
+//! local folder and to a real S3-compatible server; SIGKILL and resume; two runs contending for
+//! the lease; partitioned worker processes producing the same dataset as one worker.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use llamagen_tests::http::FaultServer;
+use llamagen_tests::{S3Server, llamagen, workspace};
+use serde_json::Value;
+
+/// Bundled images: a mix of good ones and broken ones (truncated, AVIF, a decompression bomb).
+fn images() -> Vec<String> {
+    let manifest = std::fs::read_to_string(workspace().join("data/images_manifest.jsonl")).unwrap();
+    let all: Vec<String> = manifest
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            v["relpath"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("images/")
+                .to_string()
+        })
+        .collect();
+    // Every fourth image: 27 of the 107, spread over every source directory.
+    all.into_iter().step_by(4).collect()
+}
+
+fn write_list(path: &Path, server: &FaultServer) -> usize {
+    let mut text = String::new();
+    let imgs = images();
+    for (i, rel) in imgs.iter().enumerate() {
+        let url = server.url(&format!("/img/{}", rel.replace(' ', "%20").replace('[', "%5B").replace(']', "%5D")));
+        let o = serde_json::json!({"URL": url, "TEXT": format!("Picture number {i}. It shows {rel}.")});
+        text.push_str(&o.to_string());
+        text.push('\n');
+    }
+    std::fs::write(path, text).unwrap();
+    imgs.len()
+}
+
+const VQ_TINY: &str = r#"{"codebook_size": 64, "codebook_embed_dim": 8, "codebook_l2_norm": true,
+  "codebook_show_usage": true, "commit_loss_beta": 0.25, "entropy_loss_ratio": 0.0,
+  "encoder_ch_mult": [1, 1, 2, 2, 4], "decoder_ch_mult": [1, 1, 2, 2, 4], "z_channels": 32,
+  "dropout_p": 0.0, "ch": 32, "num_res_blocks": 1}"#;
+
+/// A config in `dir` with the stand-in models, 64 px images and 4-row units.
+fn write_config(dir: &Path, root: &str, list: &Path, extra: &str) -> PathBuf {
+    let ws = workspace();
+    let m = ws.join("filters/tests/models");
+    let t5 = ws.join("encode/tests/fixtures/t5");
+    std::fs::write(dir.join("vq_tiny.json"), VQ_TINY).unwrap();
+    let text = format!(
+        r#"
+[output]
+root = "{root}"
+
+[input]
+files = ["{list}"]
+
+[ingest]
+image_sizes = [64]
+format = "png"
+unit_rows = 4
+timeout_s = 10
+retries = 1
+allow_cidrs = ["127.0.0.0/8"]
+
+[filters]
+clip_image = "{m}/clip_b32_image.onnx"
+clip_text = "{m}/clip_b32_text.onnx"
+clip_l14_image = "{m}/clip_l14_image.onnx"
+watermark = "{m}/watermark.onnx"
+intra_threads = 1
+
+[filters.thresholds.min_side]
+min = 32
+
+[captions]
+fallback = ["text"]
+
+[t5]
+model = "{t5}/gated"
+tokenizer = "{t5}/tokenizer.json"
+
+[vq]
+checkpoint = "vq_tiny.safetensors"
+standin_seed = 3
+model = "vq_tiny.json"
+views = [{{ kind = "center", image_size = 64 }}]
+
+{extra}
+"#,
+        list = list.display(),
+        m = m.display(),
+        t5 = t5.display(),
+    );
+    let p = dir.join("pipeline.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+async fn llamagen_run(args: &[&str], env: &[(&str, String)]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(llamagen())
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Every sample's final state, by key, as JSON lines.
+async fn dataset(root: &str, env: &[(&str, String)]) -> Vec<Value> {
+    let (code, out, err) = llamagen_run(
+        &[
+            "catalog",
+            "sql",
+            "--root",
+            root,
+            "--format",
+            "json",
+            "SELECT key, status, error_kind, reject_reasons, short_caption, caption_source, \
+             vq_codes, t5_long['tokens'] AS t5_tokens, score_clip_similarity IS NOT NULL AS scored \
+             FROM samples ORDER BY key",
+        ],
+        env,
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn report(stderr_path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(stderr_path).unwrap()).unwrap()
+}
+
+async fn serve() -> FaultServer {
+    FaultServer::start(workspace().join("data/images"), Duration::ZERO).await
+}
+
+fn check_complete(rows: &[Value], n: usize) {
+    assert_eq!(rows.len(), n, "every input row is in the dataset exactly once");
+    let ok: Vec<&Value> = rows.iter().filter(|r| r["status"] == "ok").collect();
+    assert!(ok.len() >= n / 2, "{} of {n} ok", ok.len());
+    for r in &ok {
+        let codes = r["vq_codes"].as_array().expect("ok rows have codes");
+        assert_eq!(codes.len(), 1);
+        assert_eq!(codes[0]["grid"], 4);
+        assert_eq!(codes[0]["codes"].as_array().unwrap().len(), 16);
+        assert!(r["t5_tokens"].as_i64().unwrap() > 0, "{r}");
+        assert_eq!(r["scored"], true);
+        assert!(r["short_caption"].as_str().unwrap().starts_with("Picture number"), "{r}");
+        assert!(!r["short_caption"].as_str().unwrap().contains("It shows"), "{r}");
+    }
+    assert!(rows.iter().any(|r| r["status"] == "failed"), "broken images are recorded as failed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pipeline_to_a_local_folder_then_rerun_does_nothing() {
+    let server = serve().await;
+    let d = tempfile::tempdir().unwrap();
+    let list = d.path().join("list.jsonl");
+    let n = write_list(&list, &server);
+    let root = d.path().join("out").display().to_string();
+    let cfg = write_config(d.path(), &root, &list, "");
+    let (code, _, err) = llamagen_run(&["pipeline", "check", cfg.to_str().unwrap()], &[]).await;
+    assert_eq!(code, 0, "{err}");
+    let rep = d.path().join("r1.json");
+    let (code, _, err) = llamagen_run(
+        &["pipeline", "run", cfg.to_str().unwrap(), "--report-json", rep.to_str().unwrap()],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let r1 = report(&rep);
+    assert_eq!(r1["status"], "succeeded");
+    let stages: Vec<&str> = r1["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
+    assert_eq!(stages[0], "ingest");
+    assert!(stages.iter().any(|s| s.starts_with("filters-score-")));
+    assert!(stages.iter().any(|s| s.starts_with("filters-apply-")));
+    assert!(stages.contains(&"captions") && stages.contains(&"t5"));
+    assert!(stages.iter().any(|s| s.starts_with("vq-")));
+    let html = std::fs::read_to_string(r1["report_html"].as_str().unwrap()).unwrap();
+    assert!(html.contains("Score histograms") && html.contains("data:image/jpeg;base64,"));
+    let first = dataset(&root, &[]).await;
+    check_complete(&first, n);
+
+    // A second run finds every unit and every shard stage done.
+    let rep2 = d.path().join("r2.json");
+    let (code, _, err) = llamagen_run(
+        &["pipeline", "run", cfg.to_str().unwrap(), "--report-json", rep2.to_str().unwrap()],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let r2 = report(&rep2);
+    for s in r2["stages"].as_array().unwrap() {
+        assert_eq!(s["shards_rewritten"], 0, "{s}");
+    }
+    assert_eq!(r2["dataset_version"], r1["dataset_version"]);
+    assert_eq!(dataset(&root, &[]).await, first);
+
+    // The runs table records both.
+    let (code, out, err) = llamagen_run(
+        &["catalog", "sql", "--root", &root, "--format", "csv",
+          "SELECT count(*) AS n FROM runs WHERE status = 'succeeded' AND command LIKE '%pipeline run%'"],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.lines().nth(1).unwrap().trim() == "2", "{out}");
+
+    // Config errors exit 2 and name the key.
+    std::fs::write(d.path().join("bad.toml"), "[output]\nroot = \"x\"\n[input]\nfiles = [\"a\"]\n[ingest]\nimage_sizez = [1]\n").unwrap();
+    let (code, _, err) =
+        llamagen_run(&["pipeline", "run", d.path().join("bad.toml").to_str().unwrap()], &[]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("image_sizez"), "{err}");
+}
+
+async fn manifest_versions(root: &Path) -> usize {
+    std::fs::read_dir(root.join("samples/_manifest"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_then_rerun_gives_the_same_dataset() {
+    let server = serve().await;
+    let d = tempfile::tempdir().unwrap();
+    let list = d.path().join("list.jsonl");
+    let n = write_list(&list, &server);
+    // Reference: one uninterrupted run.
+    let ref_root = d.path().join("ref").display().to_string();
+    let ref_dir = d.path().join("refcfg");
+    std::fs::create_dir_all(&ref_dir).unwrap();
+    let cfg = write_config(&ref_dir, &ref_root, &list, "");
+    let (code, _, err) = llamagen_run(&["pipeline", "run", cfg.to_str().unwrap()], &[]).await;
+    assert_eq!(code, 0, "{err}");
+    let reference = dataset(&ref_root, &[]).await;
+
+    // Killed runs: at increasing points (after 2, 9 and 16 commits), then a final run.
+    let root_path = d.path().join("killed");
+    let root = root_path.display().to_string();
+    let cfg = write_config(d.path(), &root, &list, "");
+    for kill_after in [2usize, 9, 16] {
+        let mut child = tokio::process::Command::new(llamagen())
+            .args(["pipeline", "run", cfg.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        loop {
+            if manifest_versions(&root_path).await >= kill_after {
+                break;
+            }
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(300), "run did not progress");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        child.start_kill().unwrap(); // SIGKILL
+        let _ = child.wait().await;
+    }
+    // The killed run's lease names a dead process on this host: the re-run takes it over.
+    let (code, _, err) = llamagen_run(&["pipeline", "run", cfg.to_str().unwrap()], &[]).await;
+    assert_eq!(code, 0, "{err}");
+    let resumed = dataset(&root, &[]).await;
+    check_complete(&resumed, n);
+    assert_eq!(resumed, reference, "resumed dataset differs from an uninterrupted run");
+    let (code, out, err) = llamagen_run(&["catalog", "verify", "--root", &root], &[]).await;
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_run_is_refused_while_the_first_holds_the_lease() {
+    // A slow server keeps the first run busy.
+    let server = FaultServer::start(workspace().join("data/images"), Duration::from_millis(400)).await;
+    let d = tempfile::tempdir().unwrap();
+    let list = d.path().join("list.jsonl");
+    write_list(&list, &server);
+    let root_path = d.path().join("out");
+    let root = root_path.display().to_string();
+    let cfg = write_config(d.path(), &root, &list, "");
+    let first = tokio::process::Command::new(llamagen())
+        .args(["pipeline", "run", cfg.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !root_path.join("_leases").exists() {
+        assert!(t.elapsed() < Duration::from_secs(60), "first run took no lease");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, _, err) = llamagen_run(&["pipeline", "run", cfg.to_str().unwrap()], &[]).await;
+    assert_eq!(code, 75, "second run while the first holds the lease: {err}");
+    assert!(err.contains("held by"), "{err}");
+    let out = first.wait_with_output().await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    // Released: a third run starts (and finds nothing to do).
+    let (code, _, err) = llamagen_run(&["pipeline", "run", cfg.to_str().unwrap()], &[]).await;
+    assert_eq!(code, 0, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn partitioned_workers_produce_the_dataset_of_one_worker() {
+    let server = serve().await;
+    let d = tempfile::tempdir().unwrap();
+    let list = d.path().join("list.jsonl");
+    let n = write_list(&list, &server);
+    let one = d.path().join("one").display().to_string();
+    let one_dir = d.path().join("onecfg");
+    std::fs::create_dir_all(&one_dir).unwrap();
+    let cfg1 = write_config(&one_dir, &one, &list, "");
+    let (code, _, err) = llamagen_run(&["pipeline", "run", cfg1.to_str().unwrap()], &[]).await;
+    assert_eq!(code, 0, "{err}");
+
+    let many = d.path().join("many").display().to_string();
+    let cfg = write_config(d.path(), &many, &list, "");
+    let c = cfg.to_str().unwrap().to_string();
+    // Three workers as separate processes at once: one by flag, two as a Kubernetes Indexed Job.
+    let (a0, a1) = (["pipeline", "run", &c, "--worker", "0/3"], ["pipeline", "run", &c]);
+    let (e1, e2) = (
+        [("JOB_COMPLETION_INDEX", "1".to_string()), ("WORKERS", "3".to_string())],
+        [("JOB_COMPLETION_INDEX", "2".to_string()), ("WORKERS", "3".to_string())],
+    );
+    let w0 = llamagen_run(&a0, &[]);
+    let w1 = llamagen_run(&a1, &e1);
+    let w2 = llamagen_run(&a1, &e2);
+    let (a, b, e) = tokio::join!(w0, w1, w2);
+    for (code, _, err) in [a, b, e] {
+        assert_eq!(code, 0, "{err}");
+    }
+    let many_rows = dataset(&many, &[]).await;
+    check_complete(&many_rows, n);
+    assert_eq!(many_rows, dataset(&one, &[]).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pipeline_to_s3_matches_the_local_run() {
+    let server = serve().await;
+    let s3 = S3Server::start();
+    s3.create_bucket("ready").await;
+    let d = tempfile::tempdir().unwrap();
+    let list = d.path().join("list.jsonl");
+    let n = write_list(&list, &server);
+    let local = d.path().join("local").display().to_string();
+    let ldir = d.path().join("lcfg");
+    std::fs::create_dir_all(&ldir).unwrap();
+    let cfg = write_config(&ldir, &local, &list, "");
+    let (code, _, err) = llamagen_run(&["pipeline", "run", cfg.to_str().unwrap()], &[]).await;
+    assert_eq!(code, 0, "{err}");
+    let cfg = write_config(
+        d.path(),
+        "s3://ready/shards",
+        &list,
+        "",
+    );
+    let env = s3.env();
+    let (code, _, err) = llamagen_run(&["pipeline", "run", cfg.to_str().unwrap()], &env).await;
+    assert_eq!(code, 0, "{err}");
+    let on_s3 = dataset("s3://ready/shards", &env).await;
+    check_complete(&on_s3, n);
+    assert_eq!(on_s3, dataset(&local, &[]).await);
+    // The lease and the run report live next to the data.
+    let (code, out, err) = llamagen_run(
+        &["catalog", "sql", "--root", "s3://ready/shards", "--format", "csv",
+          "SELECT status FROM runs"],
+        &env,
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("succeeded"), "{out}");
+}
