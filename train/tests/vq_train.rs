@@ -434,6 +434,19 @@ fn resume_is_exact() -> Result<()> {
     b.export_vq(&exported, true)?;
     let m = llamagen_encode::VqModel::from_file(&exported, &tiny_args(), &Device::Cpu)?;
     assert_eq!(m.named_tensors().len(), a.model_tensors().len());
+    // The EMA weights continue bit-identically too.
+    let exported_a = ckpt.path().join("vq_a.safetensors");
+    a.export_vq(&exported_a, true)?;
+    let ema_a = candle_core::safetensors::load(&exported_a, &Device::Cpu)?;
+    let ema_b = candle_core::safetensors::load(&exported, &Device::Cpu)?;
+    assert_eq!(ema_a.len(), ema_b.len());
+    for (name, ta) in &ema_a {
+        let (va, vb): (Vec<f32>, Vec<f32>) = (
+            ta.flatten_all()?.to_vec1()?,
+            ema_b[name].flatten_all()?.to_vec1()?,
+        );
+        assert_eq!(va, vb, "EMA {name} differs after resume");
+    }
     Ok(())
 }
 
