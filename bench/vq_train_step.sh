@@ -7,6 +7,11 @@
 #   bench/vq_train_step.sh                  # REPEATS=3 IMAGE_SIZE=64 BATCH=2 THREADS=$(nproc)
 #
 # Installs torch (requirements-bench.txt) into ./.venv if it is missing.
+#
+# One run on a shared 2-core x86_64 VM (load average 2-3.5 from other jobs), 2 threads, 64 px,
+# batch 2, bench-opt profile: llamagen 3.2-4.0 s/step, PyTorch 2.15 0.94-1.27 s/step (its
+# quieter repeats). On the CPU candle's convolutions and single-threaded element-wise ops are
+# the gap; the input-gradient convolution is already rewritten (llamagen_encode::conv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPEATS=${REPEATS:-3}
