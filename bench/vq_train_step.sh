@@ -10,8 +10,9 @@
 #
 # One run on a shared 2-core x86_64 VM (load average 2-3.5 from other jobs), 2 threads, 64 px,
 # batch 2, bench-opt profile: llamagen 3.2-4.0 s/step, PyTorch 2.15 0.94-1.27 s/step (its
-# quieter repeats). On the CPU candle's convolutions and single-threaded element-wise ops are
-# the gap; the input-gradient convolution is already rewritten (llamagen_encode::conv).
+# quieter repeats). A profile puts llamagen's time in candle's CPU kernels (gemm, the
+# convolution's data reshuffling, element-wise maps); the input-gradient convolution already
+# avoids candle's slow conv_transpose2d (llamagen_encode::conv), which took the step from 8.5 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPEATS=${REPEATS:-3}
