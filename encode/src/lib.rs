@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod clean;
 pub mod codes;
 pub mod conformance;
+pub mod conv;
 pub mod error;
 mod html_entities;
 pub mod html_text;

@@ -11,7 +11,11 @@
 //!   both z and the codebook rows (eps 1e-12) on **every** call; the stored codebook need not be
 //!   unit-norm. The distance is `‖z‖² + ‖e‖² − 2·z·eᵀ`, the code is its argmin (the first index
 //!   wins a tie) and `z_q` is the normalised codebook row, returned through the straight-through
-//!   form `z + (z_q − z)` computed on the normalised z.
+//!   form `z + sg(z_q − z)` computed on the normalised z.
+//! - Every operation is differentiable in candle (composed softmax, no fused kernel), and the
+//!   stop-gradients are those of the official code: the straight-through output trains the
+//!   encoder, `vq_loss = mean((z_q − sg(z))²)` the codebook and
+//!   `commit_loss = β·mean((sg(z_q) − z)²)` the encoder.
 //! - Tensor names are the official state_dict keys (`encoder.conv_blocks.{i}.res.{j}.norm1`,
 //!   `quantize.embedding.weight`, `quant_conv`, …); tensors are requested in state_dict order.
 //!   The `quantize.codebook_used` buffer ([`CODEBOOK_USED_LEN`] floats) is loaded, kept and
@@ -24,10 +28,11 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{D, DType, Device, Module, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{GroupNorm, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
+pub use crate::conv::Conv2d;
 use crate::error::EncodeError;
 
 /// Number of groups of every GroupNorm in the model.
@@ -46,6 +51,7 @@ type Result<T> = std::result::Result<T, EncodeError>;
 /// `ModelArgs`, plus the two encoder/decoder constants the official `VQModel` does not expose
 /// (`ch`, `num_res_blocks`). The default is VQ-16.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ModelArgs {
     /// Number of codebook entries. Default 16384.
     pub codebook_size: usize,
@@ -181,12 +187,16 @@ fn conv(
     padding: usize,
     vb: VarBuilder,
 ) -> candle_core::Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding,
-        stride,
-        ..Default::default()
+    // The tensors and their order are those of `candle_nn::conv2d` (weight, then bias).
+    let init_ws = candle_nn::init::DEFAULT_KAIMING_NORMAL;
+    let weight = vb.get_with_hints((out_c, in_c, k, k), "weight", init_ws)?;
+    let bound = 1. / (in_c as f64).sqrt();
+    let init_bs = candle_nn::Init::Uniform {
+        lo: -bound,
+        up: bound,
     };
-    candle_nn::conv2d(in_c, out_c, k, cfg, vb)
+    let bias = vb.get_with_hints(out_c, "bias", init_bs)?;
+    Ok(Conv2d::new(weight, Some(bias), padding, stride))
 }
 
 fn swish(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -282,7 +292,9 @@ impl Module for AttnBlock {
         let q = q.reshape((b, c, n))?.transpose(1, 2)?.contiguous()?; // (b, n, c)
         let k = k.reshape((b, c, n))?; // (b, c, n)
         let w = (q.matmul(&k)? * (c as f64).powf(-0.5))?; // (b, n_q, n_k)
-        let w = candle_nn::ops::softmax_last_dim(&w)?;
+        // The composed softmax (not the fused kernel, which has no backward pass) so that
+        // training reaches the attention weights.
+        let w = candle_nn::ops::softmax(&w, D::Minus1)?;
         let v = v.reshape((b, c, n))?;
         let h = v.matmul(&w.transpose(1, 2)?.contiguous()?)?; // (b, c, n_q)
         let h = self.proj_out.forward(&h.reshape((b, c, hh, ww))?)?;
@@ -618,9 +630,10 @@ impl VectorQuantizer {
         z: &Tensor,
     ) -> candle_core::Result<(Quantized, QuantizerLosses)> {
         let (out, z_flat, zq_flat) = self.quantize(z)?;
-        let diff_sq = (&zq_flat - &z_flat)?.sqr()?.mean_all()?;
-        let vq_loss = diff_sq.clone();
-        let commit_loss = (diff_sq * self.beta)?;
+        // Same value, different gradients: the vq loss trains the codebook only, the
+        // commitment loss the encoder only.
+        let vq_loss = (&zq_flat - &z_flat.detach())?.sqr()?.mean_all()?;
+        let commit_loss = ((&zq_flat.detach() - &z_flat)?.sqr()?.mean_all()? * self.beta)?;
         let entropy_loss = if self.entropy_loss_ratio == 0.0 {
             Tensor::zeros((), z.dtype(), z.device())?
         } else {
@@ -682,8 +695,9 @@ impl VectorQuantizer {
         let distances = z_sq.broadcast_add(&e_sq)?.broadcast_sub(&(dot * 2.0)?)?;
         let indices = distances.argmin(1)?;
         let zq_flat = codebook.index_select(&indices, 0)?;
-        // Straight-through on the normalised z: z + (z_q − z).
-        let st = (&z_flat + (&zq_flat - &z_flat)?)?;
+        // Straight-through on the normalised z: z + sg(z_q − z) (gradients reach the encoder,
+        // not the codebook; the codebook learns from the vq loss).
+        let st = (&z_flat + (&zq_flat - &z_flat)?.detach())?;
         let quant = st
             .reshape((b, h, w, c))?
             .permute((0, 3, 1, 2))?
@@ -719,7 +733,7 @@ impl VectorQuantizer {
 /// `mean_n(H(p_n)) − H(mean_n p_n)`, with the official 1e-5 offsets.
 pub fn entropy_loss(affinity: &Tensor) -> candle_core::Result<Tensor> {
     let flat = (affinity.flatten_to(D::Minus2)? / 0.01)?;
-    let probs = candle_nn::ops::softmax_last_dim(&flat)?;
+    let probs = candle_nn::ops::softmax(&flat, D::Minus1)?;
     let log_probs = candle_nn::ops::log_softmax(&(&flat + 1e-5)?, D::Minus1)?;
     let avg_probs = probs.mean(0)?;
     let avg_entropy = (&avg_probs * (&avg_probs + 1e-5)?.log()?)?

@@ -4,11 +4,12 @@ mod catalog_cmd;
 mod conformance_cmd;
 mod filter_cmd;
 mod ingest_cmd;
-mod sample_cmd;
-mod train_cmd;
-mod text_cmd;
 mod pipeline;
 mod pipeline_cmd;
+mod sample_cmd;
+mod text_cmd;
+mod tokenizer_cmd;
+mod train_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -38,6 +39,8 @@ enum Command {
     Text(text_cmd::TextArgs),
     /// The whole data pipeline from one config: ingest, filters, captions, T5 and VQ codes.
     Pipeline(pipeline_cmd::PipelineArgs),
+    /// Train or fine-tune the VQ image tokenizer (reconstruction, LPIPS and PatchGAN losses).
+    Tokenizer(tokenizer_cmd::TokenizerArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -59,6 +62,7 @@ fn main() -> std::process::ExitCode {
         Command::Conformance(args) => conformance_cmd::run(args),
         Command::Train(args) => train_cmd::run_cmd(args),
         Command::Sample(args) => sample_cmd::run(args),
+        Command::Tokenizer(args) => tokenizer_cmd::run_cmd(args),
     };
     match result {
         Ok(code) => code,

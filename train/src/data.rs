@@ -77,7 +77,7 @@ impl Default for DataConfig {
 }
 
 impl DataConfig {
-    fn storage_options(&self) -> StorageOptions {
+    pub(crate) fn storage_options(&self) -> StorageOptions {
         StorageOptions {
             s3: S3Config {
                 endpoint: self.s3_endpoint.clone(),

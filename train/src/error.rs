@@ -69,6 +69,11 @@ pub enum TrainError {
     #[error("catalog: {0}")]
     Catalog(#[from] llamagen_catalog::CatalogError),
 
+    /// The VQ tokenizer could not be built, loaded or run, or an image could not be prepared.
+    #[cfg(feature = "catalog")]
+    #[error("VQ tokenizer: {0}")]
+    Encode(#[from] llamagen_encode::EncodeError),
+
     /// Training data is unusable (no usable rows, malformed columns).
     #[error("training data: {0}")]
     Data(String),

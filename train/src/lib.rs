@@ -5,7 +5,8 @@
 //! Modules: [`config`] (hyper-parameters and state-dict layout), [`gpt`] (the model),
 //! [`checkpoint`] (safetensors and torch checkpoints), [`sample`] (generation), [`optim`]
 //! (AdamW, gradient clipping, schedules), [`train`] (training step, accumulation, checkpoints
-//! with exact resume), [`conformance`] (checks against a reference set).
+//! with exact resume), [`conformance`] (checks against a reference set), `vq_train` (VQ
+//! tokenizer training with LPIPS and PatchGAN losses).
 
 pub mod checkpoint;
 pub mod config;
@@ -23,6 +24,8 @@ pub mod sample;
 #[cfg(feature = "catalog")]
 pub mod synthetic;
 pub mod train;
+#[cfg(feature = "catalog")]
+pub mod vq_train;
 
 pub use config::{GptConfig, GptSize, ModelType};
 pub use conformance::{Check, conformance_checks};
