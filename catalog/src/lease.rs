@@ -184,7 +184,10 @@ impl Lease {
         })?;
         let out = self
             .storage
-            .put_if_absent(&gen_path(&self.name, self.generation + 1), Bytes::from(body))
+            .put_if_absent(
+                &gen_path(&self.name, self.generation + 1),
+                Bytes::from(body),
+            )
             .await?;
         if out == PutOutcome::Created {
             self.generation += 1;
@@ -308,7 +311,11 @@ mod tests {
         }
         let files = s.list(&format!("{LEASES_DIR}/job/")).await.unwrap();
         assert!(files.len() <= 6, "{} generations kept", files.len());
-        assert!(Lease::acquire(s.clone(), "job", "b", Duration::from_secs(60)).await.is_err());
+        assert!(
+            Lease::acquire(s.clone(), "job", "b", Duration::from_secs(60))
+                .await
+                .is_err()
+        );
     }
 
     #[tokio::test]

@@ -216,7 +216,11 @@ pub fn vq_batch(
         let mut per_view = Vec::with_capacity(cfg.views.len());
         for v in &cfg.views {
             let size = v.source_size();
-            let fail = |kind: &str, msg: String, st: &mut Vec<String>, ek: &mut Vec<_>, er: &mut Vec<_>| {
+            let fail = |kind: &str,
+                        msg: String,
+                        st: &mut Vec<String>,
+                        ek: &mut Vec<_>,
+                        er: &mut Vec<_>| {
                 st[i] = "failed".into();
                 ek[i] = Some(kind.to_string());
                 er[i] = Some(msg);
@@ -250,7 +254,13 @@ pub fn vq_batch(
                 }
                 Err(msg) => {
                     counters.error_kind("image_decode_error");
-                    fail("image_decode_error", format!("vq: {msg}"), &mut st, &mut ek, &mut er);
+                    fail(
+                        "image_decode_error",
+                        format!("vq: {msg}"),
+                        &mut st,
+                        &mut ek,
+                        &mut er,
+                    );
                     continue 'rows;
                 }
             }
@@ -269,10 +279,16 @@ pub fn vq_batch(
         let mut it = out.into_iter();
         for (i, imgs) in &rows {
             for _ in 0..imgs.len() {
-                grids[*i].push(it.next().ok_or_else(|| bad("encoder returned too few grids".into()))?);
+                grids[*i].push(
+                    it.next()
+                        .ok_or_else(|| bad("encoder returned too few grids".into()))?,
+                );
             }
         }
-        counters.add_extra(&format!("images_{}", cfg.views[k].describe()), flat.len() as u64);
+        counters.add_extra(
+            &format!("images_{}", cfg.views[k].describe()),
+            flat.len() as u64,
+        );
     }
 
     // Build vq_codes.
@@ -283,15 +299,16 @@ pub fn vq_batch(
     let mut code_offsets: Vec<i32> = vec![0];
     let mut row_offsets: Vec<i32> = vec![0];
     let mut row_valid = Vec::with_capacity(n);
-    let mut push_grid = |image_size: i32, kind: &str, crop: i32, view: i32, grid: i32, codes: &[u16]| {
-        size_c.push(image_size);
-        kind_c.push(kind.to_string());
-        crop_c.push(crop);
-        view_c.push(view);
-        grid_c.push(grid);
-        code_vals.extend_from_slice(codes);
-        code_offsets.push(code_vals.len() as i32);
-    };
+    let mut push_grid =
+        |image_size: i32, kind: &str, crop: i32, view: i32, grid: i32, codes: &[u16]| {
+            size_c.push(image_size);
+            kind_c.push(kind.to_string());
+            crop_c.push(crop);
+            view_c.push(view);
+            grid_c.push(grid);
+            code_vals.extend_from_slice(codes);
+            code_offsets.push(code_vals.len() as i32);
+        };
     let mut count = 0i32;
     for i in 0..n {
         if encode_row[i] {
@@ -330,7 +347,12 @@ pub fn vq_batch(
                     .cloned()
                     .ok_or_else(|| bad(format!("vq_codes has no int32 field {name}")))
             };
-            let (a, c, vw, gr) = (ints("image_size")?, ints("crop_size")?, ints("view")?, ints("grid")?);
+            let (a, c, vw, gr) = (
+                ints("image_size")?,
+                ints("crop_size")?,
+                ints("view")?,
+                ints("grid")?,
+            );
             let kinds = s
                 .column_by_name("kind")
                 .and_then(|c| c.as_string_opt::<i32>())
@@ -344,7 +366,14 @@ pub fn vq_batch(
                 let cv = cv
                     .as_primitive_opt::<arrow::datatypes::UInt16Type>()
                     .ok_or_else(|| bad("vq_codes codes are not uint16".into()))?;
-                push_grid(a.value(j), kinds.value(j), c.value(j), vw.value(j), gr.value(j), cv.values());
+                push_grid(
+                    a.value(j),
+                    kinds.value(j),
+                    c.value(j),
+                    vw.value(j),
+                    gr.value(j),
+                    cv.values(),
+                );
                 count += 1;
             }
             row_valid.push(true);
@@ -397,13 +426,23 @@ pub fn vq_batch(
             version: Some(format!(
                 "llamagen-encode {}; views {}",
                 env!("CARGO_PKG_VERSION"),
-                cfg.views.iter().map(CodeView::describe).collect::<Vec<_>>().join(",")
+                cfg.views
+                    .iter()
+                    .map(CodeView::describe)
+                    .collect::<Vec<_>>()
+                    .join(",")
             )),
         },
     )?;
     let s = |v: Vec<Option<String>>| -> ArrayRef { Arc::new(StringArray::from(v)) };
     let columns: Vec<(&str, ArrayRef)> = vec![
-        (col::KEY, batch.column_by_name(col::KEY).ok_or_else(|| bad("batch has no key column".into()))?.clone()),
+        (
+            col::KEY,
+            batch
+                .column_by_name(col::KEY)
+                .ok_or_else(|| bad("batch has no key column".into()))?
+                .clone(),
+        ),
         (col::VQ_CODES, Arc::new(vq_codes)),
         (col::STATUS, Arc::new(StringArray::from(st))),
         (col::ERROR_KIND, s(ek)),

@@ -87,7 +87,9 @@ fn reason(ours: &str, naive: &str) -> &'static str {
             || naive_norm.matches('“').count() > naive_norm.matches('”').count();
         return if rest.starts_with(|c: char| c.is_ascii_digit()) {
             "naive cut stops early: decimal or number (3.5, $2.50, 2.0n)"
-        } else if !rest.starts_with(char::is_whitespace) && !rest.starts_with(['"', '”', '\'', '’', ')']) {
+        } else if !rest.starts_with(char::is_whitespace)
+            && !rest.starts_with(['"', '”', '\'', '’', ')'])
+        {
             "naive cut stops early: domain, file name or initialism without space (www.x.com, U.S.)"
         } else if word.chars().count() == 1 && word.chars().all(char::is_uppercase) {
             "naive cut stops early: initial or initialism (J. Smith, D. C.)"

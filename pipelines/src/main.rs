@@ -2,10 +2,13 @@
 
 mod catalog_cmd;
 mod conformance_cmd;
+mod encode_cmd;
+mod export_cmd;
 mod filter_cmd;
 mod ingest_cmd;
 mod pipeline;
 mod pipeline_cmd;
+mod reconstruct_cmd;
 mod sample_cmd;
 mod text_cmd;
 mod tokenizer_cmd;
@@ -39,6 +42,10 @@ enum Command {
     Text(text_cmd::TextArgs),
     /// The whole data pipeline from one config: ingest, filters, captions, T5 and VQ codes.
     Pipeline(pipeline_cmd::PipelineArgs),
+    /// Encode the stored images of a catalog into VQ code grids (centre crops, ten-crop sets).
+    Encode(Box<encode_cmd::EncodeArgs>),
+    /// Export ready shards to another layout (the official LlamaGen npy/jsonl layout).
+    Export(export_cmd::ExportArgs),
     /// Train or fine-tune the VQ image tokenizer (reconstruction, LPIPS and PatchGAN losses).
     Tokenizer(tokenizer_cmd::TokenizerArgs),
 }
@@ -59,6 +66,13 @@ fn main() -> std::process::ExitCode {
         Command::Filter(args) => runtime().and_then(|rt| rt.block_on(filter_cmd::run(args))),
         Command::Text(args) => runtime().and_then(|rt| rt.block_on(text_cmd::run(args))),
         Command::Pipeline(args) => runtime().and_then(|rt| rt.block_on(pipeline_cmd::run(args))),
+        Command::Encode(args) => runtime().and_then(|rt| rt.block_on(encode_cmd::run(*args))),
+        Command::Export(args) => runtime().and_then(|rt| rt.block_on(export_cmd::run(args))),
+        Command::Tokenizer(tokenizer_cmd::TokenizerArgs {
+            command: tokenizer_cmd::TokenizerCommand::Reconstruct(a),
+        }) => runtime()
+            .and_then(|rt| rt.block_on(reconstruct_cmd::run(*a)))
+            .map(|()| std::process::ExitCode::SUCCESS),
         Command::Conformance(args) => conformance_cmd::run(args),
         Command::Train(args) => train_cmd::run_cmd(args),
         Command::Sample(args) => sample_cmd::run(args),

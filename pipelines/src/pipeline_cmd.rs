@@ -115,7 +115,14 @@ pub async fn run(args: PipelineArgs) -> Result<ExitCode> {
                 let dropped: u64 = s.counters.dropped.values().sum();
                 eprintln!(
                     "  {:<28} {:<5} shards {:>4} rewritten {:>4} skipped  rows {:>7}  dropped {:>6}  errors {:>6}  {:>8.1} rows/s",
-                    s.stage, s.pass, s.shards_rewritten, s.shards_skipped, s.rows, dropped, errors, s.rows_per_s
+                    s.stage,
+                    s.pass,
+                    s.shards_rewritten,
+                    s.shards_skipped,
+                    s.rows,
+                    dropped,
+                    errors,
+                    s.rows_per_s
                 );
             }
             eprintln!(

@@ -24,10 +24,16 @@ pub enum TokenizerCommand {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Round-trip images through a VQ (or decode stored codes) to a PNG grid; report PSNR, SSIM
+    /// and codebook usage.
+    Reconstruct(Box<crate::reconstruct_cmd::ReconstructArgs>),
 }
 
 pub fn run_cmd(args: TokenizerArgs) -> anyhow::Result<ExitCode> {
     match args.command {
+        TokenizerCommand::Reconstruct(_) => {
+            anyhow::bail!("tokenizer reconstruct is dispatched by main")
+        }
         TokenizerCommand::Train { config } => {
             let cfg = TokenizerTrainConfig::from_file(&config)?;
             let s = run(&cfg).with_context(|| format!("training with {}", config.display()))?;

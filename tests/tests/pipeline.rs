@@ -32,8 +32,14 @@ fn write_list(path: &Path, server: &FaultServer) -> usize {
     let mut text = String::new();
     let imgs = images();
     for (i, rel) in imgs.iter().enumerate() {
-        let url = server.url(&format!("/img/{}", rel.replace(' ', "%20").replace('[', "%5B").replace(']', "%5D")));
-        let o = serde_json::json!({"URL": url, "TEXT": format!("Picture number {i}. It shows {rel}.")});
+        let url = server.url(&format!(
+            "/img/{}",
+            rel.replace(' ', "%20")
+                .replace('[', "%5B")
+                .replace(']', "%5D")
+        ));
+        let o =
+            serde_json::json!({"URL": url, "TEXT": format!("Picture number {i}. It shows {rel}.")});
         text.push_str(&o.to_string());
         text.push('\n');
     }
@@ -134,7 +140,9 @@ async fn dataset(root: &str, env: &[(&str, String)]) -> Vec<Value> {
     )
     .await;
     assert_eq!(code, 0, "{err}");
-    out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 fn report(stderr_path: &Path) -> Value {
@@ -146,7 +154,11 @@ async fn serve() -> FaultServer {
 }
 
 fn check_complete(rows: &[Value], n: usize) {
-    assert_eq!(rows.len(), n, "every input row is in the dataset exactly once");
+    assert_eq!(
+        rows.len(),
+        n,
+        "every input row is in the dataset exactly once"
+    );
     let ok: Vec<&Value> = rows.iter().filter(|r| r["status"] == "ok").collect();
     assert!(ok.len() >= n / 2, "{} of {n} ok", ok.len());
     for r in &ok {
@@ -156,10 +168,22 @@ fn check_complete(rows: &[Value], n: usize) {
         assert_eq!(codes[0]["codes"].as_array().unwrap().len(), 16);
         assert!(r["t5_tokens"].as_i64().unwrap() > 0, "{r}");
         assert_eq!(r["scored"], true);
-        assert!(r["short_caption"].as_str().unwrap().starts_with("Picture number"), "{r}");
-        assert!(!r["short_caption"].as_str().unwrap().contains("It shows"), "{r}");
+        assert!(
+            r["short_caption"]
+                .as_str()
+                .unwrap()
+                .starts_with("Picture number"),
+            "{r}"
+        );
+        assert!(
+            !r["short_caption"].as_str().unwrap().contains("It shows"),
+            "{r}"
+        );
     }
-    assert!(rows.iter().any(|r| r["status"] == "failed"), "broken images are recorded as failed");
+    assert!(
+        rows.iter().any(|r| r["status"] == "failed"),
+        "broken images are recorded as failed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -174,14 +198,25 @@ async fn pipeline_to_a_local_folder_then_rerun_does_nothing() {
     assert_eq!(code, 0, "{err}");
     let rep = d.path().join("r1.json");
     let (code, _, err) = llamagen_run(
-        &["pipeline", "run", cfg.to_str().unwrap(), "--report-json", rep.to_str().unwrap()],
+        &[
+            "pipeline",
+            "run",
+            cfg.to_str().unwrap(),
+            "--report-json",
+            rep.to_str().unwrap(),
+        ],
         &[],
     )
     .await;
     assert_eq!(code, 0, "{err}");
     let r1 = report(&rep);
     assert_eq!(r1["status"], "succeeded");
-    let stages: Vec<&str> = r1["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
+    let stages: Vec<&str> = r1["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
     assert_eq!(stages[0], "ingest");
     assert!(stages.iter().any(|s| s.starts_with("filters-score-")));
     assert!(stages.iter().any(|s| s.starts_with("filters-apply-")));
@@ -195,7 +230,13 @@ async fn pipeline_to_a_local_folder_then_rerun_does_nothing() {
     // A second run finds every unit and every shard stage done.
     let rep2 = d.path().join("r2.json");
     let (code, _, err) = llamagen_run(
-        &["pipeline", "run", cfg.to_str().unwrap(), "--report-json", rep2.to_str().unwrap()],
+        &[
+            "pipeline",
+            "run",
+            cfg.to_str().unwrap(),
+            "--report-json",
+            rep2.to_str().unwrap(),
+        ],
         &[],
     )
     .await;
@@ -217,10 +258,98 @@ async fn pipeline_to_a_local_folder_then_rerun_does_nothing() {
     assert_eq!(code, 0, "{err}");
     assert!(out.lines().nth(1).unwrap().trim() == "2", "{out}");
 
+    // Export to the official LlamaGen layout; numpy reads it back.
+    let exp = d.path().join("llamagen_layout");
+    let (code, out, err) = llamagen_run(
+        &[
+            "export",
+            "llamagen",
+            "--root",
+            &root,
+            "--out",
+            exp.to_str().unwrap(),
+            "--image-size",
+            "64",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("exported"), "{out}");
+    let ok = first.iter().filter(|r| r["status"] == "ok").count();
+    let check = std::process::Command::new(llamagen_tests::python())
+        .arg("-c")
+        .arg(
+            "import json, sys, numpy as np, os\n\
+             d = sys.argv[1]\n\
+             lines = [json.loads(l) for l in open(os.path.join(d, 'captions.jsonl'))]\n\
+             for l in lines:\n\
+             \x20   c = np.load(os.path.join(d, 'codes64', l['code_name'] + '.npy'))\n\
+             \x20   assert c.dtype == np.int64 and c.shape == (1, 16), c.shape\n\
+             \x20   t = np.load(os.path.join(d, 't5_long', l['code_name'] + '.npy'))\n\
+             \x20   assert t.dtype == np.float32 and t.ndim == 3 and t.shape[0] == 1 and t.shape[2] == 64, t.shape\n\
+             \x20   assert os.path.exists(os.path.join(d, l['image_path']))\n\
+             \x20   assert len(l['text']) == 2\n\
+             print(len(lines))",
+        )
+        .arg(&exp)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&check.stdout).trim(),
+        ok.to_string()
+    );
+
+    // The code grids decode back to images through the same VQ.
+    let key = first.iter().find(|r| r["status"] == "ok").unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let png = d.path().join("decoded.png");
+    let (code, out, err) = llamagen_run(
+        &[
+            "tokenizer",
+            "reconstruct",
+            "--checkpoint",
+            d.path().join("vq_tiny.safetensors").to_str().unwrap(),
+            "--model",
+            d.path().join("vq_tiny.json").to_str().unwrap(),
+            "--catalog",
+            &root,
+            "--keys",
+            &key,
+            "--image-size",
+            "64",
+            "--out",
+            png.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"decoded\": 1"), "{out}");
+    assert_eq!(image::image_dimensions(&png).unwrap(), (66, 66));
+
     // Config errors exit 2 and name the key.
-    std::fs::write(d.path().join("bad.toml"), "[output]\nroot = \"x\"\n[input]\nfiles = [\"a\"]\n[ingest]\nimage_sizez = [1]\n").unwrap();
-    let (code, _, err) =
-        llamagen_run(&["pipeline", "run", d.path().join("bad.toml").to_str().unwrap()], &[]).await;
+    std::fs::write(
+        d.path().join("bad.toml"),
+        "[output]\nroot = \"x\"\n[input]\nfiles = [\"a\"]\n[ingest]\nimage_sizez = [1]\n",
+    )
+    .unwrap();
+    let (code, _, err) = llamagen_run(
+        &[
+            "pipeline",
+            "run",
+            d.path().join("bad.toml").to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("image_sizez"), "{err}");
 }
@@ -265,7 +394,10 @@ async fn sigkill_then_rerun_gives_the_same_dataset() {
             if let Ok(Some(_)) = child.try_wait() {
                 break;
             }
-            assert!(t.elapsed() < Duration::from_secs(300), "run did not progress");
+            assert!(
+                t.elapsed() < Duration::from_secs(300),
+                "run did not progress"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         child.start_kill().unwrap(); // SIGKILL
@@ -276,7 +408,10 @@ async fn sigkill_then_rerun_gives_the_same_dataset() {
     assert_eq!(code, 0, "{err}");
     let resumed = dataset(&root, &[]).await;
     check_complete(&resumed, n);
-    assert_eq!(resumed, reference, "resumed dataset differs from an uninterrupted run");
+    assert_eq!(
+        resumed, reference,
+        "resumed dataset differs from an uninterrupted run"
+    );
     let (code, out, err) = llamagen_run(&["catalog", "verify", "--root", &root], &[]).await;
     assert_eq!(code, 0, "{out}{err}");
 }
@@ -284,7 +419,8 @@ async fn sigkill_then_rerun_gives_the_same_dataset() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_run_is_refused_while_the_first_holds_the_lease() {
     // A slow server keeps the first run busy.
-    let server = FaultServer::start(workspace().join("data/images"), Duration::from_millis(400)).await;
+    let server =
+        FaultServer::start(workspace().join("data/images"), Duration::from_millis(400)).await;
     let d = tempfile::tempdir().unwrap();
     let list = d.path().join("list.jsonl");
     write_list(&list, &server);
@@ -299,14 +435,25 @@ async fn a_second_run_is_refused_while_the_first_holds_the_lease() {
         .unwrap();
     let t = Instant::now();
     while !root_path.join("_leases").exists() {
-        assert!(t.elapsed() < Duration::from_secs(60), "first run took no lease");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "first run took no lease"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (code, _, err) = llamagen_run(&["pipeline", "run", cfg.to_str().unwrap()], &[]).await;
-    assert_eq!(code, 75, "second run while the first holds the lease: {err}");
+    assert_eq!(
+        code, 75,
+        "second run while the first holds the lease: {err}"
+    );
     assert!(err.contains("held by"), "{err}");
     let out = first.wait_with_output().await.unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Released: a third run starts (and finds nothing to do).
     let (code, _, err) = llamagen_run(&["pipeline", "run", cfg.to_str().unwrap()], &[]).await;
     assert_eq!(code, 0, "{err}");
@@ -329,10 +476,19 @@ async fn partitioned_workers_produce_the_dataset_of_one_worker() {
     let cfg = write_config(d.path(), &many, &list, "");
     let c = cfg.to_str().unwrap().to_string();
     // Three workers as separate processes at once: one by flag, two as a Kubernetes Indexed Job.
-    let (a0, a1) = (["pipeline", "run", &c, "--worker", "0/3"], ["pipeline", "run", &c]);
+    let (a0, a1) = (
+        ["pipeline", "run", &c, "--worker", "0/3"],
+        ["pipeline", "run", &c],
+    );
     let (e1, e2) = (
-        [("JOB_COMPLETION_INDEX", "1".to_string()), ("WORKERS", "3".to_string())],
-        [("JOB_COMPLETION_INDEX", "2".to_string()), ("WORKERS", "3".to_string())],
+        [
+            ("JOB_COMPLETION_INDEX", "1".to_string()),
+            ("WORKERS", "3".to_string()),
+        ],
+        [
+            ("JOB_COMPLETION_INDEX", "2".to_string()),
+            ("WORKERS", "3".to_string()),
+        ],
     );
     let w0 = llamagen_run(&a0, &[]);
     let w1 = llamagen_run(&a1, &e1);
@@ -360,12 +516,7 @@ async fn pipeline_to_s3_matches_the_local_run() {
     let cfg = write_config(&ldir, &local, &list, "");
     let (code, _, err) = llamagen_run(&["pipeline", "run", cfg.to_str().unwrap()], &[]).await;
     assert_eq!(code, 0, "{err}");
-    let cfg = write_config(
-        d.path(),
-        "s3://ready/shards",
-        &list,
-        "",
-    );
+    let cfg = write_config(d.path(), "s3://ready/shards", &list, "");
     let env = s3.env();
     let (code, _, err) = llamagen_run(&["pipeline", "run", cfg.to_str().unwrap()], &env).await;
     assert_eq!(code, 0, "{err}");
@@ -374,8 +525,15 @@ async fn pipeline_to_s3_matches_the_local_run() {
     assert_eq!(on_s3, dataset(&local, &[]).await);
     // The lease and the run report live next to the data.
     let (code, out, err) = llamagen_run(
-        &["catalog", "sql", "--root", "s3://ready/shards", "--format", "csv",
-          "SELECT status FROM runs"],
+        &[
+            "catalog",
+            "sql",
+            "--root",
+            "s3://ready/shards",
+            "--format",
+            "csv",
+            "SELECT status FROM runs",
+        ],
         &env,
     )
     .await;

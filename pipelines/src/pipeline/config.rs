@@ -294,7 +294,9 @@ impl VqModelSpec {
                     a.validate()?;
                     a
                 }
-                other => bail!("[vq] model = {other:?}: use vq16, vq8, a .json file or a table of ModelArgs"),
+                other => bail!(
+                    "[vq] model = {other:?}: use vq16, vq8, a .json file or a table of ModelArgs"
+                ),
             },
             VqModelSpec::Args(a) => {
                 a.validate()?;
@@ -494,7 +496,9 @@ impl PipelineConfig {
                 bail!("[filters] clip_image and clip_text go together");
             }
             if f.clip_image.is_none() && f.clip_l14_image.is_none() && f.watermark.is_none() {
-                bail!("[filters] configures no model (clip_image/clip_text, clip_l14_image or watermark)");
+                bail!(
+                    "[filters] configures no model (clip_image/clip_text, clip_l14_image or watermark)"
+                );
             }
         }
         if let Some(c) = &self.captions {
@@ -537,7 +541,9 @@ impl PipelineConfig {
                     CodeView::TenCrop { image_size, .. } => (*image_size, view.source_size()),
                 };
                 if size == 0 || size % f != 0 {
-                    bail!("[vq] view image_size {size} is not a multiple of the VQ's downsampling {f}");
+                    bail!(
+                        "[vq] view image_size {size} is not a multiple of the VQ's downsampling {f}"
+                    );
                 }
                 if !self.ingest.image_sizes.contains(&src) {
                     bail!(
@@ -582,14 +588,20 @@ mod tests {
             "[output]\nroot = \"out\"\n[input]\nfiles = [\"lists\"]\n[vq]\ncheckpoint = \"vq.safetensors\"\n",
         );
         let e = format!("{:#}", PipelineConfig::load(&p).unwrap_err());
-        assert!(e.contains(&d.path().join("vq.safetensors").display().to_string()), "{e}");
+        assert!(
+            e.contains(&d.path().join("vq.safetensors").display().to_string()),
+            "{e}"
+        );
         let p = write(
             d.path(),
             "[output]\nroot = \"out\"\n[input]\nfiles = [\"lists\", \"s3://b/l.parquet\"]\n",
         );
         let c = PipelineConfig::load(&p).unwrap();
         assert_eq!(c.output.root, d.path().join("out").display().to_string());
-        assert_eq!(c.input.files[0], d.path().join("lists").display().to_string());
+        assert_eq!(
+            c.input.files[0],
+            d.path().join("lists").display().to_string()
+        );
         assert_eq!(c.input.files[1], "s3://b/l.parquet");
     }
 

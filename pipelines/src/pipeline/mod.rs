@@ -156,7 +156,11 @@ fn expand_inputs(files: &[String]) -> Result<Vec<String>> {
     Ok(out)
 }
 
-fn ingest_config(cfg: &PipelineConfig, partition: (usize, usize), run_id: &str) -> Result<IngestConfig> {
+fn ingest_config(
+    cfg: &PipelineConfig,
+    partition: (usize, usize),
+    run_id: &str,
+) -> Result<IngestConfig> {
     let s = &cfg.ingest;
     let mut c = IngestConfig::default();
     c.sizes = s.image_sizes.clone();
@@ -225,7 +229,7 @@ impl Progress for IngestBar {
     fn message(&self, _msg: &str) {}
 }
 
-fn sha256_file(p: &Path) -> Result<String> {
+pub fn sha256_file(p: &Path) -> Result<String> {
     use std::io::Read;
     let mut f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
     let mut h = Sha256::new();
@@ -356,7 +360,16 @@ pub async fn run(opts: &RunOptions) -> Result<RunReport> {
     });
 
     runs::record_run(cat.storage(), &record).await?;
-    let result = run_inner(&cfg, &cat, &ds, partition, &record.run_id, &mut report, &lost).await;
+    let result = run_inner(
+        &cfg,
+        &cat,
+        &ds,
+        partition,
+        &record.run_id,
+        &mut report,
+        &lost,
+    )
+    .await;
     if let Some(r) = renewer {
         r.abort();
     }
@@ -383,10 +396,7 @@ pub async fn run(opts: &RunOptions) -> Result<RunReport> {
         }
     }
     let json = serde_json::to_value(&report)?;
-    let path = format!(
-        "{}/_reports/{}.json",
-        cfg.output.dataset, report.run_id
-    );
+    let path = format!("{}/_reports/{}.json", cfg.output.dataset, report.run_id);
     cat.storage()
         .put(&path, serde_json::to_vec_pretty(&json)?.into())
         .await?;
@@ -403,7 +413,11 @@ pub async fn run(opts: &RunOptions) -> Result<RunReport> {
 }
 
 /// Inputs an earlier successful run of the same dataset and share completed.
-async fn completed_inputs(cat: &Catalog, dataset: &str, partition: (usize, usize)) -> Result<BTreeSet<String>> {
+async fn completed_inputs(
+    cat: &Catalog,
+    dataset: &str,
+    partition: (usize, usize),
+) -> Result<BTreeSet<String>> {
     let mut done = BTreeSet::new();
     for r in runs::list_runs(cat.storage()).await? {
         if r.status != "succeeded" {
@@ -488,7 +502,10 @@ async fn run_inner(
             let sc = llamagen_filters::scorer::ScorerConfig {
                 clip_image: f.clip_image.clone(),
                 clip_text: f.clip_text.clone(),
-                caption: f.caption.parse().map_err(|e| anyhow!("[filters] caption: {e}"))?,
+                caption: f
+                    .caption
+                    .parse()
+                    .map_err(|e| anyhow!("[filters] caption: {e}"))?,
                 clip_l14_image: f.clip_l14_image.clone(),
                 aesthetic_head: f.aesthetic_head.clone(),
                 no_aesthetic: f.no_aesthetic,
@@ -512,7 +529,8 @@ async fn run_inner(
     let captions = match &cfg.captions {
         Some(c) => {
             use llamagen_encode::captions::{CaptionFileOptions, CaptionIndex, Fallback, JoinOn};
-            let join = JoinOn::parse(&c.join).with_context(|| format!("[captions] join {:?}", c.join))?;
+            let join =
+                JoinOn::parse(&c.join).with_context(|| format!("[captions] join {:?}", c.join))?;
             let fallbacks = c
                 .fallback
                 .iter()
@@ -554,7 +572,11 @@ async fn run_inner(
             if let Some(id) = &t.model_id {
                 enc.model_id = id.clone();
             }
-            let store = if t.dtype == "f16" { StoreDtype::F16 } else { StoreDtype::Bf16 };
+            let store = if t.dtype == "f16" {
+                StoreDtype::F16
+            } else {
+                StoreDtype::Bf16
+            };
             Some((Arc::new(enc), store))
         }
         None => None,
@@ -612,10 +634,15 @@ async fn run_inner(
             let t = Instant::now();
             let pb = spinner("filters: score");
             let pb2 = pb.clone();
-            let r = llamagen_filters::stage::score_catalog(ds, scorer.clone(), sel(&requires), move |rows| {
-                pb2.inc(rows);
-                pb2.set_message(format!("{} rows", pb2.position()));
-            })
+            let r = llamagen_filters::stage::score_catalog(
+                ds,
+                scorer.clone(),
+                sel(&requires),
+                move |rows| {
+                    pb2.inc(rows);
+                    pb2.set_message(format!("{} rows", pb2.position()));
+                },
+            )
             .await
             .context("filters: score")?;
             pb.finish_and_clear();
@@ -649,28 +676,50 @@ async fn run_inner(
             .await
             .context("captions")?;
             pb.finish_and_clear();
-            push(report, llamagen_encode::text_stage::CAPTIONS_STAGE, pass, &r.map, r.counters, t);
+            push(
+                report,
+                llamagen_encode::text_stage::CAPTIONS_STAGE,
+                pass,
+                &r.map,
+                r.counters,
+                t,
+            );
             text_requires.push(llamagen_encode::text_stage::CAPTIONS_STAGE.into());
             check_lease()?;
         }
         if let Some((enc, store)) = &t5 {
             let t = Instant::now();
             let pb = spinner("t5");
-            let r = llamagen_encode::text_stage::run_t5(ds, enc.clone(), *store, sel(&text_requires), |_, _| {
-                pb.inc(1)
-            })
+            let r = llamagen_encode::text_stage::run_t5(
+                ds,
+                enc.clone(),
+                *store,
+                sel(&text_requires),
+                |_, _| pb.inc(1),
+            )
             .await
             .context("t5")?;
             pb.finish_and_clear();
-            push(report, llamagen_encode::text_stage::T5_STAGE, pass, &r.map, r.counters, t);
+            push(
+                report,
+                llamagen_encode::text_stage::T5_STAGE,
+                pass,
+                &r.map,
+                r.counters,
+                t,
+            );
             check_lease()?;
         }
         if let Some((model, scfg)) = &vq {
             let t = Instant::now();
             let pb = spinner("vq");
-            let r = llamagen_encode::vq_stage::run_vq(ds, model.clone(), scfg.clone(), sel(&requires), |_, _| {
-                pb.inc(1)
-            })
+            let r = llamagen_encode::vq_stage::run_vq(
+                ds,
+                model.clone(),
+                scfg.clone(),
+                sel(&requires),
+                |_, _| pb.inc(1),
+            )
             .await
             .context("vq")?;
             pb.finish_and_clear();

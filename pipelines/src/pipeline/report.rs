@@ -36,8 +36,16 @@ fn base64(data: &[u8]) -> String {
         let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
         out.push(T[(n >> 18) as usize & 63] as char);
         out.push(T[(n >> 12) as usize & 63] as char);
-        out.push(if c.len() > 1 { T[(n >> 6) as usize & 63] as char } else { '=' });
-        out.push(if c.len() > 2 { T[n as usize & 63] as char } else { '=' });
+        out.push(if c.len() > 1 {
+            T[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if c.len() > 2 {
+            T[n as usize & 63] as char
+        } else {
+            '='
+        });
     }
     out
 }
@@ -73,8 +81,12 @@ fn thumbnail(batch: &RecordBatch, i: usize) -> Option<String> {
 }
 
 fn tally(t: &mut Tally, b: &RecordBatch, want_thumbs: usize) {
-    let status = b.column_by_name(col::STATUS).map(|c| c.as_string::<i32>().clone());
-    let kinds = b.column_by_name(col::ERROR_KIND).map(|c| c.as_string::<i32>().clone());
+    let status = b
+        .column_by_name(col::STATUS)
+        .map(|c| c.as_string::<i32>().clone());
+    let kinds = b
+        .column_by_name(col::ERROR_KIND)
+        .map(|c| c.as_string::<i32>().clone());
     let reasons = b
         .column_by_name(col::REJECT_REASONS)
         .and_then(|c| c.as_list_opt::<i32>().cloned());
@@ -84,7 +96,9 @@ fn tally(t: &mut Tally, b: &RecordBatch, want_thumbs: usize) {
     let text = b
         .column_by_name(col::TEXT)
         .and_then(|c| c.as_string_opt::<i32>().cloned());
-    let keys = b.column_by_name(col::KEY).map(|c| c.as_string::<i32>().clone());
+    let keys = b
+        .column_by_name(col::KEY)
+        .map(|c| c.as_string::<i32>().clone());
     let codes = b
         .column_by_name(col::VQ_CODES)
         .and_then(|c| c.as_list_opt::<i32>().cloned());
@@ -114,14 +128,19 @@ fn tally(t: &mut Tally, b: &RecordBatch, want_thumbs: usize) {
                     .filter(|s| s.is_valid(i))
                     .or(text.as_ref().filter(|s| s.is_valid(i)))
                     .map_or(String::new(), |s| s.value(i).to_string());
-                let key = keys.as_ref().map_or(String::new(), |k| k.value(i).to_string());
+                let key = keys
+                    .as_ref()
+                    .map_or(String::new(), |k| k.value(i).to_string());
                 t.thumbs.push((key, img, cap));
             }
         }
         *t.status.entry(st).or_default() += 1;
     }
     for name in SCORES {
-        if let Some(c) = b.column_by_name(name).and_then(|c| c.as_primitive_opt::<Float32Type>()) {
+        if let Some(c) = b
+            .column_by_name(name)
+            .and_then(|c| c.as_primitive_opt::<Float32Type>())
+        {
             let v = t.scores.entry(name).or_default();
             v.extend(c.iter().flatten().filter(|x| x.is_finite()));
         }
@@ -132,7 +151,9 @@ fn histogram_svg(values: &[f32]) -> String {
     const BINS: usize = 20;
     let (lo, hi) = values
         .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
     let width = if hi > lo { hi - lo } else { 1.0 };
     let mut counts = [0u64; BINS];
     for &v in values {
@@ -140,7 +161,8 @@ fn histogram_svg(values: &[f32]) -> String {
         counts[k.min(BINS - 1)] += 1;
     }
     let max = *counts.iter().max().unwrap_or(&1).max(&1);
-    let mut s = String::from(r#"<svg width="420" height="130" xmlns="http://www.w3.org/2000/svg">"#);
+    let mut s =
+        String::from(r#"<svg width="420" height="130" xmlns="http://www.w3.org/2000/svg">"#);
     for (k, &c) in counts.iter().enumerate() {
         let h = 100.0 * c as f64 / max as f64;
         let _ = write!(
@@ -162,7 +184,10 @@ fn histogram_svg(values: &[f32]) -> String {
 }
 
 fn table(title: &str, rows: &BTreeMap<String, u64>) -> String {
-    let mut s = format!("<h2>{}</h2><table><tr><th>value</th><th>rows</th></tr>", esc(title));
+    let mut s = format!(
+        "<h2>{}</h2><table><tr><th>value</th><th>rows</th></tr>",
+        esc(title)
+    );
     if rows.is_empty() {
         s.push_str("<tr><td colspan=2>none</td></tr>");
     }
@@ -269,12 +294,21 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}td.n{{text-align:r
             continue;
         }
         any = true;
-        let _ = write!(h, "<h3>{name} ({} values)</h3>{}", v.len(), histogram_svg(v));
+        let _ = write!(
+            h,
+            "<h3>{name} ({} values)</h3>{}",
+            v.len(),
+            histogram_svg(v)
+        );
     }
     if !any {
         h.push_str("<p>no scores</p>");
     }
-    let _ = write!(h, "<h2>Samples ({} of {total})</h2><div class=grid>", t.thumbs.len());
+    let _ = write!(
+        h,
+        "<h2>Samples ({} of {total})</h2><div class=grid>",
+        t.thumbs.len()
+    );
     for (key, img, cap) in &t.thumbs {
         let _ = write!(
             h,
@@ -286,11 +320,16 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}td.n{{text-align:r
     h.push_str("</div></body></html>\n");
     let dir = format!("{}/_reports", cfg.output.dataset);
     let path = format!("{dir}/{}.html", report.run_id);
-    cat.storage().put(&path, h.clone().into_bytes().into()).await?;
+    cat.storage()
+        .put(&path, h.clone().into_bytes().into())
+        .await?;
     cat.storage()
         .put(&format!("{dir}/latest.html"), h.into_bytes().into())
         .await?;
-    Ok(llamagen_catalog::storage::join(&cat.storage().root(), &path))
+    Ok(llamagen_catalog::storage::join(
+        &cat.storage().root(),
+        &path,
+    ))
 }
 
 #[cfg(test)]

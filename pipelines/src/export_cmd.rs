@@ -1,0 +1,357 @@
+//! `llamagen export llamagen`: ready shards → the on-disk layout of the official LlamaGen PyTorch
+//! code, for teams training with it.
+//!
+//! Layout written under `--out` (only `ok` rows; files are named by sample key, or by a running
+//! index for c2i as `extract_codes_c2i.py` does):
+//! ```text
+//! t2i:
+//!   captions.jsonl            {"image_path": "images/<key>.<ext>", "text": [long, short],
+//!                              "code_dir": "", "code_name": "<key>"} per sample
+//!   images/<key>.<ext>        the stored centre crop at --image-size (online-VQ training)
+//!   codes<S>/<key>.npy        int64 (1, h·w): centre-crop codes at S px, raster order
+//!   t5_long/<key>.npy         float32 (1, L_valid, D): valid tokens only, as extract_t5_feature.py
+//!   t5_short/<key>.npy        float32 (1, L_valid, D), when the sample has it
+//! c2i:
+//!   imagenet<S>_codes/<i>.npy  int64 (1, 10, h·w) ten-crop codes (or (1, 2, h·w): centre + flip)
+//!   imagenet<S>_labels/<i>.npy int64 (1,)
+//! ```
+//! The trainer's dataset left-pads the T5 features to 120 tokens at load time.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use llamagen_catalog::arrow::array::{Array, AsArray, RecordBatch, StructArray};
+use llamagen_catalog::arrow::datatypes::{Int32Type, UInt16Type};
+use llamagen_catalog::schema::col;
+use llamagen_encode::text_encoder::StoreDtype;
+
+use crate::catalog_cmd::RootArgs;
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    #[command(subcommand)]
+    command: ExportCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum ExportCommand {
+    /// Write the official LlamaGen layout (npy codes and T5 features, jsonl lists).
+    Llamagen {
+        #[command(flatten)]
+        root: RootArgs,
+        /// Output directory (local).
+        #[arg(long)]
+        out: PathBuf,
+        /// t2i (codes, T5 features, captions, images) or c2i (ten-crop codes and labels).
+        #[arg(long, default_value = "t2i")]
+        kind: String,
+        /// Image size of the codes (and images) to export.
+        #[arg(long, default_value_t = 256)]
+        image_size: i32,
+    },
+}
+
+/// Writes a little-endian `.npy` (format 1.0) of `shape`.
+pub fn write_npy(path: &Path, descr: &str, shape: &[usize], data: &[u8]) -> Result<()> {
+    let shape_s = match shape.len() {
+        1 => format!("({},)", shape[0]),
+        _ => format!(
+            "({})",
+            shape
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let mut header =
+        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_s}, }}");
+    let total = 10 + header.len() + 1;
+    header.push_str(&" ".repeat((64 - total % 64) % 64));
+    header.push('\n');
+    let mut f = std::io::BufWriter::new(
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+    );
+    f.write_all(b"\x93NUMPY\x01\x00")?;
+    f.write_all(&(header.len() as u16).to_le_bytes())?;
+    f.write_all(header.as_bytes())?;
+    f.write_all(data)?;
+    f.flush()?;
+    Ok(())
+}
+
+fn i64_bytes(codes: &[u16]) -> Vec<u8> {
+    codes
+        .iter()
+        .flat_map(|&c| (c as i64).to_le_bytes())
+        .collect()
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The code grids of row `i` of kind `kind` at `size`, in view order.
+fn grids(b: &RecordBatch, i: usize, size: i32, kind: &str) -> Vec<(i32, Vec<u16>)> {
+    let Some(list) = b
+        .column_by_name(col::VQ_CODES)
+        .and_then(|c| c.as_list_opt::<i32>())
+    else {
+        return Vec::new();
+    };
+    if list.is_null(i) {
+        return Vec::new();
+    }
+    let v = list.value(i);
+    let s = v.as_struct();
+    let ints = |n: &str| {
+        s.column_by_name(n)
+            .map(|c| c.as_primitive::<Int32Type>().clone())
+    };
+    let (Some(sz), Some(view), Some(grid)) = (ints("image_size"), ints("view"), ints("grid"))
+    else {
+        return Vec::new();
+    };
+    let kinds = s
+        .column_by_name("kind")
+        .map(|c| c.as_string::<i32>().clone());
+    let codes = s
+        .column_by_name("codes")
+        .map(|c| c.as_list::<i32>().clone());
+    let (Some(kinds), Some(codes)) = (kinds, codes) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(i32, i32, Vec<u16>)> = (0..s.len())
+        .filter(|&j| sz.value(j) == size && kinds.value(j) == kind)
+        .map(|j| {
+            let c = codes.value(j);
+            (
+                view.value(j),
+                grid.value(j),
+                c.as_primitive::<UInt16Type>().values().to_vec(),
+            )
+        })
+        .collect();
+    out.sort_by_key(|g| g.0);
+    out.into_iter().map(|(_, g, c)| (g, c)).collect()
+}
+
+fn features(b: &RecordBatch, name: &str, i: usize) -> Result<Option<(usize, usize, Vec<f32>)>> {
+    let Some(s) = b.column_by_name(name).and_then(|c| c.as_struct_opt()) else {
+        return Ok(None);
+    };
+    if s.is_null(i) {
+        return Ok(None);
+    }
+    let s: &StructArray = s;
+    let tokens = s
+        .column_by_name("tokens")
+        .unwrap()
+        .as_primitive::<Int32Type>()
+        .value(i) as usize;
+    let dim = s
+        .column_by_name("dim")
+        .unwrap()
+        .as_primitive::<Int32Type>()
+        .value(i) as usize;
+    let dtype = s
+        .column_by_name("dtype")
+        .unwrap()
+        .as_string::<i32>()
+        .value(i);
+    let data = s
+        .column_by_name("data")
+        .unwrap()
+        .as_binary::<i32>()
+        .value(i);
+    let v = match dtype {
+        "bf16" => StoreDtype::Bf16.decode(data),
+        "f16" => StoreDtype::F16.decode(data),
+        "f32" => data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        other => bail!("{name}: unknown dtype {other:?}"),
+    };
+    if v.len() != tokens * dim {
+        bail!("{name}: {} values for {tokens}x{dim}", v.len());
+    }
+    Ok(Some((tokens, dim, v)))
+}
+
+fn stored_image(b: &RecordBatch, i: usize, size: i32) -> Option<(String, Vec<u8>)> {
+    let list = b.column_by_name(col::IMAGES)?.as_list_opt::<i32>()?;
+    if list.is_null(i) {
+        return None;
+    }
+    let v = list.value(i);
+    let s = v.as_struct();
+    let sizes = s
+        .column_by_name("size")?
+        .as_primitive::<Int32Type>()
+        .clone();
+    let fmt = s.column_by_name("format")?.as_string::<i32>().clone();
+    let data = s.column_by_name("data")?.as_binary::<i32>().clone();
+    (0..s.len()).find(|&j| sizes.value(j) == size).map(|j| {
+        let ext = match fmt.value(j) {
+            "jpeg" | "jpg" => "jpg",
+            other => other,
+        }
+        .to_string();
+        (ext, data.value(j).to_vec())
+    })
+}
+
+pub async fn run(args: ExportArgs) -> Result<ExitCode> {
+    let ExportCommand::Llamagen {
+        root,
+        out,
+        kind,
+        image_size,
+    } = args.command;
+    if !matches!(kind.as_str(), "t2i" | "c2i") {
+        bail!("--kind {kind:?}: use t2i or c2i");
+    }
+    let cat = root.open().await?;
+    let ds = cat.dataset(&root.dataset);
+    let snap = ds.snapshot().await?;
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let (mut written, mut skipped) = (0u64, 0u64);
+    let mut jsonl = None;
+    let dirs: Vec<PathBuf> = if kind == "t2i" {
+        jsonl = Some(std::io::BufWriter::new(std::fs::File::create(
+            out.join("captions.jsonl"),
+        )?));
+        vec![
+            out.join("images"),
+            out.join(format!("codes{image_size}")),
+            out.join("t5_long"),
+            out.join("t5_short"),
+        ]
+    } else {
+        vec![
+            out.join(format!("imagenet{image_size}_codes")),
+            out.join(format!("imagenet{image_size}_labels")),
+        ]
+    };
+    for d in &dirs {
+        std::fs::create_dir_all(d)?;
+    }
+    let pb = indicatif::ProgressBar::new(snap.rows());
+    for entry in &snap.shards {
+        for b in ds.read_shard(entry, None).await? {
+            let keys = b
+                .column_by_name(col::KEY)
+                .unwrap()
+                .as_string::<i32>()
+                .clone();
+            let status = b
+                .column_by_name(col::STATUS)
+                .unwrap()
+                .as_string::<i32>()
+                .clone();
+            for i in 0..b.num_rows() {
+                pb.inc(1);
+                if status.value(i) != "ok" {
+                    continue;
+                }
+                let key = keys.value(i);
+                if kind == "t2i" {
+                    let g = grids(&b, i, image_size, "center");
+                    let Some((grid, codes)) = g.first() else {
+                        skipped += 1;
+                        continue;
+                    };
+                    let Some((t, d, long)) = features(&b, col::T5_LONG, i)? else {
+                        skipped += 1;
+                        continue;
+                    };
+                    write_npy(
+                        &dirs[1].join(format!("{key}.npy")),
+                        "<i8",
+                        &[1, (*grid * *grid) as usize],
+                        &i64_bytes(codes),
+                    )?;
+                    write_npy(
+                        &dirs[2].join(format!("{key}.npy")),
+                        "<f4",
+                        &[1, t, d],
+                        &f32_bytes(&long),
+                    )?;
+                    if let Some((t, d, short)) = features(&b, col::T5_SHORT, i)? {
+                        write_npy(
+                            &dirs[3].join(format!("{key}.npy")),
+                            "<f4",
+                            &[1, t, d],
+                            &f32_bytes(&short),
+                        )?;
+                    }
+                    let mut image_path = serde_json::Value::Null;
+                    if let Some((ext, data)) = stored_image(&b, i, image_size) {
+                        let rel = format!("images/{key}.{ext}");
+                        std::fs::write(out.join(&rel), data)?;
+                        image_path = rel.into();
+                    }
+                    let text = |c: &str| {
+                        b.column_by_name(c)
+                            .and_then(|a| a.as_string_opt::<i32>())
+                            .filter(|a| a.is_valid(i))
+                            .map(|a| a.value(i).to_string())
+                    };
+                    let texts: Vec<String> = [text(col::LONG_CAPTION), text(col::SHORT_CAPTION)]
+                        .into_iter()
+                        .flatten()
+                        .collect();
+                    let line = serde_json::json!({
+                        "image_path": image_path, "text": texts, "code_dir": "", "code_name": key,
+                    });
+                    let w = jsonl.as_mut().expect("t2i list");
+                    writeln!(w, "{line}")?;
+                } else {
+                    let mut g = grids(&b, i, image_size, "tencrop");
+                    if g.is_empty() {
+                        g = grids(&b, i, image_size, "center");
+                    }
+                    let label = b
+                        .column_by_name(col::LABEL)
+                        .map(|c| c.as_primitive::<Int32Type>().clone())
+                        .filter(|l| l.is_valid(i))
+                        .map(|l| l.value(i));
+                    let (Some(label), false) = (label, g.is_empty()) else {
+                        skipped += 1;
+                        continue;
+                    };
+                    let n = g[0].0 as usize * g[0].0 as usize;
+                    let codes: Vec<u16> = g.iter().flat_map(|(_, c)| c.iter().copied()).collect();
+                    write_npy(
+                        &dirs[0].join(format!("{written}.npy")),
+                        "<i8",
+                        &[1, g.len(), n],
+                        &i64_bytes(&codes),
+                    )?;
+                    write_npy(
+                        &dirs[1].join(format!("{written}.npy")),
+                        "<i8",
+                        &[1],
+                        &(label as i64).to_le_bytes(),
+                    )?;
+                }
+                written += 1;
+            }
+        }
+    }
+    pb.finish_and_clear();
+    if let Some(mut w) = jsonl {
+        w.flush()?;
+    }
+    println!(
+        "exported {written} samples ({kind}, {image_size} px) from {} version {} to {}; {skipped} ok samples lacked codes, features or a label",
+        root.dataset,
+        snap.version,
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
