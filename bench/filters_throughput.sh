@@ -16,10 +16,13 @@ BATCH=${3:-32}
 REPEAT=${4:-8}
 PY=.venv/bin/python
 [ -x "$PY" ] || make setup
-$PY -m pip install -q -r requirements-bench.txt
+$PY -c "import PIL, ftfy, regex" 2>/dev/null || $PY -m pip install -q Pillow==13.0.0 ftfy==6.3.1 regex==2026.11.15
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
-cargo build -q --profile bench-opt -p llamagen-filters --example score_files
-BIN=$CARGO_TARGET_DIR/bench-opt/examples/score_files
+# PROFILE=dev (default: the hot crates, llamagen-filters included, build at opt-level 3; minutes)
+# or PROFILE=bench-opt (everything optimised; far longer to build).
+PROFILE=${PROFILE:-dev}
+cargo build -q --profile "$PROFILE" -p llamagen-filters --example score_files
+BIN=$CARGO_TARGET_DIR/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")/examples/score_files
 
 # Inputs: the bundled real photos as 512-pixel JPEG renditions (quality 90), as ingest stores them.
 WORK=$(mktemp -d)

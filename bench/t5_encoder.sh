@@ -9,5 +9,8 @@ if [ ! -f .venv-bench/.ready ] || [ requirements-bench.txt -nt .venv-bench/.read
   .venv-bench/bin/pip install -q -r requirements-bench.txt
   touch .venv-bench/.ready
 fi
-cargo build -q --profile bench-opt -p llamagen-encode --example t5_bench
-T5_BENCH_BIN="${CARGO_TARGET_DIR:-target}/bench-opt/examples/t5_bench" .venv-bench/bin/python bench/t5_encoder.py
+# PROFILE=dev (default: candle and llamagen-encode build at opt-level 3) or PROFILE=bench-opt.
+PROFILE=${PROFILE:-dev}
+cargo build -q --profile "$PROFILE" -p llamagen-encode --example t5_bench
+T5_BENCH_BIN="${CARGO_TARGET_DIR:-target}/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")/examples/t5_bench" \
+  .venv-bench/bin/python bench/t5_encoder.py

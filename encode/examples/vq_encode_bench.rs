@@ -15,7 +15,7 @@ fn main() -> anyhow::Result<()> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
     let model = VqModel::load(vb, &ModelArgs::vq_16())?;
-    let x = (Tensor::rand(0f32, 1f32, (batch, 3, 256, 256), &dev)? * 2.0 - 1.0)?;
+    let x = Tensor::rand(-1f32, 1f32, (batch, 3, 256, 256), &dev)?;
     model.encode_indices(&x)?; // warm-up
     let (mut step, mut enc) = (Vec::new(), Vec::new());
     for _ in 0..repeats {
