@@ -540,3 +540,93 @@ async fn pipeline_to_s3_matches_the_local_run() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("succeeded"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn s3_server_stopped_during_a_run_then_a_rerun_completes() {
+    // Slow downloads keep the run busy while the S3 server goes away.
+    let server = FaultServer::start(workspace().join("data/images"), Duration::from_millis(300)).await;
+    let mut s3 = S3Server::start();
+    s3.create_bucket("ready").await;
+    let d = tempfile::tempdir().unwrap();
+    let list = d.path().join("list.jsonl");
+    let n = write_list(&list, &server);
+    let local = d.path().join("local").display().to_string();
+    let ldir = d.path().join("lcfg");
+    std::fs::create_dir_all(&ldir).unwrap();
+    let cfg = write_config(&ldir, &local, &list, "");
+    let (code, _, err) = llamagen_run(&["pipeline", "run", cfg.to_str().unwrap()], &[]).await;
+    assert_eq!(code, 0, "{err}");
+    let reference = dataset(&local, &[]).await;
+
+    let cfg = write_config(d.path(), "s3://ready/shards", &list, "");
+    let env = s3.env();
+    let child = tokio::process::Command::new(llamagen())
+        .args(["pipeline", "run", cfg.to_str().unwrap()])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s3.stop();
+    let t = Instant::now();
+    let out = tokio::time::timeout(Duration::from_secs(420), child.wait_with_output())
+        .await
+        .expect("the run neither finished nor gave up while S3 was down")
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "the run cannot succeed without its store: {err}");
+    eprintln!("run gave up {:.1} s after the store went away", t.elapsed().as_secs_f64());
+    // The server comes back (moto keeps no state across restarts: the bucket is recreated empty),
+    // and a re-run writes the whole dataset.
+    let s3 = S3Server::start_on(s3.port);
+    s3.create_bucket("ready").await;
+    let (code, _, err) = llamagen_run(&["pipeline", "run", cfg.to_str().unwrap()], &env).await;
+    assert_eq!(code, 0, "{err}");
+    let on_s3 = dataset("s3://ready/shards", &env).await;
+    check_complete(&on_s3, n);
+    assert_eq!(on_s3, reference);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn incremental_runs_take_only_new_lists() {
+    let server = serve().await;
+    let d = tempfile::tempdir().unwrap();
+    let lists = d.path().join("lists");
+    std::fs::create_dir_all(&lists).unwrap();
+    let a = lists.join("a.jsonl");
+    let n = write_list(&a, &server);
+    let root = d.path().join("out").display().to_string();
+    let cfg = write_config(d.path(), &root, &lists, "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[input]\n", "[input]\nincremental = true\n");
+    std::fs::write(&cfg, text).unwrap();
+    let rep = d.path().join("r1.json");
+    let (code, _, err) = llamagen_run(
+        &["pipeline", "run", cfg.to_str().unwrap(), "--report-json", rep.to_str().unwrap()],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(report(&rep)["inputs"].as_array().unwrap().len(), 1);
+    // A new list arrives in the folder; the next scheduled run reads only it.
+    let b = lists.join("b.jsonl");
+    let text = std::fs::read_to_string(&a).unwrap();
+    std::fs::write(&b, text.lines().take(5).collect::<Vec<_>>().join("\n") + "\n").unwrap();
+    let rep = d.path().join("r2.json");
+    let (code, _, err) = llamagen_run(
+        &["pipeline", "run", cfg.to_str().unwrap(), "--report-json", rep.to_str().unwrap()],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let r2 = report(&rep);
+    assert_eq!(r2["inputs"], serde_json::json!([b.display().to_string()]));
+    assert_eq!(
+        r2["inputs_skipped_incremental"],
+        serde_json::json!([a.display().to_string()])
+    );
+    let rows = dataset(&root, &[]).await;
+    assert_eq!(rows.len(), n + 5);
+}
