@@ -544,7 +544,8 @@ async fn pipeline_to_s3_matches_the_local_run() {
 #[tokio::test(flavor = "multi_thread")]
 async fn s3_server_stopped_during_a_run_then_a_rerun_completes() {
     // Slow downloads keep the run busy while the S3 server goes away.
-    let server = FaultServer::start(workspace().join("data/images"), Duration::from_millis(300)).await;
+    let server =
+        FaultServer::start(workspace().join("data/images"), Duration::from_millis(300)).await;
     let mut s3 = S3Server::start();
     s3.create_bucket("ready").await;
     let d = tempfile::tempdir().unwrap();
@@ -575,8 +576,15 @@ async fn s3_server_stopped_during_a_run_then_a_rerun_completes() {
         .expect("the run neither finished nor gave up while S3 was down")
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_ne!(out.status.code(), Some(0), "the run cannot succeed without its store: {err}");
-    eprintln!("run gave up {:.1} s after the store went away", t.elapsed().as_secs_f64());
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "the run cannot succeed without its store: {err}"
+    );
+    eprintln!(
+        "run gave up {:.1} s after the store went away",
+        t.elapsed().as_secs_f64()
+    );
     // The server comes back (moto keeps no state across restarts: the bucket is recreated empty),
     // and a re-run writes the whole dataset.
     let s3 = S3Server::start_on(s3.port);
@@ -604,7 +612,13 @@ async fn incremental_runs_take_only_new_lists() {
     std::fs::write(&cfg, text).unwrap();
     let rep = d.path().join("r1.json");
     let (code, _, err) = llamagen_run(
-        &["pipeline", "run", cfg.to_str().unwrap(), "--report-json", rep.to_str().unwrap()],
+        &[
+            "pipeline",
+            "run",
+            cfg.to_str().unwrap(),
+            "--report-json",
+            rep.to_str().unwrap(),
+        ],
         &[],
     )
     .await;
@@ -613,10 +627,20 @@ async fn incremental_runs_take_only_new_lists() {
     // A new list arrives in the folder; the next scheduled run reads only it.
     let b = lists.join("b.jsonl");
     let text = std::fs::read_to_string(&a).unwrap();
-    std::fs::write(&b, text.lines().take(5).collect::<Vec<_>>().join("\n") + "\n").unwrap();
+    std::fs::write(
+        &b,
+        text.lines().take(5).collect::<Vec<_>>().join("\n") + "\n",
+    )
+    .unwrap();
     let rep = d.path().join("r2.json");
     let (code, _, err) = llamagen_run(
-        &["pipeline", "run", cfg.to_str().unwrap(), "--report-json", rep.to_str().unwrap()],
+        &[
+            "pipeline",
+            "run",
+            cfg.to_str().unwrap(),
+            "--report-json",
+            rep.to_str().unwrap(),
+        ],
         &[],
     )
     .await;
