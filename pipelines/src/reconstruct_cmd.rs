@@ -2,7 +2,7 @@
 //! a PNG grid, and reports PSNR, SSIM (as LlamaGen's evaluation computes them) and codebook usage.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
@@ -226,6 +226,5 @@ pub async fn run(a: ReconstructArgs) -> Result<()> {
     if let Some(j) = &a.json {
         std::fs::write(j, serde_json::to_string_pretty(&report)?)?;
     }
-    let _ = Path::new("");
     Ok(())
 }
