@@ -297,6 +297,22 @@ pub fn center_crop_and_flip(img: &RgbImage, image_size: u32) -> Result<[RgbImage
     Ok([c, f])
 }
 
+/// One (3, H, W) image in [−1, 1] back to RGB, as LlamaGen saves samples:
+/// `clamp(127.5·x + 128, 0, 255)` truncated to u8.
+pub fn to_rgb_image(t: &Tensor) -> Result<RgbImage> {
+    let (_, h, w) = t.dims3()?;
+    let v: Vec<u8> = t
+        .to_dtype(candle_core::DType::F32)?
+        .permute((1, 2, 0))?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|v| (127.5 * v + 128.0).clamp(0.0, 255.0) as u8)
+        .collect();
+    RgbImage::from_raw(w as u32, h as u32, v)
+        .ok_or_else(|| EncodeError::InvalidInput("image buffer size".into()))
+}
+
 /// ToTensor then Normalize(0.5, 0.5): images of one size → (N, 3, H, W) float32 in [−1, 1].
 pub fn to_tensor(imgs: &[RgbImage], device: &Device) -> Result<Tensor> {
     let first = imgs

@@ -68,16 +68,7 @@ fn image_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 }
 
 fn to_rgb(t: &Tensor) -> Result<RgbImage> {
-    let (_, h, w) = t.dims3()?;
-    let v: Vec<u8> = t
-        .to_dtype(DType::F32)?
-        .permute((1, 2, 0))?
-        .flatten_all()?
-        .to_vec1::<f32>()?
-        .iter()
-        .map(|x| (127.5 * x + 128.0).clamp(0.0, 255.0) as u8)
-        .collect();
-    RgbImage::from_raw(w as u32, h as u32, v).context("image buffer")
+    Ok(augment::to_rgb_image(t)?)
 }
 
 fn grid(rows: &[Vec<RgbImage>], size: u32) -> RgbImage {

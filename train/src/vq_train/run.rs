@@ -21,7 +21,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use image::RgbImage;
 use llamagen_encode::augment::{center_crop_arr, to_tensor};
 use llamagen_encode::metrics::llamagen_reconstruction_metrics;
@@ -267,19 +267,9 @@ pub fn evaluate(
     Ok(report)
 }
 
-/// (3, H, W) in [−1, 1] → RGB, as LlamaGen saves samples: `clamp(127.5·x + 128, 0, 255)`.
 fn to_rgb(t: &Tensor) -> Result<RgbImage> {
-    let (_, h, w) = t.dims3()?;
-    let v: Vec<u8> = t
-        .to_dtype(DType::F32)?
-        .permute((1, 2, 0))?
-        .flatten_all()?
-        .to_vec1::<f32>()?
-        .into_iter()
-        .map(|v| (127.5 * v + 128.0).clamp(0.0, 255.0) as u8)
-        .collect();
-    RgbImage::from_raw(w as u32, h as u32, v)
-        .ok_or_else(|| TrainError::InvalidInput("reconstruction buffer size".into()))
+    llamagen_encode::augment::to_rgb_image(t)
+        .map_err(|e| TrainError::InvalidInput(format!("reconstruction image: {e}")))
 }
 
 fn write_grid(path: &Path, top: &[RgbImage], bottom: &[RgbImage], size: u32) -> Result<()> {
