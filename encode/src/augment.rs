@@ -3,7 +3,8 @@
 //!
 //! Invariants enforced here:
 //! - Resizing is Pillow's `Image.resize` on 8-bit RGB: a separable two-pass convolution
-//!   (horizontal first, then vertical, each rounded and clipped to u8), with antialiased
+//!   (horizontal first unless the height shrinks by more than twice as many pixels as the
+//!   width, as Pillow 13 orders them; each pass rounded and clipped to u8), with antialiased
 //!   support-scaled filters (support × max(1, in/out)), coefficients normalised to sum 1 and
 //!   then quantised to fixed point with [`PRECISION_BITS`] fractional bits (rounded half away
 //!   from zero), accumulators starting at one half. BICUBIC is the Keys kernel with a = −0.5 and
@@ -126,9 +127,26 @@ fn precompute_coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs 
     }
 }
 
+impl Coeffs {
+    /// Whether the pass is an exact 2:1 average (BOX halving an even size): output `i` is
+    /// `(in[2i]·w + in[2i+1]·w + half) >> PRECISION_BITS` with `w = half`, which is
+    /// `(in[2i] + in[2i+1] + 1) >> 1` exactly.
+    fn is_halving(&self) -> bool {
+        let w = 1i32 << (PRECISION_BITS - 1);
+        (0..self.start.len()).all(|i| {
+            self.start[i] == 2 * i
+                && self.len[i] == 2
+                && self.coeffs[i * self.ksize] == w
+                && self.coeffs[i * self.ksize + 1] == w
+        })
+    }
+}
+
+/// Pillow's clip8 on a 32-bit accumulator (Pillow's own type: coefficients and sums of 8-bit
+/// passes stay below 2^31).
 #[inline]
-fn clip8(v: i64) -> u8 {
-    if v >= (1i64 << PRECISION_BITS << 8) {
+fn clip8(v: i32) -> u8 {
+    if v >= (1i32 << PRECISION_BITS << 8) {
         255
     } else if v <= 0 {
         0
@@ -138,6 +156,10 @@ fn clip8(v: i64) -> u8 {
 }
 
 /// Pillow's `Image.resize((width, height), filter)` of an RGB image.
+///
+/// Pass order as Pillow 13 chooses it: horizontal first, unless the height shrinks by more
+/// than twice as many pixels as the width does; the horizontal-first pass only resamples the
+/// rows the vertical pass reads.
 pub fn resize(img: &RgbImage, width: u32, height: u32, filter: Filter) -> Result<RgbImage> {
     let (in_w, in_h) = (img.width() as usize, img.height() as usize);
     let (out_w, out_h) = (width as usize, height as usize);
@@ -148,62 +170,115 @@ pub fn resize(img: &RgbImage, width: u32, height: u32, filter: Filter) -> Result
     }
     let need_h = out_w != in_w;
     let need_v = out_h != in_h;
-    let horiz = precompute_coeffs(in_w, out_w, filter);
-    let mut vert = precompute_coeffs(in_h, out_h, filter);
+    let dh = in_h as i64 - out_h as i64;
+    let dw = in_w as i64 - out_w as i64;
+    let horizontal_first = !(dh > 0 && dh > dw * 2);
     let src = img.as_raw();
-    let half = 1i64 << (PRECISION_BITS - 1);
-
-    // Horizontal pass over the rows the vertical pass will read.
-    let (mut cur, mut cur_w, mut cur_h) = (src.clone(), in_w, in_h);
-    if need_h {
-        let first = vert.start[0];
-        let last = vert.start[out_h - 1] + vert.len[out_h - 1];
-        for s in vert.start.iter_mut() {
-            *s -= first;
+    let out = match (need_h, need_v) {
+        (false, false) => src.clone(),
+        (true, false) => {
+            let horiz = precompute_coeffs(in_w, out_w, filter);
+            horizontal_pass(src, in_w, 0..in_h, &horiz)
         }
-        let rows = last - first;
-        let mut out = vec![0u8; out_w * rows * 3];
-        for y in 0..rows {
-            let in_row = &src[(y + first) * in_w * 3..(y + first + 1) * in_w * 3];
-            let out_row = &mut out[y * out_w * 3..(y + 1) * out_w * 3];
-            for xx in 0..out_w {
-                let k = &horiz.coeffs[xx * horiz.ksize..];
-                let xmin = horiz.start[xx];
-                let mut acc = [half; 3];
-                for x in 0..horiz.len[xx] {
-                    let p = &in_row[(xmin + x) * 3..(xmin + x) * 3 + 3];
-                    let w = k[x] as i64;
-                    acc[0] += p[0] as i64 * w;
-                    acc[1] += p[1] as i64 * w;
-                    acc[2] += p[2] as i64 * w;
-                }
-                out_row[xx * 3] = clip8(acc[0]);
-                out_row[xx * 3 + 1] = clip8(acc[1]);
-                out_row[xx * 3 + 2] = clip8(acc[2]);
+        (false, true) => {
+            let vert = precompute_coeffs(in_h, out_h, filter);
+            vertical_pass(src, in_w, &vert)
+        }
+        (true, true) if horizontal_first => {
+            let horiz = precompute_coeffs(in_w, out_w, filter);
+            let mut vert = precompute_coeffs(in_h, out_h, filter);
+            let first = vert.start[0];
+            let last = vert.start[out_h - 1] + vert.len[out_h - 1];
+            for s in vert.start.iter_mut() {
+                *s -= first;
             }
+            let tmp = horizontal_pass(src, in_w, first..last, &horiz);
+            vertical_pass(&tmp, out_w, &vert)
         }
-        (cur, cur_w, cur_h) = (out, out_w, rows);
-    }
-
-    if need_v {
-        let mut out = vec![0u8; cur_w * out_h * 3];
-        for yy in 0..out_h {
-            let k = &vert.coeffs[yy * vert.ksize..];
-            let ymin = vert.start[yy];
-            let out_row = &mut out[yy * cur_w * 3..(yy + 1) * cur_w * 3];
-            for (xc, o) in out_row.iter_mut().enumerate() {
-                let mut acc = half;
-                for y in 0..vert.len[yy] {
-                    acc += cur[(ymin + y) * cur_w * 3 + xc] as i64 * k[y] as i64;
-                }
-                *o = clip8(acc);
-            }
+        (true, true) => {
+            let vert = precompute_coeffs(in_h, out_h, filter);
+            let horiz = precompute_coeffs(in_w, out_w, filter);
+            let tmp = vertical_pass(src, in_w, &vert);
+            horizontal_pass(&tmp, in_w, 0..out_h, &horiz)
         }
-        (cur, cur_h) = (out, out_h);
-    }
-    debug_assert_eq!((cur_w, cur_h), (out_w, out_h));
-    RgbImage::from_raw(out_w as u32, out_h as u32, cur)
+    };
+    RgbImage::from_raw(out_w as u32, out_h as u32, out)
         .ok_or_else(|| EncodeError::InvalidInput("resized buffer has the wrong size".into()))
+}
+
+/// Pillow's horizontal 8-bit pass over `rows` of an RGB buffer `in_w` pixels wide.
+fn horizontal_pass(
+    src: &[u8],
+    in_w: usize,
+    rows: std::ops::Range<usize>,
+    horiz: &Coeffs,
+) -> Vec<u8> {
+    let out_w = horiz.start.len();
+    let half = 1i32 << (PRECISION_BITS - 1);
+    let mut out = vec![0u8; out_w * rows.len() * 3];
+    let halving = horiz.is_halving();
+    for (y, out_row) in rows.zip(out.chunks_exact_mut(out_w * 3)) {
+        let in_row = &src[y * in_w * 3..(y + 1) * in_w * 3];
+        if halving {
+            for (o, i) in out_row.chunks_exact_mut(3).zip(in_row.chunks_exact(6)) {
+                o[0] = ((i[0] as u16 + i[3] as u16 + 1) >> 1) as u8;
+                o[1] = ((i[1] as u16 + i[4] as u16 + 1) >> 1) as u8;
+                o[2] = ((i[2] as u16 + i[5] as u16 + 1) >> 1) as u8;
+            }
+            continue;
+        }
+        for xx in 0..out_w {
+            let k = &horiz.coeffs[xx * horiz.ksize..];
+            let xmin = horiz.start[xx];
+            let mut acc = [half; 3];
+            for x in 0..horiz.len[xx] {
+                let p = &in_row[(xmin + x) * 3..(xmin + x) * 3 + 3];
+                let w = k[x];
+                acc[0] += p[0] as i32 * w;
+                acc[1] += p[1] as i32 * w;
+                acc[2] += p[2] as i32 * w;
+            }
+            out_row[xx * 3] = clip8(acc[0]);
+            out_row[xx * 3 + 1] = clip8(acc[1]);
+            out_row[xx * 3 + 2] = clip8(acc[2]);
+        }
+    }
+    out
+}
+
+/// Pillow's vertical 8-bit pass of an RGB buffer `width` pixels wide.
+fn vertical_pass(input: &[u8], width: usize, vert: &Coeffs) -> Vec<u8> {
+    let out_h = vert.start.len();
+    let stride = width * 3;
+    let half = 1i32 << (PRECISION_BITS - 1);
+    let mut out = vec![0u8; stride * out_h];
+    if vert.is_halving() {
+        for (yy, out_row) in out.chunks_exact_mut(stride).enumerate() {
+            let a = &input[2 * yy * stride..(2 * yy + 1) * stride];
+            let b = &input[(2 * yy + 1) * stride..(2 * yy + 2) * stride];
+            for ((o, &x), &y) in out_row.iter_mut().zip(a).zip(b) {
+                *o = ((x as u16 + y as u16 + 1) >> 1) as u8;
+            }
+        }
+        return out;
+    }
+    // Row-wise accumulation: the same integer sums as Pillow's per-pixel loop.
+    let mut acc = vec![0i32; stride];
+    for (yy, out_row) in out.chunks_exact_mut(stride).enumerate() {
+        let k = &vert.coeffs[yy * vert.ksize..];
+        let ymin = vert.start[yy];
+        acc.fill(half);
+        for (y, &w) in k.iter().enumerate().take(vert.len[yy]) {
+            let row = &input[(ymin + y) * stride..(ymin + y + 1) * stride];
+            for (a, &p) in acc.iter_mut().zip(row) {
+                *a += p as i32 * w;
+            }
+        }
+        for (o, &a) in out_row.iter_mut().zip(&acc) {
+            *o = clip8(a);
+        }
+    }
+    out
 }
 
 /// Python's `round(x)` for the sizes of `center_crop_arr`: half to even.
@@ -230,20 +305,54 @@ pub fn center_crop_arr(img: &RgbImage, image_size: u32) -> Result<RgbImage> {
             "image_size must be positive".into(),
         ));
     }
-    let mut cur = img.clone();
-    while cur.width().min(cur.height()) >= 2 * image_size {
-        cur = resize(&cur, cur.width() / 2, cur.height() / 2, Filter::Box)?;
+    let mut halved: Option<RgbImage> = None;
+    loop {
+        let cur = halved.as_ref().unwrap_or(img);
+        if cur.width().min(cur.height()) < 2 * image_size {
+            break;
+        }
+        halved = Some(resize(cur, cur.width() / 2, cur.height() / 2, Filter::Box)?);
     }
+    let cur = halved.as_ref().unwrap_or(img);
     let (w, h) = (cur.width(), cur.height());
     let scale = image_size as f64 / w.min(h) as f64;
     let (nw, nh) = (
         round_half_even(w as f64 * scale),
         round_half_even(h as f64 * scale),
     );
-    let resized = resize(&cur, nw, nh, Filter::Bicubic)?;
+    let resized = resize(cur, nw, nh, Filter::Bicubic)?;
     let top = (resized.height() - image_size) / 2;
     let left = (resized.width() - image_size) / 2;
     crop(&resized, left, top, image_size, image_size)
+}
+
+/// `center_crop_arr(img, s)` for each of `sizes`, sharing the BOX halvings between sizes (the
+/// halving chain of a smaller size extends that of a larger one): same pixels as separate calls.
+pub fn center_crop_arr_multi(img: &RgbImage, sizes: &[u32]) -> Result<Vec<RgbImage>> {
+    let mut chain: Vec<RgbImage> = Vec::new();
+    let mut out = Vec::with_capacity(sizes.len());
+    for &size in sizes {
+        if size == 0 {
+            return Err(EncodeError::InvalidInput(
+                "image_size must be positive".into(),
+            ));
+        }
+        let mut level = 0;
+        loop {
+            let cur = if level == 0 { img } else { &chain[level - 1] };
+            if cur.width().min(cur.height()) < 2 * size {
+                break;
+            }
+            if chain.len() < level + 1 {
+                let next = resize(cur, cur.width() / 2, cur.height() / 2, Filter::Box)?;
+                chain.push(next);
+            }
+            level += 1;
+        }
+        let cur = if level == 0 { img } else { &chain[level - 1] };
+        out.push(center_crop_arr(cur, size)?);
+    }
+    Ok(out)
 }
 
 /// The mirror image (`hflip`).

@@ -19,6 +19,7 @@
 
 pub mod decode;
 pub mod fetch;
+pub mod webdataset;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -54,6 +55,8 @@ pub enum IngestError {
     Config(String),
     #[error("Arrow error: {0}")]
     Arrow(#[from] llamagen_catalog::arrow::error::ArrowError),
+    #[error("writing webdataset tars: {0}")]
+    Webdataset(String),
 }
 
 pub type Result<T, E = IngestError> = std::result::Result<T, E>;
@@ -113,6 +116,9 @@ pub struct IngestConfig {
     /// Dataset written (default "samples").
     pub dataset: String,
     pub run_id: Option<String>,
+    /// Also write img2dataset's webdataset layout (tar shards) here: a local directory or
+    /// `s3://bucket/prefix` (see [`webdataset`]). Default: none.
+    pub webdataset: Option<String>,
 }
 
 impl Default for IngestConfig {
@@ -135,6 +141,7 @@ impl Default for IngestConfig {
             },
             dataset: "samples".into(),
             run_id: None,
+            webdataset: None,
         }
     }
 }
@@ -227,7 +234,12 @@ pub async fn run(
     }
     let started = Instant::now();
     let ds = catalog.dataset(&cfg.dataset);
+    let wds = match &cfg.webdataset {
+        Some(loc) => Some(llamagen_catalog::storage::open(loc, &cfg.storage).await?),
+        None => None,
+    };
     let ctx = UnitContext {
+        wds,
         fetcher: Fetcher::new(cfg.fetch.clone())?,
         cpu: Arc::new(tokio::sync::Semaphore::new(cfg.cpu_workers.max(1))),
         cfg: Arc::new(cfg.clone()),
@@ -311,6 +323,8 @@ pub fn in_partition(unit_id: &str, (index, count): (usize, usize)) -> bool {
 }
 
 struct UnitContext {
+    /// Where the webdataset tars go, if anywhere.
+    wds: Option<Arc<dyn llamagen_catalog::Storage>>,
     fetcher: Fetcher,
     cpu: Arc<tokio::sync::Semaphore>,
     cfg: Arc<IngestConfig>,
@@ -440,6 +454,17 @@ async fn process_unit(
         .buffered(window);
 
     let mut writer = ds.writer(cfg.shard.clone());
+    let mut tars = match &ctx.wds {
+        Some(st) => Some(webdataset::UnitTars::create(st.clone(), unit_id, &cfg.sizes)?),
+        None => None,
+    };
+    let captions = unit
+        .column_by_name(col::TEXT)
+        .map(|a| a.as_string::<i32>().clone());
+    let sources = unit
+        .column_by_name(col::SOURCE)
+        .map(|a| a.as_string::<i32>().clone());
+    let source_rows = int(col::SOURCE_ROW);
     let mut counters = StageCounters::new("ingest");
     let mut first_by_sha: HashMap<String, usize> = HashMap::new();
     let mut chunk: Vec<Outcome> = Vec::with_capacity(WRITE_ROWS);
@@ -467,6 +492,30 @@ async fn process_unit(
             _ => {}
         }
         counters.add_extra("bytes downloaded", o.bytes.unwrap_or(0) as u64);
+        if let (Some(t), "ok") = (tars.as_mut(), o.status) {
+            let caption = captions
+                .as_ref()
+                .filter(|c| c.is_valid(row))
+                .map_or("", |c| c.value(row));
+            let json = serde_json::json!({
+                "key": keys.value(row),
+                "url": urls.value(row),
+                "caption": caption,
+                "status": "success",
+                "original_width": o.orig.map(|x| x.0),
+                "original_height": o.orig.map(|x| x.1),
+                "sha256": o.sha256,
+                "source": sources.as_ref().filter(|c| c.is_valid(row)).map(|c| c.value(row)),
+                "source_row": source_rows.as_ref().filter(|c| c.is_valid(row)).map(|c| c.value(row)),
+            });
+            let images: Vec<(u32, &[u8])> = o
+                .images
+                .iter()
+                .map(|(s, _, _, b)| (*s as u32, b.as_ref()))
+                .collect();
+            let mtime = o.downloaded_at.map_or(0, |t| (t / 1_000_000).max(0) as u64);
+            t.add(keys.value(row), &images, caption, &json, mtime)?;
+        }
         chunk.push(o);
         row += 1;
         if chunk.len() == WRITE_ROWS || row == n {
@@ -483,6 +532,18 @@ async fn process_unit(
     counters.written += n as u64;
     let shards = writer.finish().await?;
     counters.add_extra("shards", shards.len() as u64);
+    if let Some(t) = tars.take() {
+        // Stored before the commit (see the webdataset module's invariants).
+        let stats = serde_json::json!({
+            "unit": unit_id,
+            "count": counters.received,
+            "successes": counters.extra.get("ok").copied().unwrap_or(0),
+            "failed_by_kind": counters.errors,
+            "dropped_by_reason": counters.dropped,
+        });
+        let stored = t.finish(&stats).await?;
+        counters.add_extra("webdataset tars", stored.len() as u64);
+    }
     ds.commit(Transaction {
         operation: "ingest".into(),
         run_id: cfg.run_id.clone(),
@@ -529,12 +590,12 @@ pub fn process_image_bytes(
 ) -> Result<(Decoded, Vec<(u32, Bytes)>), DecodeFailure> {
     let max_size = *cfg.sizes.iter().max().expect("sizes checked");
     let decoded = decode::decode_rgb(data, &cfg.decode, cfg.reduced_decode.then_some(max_size))?;
+    // LlamaGen's center_crop_arr, byte-exact with PIL (see llamagen_encode::augment).
+    let crops = llamagen_encode::augment::center_crop_arr_multi(&decoded.rgb, &cfg.sizes)
+        .map_err(|e| DecodeFailure::Corrupt(format!("resizing to {:?}: {e}", cfg.sizes)))?;
     let mut out = Vec::with_capacity(cfg.sizes.len());
-    for &s in &cfg.sizes {
-        // LlamaGen's center_crop_arr, byte-exact with PIL (see llamagen_encode::augment).
-        let crop = llamagen_encode::augment::center_crop_arr(&decoded.rgb, s)
-            .map_err(|e| DecodeFailure::Corrupt(format!("resizing to {s}: {e}")))?;
-        out.push((s, encode_image(&crop, cfg.format)?));
+    for (&s, crop) in cfg.sizes.iter().zip(&crops) {
+        out.push((s, encode_image(crop, cfg.format)?));
     }
     Ok((decoded, out))
 }

@@ -94,6 +94,10 @@ pub struct IngestArgs {
     /// Threads for decoding and resizing (default: available cores).
     #[arg(long)]
     pub cpu_workers: Option<usize>,
+    /// Also write img2dataset's webdataset layout here (local directory or s3:// prefix): per
+    /// size, one tar of <key>.jpg/.txt/.json per work unit, plus its _stats.json.
+    #[arg(long)]
+    pub webdataset: Option<String>,
 }
 
 /// INDEX/COUNT from the flag, or from a Kubernetes Indexed Job / Slurm array environment.
@@ -171,6 +175,7 @@ impl IngestArgs {
         cfg.source.caption_column = self.caption_column.clone();
         cfg.storage = self.root.storage_options();
         cfg.dataset = self.root.dataset.clone();
+        cfg.webdataset = self.webdataset.clone();
         Ok(cfg)
     }
 }

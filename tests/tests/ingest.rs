@@ -332,6 +332,7 @@ async fn kill_and_resume_gives_the_uninterrupted_result() {
     let list_s = list.display().to_string();
     let reference = dir.path().join("ref").display().to_string();
     let killed = dir.path().join("killed").display().to_string();
+    let (ref_wds, killed_wds) = (format!("{reference}-wds"), format!("{killed}-wds"));
     let extra = [
         "--allow-cidr",
         "127.0.0.0/8",
@@ -343,10 +344,12 @@ async fn kill_and_resume_gives_the_uninterrupted_result() {
 
     let mut args = base_args(&list_s, &reference);
     args.extend(extra);
+    args.extend(["--webdataset", &ref_wds]);
     assert_eq!(run(&args).await.0, 0);
 
     let mut args = base_args(&list_s, &killed);
     args.extend(extra);
+    args.extend(["--webdataset", &killed_wds]);
     let manifest_dir = dir.path().join("killed/samples/_manifest");
     let mut child = tokio::process::Command::new(llamagen())
         .args(&args)
@@ -387,4 +390,192 @@ async fn kill_and_resume_gives_the_uninterrupted_result() {
     let b = strip(rows_of(&killed).await);
     assert_eq!(a.len(), 60);
     assert_eq!(a, b);
+
+    // The webdataset tars of the killed-and-resumed run equal those of the uninterrupted one,
+    // and hold exactly the catalog's ok samples.
+    let (wa, wb) = (read_webdataset(&ref_wds, &[]), read_webdataset(&killed_wds, &[]));
+    assert_eq!(wa, wb);
+    let ok = ok_keys(&reference).await;
+    assert!(ok.len() >= 6, "{ok:?}");
+    assert_eq!(wds_keys(&wa, 64), ok);
+    assert_eq!(wds_keys(&wa, 128), ok);
+}
+
+/// The webdataset tars under `location`, read by Python's tarfile (tests/python/read_webdataset.py).
+fn read_webdataset(location: &str, env: &[(&str, String)]) -> Value {
+    let out = std::process::Command::new(llamagen_tests::python())
+        .arg(workspace().join("tests/python/read_webdataset.py"))
+        .arg(location)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Keys of the samples in the tars of one size, in shard and member order, after checking each
+/// sample's three members (a JPEG, its caption, its json record).
+fn wds_keys(wds: &Value, size: u32) -> Vec<String> {
+    let mut keys = Vec::new();
+    let prefix = format!("{size}/");
+    let mut shards = 0;
+    for (name, shard) in wds.as_object().unwrap() {
+        if !name.starts_with(&prefix) {
+            continue;
+        }
+        shards += 1;
+        let members = shard["members"].as_array().unwrap();
+        assert_eq!(members.len() % 3, 0, "{name}: {members:?}");
+        for (i, triple) in members.chunks(3).enumerate() {
+            let n = |j: usize| triple[j][0].as_str().unwrap().to_string();
+            let key = n(0).strip_suffix(".jpg").expect("image first").to_string();
+            assert_eq!(triple[0][2], "ffd8ffe0", "{name}: {} is not a JPEG", n(0));
+            assert_eq!(n(1), format!("{key}.txt"));
+            assert_eq!(n(2), format!("{key}.json"));
+            let rec = &shard["json"][i];
+            assert_eq!(rec["key"], key.as_str());
+            assert_eq!(rec["caption"], shard["txt"][i]);
+            assert!(rec["url"].as_str().unwrap().starts_with("http://127.0.0.1:"));
+            assert!(rec["original_width"].as_i64().unwrap() > 0);
+            assert_eq!(rec["sha256"].as_str().unwrap().len(), 64);
+            keys.push(key);
+        }
+        assert_eq!(shard["stats"]["size"], size);
+        assert_eq!(shard["stats"]["samples_in_tar"], members.len() / 3);
+        assert_eq!(shard["stats"]["successes"], members.len() / 3);
+    }
+    assert!(shards > 0, "no tars of size {size}");
+    keys
+}
+
+async fn ok_keys(root: &str) -> Vec<String> {
+    let (code, out, err) = run(&[
+        "catalog",
+        "sql",
+        "SELECT key FROM samples WHERE status = 'ok' ORDER BY source, source_row",
+        "--root",
+        root,
+        "--format",
+        "json",
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    out.lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["key"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A URL list on S3 (Parquet, uploaded to a real S3-compatible server), the catalog and the
+/// webdataset tars on S3 too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_input_catalog_and_webdataset() {
+    let server = FaultServer::start(workspace().join("data/images"), Duration::ZERO).await;
+    let s3 = llamagen_tests::S3Server::start();
+    s3.create_bucket("lists").await;
+    s3.create_bucket("out").await;
+    let imgs = [
+        "camera.png",
+        "chelsea.png",
+        "coffee.png",
+        "flower.jpg",
+        "grace_hopper.jpg",
+        "hopper.jpg",
+        "hopper_gray.jpg",
+        "rocket.jpg",
+        "laion5b_clear_example.png",
+        "laion5b_watermark_example.png",
+        "img2dataset_resize_test_image_123_456.jpg",
+        "img2dataset_resize_test_image_456_123.jpg",
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    // The list as Parquet with LAION-COCO's column names, written by pyarrow.
+    let rows: Vec<Value> = (0..12)
+        .map(|i| {
+            let url = if i == 5 {
+                server.url("/status/404")
+            } else {
+                server.url(&format!("/img/{}?n={i}", imgs[i % imgs.len()]))
+            };
+            serde_json::json!({"URL": url, "TEXT": format!("alt text {i}"), "WIDTH": 512.0, "HEIGHT": null})
+        })
+        .collect();
+    let parquet = dir.path().join("part-00000.parquet");
+    let script = format!(
+        "import json, sys, pyarrow as pa, pyarrow.parquet as pq\n\
+         rows = json.loads(sys.argv[1])\n\
+         t = pa.table({{'URL': [r['URL'] for r in rows], 'TEXT': [r['TEXT'] for r in rows], \
+         'WIDTH': pa.array([r['WIDTH'] for r in rows], pa.float64()), \
+         'HEIGHT': pa.array([r['HEIGHT'] for r in rows], pa.float64())}})\n\
+         pq.write_table(t, {:?})\n",
+        parquet.display().to_string()
+    );
+    let st = std::process::Command::new(llamagen_tests::python())
+        .args(["-c", &script, &serde_json::to_string(&rows).unwrap()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let lists = llamagen_catalog::storage::S3Storage::connect(llamagen_catalog::storage::S3Config {
+        bucket: "lists".into(),
+        ..s3.storage_options().s3
+    })
+    .await
+    .unwrap();
+    use llamagen_catalog::Storage;
+    lists
+        .put("laion-coco/part-00000.parquet", std::fs::read(&parquet).unwrap().into())
+        .await
+        .unwrap();
+
+    let env = s3.env();
+    let mut args = base_args("s3://lists/laion-coco/part-00000.parquet", "s3://out/catalog");
+    args.extend([
+        "--allow-cidr",
+        "127.0.0.0/8",
+        "--unit-rows",
+        "5",
+        "--webdataset",
+        "s3://out/wds",
+    ]);
+    let (code, out, err) = llamagen_tests::run_llamagen(&args, &env);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (code, out, err) = llamagen_tests::run_llamagen(
+        &[
+            "catalog",
+            "sql",
+            "SELECT key, status, error_kind, source, text, width FROM samples ORDER BY source_row",
+            "--root",
+            "s3://out/catalog",
+            "--format",
+            "json",
+        ],
+        &env,
+    );
+    assert_eq!(code, 0, "{err}");
+    let got: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(got.len(), 12);
+    for (i, r) in got.iter().enumerate() {
+        assert_eq!(r["source"], "part-00000.parquet", "{r}");
+        assert_eq!(r["text"], format!("alt text {i}"), "{r}");
+        assert_eq!(r["width"], 512, "{r}");
+        let want = if i == 5 { "failed" } else { "ok" };
+        assert_eq!(r["status"], want, "{r}");
+    }
+    let ok: Vec<String> = got
+        .iter()
+        .filter(|r| r["status"] == "ok")
+        .map(|r| r["key"].as_str().unwrap().to_string())
+        .collect();
+    let wds = read_webdataset("s3://out/wds", &env);
+    // Three units of 5, 5 and 2 rows: three tars per size.
+    assert_eq!(wds.as_object().unwrap().len(), 6, "{:?}", wds.as_object().unwrap().keys());
+    assert_eq!(wds_keys(&wds, 64), ok);
+    assert_eq!(wds_keys(&wds, 128), ok);
+    let second = &wds["64/part-00000.parquet-0000000005.tar"];
+    assert_eq!(second["stats"]["count"], 5);
+    assert_eq!(second["stats"]["successes"], 4);
+    assert_eq!(second["stats"]["failed_by_kind"]["http_404"], 1, "{}", second["stats"]);
 }

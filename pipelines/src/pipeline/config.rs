@@ -127,6 +127,9 @@ pub struct IngestSection {
     pub reduced_decode: bool,
     /// Threads decoding and resizing (default: available cores).
     pub cpu_workers: Option<usize>,
+    /// Also write img2dataset's webdataset layout (tar shards, one folder per size) to this local
+    /// directory or `s3://` prefix. Default: none.
+    pub webdataset: Option<String>,
 }
 
 impl Default for IngestSection {
@@ -153,6 +156,7 @@ impl Default for IngestSection {
             min_similarity: None,
             reduced_decode: true,
             cpu_workers: None,
+            webdataset: None,
         }
     }
 }
@@ -411,6 +415,9 @@ impl PipelineConfig {
 
     fn resolve_paths(&mut self, base: &Path) {
         self.output.root = resolve_str(base, &self.output.root);
+        if let Some(w) = &mut self.ingest.webdataset {
+            *w = resolve_str(base, w);
+        }
         for f in &mut self.input.files {
             *f = resolve_str(base, f);
         }

@@ -201,6 +201,7 @@ fn ingest_config(
     c.storage = storage_options(cfg);
     c.dataset = cfg.output.dataset.clone();
     c.run_id = Some(run_id.to_string());
+    c.webdataset = s.webdataset.clone();
     Ok(c)
 }
 

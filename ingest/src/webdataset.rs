@@ -1,0 +1,233 @@
+//! img2dataset's webdataset layout, written beside the catalog for tools that read tar shards.
+//!
+//! Layout under the configured location (a local directory or `s3://bucket/prefix`), one folder
+//! per stored size:
+//!
+//! ```text
+//! <location>/<size>/<input name>-<first row, 10 digits>.tar
+//! <location>/<size>/<input name>-<first row, 10 digits>_stats.json
+//! ```
+//!
+//! Each tar holds, for every sample of the unit whose status is `ok` and in input order,
+//! `<key>.<jpg|png|webp>` (the stored centre crop), `<key>.txt` (the caption) and `<key>.json`
+//! (key, url, caption, original size, sha256, source and row, as img2dataset writes them). The
+//! stats file counts the unit's rows by status and error kind.
+//!
+//! Invariants:
+//! - A unit's tars are stored (whole, see the storage guarantees) *before* the unit commits, and
+//!   their names derive from the unit alone; a run killed in between leaves tars of an
+//!   uncommitted unit, which the re-run replaces with the same samples. So every committed unit
+//!   has its tars, and no tar holds a sample that is not in the catalog.
+//! - Tars are built in local scratch files as samples arrive (memory stays flat whatever the
+//!   unit size) and are plain POSIX ustar archives, readable by `tar`, Python's `tarfile` and
+//!   the `webdataset` package. For a local location the scratch files live in its `_tmp/`
+//!   folder (a killed run may leave `*.tar.partial` files there; nothing reads them and they
+//!   can be deleted).
+//! - Units committed by a run without a webdataset location get no tars later.
+
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use llamagen_catalog::Storage;
+
+use crate::{IngestError, Result};
+
+/// Folder of a size and base name of a unit's shard: `<size>/<input name>-<first row>`.
+pub fn shard_base(size: u32, unit_id: &str) -> String {
+    // unit ids are `ingest:<input name>:<first row>`; the name may itself hold ':'.
+    let (rest, row) = unit_id.rsplit_once(':').unwrap_or((unit_id, "0"));
+    let name = rest.strip_prefix("ingest:").unwrap_or(rest);
+    let name: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let row: u64 = row.parse().unwrap_or(0);
+    format!("{size}/{name}-{row:010}")
+}
+
+/// One unit's tar shards (one per size), being written.
+pub struct UnitTars {
+    storage: Arc<dyn Storage>,
+    unit_id: String,
+    tars: Vec<(u32, PathBuf, BufWriter<std::fs::File>)>,
+    /// Every scratch file, removed on drop if still there (stored ones have been moved).
+    scratch: Vec<PathBuf>,
+    samples: u64,
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> IngestError {
+    IngestError::Webdataset(format!("{}: {e}", path.display()))
+}
+
+impl UnitTars {
+    /// Starts the tars of `unit_id` for `sizes`, in the storage's scratch directory.
+    pub fn create(storage: Arc<dyn Storage>, unit_id: &str, sizes: &[u32]) -> Result<UnitTars> {
+        let dir = storage.scratch_dir();
+        std::fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+        let mut tars = Vec::with_capacity(sizes.len());
+        for &s in sizes {
+            let path = dir.join(format!(
+                "wds-{}-{s}-{}.tar.partial",
+                std::process::id(),
+                uuid_like()
+            ));
+            let f = std::fs::File::create(&path).map_err(|e| io_err(&path, e))?;
+            tars.push((s, path, BufWriter::with_capacity(1 << 20, f)));
+        }
+        Ok(UnitTars {
+            storage,
+            unit_id: unit_id.to_string(),
+            scratch: tars.iter().map(|t| t.1.clone()).collect(),
+            tars,
+            samples: 0,
+        })
+    }
+
+    /// Adds one sample: its image at every size (`(size, bytes)`), caption and json record.
+    pub fn add(
+        &mut self,
+        key: &str,
+        images: &[(u32, &[u8])],
+        caption: &str,
+        json: &serde_json::Value,
+        mtime: u64,
+    ) -> Result<()> {
+        let json = serde_json::to_vec(json).expect("json values serialise");
+        for (size, path, w) in &mut self.tars {
+            let Some((_, data)) = images.iter().find(|(s, _)| s == size) else {
+                continue;
+            };
+            let ext = match data {
+                [0xff, 0xd8, ..] => "jpg",
+                [0x89, b'P', b'N', b'G', ..] => "png",
+                _ => "webp",
+            };
+            write_entry(w, &format!("{key}.{ext}"), data, mtime).map_err(|e| io_err(path, e))?;
+            write_entry(w, &format!("{key}.txt"), caption.as_bytes(), mtime)
+                .map_err(|e| io_err(path, e))?;
+            write_entry(w, &format!("{key}.json"), &json, mtime).map_err(|e| io_err(path, e))?;
+        }
+        self.samples += 1;
+        Ok(())
+    }
+
+    /// Closes the tars and stores them (with their stats files) under `location`; returns the
+    /// stored tar paths. `stats` is written as each size's `_stats.json`.
+    pub async fn finish(mut self, stats: &serde_json::Value) -> Result<Vec<String>> {
+        let mut stored = Vec::new();
+        for (size, path, mut w) in std::mem::take(&mut self.tars) {
+            // Two zero blocks end a tar archive.
+            w.write_all(&[0u8; 1024]).map_err(|e| io_err(&path, e))?;
+            w.flush().map_err(|e| io_err(&path, e))?;
+            drop(w);
+            let base = shard_base(size, &self.unit_id);
+            let mut st = stats.clone();
+            st["samples_in_tar"] = self.samples.into();
+            st["size"] = size.into();
+            self.storage
+                .put(
+                    &format!("{base}_stats.json"),
+                    serde_json::to_vec_pretty(&st)
+                        .expect("json values serialise")
+                        .into(),
+                )
+                .await?;
+            let tar = format!("{base}.tar");
+            self.storage.put_file(&tar, &path).await?;
+            stored.push(tar);
+        }
+        Ok(stored)
+    }
+}
+
+impl Drop for UnitTars {
+    fn drop(&mut self) {
+        for path in &self.scratch {
+            if path.exists() {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+fn uuid_like() -> String {
+    use rand::Rng;
+    format!("{:016x}", rand::rng().random::<u64>())
+}
+
+/// Writes one regular-file entry (POSIX ustar header, data, padding to 512 bytes).
+fn write_entry(w: &mut impl Write, name: &str, data: &[u8], mtime: u64) -> std::io::Result<()> {
+    if name.len() > 100 {
+        return Err(std::io::Error::other(format!(
+            "tar member name {name:?} is longer than 100 bytes"
+        )));
+    }
+    let mut h = [0u8; 512];
+    h[..name.len()].copy_from_slice(name.as_bytes());
+    let octal = |h: &mut [u8; 512], at: usize, width: usize, v: u64| {
+        let s = format!("{v:0w$o}", w = width - 1);
+        h[at..at + width - 1].copy_from_slice(s.as_bytes());
+        h[at + width - 1] = 0;
+    };
+    octal(&mut h, 100, 8, 0o644); // mode
+    octal(&mut h, 108, 8, 0); // uid
+    octal(&mut h, 116, 8, 0); // gid
+    octal(&mut h, 124, 12, data.len() as u64); // size (< 8 GiB: checked by the body limit)
+    octal(&mut h, 136, 12, mtime);
+    h[148..156].fill(b' '); // checksum counts as spaces while it is computed
+    h[156] = b'0'; // regular file
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    let sum: u32 = h.iter().map(|&b| b as u32).sum();
+    let s = format!("{sum:06o}");
+    h[148..154].copy_from_slice(s.as_bytes());
+    h[154] = 0;
+    h[155] = b' ';
+    w.write_all(&h)?;
+    w.write_all(data)?;
+    let pad = (512 - data.len() % 512) % 512;
+    w.write_all(&[0u8; 512][..pad])?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_names_derive_from_the_unit() {
+        assert_eq!(
+            shard_base(256, "ingest:laion part 1.parquet:20000"),
+            "256/laion_part_1.parquet-0000020000"
+        );
+        assert_eq!(
+            shard_base(512, "ingest:a:b.csv:0"),
+            "512/a_b.csv-0000000000"
+        );
+    }
+
+    #[test]
+    fn entries_are_ustar_with_valid_checksums() {
+        let mut buf = Vec::new();
+        write_entry(&mut buf, "abc.txt", b"hello", 1_700_000_000).unwrap();
+        assert_eq!(buf.len(), 1024);
+        assert_eq!(&buf[..7], b"abc.txt");
+        assert_eq!(&buf[257..263], b"ustar\0");
+        assert_eq!(&buf[124..135], b"00000000005");
+        // The checksum field holds the sum of the header with the field read as spaces.
+        let mut h = buf[..512].to_vec();
+        let stored = u32::from_str_radix(std::str::from_utf8(&h[148..154]).unwrap(), 8).unwrap();
+        h[148..156].fill(b' ');
+        assert_eq!(stored, h.iter().map(|&b| b as u32).sum::<u32>());
+        assert_eq!(&buf[512..517], b"hello");
+        assert!(buf[517..].iter().all(|&b| b == 0));
+        assert!(write_entry(&mut buf, &"x".repeat(101), b"", 0).is_err());
+    }
+}
