@@ -42,9 +42,30 @@ pub fn llamagen() -> PathBuf {
         // Always (re)build: cheap when up to date, and a stale binary would test old code.
         {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "-p", "llamagen-pipelines", "--bin", "llamagen"])
-                .current_dir(workspace())
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "-p", "llamagen-pipelines", "--bin", "llamagen"])
+                .current_dir(workspace());
+            // Without the variables cargo sets for this test crate: build scripts that watch
+            // them (ring's watches CARGO_MANIFEST_DIR) would otherwise rerun and rebuild half
+            // the tree, once here and once more in the next plain `cargo build`.
+            for (k, _) in std::env::vars_os() {
+                let k = k.to_string_lossy().into_owned();
+                if k.starts_with("CARGO_PKG_")
+                    || k.starts_with("CARGO_MANIFEST_")
+                    || k.starts_with("CARGO_CRATE_")
+                    || k.starts_with("CARGO_BIN_")
+                    || matches!(
+                        k.as_str(),
+                        "CARGO_PRIMARY_PACKAGE"
+                            | "CARGO_TARGET_TMPDIR"
+                            | "CARGO_RUSTC_CURRENT_DIR"
+                            | "OUT_DIR"
+                    )
+                {
+                    cmd.env_remove(&k);
+                }
+            }
+            let status = cmd
                 .status()
                 .expect("running cargo build");
             assert!(status.success(), "building llamagen failed");
