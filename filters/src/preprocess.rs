@@ -291,9 +291,17 @@ mod avx2 {
 
     use super::{Coeffs, PRECISION_BITS, clip8};
 
-    /// See [`super::horizontal_scalar`]: one output pixel's three channels in the lanes of one
-    /// vector; each tap loads 4 bytes from the tap's pixel (its R, G, B and one byte of the next
-    /// pixel, whose lane is ignored).
+    /// Taps one step of [`horizontal`] covers (4 pixels, 12 of the 16 bytes it loads).
+    const TAPS: usize = 4;
+    /// Weights are split as `w = hi·2^SPLIT + lo` with `0 <= lo < 2^SPLIT`, so that both parts
+    /// fit 16-bit lanes and the 16×16→32-bit multiply-adds give `Σ p·hi` and `Σ p·lo` exactly;
+    /// `(Σ p·hi)·2^SPLIT + Σ p·lo` is then `Σ p·w`.
+    const SPLIT: i32 = 11;
+
+    /// See [`super::horizontal_scalar`]. Per output pixel and step of 4 taps: the 4 source
+    /// pixels' bytes are spread into 16-bit lanes as (R of tap t, R of tap t+1, G…, B…, 0, 0)
+    /// for taps (0,1) in the low half and (2,3) in the high half, then multiplied and summed in
+    /// pairs against the matching weight parts.
     ///
     /// Callers must make sure the CPU has AVX2.
     #[target_feature(enable = "avx2")]
@@ -305,36 +313,77 @@ mod avx2 {
         cw: usize,
         mid: &mut [u8],
     ) {
+        let groups = h.ksize.div_ceil(TAPS);
+        // Weight parts per output column and step: `hi`, then `lo` (16 i16 lanes each).
+        let mut kk = vec![_mm256_setzero_si256(); cw * groups * 2];
+        let mut lanes = [[0i16; 16]; 2];
+        for (ox, kc) in kk.chunks_exact_mut(groups * 2).enumerate() {
+            let xx = left + ox;
+            let k = &h.k[xx * h.ksize..xx * h.ksize + h.len[xx]];
+            for (g, kg) in kc.chunks_exact_mut(2).enumerate() {
+                let [hi, lo] = &mut lanes;
+                for (lane, (hi, lo)) in hi.iter_mut().zip(lo).enumerate() {
+                    // Lane: half (taps 0-1 or 2-3 of the step), channel, tap within the pair.
+                    let (half, c, t) = (lane / 8, lane % 8 / 2, lane % 2);
+                    let w = if c < 3 {
+                        k.get(g * TAPS + 2 * half + t).copied().unwrap_or(0)
+                    } else {
+                        0
+                    };
+                    *hi = (w >> SPLIT) as i16;
+                    *lo = (w & ((1 << SPLIT) - 1)) as i16;
+                }
+                for (v, l) in kg.iter_mut().zip(&lanes) {
+                    // SAFETY: `l` is 32 bytes long.
+                    *v = unsafe { _mm256_lddqu_si256(l.as_ptr() as *const __m256i) };
+                }
+            }
+        }
+        const Z: i8 = -1; // a shuffle index that yields 0
+        #[rustfmt::skip]
+        let spread = _mm256_setr_epi8(
+            0, Z, 3, Z, 1, Z, 4, Z, 2, Z, 5, Z, Z, Z, Z, Z,
+            6, Z, 9, Z, 7, Z, 10, Z, 8, Z, 11, Z, Z, Z, Z, Z,
+        );
         let half = _mm_set1_epi32(1 << (PRECISION_BITS - 1));
         let row_bytes = in_w * 3;
-        // The last pixel's load reads one byte past the row: the last row of `block` is read
-        // from a copy with a spare byte.
-        let mut padded = vec![0u8; row_bytes + 1];
+        // A step loads 16 bytes from its first pixel; the last step of a column may start up
+        // to TAPS − 1 pixels before the support's end and read past the row: rows too close
+        // to the end of `block` are read from a copy with that much padding.
+        let pad = 3 * TAPS * groups + 16;
+        let mut padded = vec![0u8; row_bytes + pad];
         for (y, out_row) in mid.chunks_exact_mut(cw * 3).enumerate() {
             let base = y * row_bytes;
-            let row: &[u8] = if base + row_bytes < block.len() {
-                &block[base..base + row_bytes + 1]
+            let row: &[u8] = if base + row_bytes + pad <= block.len() {
+                &block[base..base + row_bytes + pad]
             } else {
                 padded[..row_bytes].copy_from_slice(&block[base..base + row_bytes]);
                 &padded
             };
-            for (ox, o) in out_row.chunks_exact_mut(3).enumerate() {
-                let xx = left + ox;
-                let (start, n) = (h.start[xx], h.len[xx]);
-                let k = &h.k[xx * h.ksize..xx * h.ksize + n];
-                let px = &row[start * 3..(start + n) * 3 + 1];
-                let mut acc = half;
-                for (j, &w) in k.iter().enumerate() {
-                    // SAFETY: bytes 3j .. 3j + 4 are inside `px` (j < n).
-                    let word = unsafe { (px.as_ptr().add(3 * j) as *const i32).read_unaligned() };
-                    let v = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(word));
-                    acc = _mm_add_epi32(acc, _mm_mullo_epi32(v, _mm_set1_epi32(w)));
+            for ((ox, o), kc) in out_row
+                .chunks_exact_mut(3)
+                .enumerate()
+                .zip(kk.chunks_exact(groups * 2))
+            {
+                let px = &row[h.start[left + ox] * 3..][..3 * TAPS * groups + 16];
+                let mut acc_hi = _mm256_setzero_si256();
+                let mut acc_lo = _mm256_setzero_si256();
+                for (step, kg) in px.chunks(3 * TAPS).zip(kc.chunks_exact(2)) {
+                    // SAFETY: each step starts at least 16 bytes before the end of `px`.
+                    let v = unsafe { _mm_lddqu_si128(step.as_ptr() as *const __m128i) };
+                    let v = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(v), spread);
+                    acc_hi = _mm256_add_epi32(acc_hi, _mm256_madd_epi16(v, kg[0]));
+                    acc_lo = _mm256_add_epi32(acc_lo, _mm256_madd_epi16(v, kg[1]));
                 }
+                let acc = _mm256_add_epi32(_mm256_slli_epi32::<SPLIT>(acc_hi), acc_lo);
+                let acc = _mm_add_epi32(
+                    _mm_add_epi32(_mm256_castsi256_si128(acc), half),
+                    _mm256_extracti128_si256::<1>(acc),
+                );
                 // Shift, then saturate to i16 and to u8: the clamp to 0..=255 of `clip8`.
                 let s = _mm_srai_epi32::<{ PRECISION_BITS as i32 }>(acc);
-                let b = _mm_packus_epi16(_mm_packs_epi32(s, s), s);
-                let rgb = _mm_cvtsi128_si32(b).to_le_bytes();
-                o.copy_from_slice(&rgb[..3]);
+                let bytes = _mm_packus_epi16(_mm_packs_epi32(s, s), s);
+                o.copy_from_slice(&_mm_cvtsi128_si32(bytes).to_le_bytes()[..3]);
             }
         }
     }
@@ -365,7 +414,7 @@ mod avx2 {
                     let wv = _mm256_set1_epi32(w);
                     let line = &mid[(first + j) * stride + x..(first + j) * stride + x + 32];
                     // SAFETY: `line` is 32 bytes long.
-                    let b = unsafe { _mm256_loadu_si256(line.as_ptr() as *const __m256i) };
+                    let b = unsafe { _mm256_lddqu_si256(line.as_ptr() as *const __m256i) };
                     let b0 = _mm256_castsi256_si128(b);
                     let b1 = _mm256_extracti128_si256::<1>(b);
                     let px = [
@@ -421,10 +470,10 @@ pub fn normalise_chw_into(rgb: &[u8], mean: [f32; 3], std: [f32; 3], dst: &mut [
     let t = normalise_table(mean, std);
     let (r, gb) = dst.split_at_mut(plane);
     let (g, b) = gb.split_at_mut(plane);
-    for (i, p) in rgb.chunks_exact(3).enumerate() {
-        r[i] = t[0][p[0] as usize];
-        g[i] = t[1][p[1] as usize];
-        b[i] = t[2][p[2] as usize];
+    for (((p, r), g), b) in rgb.chunks_exact(3).zip(r).zip(g).zip(b) {
+        *r = t[0][p[0] as usize];
+        *g = t[1][p[1] as usize];
+        *b = t[2][p[2] as usize];
     }
 }
 
@@ -586,7 +635,8 @@ mod tests {
         }
         // Down- and upscales, odd sizes, strides that are and are not multiples of 32 bytes,
         // windows at the edges (loads near the end of the image).
-        let cases: &[((u32, u32), (u32, u32), (u32, u32, u32, u32))] = &[
+        type Case = ((u32, u32), (u32, u32), (u32, u32, u32, u32));
+        let cases: &[Case] = &[
             ((512, 384), (298, 224), (37, 0, 224, 224)),
             ((384, 512), (224, 298), (0, 37, 224, 224)),
             ((512, 384), (256, 256), (0, 0, 256, 256)),
