@@ -317,7 +317,7 @@ mod avx2 {
     ) {
         // Steps per column: enough for the longest support among the window's columns.
         let longest = h.len[left..left + cw].iter().copied().max().unwrap_or(0);
-        let groups = longest.div_ceil(TAPS);
+        let groups = longest.div_ceil(TAPS).max(1);
         // Weight parts per output column and step: `hi`, then `lo` (16 i16 lanes each).
         let mut kk = vec![_mm256_setzero_si256(); cw * groups * 2];
         let mut lanes = [[0i16; 16]; 2];
@@ -374,8 +374,9 @@ mod avx2 {
                 let px = &row[first..][..3 * TAPS * groups + 16];
                 let mut acc_hi = _mm256_setzero_si256();
                 let mut acc_lo = _mm256_setzero_si256();
-                for (step, kg) in px.chunks(3 * TAPS).zip(kc.chunks_exact(2)) {
-                    // SAFETY: each step starts at least 16 bytes before the end of `px`.
+                // Step g loads bytes 12g .. 12g + 16 of `px`.
+                for (step, kg) in px.windows(16).step_by(3 * TAPS).zip(kc.chunks_exact(2)) {
+                    // SAFETY: `step` is 16 bytes long.
                     let v = unsafe { _mm_lddqu_si128(step.as_ptr() as *const __m128i) };
                     let v = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(v), spread);
                     acc_hi = _mm256_add_epi32(acc_hi, _mm256_madd_epi16(v, kg[0]));
@@ -396,6 +397,7 @@ mod avx2 {
     }
 
     /// See [`super::vertical_scalar`]: 32 bytes of a row at a time, accumulated in registers.
+    ///
     /// Callers must make sure the CPU has AVX2.
     #[target_feature(enable = "avx2")]
     pub(super) fn vertical(
