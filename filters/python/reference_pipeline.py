@@ -57,10 +57,12 @@ def normalise(x):
 
 
 class Session:
-    def __init__(self, path, threads):
+    def __init__(self, path, threads, spinning=True):
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
+        if not spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         self.inp = self.s.get_inputs()[0]
         self.out = self.s.get_outputs()[0].name
@@ -76,15 +78,16 @@ class Session:
 
 class ReferenceScorer:
     """clip_image/clip_text/l14/aesthetic_onnx/nsfw/watermark: ONNX paths or None;
-    aesthetic_pth: a LAION .pth evaluated with numpy."""
+    aesthetic_pth: a LAION .pth evaluated with numpy; spinning=False: ONNX Runtime's intra-op workers
+    sleep instead of spinning between operators (llamagen's setting)."""
 
     def __init__(self, clip_image=None, clip_text=None, l14=None, aesthetic_pth=None, nsfw=None, watermark=None,
-                 watermark_index=0, threads=0):
-        self.ci = Session(clip_image, threads) if clip_image else None
-        self.ct = Session(clip_text, threads) if clip_text else None
-        self.l14 = Session(l14, threads) if l14 else None
-        self.nsfw = Session(nsfw, threads) if nsfw else None
-        self.wm = Session(watermark, threads) if watermark else None
+                 watermark_index=0, threads=0, spinning=True):
+        self.ci = Session(clip_image, threads, spinning) if clip_image else None
+        self.ct = Session(clip_text, threads, spinning) if clip_text else None
+        self.l14 = Session(l14, threads, spinning) if l14 else None
+        self.nsfw = Session(nsfw, threads, spinning) if nsfw else None
+        self.wm = Session(watermark, threads, spinning) if watermark else None
         self.wi = watermark_index
         self.aes = None
         if aesthetic_pth:

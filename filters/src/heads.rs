@@ -358,10 +358,11 @@ pub fn read_state_dict(path: &str, bytes: &[u8]) -> Result<Vec<(String, StateTen
     Ok(out)
 }
 
-/// One Linear layer (`weight` out×in, `bias` out) and whether a ReLU follows it.
+/// One Linear layer and whether a ReLU follows it. The weight is kept transposed (in×out, row
+/// `i` = input `i`'s weight for every output), so a row's outputs accumulate side by side.
 #[derive(Debug, Clone)]
 struct Linear {
-    w: Vec<f32>,
+    wt: Vec<f32>,
     b: Vec<f32>,
     in_dim: usize,
     out_dim: usize,
@@ -450,8 +451,15 @@ impl TorchHead {
                     return Err(ck(path, format!("{p}weight does not chain")));
                 }
             }
+            let (out_dim, in_dim) = (w.shape[0], w.shape[1]);
+            let mut wt = vec![0f32; in_dim * out_dim];
+            for (o, row) in w.data.chunks_exact(in_dim).enumerate() {
+                for (i, &v) in row.iter().enumerate() {
+                    wt[i * out_dim + o] = v;
+                }
+            }
             layers.push(Linear {
-                w: w.data.clone(),
+                wt,
                 b: b.data.clone(),
                 in_dim: w.shape[1],
                 out_dim: w.shape[0],
@@ -469,20 +477,34 @@ impl TorchHead {
     }
 
     /// Scores `n` embeddings (row-major, width [`TorchHead::input_dim`]).
+    ///
+    /// Each output is `Σ_i x_i·w_oi` summed in input order from 0 in float32, plus the bias:
+    /// rows are processed four at a time, all outputs of a row at once.
     pub fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
+        const ROWS: usize = 4;
         let mut cur = x.to_vec();
         for l in &self.layers {
             let mut next = vec![0f32; n * l.out_dim];
-            for r in 0..n {
-                let xi = &cur[r * l.in_dim..(r + 1) * l.in_dim];
-                for o in 0..l.out_dim {
-                    let wr = &l.w[o * l.in_dim..(o + 1) * l.in_dim];
-                    let mut acc = 0f32;
-                    for (a, b) in xi.iter().zip(wr) {
-                        acc += a * b;
+            for (xs, outs) in cur
+                .chunks(ROWS * l.in_dim)
+                .zip(next.chunks_mut(ROWS * l.out_dim))
+            {
+                for (i, wrow) in l.wt.chunks_exact(l.out_dim).enumerate() {
+                    for (xr, acc) in xs
+                        .chunks_exact(l.in_dim)
+                        .zip(outs.chunks_exact_mut(l.out_dim))
+                    {
+                        let a = xr[i];
+                        for (s, &w) in acc.iter_mut().zip(wrow) {
+                            *s += a * w;
+                        }
                     }
-                    let v = acc + l.b[o];
-                    next[r * l.out_dim + o] = if l.relu { v.max(0.0) } else { v };
+                }
+                for acc in outs.chunks_exact_mut(l.out_dim) {
+                    for (s, &b) in acc.iter_mut().zip(&l.b) {
+                        let v = *s + b;
+                        *s = if l.relu { v.max(0.0) } else { v };
+                    }
                 }
             }
             cur = next;
@@ -575,5 +597,79 @@ impl Head {
                 Ok(out.chunks(w).map(|r| r[0]).collect())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1].
+    fn values(n: usize, seed: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as f32 * 0.618 + seed) * 1.7).sin())
+            .collect()
+    }
+
+    #[test]
+    fn forward_sums_each_output_in_input_order() {
+        // 3 layers (ReLU after the first two), 7 rows: a partial block of rows at the end.
+        let dims = [(37usize, 19usize, true), (19, 5, true), (5, 1, false)];
+        let w: Vec<Vec<f32>> = dims
+            .iter()
+            .enumerate()
+            .map(|(k, &(i, o, _))| values(i * o, k as f32))
+            .collect();
+        let b: Vec<Vec<f32>> = dims
+            .iter()
+            .enumerate()
+            .map(|(k, &(_, o, _))| values(o, 10.0 + k as f32))
+            .collect();
+        let head = TorchHead {
+            layers: dims
+                .iter()
+                .zip(&w)
+                .zip(&b)
+                .map(|((&(in_dim, out_dim, relu), w), b)| {
+                    let mut wt = vec![0f32; in_dim * out_dim];
+                    for o in 0..out_dim {
+                        for i in 0..in_dim {
+                            wt[i * out_dim + o] = w[o * in_dim + i];
+                        }
+                    }
+                    Linear {
+                        wt,
+                        b: b.clone(),
+                        in_dim,
+                        out_dim,
+                        relu,
+                    }
+                })
+                .collect(),
+            layout: Layout::V2Linear,
+        };
+        let n = 7;
+        let x = values(n * 37, 99.0);
+        // The textbook loop: one dot product per output.
+        let mut cur = x.clone();
+        for (k, &(in_dim, out_dim, relu)) in dims.iter().enumerate() {
+            let mut next = vec![0f32; n * out_dim];
+            for r in 0..n {
+                for o in 0..out_dim {
+                    let mut acc = 0f32;
+                    for i in 0..in_dim {
+                        acc += cur[r * in_dim + i] * w[k][o * in_dim + i];
+                    }
+                    let v = acc + b[k][o];
+                    next[r * out_dim + o] = if relu { v.max(0.0) } else { v };
+                }
+            }
+            cur = next;
+        }
+        let got = head.forward(&x, n);
+        assert_eq!(got.len(), n);
+        assert!(got.iter().any(|&v| v != 0.0));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&cur));
     }
 }

@@ -10,6 +10,9 @@
 //! - A batch dimension fixed to k is run in chunks of k (the last chunk padded with zeros and the
 //!   padding's outputs discarded); a dynamic one in chunks of [`ModelOptions::batch_size`].
 //! - Every model is identified by its file name and the SHA-256 of its bytes.
+//! - Intra-op worker threads do not spin while waiting for work: the scorer decodes and
+//!   preprocesses the next batch on the same cores while a batch is in inference, and spinning
+//!   workers would take those cores (one per session) without doing anything.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -138,7 +141,10 @@ impl OnnxModel {
             |n| n.to_string_lossy().into(),
         );
         let rt = runtime()?;
-        let mut builder = Session::builder(&rt.env).map_err(|e| onnx_err(&name, e))?;
+        let mut builder = Session::builder(&rt.env)
+            .map_err(|e| onnx_err(&name, e))?
+            .with_intra_op_spinning(false)
+            .map_err(|e| onnx_err(&name, e))?;
         if opts.intra_threads > 0 {
             builder = builder
                 .with_intra_threads(opts.intra_threads)

@@ -6,7 +6,9 @@
 //!   coefficients normalised to sum 1, quantised to 22 fractional bits (rounded half away from
 //!   zero); 32-bit accumulators starting at one half. BICUBIC is Keys with a = −0.5, BILINEAR the
 //!   triangle; a pass whose size does not change is skipped. Computing only a window of the output
-//!   gives the same values as resizing everything and cropping.
+//!   gives the same values as resizing everything and cropping. On x86-64 CPUs with AVX2 the two
+//!   passes run as vector kernels computing the same integer sums (tests compare them with the
+//!   scalar loops byte for byte).
 //! - CLIP (`openai/CLIP` `_transform(n)`): the shorter side becomes n and the longer
 //!   `int(n·long/short)` (truncated; no resize when the short side is already n), then the n×n
 //!   window at `(round((h−n)/2), round((w−n)/2))` with Python's round-half-to-even, then `v/255`,
@@ -134,6 +136,25 @@ fn clip8(v: i32) -> u8 {
     s.clamp(0, 255) as u8
 }
 
+/// Which kernels run the two passes: portable scalar loops, or AVX2 (x86-64 only, chosen at
+/// run time). Both compute the same integer sums, so they give the same bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernels {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+impl Kernels {
+    fn detect() -> Kernels {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return Kernels::Avx2;
+        }
+        Kernels::Scalar
+    }
+}
+
 /// The `cw`×`ch` window at (`left`, `top`) of Pillow's `img.resize((out_w, out_h), filter)`,
 /// as packed RGB.
 pub fn resize_window(
@@ -141,7 +162,18 @@ pub fn resize_window(
     out_w: u32,
     out_h: u32,
     filter: Filter,
+    window: (u32, u32, u32, u32),
+) -> Vec<u8> {
+    resize_window_with(img, out_w, out_h, filter, window, Kernels::detect())
+}
+
+fn resize_window_with(
+    img: &RgbImage,
+    out_w: u32,
+    out_h: u32,
+    filter: Filter,
     (left, top, cw, ch): (u32, u32, u32, u32),
+    kernels: Kernels,
 ) -> Vec<u8> {
     let (in_w, in_h) = (img.width() as usize, img.height() as usize);
     let (out_w, out_h) = (out_w as usize, out_h as usize);
@@ -151,7 +183,6 @@ pub fn resize_window(
         "window inside output"
     );
     let src = img.as_raw();
-    let half = 1i32 << (PRECISION_BITS - 1);
 
     // Rows of the source the vertical pass reads for the window rows.
     let vert = (out_h != in_h).then(|| coeffs(in_h, out_h, filter));
@@ -171,23 +202,12 @@ pub fn resize_window(
     let mut mid = vec![0u8; rows * cw * 3];
     if out_w != in_w {
         let h = coeffs(in_w, out_w, filter);
-        for y in 0..rows {
-            let in_row = &src[(row0 + y) * in_w * 3..(row0 + y + 1) * in_w * 3];
-            let out_row = &mut mid[y * cw * 3..(y + 1) * cw * 3];
-            for (ox, o) in out_row.chunks_exact_mut(3).enumerate() {
-                let xx = left + ox;
-                let k = &h.k[xx * h.ksize..xx * h.ksize + h.len[xx]];
-                let px = &in_row[h.start[xx] * 3..(h.start[xx] + h.len[xx]) * 3];
-                let (mut a0, mut a1, mut a2) = (half, half, half);
-                for (p, &w) in px.chunks_exact(3).zip(k) {
-                    a0 += p[0] as i32 * w;
-                    a1 += p[1] as i32 * w;
-                    a2 += p[2] as i32 * w;
-                }
-                o[0] = clip8(a0);
-                o[1] = clip8(a1);
-                o[2] = clip8(a2);
-            }
+        let block = &src[row0 * in_w * 3..row1 * in_w * 3];
+        match kernels {
+            Kernels::Scalar => horizontal_scalar(block, in_w, &h, left, cw, &mut mid),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Kernels::Avx2` is only chosen when the CPU has AVX2.
+            Kernels::Avx2 => unsafe { avx2::horizontal(block, in_w, &h, left, cw, &mut mid) },
         }
     } else {
         for y in 0..rows {
@@ -200,10 +220,54 @@ pub fn resize_window(
     let Some(v) = vert else {
         return mid;
     };
-    let stride = cw * 3;
-    let mut out = vec![0u8; ch * stride];
+    let mut out = vec![0u8; ch * cw * 3];
+    match kernels {
+        Kernels::Scalar => vertical_scalar(&mid, cw * 3, &v, row0, top, &mut out),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Kernels::Avx2` is only chosen when the CPU has AVX2.
+        Kernels::Avx2 => unsafe { avx2::vertical(&mid, cw * 3, &v, row0, top, &mut out) },
+    }
+    out
+}
+
+/// Horizontal pass: `block` holds whole source rows (`in_w` pixels each); `mid` receives the
+/// output columns `left .. left + cw` of each.
+fn horizontal_scalar(
+    block: &[u8],
+    in_w: usize,
+    h: &Coeffs,
+    left: usize,
+    cw: usize,
+    mid: &mut [u8],
+) {
+    let half = 1i32 << (PRECISION_BITS - 1);
+    for (in_row, out_row) in block
+        .chunks_exact(in_w * 3)
+        .zip(mid.chunks_exact_mut(cw * 3))
+    {
+        for (ox, o) in out_row.chunks_exact_mut(3).enumerate() {
+            let xx = left + ox;
+            let k = &h.k[xx * h.ksize..xx * h.ksize + h.len[xx]];
+            let px = &in_row[h.start[xx] * 3..(h.start[xx] + h.len[xx]) * 3];
+            let (mut a0, mut a1, mut a2) = (half, half, half);
+            for (p, &w) in px.chunks_exact(3).zip(k) {
+                a0 += p[0] as i32 * w;
+                a1 += p[1] as i32 * w;
+                a2 += p[2] as i32 * w;
+            }
+            o[0] = clip8(a0);
+            o[1] = clip8(a1);
+            o[2] = clip8(a2);
+        }
+    }
+}
+
+/// Vertical pass: `mid` holds the horizontally resized rows from source row `row0` on
+/// (`stride` bytes each); `out` receives output rows `top ..`.
+fn vertical_scalar(mid: &[u8], stride: usize, v: &Coeffs, row0: usize, top: usize, out: &mut [u8]) {
+    let half = 1i32 << (PRECISION_BITS - 1);
     let mut acc = vec![0i32; stride];
-    for oy in 0..ch {
+    for (oy, out_row) in out.chunks_exact_mut(stride).enumerate() {
         let yy = top + oy;
         let k = &v.k[yy * v.ksize..yy * v.ksize + v.len[yy]];
         acc.fill(half);
@@ -214,11 +278,212 @@ pub fn resize_window(
                 *a += p as i32 * w;
             }
         }
-        for (o, &a) in out[oy * stride..(oy + 1) * stride].iter_mut().zip(&acc) {
+        for (o, &a) in out_row.iter_mut().zip(&acc) {
             *o = clip8(a);
         }
     }
-    out
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! AVX2 versions of the two passes: the same 32-bit products and sums as the scalar loops
+    //! (integer addition is exact, so the order of the sums does not matter).
+
+    use std::arch::x86_64::*;
+
+    use super::{Coeffs, PRECISION_BITS, clip8};
+
+    /// Taps one step of [`horizontal`] covers (4 pixels, 12 of the 16 bytes it loads).
+    const TAPS: usize = 4;
+    /// Weights are split as `w = hi·2^SPLIT + lo` with `0 <= lo < 2^SPLIT`, so that both parts
+    /// fit 16-bit lanes and the 16×16→32-bit multiply-adds give `Σ p·hi` and `Σ p·lo` exactly;
+    /// `(Σ p·hi)·2^SPLIT + Σ p·lo` is then `Σ p·w`.
+    const SPLIT: i32 = 11;
+
+    /// See [`super::horizontal_scalar`]. Per output pixel and step of 4 taps: the 4 source
+    /// pixels' bytes are spread into 16-bit lanes as (R of tap t, R of tap t+1, G…, B…, 0, 0)
+    /// for taps (0,1) in the low half and (2,3) in the high half, then multiplied and summed in
+    /// pairs against the matching weight parts.
+    ///
+    /// Callers must make sure the CPU has AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) fn horizontal(
+        block: &[u8],
+        in_w: usize,
+        h: &Coeffs,
+        left: usize,
+        cw: usize,
+        mid: &mut [u8],
+    ) {
+        // Steps per column: enough for the longest support among the window's columns.
+        let longest = h.len[left..left + cw].iter().copied().max().unwrap_or(0);
+        let groups = longest.div_ceil(TAPS).max(1);
+        // Weight parts per output column and step: `hi`, then `lo` (16 i16 lanes each).
+        let mut kk = vec![_mm256_setzero_si256(); cw * groups * 2];
+        let mut lanes = [[0i16; 16]; 2];
+        for (ox, kc) in kk.chunks_exact_mut(groups * 2).enumerate() {
+            let xx = left + ox;
+            let k = &h.k[xx * h.ksize..xx * h.ksize + h.len[xx]];
+            for (g, kg) in kc.chunks_exact_mut(2).enumerate() {
+                let [hi, lo] = &mut lanes;
+                for (lane, (hi, lo)) in hi.iter_mut().zip(lo).enumerate() {
+                    // Lane: half (taps 0-1 or 2-3 of the step), channel, tap within the pair.
+                    let (half, c, t) = (lane / 8, lane % 8 / 2, lane % 2);
+                    let w = if c < 3 {
+                        k.get(g * TAPS + 2 * half + t).copied().unwrap_or(0)
+                    } else {
+                        0
+                    };
+                    *hi = (w >> SPLIT) as i16;
+                    *lo = (w & ((1 << SPLIT) - 1)) as i16;
+                }
+                for (v, l) in kg.iter_mut().zip(&lanes) {
+                    // SAFETY: `l` is 32 bytes long.
+                    *v = unsafe { _mm256_lddqu_si256(l.as_ptr() as *const __m256i) };
+                }
+            }
+        }
+        // Byte offset of each column's first source pixel in a row.
+        let firsts: Vec<usize> = h.start[left..left + cw].iter().map(|&x| 3 * x).collect();
+        const Z: i8 = -1; // a shuffle index that yields 0
+        #[rustfmt::skip]
+        let spread = _mm256_setr_epi8(
+            0, Z, 3, Z, 1, Z, 4, Z, 2, Z, 5, Z, Z, Z, Z, Z,
+            6, Z, 9, Z, 7, Z, 10, Z, 8, Z, 11, Z, Z, Z, Z, Z,
+        );
+        let half = _mm_set1_epi32(1 << (PRECISION_BITS - 1));
+        let row_bytes = in_w * 3;
+        // A step loads 16 bytes from its first pixel; the last step of a column may start up
+        // to TAPS − 1 pixels before the support's end and read past the row: rows too close
+        // to the end of `block` are read from a copy with that much padding.
+        let pad = 3 * TAPS * groups + 16;
+        let mut padded = vec![0u8; row_bytes + pad];
+        for (y, out_row) in mid.chunks_exact_mut(cw * 3).enumerate() {
+            let base = y * row_bytes;
+            let row: &[u8] = if base + row_bytes + pad <= block.len() {
+                &block[base..base + row_bytes + pad]
+            } else {
+                padded[..row_bytes].copy_from_slice(&block[base..base + row_bytes]);
+                &padded
+            };
+            for ((o, &first), kc) in out_row
+                .chunks_exact_mut(3)
+                .zip(&firsts)
+                .zip(kk.chunks_exact(groups * 2))
+            {
+                let px = &row[first..][..3 * TAPS * groups + 16];
+                let mut acc_hi = _mm256_setzero_si256();
+                let mut acc_lo = _mm256_setzero_si256();
+                // Step g loads bytes 12g .. 12g + 16 of `px`.
+                for (step, kg) in px.windows(16).step_by(3 * TAPS).zip(kc.chunks_exact(2)) {
+                    // SAFETY: `step` is 16 bytes long.
+                    let v = unsafe { _mm_lddqu_si128(step.as_ptr() as *const __m128i) };
+                    let v = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(v), spread);
+                    acc_hi = _mm256_add_epi32(acc_hi, _mm256_madd_epi16(v, kg[0]));
+                    acc_lo = _mm256_add_epi32(acc_lo, _mm256_madd_epi16(v, kg[1]));
+                }
+                let acc = _mm256_add_epi32(_mm256_slli_epi32::<SPLIT>(acc_hi), acc_lo);
+                let acc = _mm_add_epi32(
+                    _mm_add_epi32(_mm256_castsi256_si128(acc), half),
+                    _mm256_extracti128_si256::<1>(acc),
+                );
+                // Shift, then saturate to i16 and to u8: the clamp to 0..=255 of `clip8`.
+                let s = _mm_srai_epi32::<{ PRECISION_BITS as i32 }>(acc);
+                let bytes = _mm_packus_epi16(_mm_packs_epi32(s, s), s);
+                let [r, g, b, _] = _mm_cvtsi128_si32(bytes).to_le_bytes();
+                (o[0], o[1], o[2]) = (r, g, b);
+            }
+        }
+    }
+
+    /// See [`super::vertical_scalar`]: 32 bytes of a row at a time, accumulated in registers.
+    ///
+    /// Callers must make sure the CPU has AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) fn vertical(
+        mid: &[u8],
+        stride: usize,
+        v: &Coeffs,
+        row0: usize,
+        top: usize,
+        out: &mut [u8],
+    ) {
+        let half = 1i32 << (PRECISION_BITS - 1);
+        let vec_end = stride / 32 * 32;
+        // After packing, the 4-byte groups are in the order 0 2 4 6 1 3 5 7: put them back.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for (oy, out_row) in out.chunks_exact_mut(stride).enumerate() {
+            let yy = top + oy;
+            let k = &v.k[yy * v.ksize..yy * v.ksize + v.len[yy]];
+            let first = v.start[yy] - row0;
+            let mut x = 0;
+            while x < vec_end {
+                let mut a = [_mm256_set1_epi32(half); 4];
+                for (j, &w) in k.iter().enumerate() {
+                    let wv = _mm256_set1_epi32(w);
+                    let line = &mid[(first + j) * stride + x..(first + j) * stride + x + 32];
+                    // SAFETY: `line` is 32 bytes long.
+                    let b = unsafe { _mm256_lddqu_si256(line.as_ptr() as *const __m256i) };
+                    let b0 = _mm256_castsi256_si128(b);
+                    let b1 = _mm256_extracti128_si256::<1>(b);
+                    let px = [
+                        _mm256_cvtepu8_epi32(b0),
+                        _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(b0)),
+                        _mm256_cvtepu8_epi32(b1),
+                        _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(b1)),
+                    ];
+                    for (ai, pi) in a.iter_mut().zip(px) {
+                        *ai = _mm256_add_epi32(*ai, _mm256_mullo_epi32(pi, wv));
+                    }
+                }
+                // Shift, then saturate to i16 and to u8: the clamp to 0..=255 of `clip8`.
+                let mut s = a;
+                for si in &mut s {
+                    *si = _mm256_srai_epi32::<{ PRECISION_BITS as i32 }>(*si);
+                }
+                let w01 = _mm256_packs_epi32(s[0], s[1]);
+                let w23 = _mm256_packs_epi32(s[2], s[3]);
+                let bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(w01, w23), order);
+                let dst = &mut out_row[x..x + 32];
+                // SAFETY: `dst` is 32 bytes long.
+                unsafe { _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, bytes) };
+                x += 32;
+            }
+            for (x, o) in out_row.iter_mut().enumerate().skip(vec_end) {
+                let mut a = half;
+                for (j, &w) in k.iter().enumerate() {
+                    a += mid[(first + j) * stride + x] as i32 * w;
+                }
+                *o = clip8(a);
+            }
+        }
+    }
+}
+
+/// Per-channel tables of `(v/255 − mean)/std` for every 8-bit value `v` (float32 arithmetic).
+fn normalise_table(mean: [f32; 3], std: [f32; 3]) -> [[f32; 256]; 3] {
+    let mut t = [[0f32; 256]; 3];
+    for (c, tc) in t.iter_mut().enumerate() {
+        for (v, x) in tc.iter_mut().enumerate() {
+            *x = (v as f32 / 255.0 - mean[c]) / std[c];
+        }
+    }
+    t
+}
+
+/// Packed RGB → channel-first floats `(v/255 − mean)/std`, written to `dst` (3 planes of
+/// `rgb.len() / 3` values).
+pub fn normalise_chw_into(rgb: &[u8], mean: [f32; 3], std: [f32; 3], dst: &mut [f32]) {
+    let plane = rgb.len() / 3;
+    assert_eq!(dst.len(), 3 * plane, "destination size");
+    let t = normalise_table(mean, std);
+    let (r, gb) = dst.split_at_mut(plane);
+    let (g, b) = gb.split_at_mut(plane);
+    for (((p, r), g), b) in rgb.chunks_exact(3).zip(r).zip(g).zip(b) {
+        *r = t[0][p[0] as usize];
+        *g = t[1][p[1] as usize];
+        *b = t[2][p[2] as usize];
+    }
 }
 
 /// Packed RGB (`w`×`h`) → channel-first floats `(v/255 − mean)/std`, appended to `out`.
@@ -230,15 +495,10 @@ pub fn normalise_chw(
     std: [f32; 3],
     out: &mut Vec<f32>,
 ) {
+    assert_eq!(rgb.len(), 3 * w * h, "pixel count");
     let base = out.len();
     out.resize(base + 3 * w * h, 0.0);
-    let plane = w * h;
-    let dst = &mut out[base..];
-    for (i, p) in rgb.chunks_exact(3).enumerate() {
-        for c in 0..3 {
-            dst[c * plane + i] = (p[c] as f32 / 255.0 - mean[c]) / std[c];
-        }
-    }
+    normalise_chw_into(rgb, mean, std, &mut out[base..]);
 }
 
 /// Output size of torchvision `Resize(n)` on a `w`×`h` image (shorter side → n).
@@ -268,6 +528,11 @@ pub fn clip_preprocess(img: &RgbImage, n: u32, out: &mut Vec<f32>) {
     normalise_chw(&window, n as usize, n as usize, CLIP_MEAN, CLIP_STD, out);
 }
 
+/// [`clip_preprocess`] written to `dst` (`3·n·n` values).
+pub fn clip_preprocess_into(img: &RgbImage, n: u32, dst: &mut [f32]) {
+    normalise_chw_into(&clip_window(img, n), CLIP_MEAN, CLIP_STD, dst);
+}
+
 /// The `n`×`n` RGB pixels of the watermark classifier's squash resize.
 pub fn watermark_window(img: &RgbImage, n: u32) -> Vec<u8> {
     resize_window(img, n, n, Filter::Bilinear, (0, 0, n, n))
@@ -284,6 +549,11 @@ pub fn watermark_preprocess(img: &RgbImage, n: u32, out: &mut Vec<f32>) {
         IMAGENET_STD,
         out,
     );
+}
+
+/// [`watermark_preprocess`] written to `dst` (`3·n·n` values).
+pub fn watermark_preprocess_into(img: &RgbImage, n: u32, dst: &mut [f32]) {
+    normalise_chw_into(&watermark_window(img, n), IMAGENET_MEAN, IMAGENET_STD, dst);
 }
 
 /// Decodes image bytes to RGB (see the module invariants). Images over `max_pixels` are refused
@@ -346,6 +616,89 @@ mod tests {
                 for x in 0..60 * 3 {
                     assert_eq!(win[y * 180 + x], full[(y + 5) * 450 + 90 + x]);
                 }
+            }
+        }
+    }
+
+    /// A deterministic pseudo-random image (every byte value occurs; neighbouring pixels differ).
+    fn noise(w: u32, h: u32, seed: u32) -> RgbImage {
+        let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        RgbImage::from_fn(w, h, |_, _| {
+            let mut px = [0u8; 3];
+            for p in &mut px {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                *p = (x >> 24) as u8;
+            }
+            image::Rgb(px)
+        })
+    }
+
+    #[test]
+    fn vector_kernels_give_the_scalar_bytes() {
+        let kernels = Kernels::detect();
+        if kernels == Kernels::Scalar {
+            eprintln!("no vector kernels on this CPU");
+            return;
+        }
+        // Down- and upscales, odd sizes, strides that are and are not multiples of 32 bytes,
+        // windows at the edges (loads near the end of the image).
+        type Case = ((u32, u32), (u32, u32), (u32, u32, u32, u32));
+        let cases: &[Case] = &[
+            ((512, 384), (298, 224), (37, 0, 224, 224)),
+            ((384, 512), (224, 298), (0, 37, 224, 224)),
+            ((512, 384), (256, 256), (0, 0, 256, 256)),
+            ((97, 61), (224, 224), (0, 0, 224, 224)),
+            ((1999, 1003), (446, 224), (111, 0, 224, 224)),
+            ((3000, 40), (11, 7), (0, 0, 11, 7)),
+            ((5, 700), (300, 3), (290, 1, 10, 2)),
+            ((224, 300), (224, 224), (0, 0, 224, 224)),
+            ((300, 224), (224, 224), (0, 0, 224, 224)),
+        ];
+        for (i, &((w, h), (ow, oh), win)) in cases.iter().enumerate() {
+            let img = noise(w, h, i as u32);
+            for f in [Filter::Bicubic, Filter::Bilinear] {
+                let a = resize_window_with(&img, ow, oh, f, win, Kernels::Scalar);
+                let b = resize_window_with(&img, ow, oh, f, win, kernels);
+                assert_eq!(a.len(), (win.2 * win.3 * 3) as usize);
+                assert!(a == b, "{w}x{h} -> {ow}x{oh} {win:?} {f:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn extreme_pixels_clamp_like_pillow() {
+        // Black/white edges make bicubic overshoot below 0 and above 255: both kernels clamp.
+        let img = RgbImage::from_fn(301, 203, |x, y| {
+            let v = if (x / 3 + y / 5) % 2 == 0 { 255 } else { 0 };
+            image::Rgb([v, 255 - v, v])
+        });
+        for kernels in [Kernels::Scalar, Kernels::detect()] {
+            let out =
+                resize_window_with(&img, 1000, 700, Filter::Bicubic, (0, 0, 1000, 700), kernels);
+            assert!(out.contains(&0) && out.contains(&255));
+            let reference = resize_window_with(
+                &img,
+                1000,
+                700,
+                Filter::Bicubic,
+                (0, 0, 1000, 700),
+                Kernels::Scalar,
+            );
+            assert!(out == reference);
+        }
+    }
+
+    #[test]
+    fn normalisation_table_is_the_formula() {
+        let rgb: Vec<u8> = (0..=255u8).flat_map(|v| [v, 255 - v, v / 2]).collect();
+        let mut out = Vec::new();
+        normalise_chw(&rgb, 256, 1, CLIP_MEAN, CLIP_STD, &mut out);
+        for (i, p) in rgb.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                let want = (p[c] as f32 / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c];
+                assert_eq!(out[c * 256 + i].to_bits(), want.to_bits());
             }
         }
     }

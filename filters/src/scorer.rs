@@ -22,8 +22,8 @@ use crate::error::{FilterError, Result};
 use crate::heads::Head;
 use crate::model::{ModelOptions, OnnxModel, Role, l2_normalise};
 use crate::preprocess::{
-    CLIP_PREPROCESS_VERSION, WATERMARK_PREPROCESS_VERSION, clip_preprocess, decode_rgb,
-    watermark_preprocess,
+    CLIP_PREPROCESS_VERSION, WATERMARK_PREPROCESS_VERSION, clip_preprocess_into, decode_rgb,
+    watermark_preprocess_into,
 };
 use crate::tokenizer::{CONTEXT_LENGTH, ClipTokenizer};
 
@@ -338,13 +338,47 @@ impl Scorer {
         s
     }
 
-    fn prepare(&self, inputs: &[SampleInput<'_>], offset: usize) -> Prepared {
+    /// Decodes and preprocesses `inputs` (rows `offset ..` of the call) on the thread pool.
+    /// Each row's tensors are written in place into the batch tensors; `spare` (a chunk whose
+    /// inference is done) lends its buffers.
+    fn prepare(
+        &self,
+        inputs: &[SampleInput<'_>],
+        offset: usize,
+        spare: Option<Prepared>,
+    ) -> Prepared {
         let sizes = self.clip_sizes();
         let wm = self.watermark.as_ref().map(|m| m.image_size(256));
         let want_text = self.clip_text.is_some();
+        let n = inputs.len();
+        let item = |s: u32| 3 * s as usize * s as usize;
+        let (mut clip, mut watermark) = match spare {
+            Some(p) => (p.clip.into_iter().map(|(_, v)| v).collect(), p.watermark),
+            None => (Vec::new(), Vec::new()),
+        };
+        clip.resize_with(sizes.len(), Vec::new);
+        for (buf, &s) in clip.iter_mut().zip(&sizes) {
+            buf.resize(n * item(s), 0.0);
+        }
+        watermark.resize(wm.map_or(0, |w| n * item(w)), 0.0);
+
+        // Each row's destinations: one slice per CLIP size, and the watermark slice.
+        type Dest<'b> = (Vec<&'b mut [f32]>, Option<&'b mut [f32]>);
+        let mut dests: Vec<Dest<'_>> = (0..n)
+            .map(|_| (Vec::with_capacity(sizes.len()), None))
+            .collect();
+        for (buf, &s) in clip.iter_mut().zip(&sizes) {
+            for (d, slot) in dests.iter_mut().zip(buf.chunks_exact_mut(item(s))) {
+                d.0.push(slot);
+            }
+        }
+        if let Some(w) = wm {
+            for (d, slot) in dests.iter_mut().zip(watermark.chunks_exact_mut(item(w))) {
+                d.1 = Some(slot);
+            }
+        }
+
         struct Row {
-            clip: Vec<Vec<f32>>,
-            wm: Vec<f32>,
             tokens: Option<[u32; CONTEXT_LENGTH]>,
             decode_s: f64,
             pre_s: f64,
@@ -354,23 +388,18 @@ impl Scorer {
         let rows: Vec<std::result::Result<Row, String>> = self.pool.install(|| {
             inputs
                 .par_iter()
-                .map(|inp| {
+                .zip(dests)
+                .map(|(inp, (clip_dst, wm_dst))| {
                     let t0 = Instant::now();
                     let bytes = inp.image.ok_or_else(|| "no_image".to_string())?;
                     let img =
                         decode_rgb(bytes, max_pixels).map_err(|e| format!("decode_error: {e}"))?;
                     let t1 = Instant::now();
-                    let clip = sizes
-                        .iter()
-                        .map(|&s| {
-                            let mut v = Vec::with_capacity((3 * s * s) as usize);
-                            clip_preprocess(&img, s, &mut v);
-                            v
-                        })
-                        .collect();
-                    let mut wmv = Vec::new();
-                    if let Some(n) = wm {
-                        watermark_preprocess(&img, n, &mut wmv);
+                    for (&s, dst) in sizes.iter().zip(clip_dst) {
+                        clip_preprocess_into(&img, s, dst);
+                    }
+                    if let (Some(n), Some(dst)) = (wm, wm_dst) {
+                        watermark_preprocess_into(&img, n, dst);
                     }
                     let tokens = if want_text {
                         inp.caption.map(|c| tok.tokenize(c))
@@ -379,8 +408,6 @@ impl Scorer {
                     };
                     let t2 = Instant::now();
                     Ok(Row {
-                        clip,
-                        wm: wmv,
                         tokens,
                         decode_s: (t1 - t0).as_secs_f64(),
                         pre_s: (t2 - t1).as_secs_f64(),
@@ -390,7 +417,7 @@ impl Scorer {
         });
         let mut p = Prepared {
             rows: vec![],
-            clip: sizes.iter().map(|&s| (s, Vec::new())).collect(),
+            clip: vec![],
             watermark: vec![],
             tokens: vec![],
             errors: vec![],
@@ -400,12 +427,17 @@ impl Scorer {
         for (i, r) in rows.into_iter().enumerate() {
             match r {
                 Ok(r) => {
+                    // Rows that failed before this one leave gaps: move this row's tensors down.
                     let k = p.rows.len();
-                    p.rows.push(offset + i);
-                    for (slot, v) in p.clip.iter_mut().zip(r.clip) {
-                        slot.1.extend(v);
+                    if k != i {
+                        for (buf, &s) in clip.iter_mut().zip(&sizes) {
+                            buf.copy_within(i * item(s)..(i + 1) * item(s), k * item(s));
+                        }
+                        if let Some(w) = wm {
+                            watermark.copy_within(i * item(w)..(i + 1) * item(w), k * item(w));
+                        }
                     }
-                    p.watermark.extend(r.wm);
+                    p.rows.push(offset + i);
                     if let Some(t) = r.tokens {
                         p.tokens.push((k, t));
                     }
@@ -415,6 +447,13 @@ impl Scorer {
                 Err(e) => p.errors.push((offset + i, e)),
             }
         }
+        let k = p.rows.len();
+        for (buf, &s) in clip.iter_mut().zip(&sizes) {
+            buf.truncate(k * item(s));
+        }
+        watermark.truncate(wm.map_or(0, |w| k * item(w)));
+        p.clip = sizes.into_iter().zip(clip).collect();
+        p.watermark = watermark;
         p
     }
 
@@ -512,9 +551,13 @@ impl Scorer {
         let chunk = self.cfg.model.batch_size.max(1);
         let result = std::thread::scope(|scope| -> Result<()> {
             let (tx, rx) = sync_channel::<Prepared>(1);
+            // Chunks whose inference is done go back to the preprocessing thread, which writes
+            // the next chunks' tensors into their buffers (no fresh allocation per chunk).
+            let (spare_tx, spare_rx) = sync_channel::<Prepared>(3);
             scope.spawn(move || {
                 for (c, part) in inputs.chunks(chunk).enumerate() {
-                    if tx.send(self.prepare(part, c * chunk)).is_err() {
+                    let spare = spare_rx.try_recv().ok();
+                    if tx.send(self.prepare(part, c * chunk, spare)).is_err() {
                         break;
                     }
                 }
@@ -529,6 +572,8 @@ impl Scorer {
                 let ti = Instant::now();
                 self.infer(&p, &mut out)?;
                 tm.inference_s += ti.elapsed().as_secs_f64();
+                // A full return channel or a finished producer: the buffers are just dropped.
+                let _ = spare_tx.try_send(p);
             }
             Ok(())
         });
