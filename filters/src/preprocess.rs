@@ -2,7 +2,8 @@
 //!
 //! Invariants enforced here:
 //! - Resizing is Pillow's `Image.resize` for 8-bit images: separable, horizontal pass then
-//!   vertical pass, each rounded and clipped to u8; antialiased filters (support × max(1, in/out));
+//!   vertical pass (vertical first when the height shrinks by more than twice as many pixels as
+//!   the width, as Pillow 13 orders them), each rounded and clipped to u8; antialiased filters (support × max(1, in/out));
 //!   coefficients normalised to sum 1, quantised to 22 fractional bits (rounded half away from
 //!   zero); 32-bit accumulators starting at one half. BICUBIC is Keys with a = −0.5, BILINEAR the
 //!   triangle; a pass whose size does not change is skipped. Computing only a window of the output
@@ -183,6 +184,49 @@ fn resize_window_with(
         "window inside output"
     );
     let src = img.as_raw();
+
+    // Pillow 13 runs the vertical pass first when the height shrinks by more than twice as many
+    // pixels as the width does (both passes needed).
+    let (dh, dw) = (in_h as i64 - out_h as i64, in_w as i64 - out_w as i64);
+    if out_w != in_w && dh > 0 && dh > 2 * dw {
+        let v = coeffs(in_h, out_h, filter);
+        let mut h = coeffs(in_w, out_w, filter);
+        // Source columns the horizontal pass reads for the window columns, and source rows the
+        // vertical pass reads for the window rows.
+        let col0 = h.start[left];
+        let col1 = (left..left + cw)
+            .map(|x| h.start[x] + h.len[x])
+            .max()
+            .unwrap_or(col0);
+        let row0 = v.start[top];
+        let row1 = (top..top + ch)
+            .map(|y| v.start[y] + v.len[y])
+            .max()
+            .unwrap_or(row0);
+        let ncols = col1 - col0;
+        let mut block = Vec::with_capacity((row1 - row0) * ncols * 3);
+        for y in row0..row1 {
+            block.extend_from_slice(&src[(y * in_w + col0) * 3..(y * in_w + col1) * 3]);
+        }
+        let mut mid = vec![0u8; ch * ncols * 3];
+        match kernels {
+            Kernels::Scalar => vertical_scalar(&block, ncols * 3, &v, row0, top, &mut mid),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Kernels::Avx2` is only chosen when the CPU has AVX2.
+            Kernels::Avx2 => unsafe { avx2::vertical(&block, ncols * 3, &v, row0, top, &mut mid) },
+        }
+        for s in h.start.iter_mut() {
+            *s = s.saturating_sub(col0);
+        }
+        let mut out = vec![0u8; ch * cw * 3];
+        match kernels {
+            Kernels::Scalar => horizontal_scalar(&mid, ncols, &h, left, cw, &mut out),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Kernels::Avx2` is only chosen when the CPU has AVX2.
+            Kernels::Avx2 => unsafe { avx2::horizontal(&mid, ncols, &h, left, cw, &mut out) },
+        }
+        return out;
+    }
 
     // Rows of the source the vertical pass reads for the window rows.
     let vert = (out_h != in_h).then(|| coeffs(in_h, out_h, filter));

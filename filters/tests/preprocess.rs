@@ -91,3 +91,33 @@ fn lossless_images_give_pils_exact_pixels() {
     }
     assert!(checked >= 5, "only {checked} images checked");
 }
+
+/// Pillow 13's `Image.resize(..., BICUBIC)` on pseudo-photos, including tall ones whose height
+/// shrinks by more than twice the width's pixels (Pillow then runs the vertical pass first):
+/// the references of `encode/tests/fixtures/resize` (make_cases.py there), every byte equal,
+/// for the whole output and for a window of it.
+#[test]
+fn bicubic_resizes_match_pillow_in_both_pass_orders() {
+    use llamagen_filters::preprocess::{Filter, resize_window};
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../encode/tests/fixtures/resize");
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let mut checked = 0;
+    for c in cases.iter().filter(|c| c["op"] == "bicubic") {
+        let input = image::open(dir.join(c["input"].as_str().unwrap()))
+            .unwrap()
+            .to_rgb8();
+        let want = image::open(dir.join(c["output"].as_str().unwrap()))
+            .unwrap()
+            .to_rgb8();
+        let (w, h) = want.dimensions();
+        let got = resize_window(&input, w, h, Filter::Bicubic, (0, 0, w, h));
+        assert!(got == want.as_raw().as_slice(), "{c}: differs from Pillow");
+        let (l, t, cw, ch) = (w / 5, h / 4, w / 2, h / 3);
+        let win = resize_window(&input, w, h, Filter::Bicubic, (l, t, cw, ch));
+        let want_win = image::imageops::crop_imm(&want, l, t, cw, ch).to_image();
+        assert!(win == want_win.as_raw().as_slice(), "{c}: window differs");
+        checked += 1;
+    }
+    assert!(checked >= 6, "{checked} cases");
+}

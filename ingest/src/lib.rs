@@ -455,7 +455,11 @@ async fn process_unit(
 
     let mut writer = ds.writer(cfg.shard.clone());
     let mut tars = match &ctx.wds {
-        Some(st) => Some(webdataset::UnitTars::create(st.clone(), unit_id, &cfg.sizes)?),
+        Some(st) => Some(webdataset::UnitTars::create(
+            st.clone(),
+            unit_id,
+            &cfg.sizes,
+        )?),
         None => None,
     };
     let captions = unit

@@ -65,9 +65,7 @@ pub fn llamagen() -> PathBuf {
                     cmd.env_remove(&k);
                 }
             }
-            let status = cmd
-                .status()
-                .expect("running cargo build");
+            let status = cmd.status().expect("running cargo build");
             assert!(status.success(), "building llamagen failed");
         }
     });

@@ -393,7 +393,10 @@ async fn kill_and_resume_gives_the_uninterrupted_result() {
 
     // The webdataset tars of the killed-and-resumed run equal those of the uninterrupted one,
     // and hold exactly the catalog's ok samples.
-    let (wa, wb) = (read_webdataset(&ref_wds, &[]), read_webdataset(&killed_wds, &[]));
+    let (wa, wb) = (
+        read_webdataset(&ref_wds, &[]),
+        read_webdataset(&killed_wds, &[]),
+    );
     assert_eq!(wa, wb);
     let ok = ok_keys(&reference).await;
     assert!(ok.len() >= 6, "{ok:?}");
@@ -439,7 +442,12 @@ fn wds_keys(wds: &Value, size: u32) -> Vec<String> {
             let rec = &shard["json"][i];
             assert_eq!(rec["key"], key.as_str());
             assert_eq!(rec["caption"], shard["txt"][i]);
-            assert!(rec["url"].as_str().unwrap().starts_with("http://127.0.0.1:"));
+            assert!(
+                rec["url"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("http://127.0.0.1:")
+            );
             assert!(rec["original_width"].as_i64().unwrap() > 0);
             assert_eq!(rec["sha256"].as_str().unwrap().len(), 64);
             keys.push(key);
@@ -465,7 +473,12 @@ async fn ok_keys(root: &str) -> Vec<String> {
     .await;
     assert_eq!(code, 0, "{err}");
     out.lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap()["key"].as_str().unwrap().to_string())
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["key"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect()
 }
 
@@ -518,20 +531,27 @@ async fn s3_input_catalog_and_webdataset() {
         .status()
         .unwrap();
     assert!(st.success());
-    let lists = llamagen_catalog::storage::S3Storage::connect(llamagen_catalog::storage::S3Config {
-        bucket: "lists".into(),
-        ..s3.storage_options().s3
-    })
-    .await
-    .unwrap();
+    let lists =
+        llamagen_catalog::storage::S3Storage::connect(llamagen_catalog::storage::S3Config {
+            bucket: "lists".into(),
+            ..s3.storage_options().s3
+        })
+        .await
+        .unwrap();
     use llamagen_catalog::Storage;
     lists
-        .put("laion-coco/part-00000.parquet", std::fs::read(&parquet).unwrap().into())
+        .put(
+            "laion-coco/part-00000.parquet",
+            std::fs::read(&parquet).unwrap().into(),
+        )
         .await
         .unwrap();
 
     let env = s3.env();
-    let mut args = base_args("s3://lists/laion-coco/part-00000.parquet", "s3://out/catalog");
+    let mut args = base_args(
+        "s3://lists/laion-coco/part-00000.parquet",
+        "s3://out/catalog",
+    );
     args.extend([
         "--allow-cidr",
         "127.0.0.0/8",
@@ -555,7 +575,10 @@ async fn s3_input_catalog_and_webdataset() {
         &env,
     );
     assert_eq!(code, 0, "{err}");
-    let got: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let got: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(got.len(), 12);
     for (i, r) in got.iter().enumerate() {
         assert_eq!(r["source"], "part-00000.parquet", "{r}");
@@ -571,11 +594,20 @@ async fn s3_input_catalog_and_webdataset() {
         .collect();
     let wds = read_webdataset("s3://out/wds", &env);
     // Three units of 5, 5 and 2 rows: three tars per size.
-    assert_eq!(wds.as_object().unwrap().len(), 6, "{:?}", wds.as_object().unwrap().keys());
+    assert_eq!(
+        wds.as_object().unwrap().len(),
+        6,
+        "{:?}",
+        wds.as_object().unwrap().keys()
+    );
     assert_eq!(wds_keys(&wds, 64), ok);
     assert_eq!(wds_keys(&wds, 128), ok);
     let second = &wds["64/part-00000.parquet-0000000005.tar"];
     assert_eq!(second["stats"]["count"], 5);
     assert_eq!(second["stats"]["successes"], 4);
-    assert_eq!(second["stats"]["failed_by_kind"]["http_404"], 1, "{}", second["stats"]);
+    assert_eq!(
+        second["stats"]["failed_by_kind"]["http_404"], 1,
+        "{}",
+        second["stats"]
+    );
 }
