@@ -46,6 +46,7 @@ cleanup() {
 trap cleanup EXIT
 PORT=$($PY -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])")
 mkdir -p "$WORK/www" "$WORK/nginx"
+chmod 755 "$WORK"  # nginx workers run as an unprivileged user
 cat >"$WORK/nginx/nginx.conf" <<EOF
 daemon off;
 worker_processes 1;
@@ -99,6 +100,8 @@ def line(name, r, ok):
             f"{1000 * r['cpu_s'] / max(ok, 1):6.2f} ms CPU/image (user {r['user_s']:.1f} s, sys {r['sys_s']:.1f} s), "
             f"peak RSS {r['peak_rss_mb']:7.1f} MB")
 print(f"{s} px:")
+if not i_ok or not o_ok:
+    sys.exit(f"no successes (img2dataset {i_ok}, llamagen {o_ok}): is the server reachable?")
 print(line("img2dataset", i, i_ok))
 print(line("llamagen", o, o_ok))
 cpu_ratio = (o['cpu_s'] / max(o_ok, 1)) / (i['cpu_s'] / max(i_ok, 1))

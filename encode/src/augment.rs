@@ -227,20 +227,19 @@ fn horizontal_pass(
             }
             continue;
         }
-        for xx in 0..out_w {
-            let k = &horiz.coeffs[xx * horiz.ksize..];
-            let xmin = horiz.start[xx];
-            let mut acc = [half; 3];
-            for x in 0..horiz.len[xx] {
-                let p = &in_row[(xmin + x) * 3..(xmin + x) * 3 + 3];
-                let w = k[x];
-                acc[0] += p[0] as i32 * w;
-                acc[1] += p[1] as i32 * w;
-                acc[2] += p[2] as i32 * w;
+        for (xx, o) in out_row.chunks_exact_mut(3).enumerate() {
+            let (xmin, n) = (horiz.start[xx], horiz.len[xx]);
+            let k = &horiz.coeffs[xx * horiz.ksize..xx * horiz.ksize + n];
+            let px = &in_row[xmin * 3..(xmin + n) * 3];
+            let (mut a0, mut a1, mut a2) = (half, half, half);
+            for (p, &w) in px.chunks_exact(3).zip(k) {
+                a0 += p[0] as i32 * w;
+                a1 += p[1] as i32 * w;
+                a2 += p[2] as i32 * w;
             }
-            out_row[xx * 3] = clip8(acc[0]);
-            out_row[xx * 3 + 1] = clip8(acc[1]);
-            out_row[xx * 3 + 2] = clip8(acc[2]);
+            o[0] = clip8(a0);
+            o[1] = clip8(a1);
+            o[2] = clip8(a2);
         }
     }
     out

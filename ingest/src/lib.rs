@@ -623,7 +623,21 @@ pub fn encode_image(img: &RgbImage, format: OutputFormat) -> Result<Bytes, Decod
     let mut buf = Vec::with_capacity((img.width() * img.height()) as usize / 2);
     let r = match format {
         OutputFormat::Jpeg { quality } => {
-            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, quality).encode_image(img)
+            // Baseline JPEG, no chroma subsampling (4:4:4), standard tables scaled by quality.
+            let mut enc = jpeg_encoder::Encoder::new(&mut buf, quality.clamp(1, 100));
+            enc.set_sampling_factor(jpeg_encoder::SamplingFactor::R_4_4_4);
+            let (w, h) = (u16::try_from(img.width()), u16::try_from(img.height()));
+            let (Ok(w), Ok(h)) = (w, h) else {
+                return Err(DecodeFailure::Corrupt(format!(
+                    "encoding jpeg: {}x{} exceeds 65535",
+                    img.width(),
+                    img.height()
+                )));
+            };
+            return enc
+                .encode(img.as_raw(), w, h, jpeg_encoder::ColorType::Rgb)
+                .map(|()| Bytes::from(buf))
+                .map_err(|e| DecodeFailure::Corrupt(format!("encoding jpeg: {e}")));
         }
         OutputFormat::Png => img.write_with_encoder(image::codecs::png::PngEncoder::new(&mut buf)),
         OutputFormat::Webp => {
