@@ -64,7 +64,12 @@ pub type Result<T, E = IngestError> = std::result::Result<T, E>;
 /// Encoding of stored images.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputFormat {
-    Jpeg { quality: u8 },
+    /// Baseline JPEG; `full_chroma` keeps chroma at full resolution (4:4:4) instead of the usual
+    /// 4:2:0 of PIL, OpenCV and img2dataset.
+    Jpeg {
+        quality: u8,
+        full_chroma: bool,
+    },
     Png,
     Webp,
 }
@@ -125,7 +130,10 @@ impl Default for IngestConfig {
     fn default() -> Self {
         IngestConfig {
             sizes: vec![256],
-            format: OutputFormat::Jpeg { quality: 95 },
+            format: OutputFormat::Jpeg {
+                quality: 95,
+                full_chroma: false,
+            },
             reduced_decode: true,
             unit_rows: 10_000,
             partition: (0, 1),
@@ -622,10 +630,17 @@ fn process_image(data: &[u8], cfg: &IngestConfig) -> Result<Outcome, DecodeFailu
 pub fn encode_image(img: &RgbImage, format: OutputFormat) -> Result<Bytes, DecodeFailure> {
     let mut buf = Vec::with_capacity((img.width() * img.height()) as usize / 2);
     let r = match format {
-        OutputFormat::Jpeg { quality } => {
-            // Baseline JPEG, no chroma subsampling (4:4:4), standard tables scaled by quality.
+        OutputFormat::Jpeg {
+            quality,
+            full_chroma,
+        } => {
+            // Baseline JPEG with the standard tables scaled by quality (libjpeg's scaling).
             let mut enc = jpeg_encoder::Encoder::new(&mut buf, quality.clamp(1, 100));
-            enc.set_sampling_factor(jpeg_encoder::SamplingFactor::R_4_4_4);
+            enc.set_sampling_factor(if full_chroma {
+                jpeg_encoder::SamplingFactor::R_4_4_4
+            } else {
+                jpeg_encoder::SamplingFactor::R_4_2_0
+            });
             let (w, h) = (u16::try_from(img.width()), u16::try_from(img.height()));
             let (Ok(w), Ok(h)) = (w, h) else {
                 return Err(DecodeFailure::Corrupt(format!(

@@ -128,14 +128,25 @@ fn reduced_decode_is_within_tolerance() {
         );
         let jpeg = llamagen_ingest::encode_image(
             &big,
-            llamagen_ingest::OutputFormat::Jpeg { quality: 95 },
+            llamagen_ingest::OutputFormat::Jpeg {
+                quality: 95,
+                full_chroma: true,
+            },
         )
         .unwrap();
         for size in [256u32, 128] {
             let full = decode_rgb(&jpeg, &DecodeLimits::default(), None).unwrap();
             let reduced = decode_rgb(&jpeg, &DecodeLimits::default(), Some(size)).unwrap();
+            let factor = llamagen_ingest::decode::reduction_factor(
+                full.orig_width.min(full.orig_height),
+                size,
+            );
+            if factor < llamagen_ingest::decode::MIN_REDUCTION {
+                assert_eq!(reduced.reduced_by, 1, "{rel} @ {size}: reduced by {factor}");
+                continue;
+            }
             assert!(
-                reduced.reduced_by > 1,
+                reduced.reduced_by >= llamagen_ingest::decode::MIN_REDUCTION,
                 "{rel} @ {size}: not reduced ({}x{})",
                 full.orig_width,
                 full.orig_height
@@ -161,5 +172,5 @@ fn reduced_decode_is_within_tolerance() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 8);
+    assert!(checked >= 5, "{checked} reduced cases");
 }

@@ -28,6 +28,9 @@ pub struct IngestArgs {
     /// JPEG quality.
     #[arg(long, default_value_t = 95)]
     pub quality: u8,
+    /// Keep JPEG chroma at full resolution (4:4:4) instead of 4:2:0 (PIL's and OpenCV's default).
+    #[arg(long)]
+    pub jpeg_444: bool,
     /// Column holding the image URL.
     #[arg(long, default_value = "URL")]
     pub url_column: String,
@@ -136,6 +139,7 @@ impl IngestArgs {
         cfg.format = match self.format.as_str() {
             "jpeg" | "jpg" => OutputFormat::Jpeg {
                 quality: self.quality,
+                full_chroma: self.jpeg_444,
             },
             "png" => OutputFormat::Png,
             "webp" => OutputFormat::Webp,

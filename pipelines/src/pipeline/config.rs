@@ -127,6 +127,8 @@ pub struct IngestSection {
     pub reduced_decode: bool,
     /// Threads decoding and resizing (default: available cores).
     pub cpu_workers: Option<usize>,
+    /// Keep JPEG chroma at full resolution (4:4:4) instead of 4:2:0. Default false.
+    pub jpeg_444: bool,
     /// Also write img2dataset's webdataset layout (tar shards, one folder per size) to this local
     /// directory or `s3://` prefix. Default: none.
     pub webdataset: Option<String>,
@@ -157,6 +159,7 @@ impl Default for IngestSection {
             reduced_decode: true,
             cpu_workers: None,
             webdataset: None,
+            jpeg_444: false,
         }
     }
 }

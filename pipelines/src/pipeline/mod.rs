@@ -167,7 +167,10 @@ fn ingest_config(
     c.format = match s.format.as_str() {
         "png" => OutputFormat::Png,
         "webp" => OutputFormat::Webp,
-        _ => OutputFormat::Jpeg { quality: s.quality },
+        _ => OutputFormat::Jpeg {
+            quality: s.quality,
+            full_chroma: s.jpeg_444,
+        },
     };
     c.reduced_decode = s.reduced_decode;
     c.unit_rows = s.unit_rows;
