@@ -44,7 +44,7 @@ with open("data/images_manifest.jsonl") as f, open(out, "w") as o, open(caps, "w
         c.write(json.dumps({"url": url, "caption": long}) + "\n")
 PYEOF
 for _ in $(seq 50); do "$PY" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PORT/')" 2>/dev/null && break; sleep 0.1; done
-rm -rf "$OUT/pipeline"
+rm -rf "$OUT/pipeline" "$OUT/webdataset"
 "$BIN" pipeline check configs/pipeline/sample.toml --input "$OUT/images.jsonl" --root "$OUT/pipeline"
 "$BIN" pipeline run configs/pipeline/sample.toml --input "$OUT/images.jsonl" --root "$OUT/pipeline" \
   --report-json "$OUT/pipeline-report.json"
@@ -60,6 +60,10 @@ echo "== 3. what is in the catalog"
 "$BIN" catalog sql --root "$OUT/pipeline" \
   "SELECT key, short_caption FROM samples WHERE status = 'ok' ORDER BY key LIMIT 3"
 "$BIN" catalog verify --root "$OUT/pipeline"
+echo "-- the same samples in img2dataset's webdataset layout:"
+for t in "$OUT"/webdataset/256/*.tar; do
+  echo "$(basename "$t"): $(tar tf "$t" | grep -c '\.jpg$') samples ($(tar tf "$t" | head -n 3 | paste -sd' ' -) ...)"
+done
 
 echo "== 4. a short CPU training run on the ready shards, then a sample grid"
 sed -e "s#\"out/#\"$OUT/#" configs/pipeline/train_t2i_sample.toml > "$OUT/train_t2i_sample.toml"

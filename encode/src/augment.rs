@@ -2,15 +2,9 @@
 //! horizontal flip and the `[−1, 1]` normalisation, bit-exact with Pillow and torchvision.
 //!
 //! Invariants enforced here:
-//! - Resizing is Pillow's `Image.resize` on 8-bit RGB: a separable two-pass convolution
-//!   (horizontal first unless the height shrinks by more than twice as many pixels as the
-//!   width, as Pillow 13 orders them; each pass rounded and clipped to u8), with antialiased
-//!   support-scaled filters (support × max(1, in/out)), coefficients normalised to sum 1 and
-//!   then quantised to fixed point with [`PRECISION_BITS`] fractional bits (rounded half away
-//!   from zero), accumulators starting at one half. BICUBIC is the Keys kernel with a = −0.5 and
-//!   support 2; BOX has support ½ and covers (−½, ½]. A pass whose size does not change is
-//!   skipped. (Resizers with 16-bit coefficients, such as fast_image_resize's convolution,
-//!   round differently and are off by up to tens of levels, so the resampler lives here.)
+//! - Resizing is Pillow's `Image.resize` on 8-bit RGB, byte for byte ([`crate::resample`]).
+//!   (Resizers with 16-bit coefficients, such as fast_image_resize's convolution, round
+//!   differently and are off by up to tens of levels.)
 //! - `center_crop_arr(img, S)`: halve with BOX (`(W//2, H//2)`) while `min(W, H) ≥ 2S`, then
 //!   BICUBIC-resize to `(round(W·S/min), round(H·S/min))` rounding half to even, then take the
 //!   S×S window at `((H′−S)//2, (W′−S)//2)`.
@@ -28,257 +22,25 @@ use crate::error::EncodeError;
 
 type Result<T> = std::result::Result<T, EncodeError>;
 
-/// Fractional bits of Pillow's 8-bit resampling coefficients.
-pub const PRECISION_BITS: u32 = 32 - 8 - 2;
+use crate::resample::resize_window;
+pub use crate::resample::{Filter, PRECISION_BITS};
 
-/// The crop ranges of LlamaGen's ten-crop code sets (`ten_crop` and `ten_crop_105`).
-pub const CROP_RANGES: [f64; 2] = [1.1, 1.05];
-
-/// A resampling filter of Pillow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Filter {
-    /// `Image.BOX`: support ½, weight 1 on (−½, ½].
-    Box,
-    /// `Image.BICUBIC`: Keys cubic with a = −0.5, support 2.
-    Bicubic,
-}
-
-impl Filter {
-    fn support(self) -> f64 {
-        match self {
-            Filter::Box => 0.5,
-            Filter::Bicubic => 2.0,
-        }
-    }
-
-    fn weight(self, x: f64) -> f64 {
-        match self {
-            Filter::Box => {
-                if x > -0.5 && x <= 0.5 {
-                    1.0
-                } else {
-                    0.0
-                }
-            }
-            Filter::Bicubic => {
-                const A: f64 = -0.5;
-                let x = x.abs();
-                if x < 1.0 {
-                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
-                } else if x < 2.0 {
-                    (((x - 5.0) * x + 8.0) * x - 4.0) * A
-                } else {
-                    0.0
-                }
-            }
-        }
-    }
-}
-
-/// Fixed-point coefficients of one resampling pass: for output pixel `i`, input pixels
-/// `start[i] .. start[i] + len[i]` weighted by `coeffs[i·ksize ..]`.
-struct Coeffs {
-    ksize: usize,
-    start: Vec<usize>,
-    len: Vec<usize>,
-    coeffs: Vec<i32>,
-}
-
-fn precompute_coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
-    let scale = in_size as f64 / out_size as f64;
-    let filterscale = scale.max(1.0);
-    let support = filter.support() * filterscale;
-    let ksize = support.ceil() as usize * 2 + 1;
-    let mut start = Vec::with_capacity(out_size);
-    let mut len = Vec::with_capacity(out_size);
-    let mut coeffs = vec![0i32; out_size * ksize];
-    let mut k = vec![0f64; ksize];
-    for xx in 0..out_size {
-        let center = (xx as f64 + 0.5) * scale;
-        let ss = 1.0 / filterscale;
-        // Truncation toward zero, as C's (int) cast.
-        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
-        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-        let n = xmax.saturating_sub(xmin);
-        let mut ww = 0.0;
-        for (x, kx) in k.iter_mut().enumerate().take(n) {
-            let w = filter.weight((x as f64 + xmin as f64 - center + 0.5) * ss);
-            *kx = w;
-            ww += w;
-        }
-        let row = &mut coeffs[xx * ksize..(xx + 1) * ksize];
-        for (x, c) in row.iter_mut().enumerate().take(n) {
-            let w = if ww != 0.0 { k[x] / ww } else { k[x] };
-            let v = w * (1u32 << PRECISION_BITS) as f64;
-            *c = if w < 0.0 {
-                (-0.5 + v) as i32
-            } else {
-                (0.5 + v) as i32
-            };
-        }
-        start.push(xmin);
-        len.push(n);
-    }
-    Coeffs {
-        ksize,
-        start,
-        len,
-        coeffs,
-    }
-}
-
-impl Coeffs {
-    /// Whether the pass is an exact 2:1 average (BOX halving an even size): output `i` is
-    /// `(in[2i]·w + in[2i+1]·w + half) >> PRECISION_BITS` with `w = half`, which is
-    /// `(in[2i] + in[2i+1] + 1) >> 1` exactly.
-    fn is_halving(&self) -> bool {
-        let w = 1i32 << (PRECISION_BITS - 1);
-        (0..self.start.len()).all(|i| {
-            self.start[i] == 2 * i
-                && self.len[i] == 2
-                && self.coeffs[i * self.ksize] == w
-                && self.coeffs[i * self.ksize + 1] == w
-        })
-    }
-}
-
-/// Pillow's clip8 on a 32-bit accumulator (Pillow's own type: coefficients and sums of 8-bit
-/// passes stay below 2^31).
-#[inline]
-fn clip8(v: i32) -> u8 {
-    if v >= (1i32 << PRECISION_BITS << 8) {
-        255
-    } else if v <= 0 {
-        0
-    } else {
-        (v >> PRECISION_BITS) as u8
-    }
-}
-
-/// Pillow's `Image.resize((width, height), filter)` of an RGB image.
-///
-/// Pass order as Pillow 13 chooses it: horizontal first, unless the height shrinks by more
-/// than twice as many pixels as the width does; the horizontal-first pass only resamples the
-/// rows the vertical pass reads.
+/// Pillow's `Image.resize((width, height), filter)` of an RGB image (see [`crate::resample`]).
 pub fn resize(img: &RgbImage, width: u32, height: u32, filter: Filter) -> Result<RgbImage> {
-    let (in_w, in_h) = (img.width() as usize, img.height() as usize);
-    let (out_w, out_h) = (width as usize, height as usize);
-    if in_w == 0 || in_h == 0 || out_w == 0 || out_h == 0 {
+    if img.width() == 0 || img.height() == 0 || width == 0 || height == 0 {
         return Err(EncodeError::InvalidInput(format!(
-            "cannot resize {in_w}x{in_h} to {out_w}x{out_h}: empty image"
+            "cannot resize {}x{} to {width}x{height}: empty image",
+            img.width(),
+            img.height()
         )));
     }
-    let need_h = out_w != in_w;
-    let need_v = out_h != in_h;
-    let dh = in_h as i64 - out_h as i64;
-    let dw = in_w as i64 - out_w as i64;
-    let horizontal_first = !(dh > 0 && dh > dw * 2);
-    let src = img.as_raw();
-    let out = match (need_h, need_v) {
-        (false, false) => src.clone(),
-        (true, false) => {
-            let horiz = precompute_coeffs(in_w, out_w, filter);
-            horizontal_pass(src, in_w, 0..in_h, &horiz)
-        }
-        (false, true) => {
-            let vert = precompute_coeffs(in_h, out_h, filter);
-            vertical_pass(src, in_w, &vert)
-        }
-        (true, true) if horizontal_first => {
-            let horiz = precompute_coeffs(in_w, out_w, filter);
-            let mut vert = precompute_coeffs(in_h, out_h, filter);
-            let first = vert.start[0];
-            let last = vert.start[out_h - 1] + vert.len[out_h - 1];
-            for s in vert.start.iter_mut() {
-                *s -= first;
-            }
-            let tmp = horizontal_pass(src, in_w, first..last, &horiz);
-            vertical_pass(&tmp, out_w, &vert)
-        }
-        (true, true) => {
-            let vert = precompute_coeffs(in_h, out_h, filter);
-            let horiz = precompute_coeffs(in_w, out_w, filter);
-            let tmp = vertical_pass(src, in_w, &vert);
-            horizontal_pass(&tmp, in_w, 0..out_h, &horiz)
-        }
-    };
-    RgbImage::from_raw(out_w as u32, out_h as u32, out)
+    let out = resize_window(img, width, height, filter, (0, 0, width, height));
+    RgbImage::from_raw(width, height, out)
         .ok_or_else(|| EncodeError::InvalidInput("resized buffer has the wrong size".into()))
 }
 
-/// Pillow's horizontal 8-bit pass over `rows` of an RGB buffer `in_w` pixels wide.
-fn horizontal_pass(
-    src: &[u8],
-    in_w: usize,
-    rows: std::ops::Range<usize>,
-    horiz: &Coeffs,
-) -> Vec<u8> {
-    let out_w = horiz.start.len();
-    let half = 1i32 << (PRECISION_BITS - 1);
-    let mut out = vec![0u8; out_w * rows.len() * 3];
-    let halving = horiz.is_halving();
-    for (y, out_row) in rows.zip(out.chunks_exact_mut(out_w * 3)) {
-        let in_row = &src[y * in_w * 3..(y + 1) * in_w * 3];
-        if halving {
-            for (o, i) in out_row.chunks_exact_mut(3).zip(in_row.chunks_exact(6)) {
-                o[0] = ((i[0] as u16 + i[3] as u16 + 1) >> 1) as u8;
-                o[1] = ((i[1] as u16 + i[4] as u16 + 1) >> 1) as u8;
-                o[2] = ((i[2] as u16 + i[5] as u16 + 1) >> 1) as u8;
-            }
-            continue;
-        }
-        for (xx, o) in out_row.chunks_exact_mut(3).enumerate() {
-            let (xmin, n) = (horiz.start[xx], horiz.len[xx]);
-            let k = &horiz.coeffs[xx * horiz.ksize..xx * horiz.ksize + n];
-            let px = &in_row[xmin * 3..(xmin + n) * 3];
-            let (mut a0, mut a1, mut a2) = (half, half, half);
-            for (p, &w) in px.chunks_exact(3).zip(k) {
-                a0 += p[0] as i32 * w;
-                a1 += p[1] as i32 * w;
-                a2 += p[2] as i32 * w;
-            }
-            o[0] = clip8(a0);
-            o[1] = clip8(a1);
-            o[2] = clip8(a2);
-        }
-    }
-    out
-}
-
-/// Pillow's vertical 8-bit pass of an RGB buffer `width` pixels wide.
-fn vertical_pass(input: &[u8], width: usize, vert: &Coeffs) -> Vec<u8> {
-    let out_h = vert.start.len();
-    let stride = width * 3;
-    let half = 1i32 << (PRECISION_BITS - 1);
-    let mut out = vec![0u8; stride * out_h];
-    if vert.is_halving() {
-        for (yy, out_row) in out.chunks_exact_mut(stride).enumerate() {
-            let a = &input[2 * yy * stride..(2 * yy + 1) * stride];
-            let b = &input[(2 * yy + 1) * stride..(2 * yy + 2) * stride];
-            for ((o, &x), &y) in out_row.iter_mut().zip(a).zip(b) {
-                *o = ((x as u16 + y as u16 + 1) >> 1) as u8;
-            }
-        }
-        return out;
-    }
-    // Row-wise accumulation: the same integer sums as Pillow's per-pixel loop.
-    let mut acc = vec![0i32; stride];
-    for (yy, out_row) in out.chunks_exact_mut(stride).enumerate() {
-        let k = &vert.coeffs[yy * vert.ksize..];
-        let ymin = vert.start[yy];
-        acc.fill(half);
-        for (y, &w) in k.iter().enumerate().take(vert.len[yy]) {
-            let row = &input[(ymin + y) * stride..(ymin + y + 1) * stride];
-            for (a, &p) in acc.iter_mut().zip(row) {
-                *a += p as i32 * w;
-            }
-        }
-        for (o, &a) in out_row.iter_mut().zip(&acc) {
-            *o = clip8(a);
-        }
-    }
-    out
-}
+/// The crop ranges of LlamaGen's ten-crop code sets (`ten_crop` and `ten_crop_105`).
+pub const CROP_RANGES: [f64; 2] = [1.1, 1.05];
 
 /// Python's `round(x)` for the sizes of `center_crop_arr`: half to even.
 fn round_half_even(x: f64) -> u32 {
@@ -319,10 +81,23 @@ pub fn center_crop_arr(img: &RgbImage, image_size: u32) -> Result<RgbImage> {
         round_half_even(w as f64 * scale),
         round_half_even(h as f64 * scale),
     );
-    let resized = resize(cur, nw, nh, Filter::Bicubic)?;
-    let top = (resized.height() - image_size) / 2;
-    let left = (resized.width() - image_size) / 2;
-    crop(&resized, left, top, image_size, image_size)
+    if nw < image_size || nh < image_size {
+        return Err(EncodeError::InvalidInput(format!(
+            "{w}x{h} resized to {nw}x{nh} is smaller than {image_size}"
+        )));
+    }
+    // Only the S×S window of the BICUBIC resize is computed: the same bytes as resizing
+    // everything and cropping.
+    let (top, left) = ((nh - image_size) / 2, (nw - image_size) / 2);
+    let out = resize_window(
+        cur,
+        nw,
+        nh,
+        Filter::Bicubic,
+        (left, top, image_size, image_size),
+    );
+    RgbImage::from_raw(image_size, image_size, out)
+        .ok_or_else(|| EncodeError::InvalidInput("resized buffer has the wrong size".into()))
 }
 
 /// `center_crop_arr(img, s)` for each of `sizes`, sharing the BOX halvings between sizes (the

@@ -17,6 +17,7 @@ pub mod error;
 mod html_entities;
 pub mod html_text;
 pub mod metrics;
+pub mod resample;
 pub mod sentence;
 pub mod t5;
 pub mod text_encoder;
