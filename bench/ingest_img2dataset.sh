@@ -4,7 +4,7 @@
 # and 512 px. Reports images/s, CPU seconds per image (user+sys of the whole process tree),
 # peak RSS of the tree and success counts of both (bench/proctree.py measures).
 #
-# Usage: bench/ingest_img2dataset.sh [N_IMAGES] [SIZES]
+# Usage: [CORPUS=DIR] bench/ingest_img2dataset.sh [N_IMAGES] [SIZES]
 #   N_IMAGES defaults to 5000, SIZES to "256 512".
 # img2dataset runs as its README suggests for one machine: resize_mode=center_crop,
 # output_format=parquet, 2 processes x 32 threads, shards of N/4 rows so both processes work.
@@ -44,9 +44,21 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-PORT=$($PY -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])")
-mkdir -p "$WORK/www" "$WORK/nginx"
+# CORPUS=DIR keeps the generated images and URL list in DIR and reuses them on later runs (the
+# URLs name the port, which is kept with them).
+CORPUS=${CORPUS:-$WORK/corpus}
 chmod 755 "$WORK"  # nginx workers run as an unprivileged user
+if [ ! -f "$CORPUS/list.parquet" ] || [ "$(cat "$CORPUS/n" 2>/dev/null)" != "$N" ]; then
+  rm -rf "$CORPUS"
+  mkdir -p "$CORPUS/www"
+  $PY -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])" >"$CORPUS/port"
+  echo "generating $N images ..."
+  $PY bench/ingest_corpus.py "$CORPUS/www" "$CORPUS/list.parquet" "http://127.0.0.1:$(cat "$CORPUS/port")" "$N"
+  echo "$N" >"$CORPUS/n"
+fi
+chmod 755 "$CORPUS" "$CORPUS/www"
+PORT=$(cat "$CORPUS/port")
+mkdir -p "$WORK/nginx"
 cat >"$WORK/nginx/nginx.conf" <<EOF
 daemon off;
 worker_processes 1;
@@ -63,21 +75,19 @@ http {
   fastcgi_temp_path $WORK/nginx/fastcgi;
   uwsgi_temp_path $WORK/nginx/uwsgi;
   scgi_temp_path $WORK/nginx/scgi;
-  server { listen 127.0.0.1:$PORT; root $WORK/www; }
+  server { listen 127.0.0.1:$PORT; root $CORPUS/www; }
 }
 EOF
 nginx -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" &
 NGINX_PID=$!
-echo "generating $N images ..."
-$PY bench/ingest_corpus.py "$WORK/www" "$WORK/list.parquet" "http://127.0.0.1:$PORT" "$N"
 for _ in $(seq 50); do curl -sf -o /dev/null "http://127.0.0.1:$PORT/000001.jpg" 2>/dev/null && break; sleep 0.1; done
-du -sh "$WORK/www" | awk '{print "corpus: " $1}'
+du -sh "$CORPUS/www" | awk '{print "corpus: " $1}'
 
 SHARD=$(( (N + 3) / 4 ))
 for S in $SIZES; do
   rm -rf "$WORK/i2d" "$WORK/ours"
   NO_ALBUMENTATIONS_UPDATE=1 $PY bench/proctree.py "$WORK/i2d-$S.json" -- \
-    "$I2D/bin/img2dataset" --url_list "$WORK/list.parquet" --input_format parquet \
+    "$I2D/bin/img2dataset" --url_list "$CORPUS/list.parquet" --input_format parquet \
     --url_col URL --caption_col TEXT --output_format parquet --output_folder "$WORK/i2d" \
     --processes_count 2 --thread_count 32 --image_size "$S" --resize_mode center_crop \
     --encode_quality 95 --number_sample_per_shard "$SHARD" --timeout 10 --retries 0 \
@@ -85,7 +95,7 @@ for S in $SIZES; do
     { tail -20 "$WORK/i2d-$S.log"; exit 1; }
   I2D_OK=$($PY -c "import glob, json, sys; print(sum(json.load(open(f))['successes'] for f in glob.glob(sys.argv[1] + '/*_stats.json')))" "$WORK/i2d")
   $PY bench/proctree.py "$WORK/ours-$S.json" -- \
-    "$BIN" ingest --input "$WORK/list.parquet" --root "$WORK/ours" --image-size "$S" \
+    "$BIN" ingest --input "$CORPUS/list.parquet" --root "$WORK/ours" --image-size "$S" \
     --allow-cidr 127.0.0.0/8 --unit-rows "$SHARD" --concurrency 32 --per-host 32 \
     --timeout 10 --retries 0 >"$WORK/ours-$S.log" 2>&1 || { tail -20 "$WORK/ours-$S.log"; exit 1; }
   OURS_OK=$("$BIN" catalog sql "SELECT count(*) AS n FROM samples WHERE status = 'ok'" \
