@@ -60,7 +60,7 @@ echo "== 3. what is in the catalog"
 "$BIN" catalog sql --root "$OUT/pipeline" \
   "SELECT key, short_caption FROM samples WHERE status = 'ok' ORDER BY key LIMIT 3"
 "$BIN" catalog verify --root "$OUT/pipeline"
-echo "-- the same samples in img2dataset's webdataset layout:"
+echo "-- the ingested images in img2dataset's webdataset layout (written by ingest, before the filters):"
 for t in "$OUT"/webdataset/256/*.tar; do
   echo "$(basename "$t"): $(tar tf "$t" | grep -c '\.jpg$') samples ($(tar tf "$t" | head -n 3 | paste -sd' ' -) ...)"
 done

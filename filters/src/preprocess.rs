@@ -39,8 +39,10 @@ pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// Version tag of this preprocessing, stored with every score.
-pub const CLIP_PREPROCESS_VERSION: &str = "clip-bicubic-shortside-centercrop-v1";
-pub const WATERMARK_PREPROCESS_VERSION: &str = "squash256-bilinear-imagenet-v1";
+/// v2: Pillow 13's pass order (vertical first when the height shrinks by more than twice as many
+/// pixels as the width; v1 always ran the horizontal pass first).
+pub const CLIP_PREPROCESS_VERSION: &str = "clip-bicubic-shortside-centercrop-v2";
+pub const WATERMARK_PREPROCESS_VERSION: &str = "squash256-bilinear-imagenet-v2";
 
 /// Per-channel tables of `(v/255 − mean)/std` for every 8-bit value `v` (float32 arithmetic).
 fn normalise_table(mean: [f32; 3], std: [f32; 3]) -> [[f32; 256]; 3] {
