@@ -17,6 +17,8 @@ run: setup
 test: setup
 	cargo build -p llamagen-pipelines --bin llamagen
 	cargo test --workspace --no-fail-fast
+	# The `cuda` feature must keep compiling: nvcc from PyPI, a stub libcuda, no GPU needed.
+	./scripts/check-cuda.sh
 
 setup: $(VENV)/.ready
 	@command -v mold >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
