@@ -61,20 +61,13 @@ pub fn crop(img: &RgbImage, left: u32, top: u32, width: u32, height: u32) -> Res
 
 /// ADM's `center_crop_arr(img, image_size)` (see the module invariants).
 pub fn center_crop_arr(img: &RgbImage, image_size: u32) -> Result<RgbImage> {
-    if image_size == 0 {
-        return Err(EncodeError::InvalidInput(
-            "image_size must be positive".into(),
-        ));
-    }
-    let mut halved: Option<RgbImage> = None;
-    loop {
-        let cur = halved.as_ref().unwrap_or(img);
-        if cur.width().min(cur.height()) < 2 * image_size {
-            break;
-        }
-        halved = Some(resize(cur, cur.width() / 2, cur.height() / 2, Filter::Box)?);
-    }
-    let cur = halved.as_ref().unwrap_or(img);
+    let mut crops = center_crop_arr_multi(img, &[image_size])?;
+    Ok(crops.pop().expect("one size, one crop"))
+}
+
+/// The last step of `center_crop_arr`, once no BOX halving is left: BICUBIC to the short side
+/// `image_size`, then the centred S×S window.
+fn bicubic_center_crop(cur: &RgbImage, image_size: u32) -> Result<RgbImage> {
     let (w, h) = (cur.width(), cur.height());
     let scale = image_size as f64 / w.min(h) as f64;
     let (nw, nh) = (
@@ -124,7 +117,7 @@ pub fn center_crop_arr_multi(img: &RgbImage, sizes: &[u32]) -> Result<Vec<RgbIma
             level += 1;
         }
         let cur = if level == 0 { img } else { &chain[level - 1] };
-        out.push(center_crop_arr(cur, size)?);
+        out.push(bicubic_center_crop(cur, size)?);
     }
     Ok(out)
 }

@@ -139,6 +139,42 @@ impl Kernels {
         }
         Kernels::Scalar
     }
+
+    /// The horizontal pass with these kernels (see [`horizontal_scalar`]).
+    fn horizontal(
+        self,
+        block: &[u8],
+        in_w: usize,
+        h: &Coeffs,
+        left: usize,
+        cw: usize,
+        mid: &mut [u8],
+    ) {
+        match self {
+            Kernels::Scalar => horizontal_scalar(block, in_w, h, left, cw, mid),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Kernels::Avx2` is only chosen when the CPU has AVX2.
+            Kernels::Avx2 => unsafe { avx2::horizontal(block, in_w, h, left, cw, mid) },
+        }
+    }
+
+    /// The vertical pass with these kernels (see [`vertical_scalar`]).
+    fn vertical(
+        self,
+        mid: &[u8],
+        stride: usize,
+        v: &Coeffs,
+        row0: usize,
+        top: usize,
+        out: &mut [u8],
+    ) {
+        match self {
+            Kernels::Scalar => vertical_scalar(mid, stride, v, row0, top, out),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Kernels::Avx2` is only chosen when the CPU has AVX2.
+            Kernels::Avx2 => unsafe { avx2::vertical(mid, stride, v, row0, top, out) },
+        }
+    }
 }
 
 /// The `cw`×`ch` window at (`left`, `top`) of Pillow's `img.resize((out_w, out_h), filter)`,
@@ -194,22 +230,12 @@ fn resize_window_with(
             block.extend_from_slice(&src[(y * in_w + col0) * 3..(y * in_w + col1) * 3]);
         }
         let mut mid = vec![0u8; ch * ncols * 3];
-        match kernels {
-            Kernels::Scalar => vertical_scalar(&block, ncols * 3, &v, row0, top, &mut mid),
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Kernels::Avx2` is only chosen when the CPU has AVX2.
-            Kernels::Avx2 => unsafe { avx2::vertical(&block, ncols * 3, &v, row0, top, &mut mid) },
-        }
+        kernels.vertical(&block, ncols * 3, &v, row0, top, &mut mid);
         for s in h.start.iter_mut() {
             *s = s.saturating_sub(col0);
         }
         let mut out = vec![0u8; ch * cw * 3];
-        match kernels {
-            Kernels::Scalar => horizontal_scalar(&mid, ncols, &h, left, cw, &mut out),
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Kernels::Avx2` is only chosen when the CPU has AVX2.
-            Kernels::Avx2 => unsafe { avx2::horizontal(&mid, ncols, &h, left, cw, &mut out) },
-        }
+        kernels.horizontal(&mid, ncols, &h, left, cw, &mut out);
         return out;
     }
 
@@ -232,12 +258,7 @@ fn resize_window_with(
     if out_w != in_w {
         let h = coeffs(in_w, out_w, filter);
         let block = &src[row0 * in_w * 3..row1 * in_w * 3];
-        match kernels {
-            Kernels::Scalar => horizontal_scalar(block, in_w, &h, left, cw, &mut mid),
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Kernels::Avx2` is only chosen when the CPU has AVX2.
-            Kernels::Avx2 => unsafe { avx2::horizontal(block, in_w, &h, left, cw, &mut mid) },
-        }
+        kernels.horizontal(block, in_w, &h, left, cw, &mut mid);
     } else {
         for y in 0..rows {
             let s = (row0 + y) * in_w * 3 + left * 3;
@@ -250,12 +271,7 @@ fn resize_window_with(
         return mid;
     };
     let mut out = vec![0u8; ch * cw * 3];
-    match kernels {
-        Kernels::Scalar => vertical_scalar(&mid, cw * 3, &v, row0, top, &mut out),
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Kernels::Avx2` is only chosen when the CPU has AVX2.
-        Kernels::Avx2 => unsafe { avx2::vertical(&mid, cw * 3, &v, row0, top, &mut out) },
-    }
+    kernels.vertical(&mid, cw * 3, &v, row0, top, &mut out);
     out
 }
 
@@ -525,12 +541,14 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn vector_kernels_give_the_scalar_bytes() {
         let kernels = Kernels::detect();
-        if kernels == Kernels::Scalar {
-            eprintln!("no vector kernels on this CPU");
-            return;
-        }
+        assert_eq!(
+            kernels,
+            Kernels::Avx2,
+            "this x86-64 CPU has no AVX2: the vector kernels cannot be checked here"
+        );
         // Down- and upscales, odd sizes, strides that are and are not multiples of 32 bytes,
         // windows at the edges (loads near the end of the image).
         type Case = ((u32, u32), (u32, u32), (u32, u32, u32, u32));

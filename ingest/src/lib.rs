@@ -787,7 +787,7 @@ fn with_outcomes(rows: &RecordBatch, outs: &[Outcome]) -> Result<RecordBatch> {
     Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?)
 }
 
-fn format_of(data: &[u8]) -> &'static str {
+pub(crate) fn format_of(data: &[u8]) -> &'static str {
     match data {
         [0xff, 0xd8, ..] => "jpeg",
         [0x89, b'P', b'N', b'G', ..] => "png",

@@ -104,10 +104,9 @@ impl UnitTars {
             let Some((_, data)) = images.iter().find(|(s, _)| s == size) else {
                 continue;
             };
-            let ext = match data {
-                [0xff, 0xd8, ..] => "jpg",
-                [0x89, b'P', b'N', b'G', ..] => "png",
-                _ => "webp",
+            let ext = match crate::format_of(data) {
+                "jpeg" => "jpg",
+                other => other,
             };
             write_entry(w, &format!("{key}.{ext}"), data, mtime).map_err(|e| io_err(path, e))?;
             write_entry(w, &format!("{key}.txt"), caption.as_bytes(), mtime)

@@ -35,22 +35,23 @@ fn write_list(path: &std::path::Path, rows: &[(String, Option<i64>)]) {
     std::fs::write(path, text).unwrap();
 }
 
-async fn rows_of(root: &str) -> Vec<Value> {
-    let (code, out, err) = run(&[
-        "catalog",
-        "sql",
-        "SELECT source_row, url, status, error_kind, error, reject_reasons, duplicate_of, orig_width, orig_height, \
-         http_status, content_sha256, extra, images FROM samples ORDER BY source_row",
-        "--root",
-        root,
-        "--format",
-        "json",
-    ])
-    .await;
+/// Rows of a `catalog sql` query over the catalog at `root`, as JSON objects.
+async fn sql_rows(root: &str, query: &str) -> Vec<Value> {
+    let (code, out, err) =
+        run(&["catalog", "sql", query, "--root", root, "--format", "json"]).await;
     assert_eq!(code, 0, "{err}");
     out.lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+async fn rows_of(root: &str) -> Vec<Value> {
+    sql_rows(
+        root,
+        "SELECT source_row, url, status, error_kind, error, reject_reasons, duplicate_of, orig_width, orig_height, \
+         http_status, content_sha256, extra, images FROM samples ORDER BY source_row",
+    )
+    .await
 }
 
 fn base_args<'a>(list: &'a str, root: &'a str) -> Vec<&'a str> {
@@ -461,25 +462,14 @@ fn wds_keys(wds: &Value, size: u32) -> Vec<String> {
 }
 
 async fn ok_keys(root: &str) -> Vec<String> {
-    let (code, out, err) = run(&[
-        "catalog",
-        "sql",
-        "SELECT key FROM samples WHERE status = 'ok' ORDER BY source, source_row",
-        "--root",
+    sql_rows(
         root,
-        "--format",
-        "json",
-    ])
-    .await;
-    assert_eq!(code, 0, "{err}");
-    out.lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["key"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect()
+        "SELECT key FROM samples WHERE status = 'ok' ORDER BY source, source_row",
+    )
+    .await
+    .iter()
+    .map(|r| r["key"].as_str().unwrap().to_string())
+    .collect()
 }
 
 /// A URL list on S3 (Parquet, uploaded to a real S3-compatible server), the catalog and the
