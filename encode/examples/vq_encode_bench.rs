@@ -1,6 +1,7 @@
 //! llamagen side of bench/vq_encode.sh: VQ-16 encode of 256 px images with random weights of the
 //! real config; prints one JSON line. Arguments: REPEATS BATCH.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Tensor};
@@ -12,9 +13,18 @@ fn main() -> anyhow::Result<()> {
     let repeats: usize = args.get(1).map_or(Ok(3), |s| s.parse())?;
     let batch: usize = args.get(2).map_or(Ok(4), |s| s.parse())?;
     let dev = Device::Cpu;
+    // Random weights, then loaded as plain tensors the way checkpoints are (no gradient
+    // tracking, as in the encode stage).
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-    let model = VqModel::load(vb, &ModelArgs::vq_16())?;
+    VqModel::load(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &ModelArgs::vq_16())?;
+    let weights: HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+        .collect();
+    let model = VqModel::load(VarBuilder::from_tensors(weights, DType::F32, &dev), &ModelArgs::vq_16())?;
     let x = Tensor::rand(-1f32, 1f32, (batch, 3, 256, 256), &dev)?;
     model.encode_indices(&x)?; // warm-up
     let (mut step, mut enc) = (Vec::new(), Vec::new());

@@ -28,11 +28,12 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{D, DType, Device, Module, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
 pub use crate::conv::Conv2d;
+pub use crate::norm::GroupNorm;
 use crate::error::EncodeError;
 
 /// Number of groups of every GroupNorm in the model.
@@ -176,7 +177,7 @@ impl ModelArgs {
 }
 
 fn group_norm(channels: usize, vb: VarBuilder) -> candle_core::Result<GroupNorm> {
-    candle_nn::group_norm(GROUP_NORM_GROUPS, channels, GROUP_NORM_EPS, vb)
+    GroupNorm::load(GROUP_NORM_GROUPS, channels, GROUP_NORM_EPS, vb)
 }
 
 fn conv(
@@ -197,10 +198,6 @@ fn conv(
     };
     let bias = vb.get_with_hints(out_c, "bias", init_bs)?;
     Ok(Conv2d::new(weight, Some(bias), padding, stride))
-}
-
-fn swish(x: &Tensor) -> candle_core::Result<Tensor> {
-    x.silu()
 }
 
 /// `norm1 → swish → conv1 → norm2 → swish → (dropout) → conv2`, plus the input (through a 1×1
@@ -248,13 +245,12 @@ impl ResnetBlock {
 
 impl Module for ResnetBlock {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.conv1.forward(&swish(&self.norm1.forward(x)?)?)?;
-        let h = self.conv2.forward(&swish(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_swish(x)?)?;
         let skip = match &self.nin_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
-        skip + h
+        self.conv2.forward_add(&self.norm2.forward_swish(&h)?, &skip)
     }
 }
 
@@ -297,8 +293,7 @@ impl Module for AttnBlock {
         let w = candle_nn::ops::softmax(&w, D::Minus1)?;
         let v = v.reshape((b, c, n))?;
         let h = v.matmul(&w.transpose(1, 2)?.contiguous()?)?; // (b, c, n_q)
-        let h = self.proj_out.forward(&h.reshape((b, c, hh, ww))?)?;
-        x + h
+        self.proj_out.forward_add(&h.reshape((b, c, hh, ww))?, x)
     }
 }
 
@@ -318,8 +313,7 @@ impl Downsample {
 
 impl Module for Downsample {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let x = x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
-        self.conv.forward(&x)
+        self.conv.forward_padded(x, (0, 1))
     }
 }
 
@@ -463,7 +457,7 @@ impl Module for Encoder {
             h = level.forward(&h)?;
         }
         let h = self.mid.forward(&h)?;
-        self.conv_out.forward(&swish(&self.norm_out.forward(&h)?)?)
+        self.conv_out.forward(&self.norm_out.forward_swish(&h)?)
     }
 }
 
@@ -534,7 +528,7 @@ impl Module for Decoder {
         for level in &self.conv_blocks {
             h = level.forward(&h)?;
         }
-        self.conv_out.forward(&swish(&self.norm_out.forward(&h)?)?)
+        self.conv_out.forward(&self.norm_out.forward_swish(&h)?)
     }
 }
 
