@@ -105,7 +105,7 @@ fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f64 {
 /// it vectorise; inputs are clamped to [−87, 88].
 #[inline(always)]
 pub(crate) fn fast_exp(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
+    let x = x.max(-87.0).min(88.0);
     // Round to nearest by the 1.5·2²³ trick (no libm call, so the loops vectorise).
     const MAGIC: f32 = 12_582_912.0;
     let n = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
@@ -118,7 +118,9 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
                 + f * (1.0 / 6.0
                     + f * (1.0 / 24.0
                         + f * (1.0 / 120.0 + f * (1.0 / 720.0 + f * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+    // 2^n from the float's own bits: n + 127 + 2²³ holds n + 127 in its low mantissa bits, and
+    // the shift keeps exactly those (no float-to-int conversion, which would not vectorise).
+    let scale = f32::from_bits((n + 127.0 + 8_388_608.0).to_bits() << 23);
     p * scale
 }
 

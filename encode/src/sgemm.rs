@@ -13,15 +13,17 @@
 use rayon::prelude::*;
 
 /// Rows of the register tile (broadcast from packed `A`).
-const MR: usize = 12;
+const MR: usize = 8;
 /// Columns of the register tile (two 16-float vectors of packed `B`).
-const NR: usize = 32;
+const NR: usize = 48;
+/// 16-float vectors per register-tile row.
+const NV: usize = NR / 16;
 /// Shared-dimension block: one packed `B` panel (`KC × NR` floats, 32 KiB) stays in L1.
 const KC: usize = 256;
 /// Row block of `A` (`MC × KC` floats, 96 KiB) that stays in L2.
 const MC: usize = 96;
 /// Column block of `B` (`KC × NC` floats, 2 MiB).
-const NC: usize = 2048;
+const NC: usize = 2016;
 
 /// Pointer wrapper for the rows of `C` that parallel row blocks write.
 #[derive(Clone, Copy)]
@@ -223,29 +225,31 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, c_rs: isize, acc: bool) {
         unsafe {
-            let mut c0 = [_mm512_setzero_ps(); MR];
-            let mut c1 = [_mm512_setzero_ps(); MR];
+            let mut acc_ = [[_mm512_setzero_ps(); NV]; MR];
             let (mut a, mut b) = (a, b);
             for _ in 0..kc {
-                let b0 = _mm512_loadu_ps(b);
-                let b1 = _mm512_loadu_ps(b.add(16));
+                let mut bv = [_mm512_setzero_ps(); NV];
+                for v in 0..NV {
+                    bv[v] = _mm512_loadu_ps(b.add(16 * v));
+                }
                 for i in 0..MR {
                     let ai = _mm512_set1_ps(*a.add(i));
-                    c0[i] = _mm512_fmadd_ps(ai, b0, c0[i]);
-                    c1[i] = _mm512_fmadd_ps(ai, b1, c1[i]);
+                    for v in 0..NV {
+                        acc_[i][v] = _mm512_fmadd_ps(ai, bv[v], acc_[i][v]);
+                    }
                 }
                 a = a.add(MR);
                 b = b.add(NR);
             }
             for i in 0..MR {
                 let p = c.offset(i as isize * c_rs);
-                let (mut v0, mut v1) = (c0[i], c1[i]);
-                if acc {
-                    v0 = _mm512_add_ps(v0, _mm512_loadu_ps(p));
-                    v1 = _mm512_add_ps(v1, _mm512_loadu_ps(p.add(16)));
+                for v in 0..NV {
+                    let mut x = acc_[i][v];
+                    if acc {
+                        x = _mm512_add_ps(x, _mm512_loadu_ps(p.add(16 * v)));
+                    }
+                    _mm512_storeu_ps(p.add(16 * v), x);
                 }
-                _mm512_storeu_ps(p, v0);
-                _mm512_storeu_ps(p.add(16), v1);
             }
         }
     }
