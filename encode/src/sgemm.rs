@@ -395,6 +395,15 @@ mod tests {
             let b: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
             let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
             let want = reference(m, n, k, &a, &b);
+            // A packed once, then used like `sgemm`.
+            let mut c = vec![3.0; m * n];
+            unsafe {
+                let pa = PackedA::new(m, k, (a.as_ptr(), k as isize, 1));
+                sgemm_packed(&pa, n, (b.as_ptr(), n as isize, 1), (c.as_mut_ptr(), n as isize), false, 2);
+            }
+            for (g, w) in c.iter().zip(&want) {
+                assert!((*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()), "packed {m}×{n}×{k}");
+            }
             for (threads, transposed, acc) in [(1, false, false), (2, true, false), (2, false, true)] {
                 let mut c = vec![if acc { 1.0 } else { 7.0 }; m * n];
                 unsafe {

@@ -17,7 +17,9 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear};
+use candle_nn::Embedding;
+
+use crate::linear::Linear;
 use sha2::{Digest, Sha256};
 
 use crate::error::EncodeError;
@@ -301,10 +303,7 @@ impl TensorSource {
     }
 
     fn linear(&self, name: &str, out: usize, inp: usize) -> Result<Linear> {
-        Ok(Linear::new(
-            self.get(&format!("{name}.weight"), &[out, inp])?,
-            None,
-        ))
+        Ok(Linear::new(self.get(&format!("{name}.weight"), &[out, inp])?))
     }
 }
 
