@@ -6,6 +6,7 @@
 //! captions ([`sentence`]), LlamaGen's caption cleaning ([`clean`]) and the T5 encoder features
 //! that condition the text-to-image model ([`t5`], [`text_encoder`], [`text_stage`]).
 
+pub mod activation;
 pub mod augment;
 pub mod captions;
 pub mod checkpoint;

@@ -478,7 +478,7 @@ impl T5Encoder {
     fn activate(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self.act {
             Activation::Relu => x.relu()?,
-            Activation::GeluTanh => x.gelu()?,
+            Activation::GeluTanh => crate::activation::gelu_tanh_mul(x, None)?,
             Activation::GeluErf => x.gelu_erf()?,
             Activation::Silu => x.silu()?,
         })
@@ -532,8 +532,12 @@ impl T5Encoder {
             let y = match &blk.ff {
                 FeedForward::Plain { wi, wo } => wo.forward(&self.activate(&wi.forward(&x)?)?)?,
                 FeedForward::Gated { wi_0, wi_1, wo } => {
-                    let g = self.activate(&wi_0.forward(&x)?)?;
-                    wo.forward(&(g * wi_1.forward(&x)?)?)?
+                    let (a, up) = (wi_0.forward(&x)?, wi_1.forward(&x)?);
+                    let h = match self.act {
+                        Activation::GeluTanh => crate::activation::gelu_tanh_mul(&a, Some(&up))?,
+                        _ => (self.activate(&a)? * up)?,
+                    };
+                    wo.forward(&h)?
                 }
             };
             h = (h + y)?;
