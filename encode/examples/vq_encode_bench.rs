@@ -16,7 +16,10 @@ fn main() -> anyhow::Result<()> {
     // Random weights, then loaded as plain tensors the way checkpoints are (no gradient
     // tracking, as in the encode stage).
     let varmap = VarMap::new();
-    VqModel::load(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &ModelArgs::vq_16())?;
+    VqModel::load(
+        VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+        &ModelArgs::vq_16(),
+    )?;
     let weights: HashMap<String, Tensor> = varmap
         .data()
         .lock()
@@ -24,7 +27,10 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
         .collect();
-    let model = VqModel::load(VarBuilder::from_tensors(weights, DType::F32, &dev), &ModelArgs::vq_16())?;
+    let model = VqModel::load(
+        VarBuilder::from_tensors(weights, DType::F32, &dev),
+        &ModelArgs::vq_16(),
+    )?;
     let x = Tensor::rand(-1f32, 1f32, (batch, 3, 256, 256), &dev)?;
     model.encode_indices(&x)?; // warm-up
     let (mut step, mut enc) = (Vec::new(), Vec::new());

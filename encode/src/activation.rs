@@ -96,13 +96,11 @@ impl CustomOp2 for GeluMul {
         let (a, b) = (&v1[a0..a1], &v2[b0..b1]);
         let mut out = vec![0f32; a.len()];
         const CHUNK: usize = 1 << 14;
-        out.par_chunks_mut(CHUNK)
-            .enumerate()
-            .for_each(|(i, o)| {
-                let a = &a[i * CHUNK..i * CHUNK + o.len()];
-                let b = self.gated.then(|| &b[i * CHUNK..i * CHUNK + o.len()]);
-                gelu_into(o, a, b);
-            });
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, o)| {
+            let a = &a[i * CHUNK..i * CHUNK + o.len()];
+            let b = self.gated.then(|| &b[i * CHUNK..i * CHUNK + o.len()]);
+            gelu_into(o, a, b);
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -116,7 +114,13 @@ mod tests {
     fn matches_candle_gelu() -> Result<()> {
         let dev = Device::Cpu;
         let a = (Tensor::randn(0f32, 3., (4, 1000), &dev)? * 1.0)?;
-        let a = Tensor::cat(&[a, Tensor::new(&[[-100f32, -10., 0., 1e-6, 10., 100.]], &dev)?.repeat((4, 1))?], 1)?;
+        let a = Tensor::cat(
+            &[
+                a,
+                Tensor::new(&[[-100f32, -10., 0., 1e-6, 10., 100.]], &dev)?.repeat((4, 1))?,
+            ],
+            1,
+        )?;
         let b = Tensor::randn(0f32, 1., a.shape(), &dev)?;
         for (got, want) in [
             (gelu_tanh_mul(&a, None)?, a.gelu()?),

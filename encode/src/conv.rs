@@ -149,7 +149,11 @@ impl CustomOp3 for CpuConvInference {
         } else if rl.shape() == &shape {
             Some(r)
         } else {
-            candle_core::bail!("conv2d: residual {:?} for an output {:?}", rl.shape(), shape);
+            candle_core::bail!(
+                "conv2d: residual {:?} for an output {:?}",
+                rl.shape(),
+                shape
+            );
         };
         let y = g.forward(
             f32_slice(xs, xl, "input")?,
@@ -163,7 +167,13 @@ impl CustomOp3 for CpuConvInference {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        conv2d_bias(x, &self.weight, self.bias.as_ref(), self.padding, self.stride)
+        conv2d_bias(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            self.padding,
+            self.stride,
+        )
     }
 }
 
@@ -475,7 +485,10 @@ impl ConvGeom {
                     &pa,
                     n,
                     (rhs, rhs_rs as isize, 1),
-                    (out.0.add(bi * self.o * ohw + oy0 * self.out_w), ohw as isize),
+                    (
+                        out.0.add(bi * self.o * ohw + oy0 * self.out_w),
+                        ohw as isize,
+                    ),
                     true,
                     threads,
                 );
@@ -595,14 +608,20 @@ mod tests {
             let g2 = (slow.clone() * &up)?.sum_all()?.backward()?;
             let scale = slow.abs()?.max_all()?.to_scalar::<f32>()?;
             let dy = max_diff(&fast, &slow)?;
-            assert!(dy <= 1e-5 * scale, "k{k} p{p} s{s} c{c}: value {dy} (scale {scale})");
+            assert!(
+                dy <= 1e-5 * scale,
+                "k{k} p{p} s{s} c{c}: value {dy} (scale {scale})"
+            );
             let no_grad = conv2d_bias(&x0, &w0, Some(&b0), p, s)?;
             assert_eq!(max_diff(&no_grad, &fast)?, 0.0);
             for (a, b, what) in [(&x, &x2, "x"), (&w, &w2, "w"), (&b, &b2, "b")] {
                 let (ga, gb) = (g.get(a).unwrap(), g2.get(b).unwrap());
                 let scale = gb.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
                 let d = max_diff(ga, gb)?;
-                assert!(d <= 1e-4 * scale, "k{k} p{p} s{s} c{c}: grad {what} {d} (scale {scale})");
+                assert!(
+                    d <= 1e-4 * scale,
+                    "k{k} p{p} s{s} c{c}: grad {what} {d} (scale {scale})"
+                );
             }
         }
         Ok(())

@@ -28,8 +28,7 @@ impl GroupNorm {
     pub fn load(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
         let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
-        let inner =
-            candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
+        let inner = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
         Ok(Self {
             weight,
             bias,
@@ -139,7 +138,8 @@ fn swish_affine(out: &mut [f32], inp: &[f32], s: f32, t: f32) {
         fn avx2(out: &mut [f32], inp: &[f32], s: f32, t: f32) {
             body(out, inp, s, t)
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             // SAFETY: the CPU has the features the function was compiled for.
             return unsafe { avx2(out, inp, s, t) };
         }

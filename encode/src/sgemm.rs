@@ -279,7 +279,8 @@ mod avx512 {
                     } else {
                         kernel(kc, apanel, bpanel, tmp.as_mut_ptr(), NR as isize, false);
                         for i in 0..h {
-                            let row = std::slice::from_raw_parts_mut(ct.offset(i as isize * c_rs), w);
+                            let row =
+                                std::slice::from_raw_parts_mut(ct.offset(i as isize * c_rs), w);
                             let t = &tmp[i * NR..i * NR + w];
                             if acc {
                                 row.iter_mut().zip(t).for_each(|(d, s)| *d += s);
@@ -387,10 +388,18 @@ mod tests {
     fn matches_reference_on_edges_and_layouts() {
         let mut seed = 1u64;
         let mut rnd = || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         };
-        for (m, n, k) in [(1, 1, 1), (13, 33, 7), (100, 70, 300), (37, 2100, 260), (128, 96, 513)] {
+        for (m, n, k) in [
+            (1, 1, 1),
+            (13, 33, 7),
+            (100, 70, 300),
+            (37, 2100, 260),
+            (128, 96, 513),
+        ] {
             let a: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
             let b: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
             let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
@@ -399,12 +408,24 @@ mod tests {
             let mut c = vec![3.0; m * n];
             unsafe {
                 let pa = PackedA::new(m, k, (a.as_ptr(), k as isize, 1));
-                sgemm_packed(&pa, n, (b.as_ptr(), n as isize, 1), (c.as_mut_ptr(), n as isize), false, 2);
+                sgemm_packed(
+                    &pa,
+                    n,
+                    (b.as_ptr(), n as isize, 1),
+                    (c.as_mut_ptr(), n as isize),
+                    false,
+                    2,
+                );
             }
             for (g, w) in c.iter().zip(&want) {
-                assert!((*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()), "packed {m}×{n}×{k}");
+                assert!(
+                    (*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "packed {m}×{n}×{k}"
+                );
             }
-            for (threads, transposed, acc) in [(1, false, false), (2, true, false), (2, false, true)] {
+            for (threads, transposed, acc) in
+                [(1, false, false), (2, true, false), (2, false, true)]
+            {
                 let mut c = vec![if acc { 1.0 } else { 7.0 }; m * n];
                 unsafe {
                     let bspec = if transposed {

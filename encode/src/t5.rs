@@ -303,7 +303,9 @@ impl TensorSource {
     }
 
     fn linear(&self, name: &str, out: usize, inp: usize) -> Result<Linear> {
-        Ok(Linear::new(self.get(&format!("{name}.weight"), &[out, inp])?))
+        Ok(Linear::new(
+            self.get(&format!("{name}.weight"), &[out, inp])?,
+        ))
     }
 }
 

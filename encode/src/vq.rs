@@ -27,14 +27,14 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{D, DType, Device, Module, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
+use candle_nn::var_builder::SimpleBackend;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
 pub use crate::conv::Conv2d;
-pub use crate::norm::GroupNorm;
 use crate::error::EncodeError;
+pub use crate::norm::GroupNorm;
 
 /// Number of groups of every GroupNorm in the model.
 pub const GROUP_NORM_GROUPS: usize = 32;
@@ -250,7 +250,8 @@ impl Module for ResnetBlock {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
-        self.conv2.forward_add(&self.norm2.forward_swish(&h)?, &skip)
+        self.conv2
+            .forward_add(&self.norm2.forward_swish(&h)?, &skip)
     }
 }
 
