@@ -3,9 +3,9 @@
 //! Invariants enforced here:
 //! - `sgemm` computes `C = A·B` or `C += A·B` (`accumulate`) for any element strides of `A` and
 //!   `B`; the columns of `C` are contiguous (`C[i, j]` at `c + i·c_rs + j`).
-//! - On x86-64 CPUs with AVX-512F it packs `A` into 12-row panels and `B` into 32-column panels
+//! - On x86-64 CPUs with AVX-512F it packs `A` into `MR` (8)-row panels and `B` into `NR` (48)-column panels
 //!   (BLIS-style blocking: `KC` of the shared dimension, `MC` rows of `A`, `NC` columns of `B`) and
-//!   runs a 12×32 register-tile kernel; elsewhere it calls the `gemm` crate with the same
+//!   runs an 8×48 register-tile kernel; elsewhere it calls the `gemm` crate with the same
 //!   arguments. The two differ only by float32 summation order.
 //! - With `threads > 1`, blocks of `MC` rows run in parallel on the rayon pool; each thread
 //!   writes only its own rows of `C`.
@@ -14,11 +14,11 @@ use rayon::prelude::*;
 
 /// Rows of the register tile (broadcast from packed `A`).
 const MR: usize = 8;
-/// Columns of the register tile (two 16-float vectors of packed `B`).
+/// Columns of the register tile (three 16-float vectors of packed `B`).
 const NR: usize = 48;
 /// 16-float vectors per register-tile row.
 const NV: usize = NR / 16;
-/// Shared-dimension block: one packed `B` panel (`KC × NR` floats, 32 KiB) stays in L1.
+/// Shared-dimension block: one packed `B` panel (`KC × NR` floats, 48 KiB) stays near L1.
 const KC: usize = 256;
 /// Row block of `A` (`MC × KC` floats, 96 KiB) that stays in L2.
 const MC: usize = 96;
@@ -221,7 +221,7 @@ mod avx512 {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// The 12×32 register tile: `C[0..12, 0..32] (+)= Ap · Bp` over `kc` packed steps.
+    /// The `MR`×`NR` register tile: `C[0..MR, 0..NR] (+)= Ap · Bp` over `kc` packed steps.
     #[target_feature(enable = "avx512f")]
     unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, c_rs: isize, acc: bool) {
         unsafe {
