@@ -6,12 +6,16 @@
 //!   weights). Buffers (the t2i null caption) are never optimised.
 //! - PyTorch AdamW arithmetic, in this order: `p *= 1 - lr*wd`; `m = lerp(m, g, 1-b1)`;
 //!   `v = b2*v + (1-b2)*g^2`; `p -= (lr/(1-b1^t)) * m / (sqrt(v)/sqrt(1-b2^t) + eps)`.
+//! - On the CPU with float32 parameters, state and gradients, the update runs in place in three
+//!   parallel passes (moments, then parameters) with exactly the float32 operations, in the same
+//!   order, of the composed candle ops used elsewhere, so both give bit-identical results.
 //! - Clipping: total norm `N` = L2 norm of the per-tensor L2 norms; every gradient is multiplied
 //!   by `min(1, max_norm/(N + 1e-6))`; `N` (before clipping) is returned.
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 use candle_nn::VarMap;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::config::GptConfig;
@@ -58,6 +62,8 @@ pub struct AdamW {
     cfg: AdamWConfig,
     params: Vec<ParamState>,
     step: u64,
+    /// Use the in-place CPU passes where they apply (always, except to test them).
+    fused: bool,
 }
 
 impl AdamW {
@@ -66,12 +72,13 @@ impl AdamW {
         let params = params
             .into_iter()
             .map(|(name, var)| {
-                let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+                // Two tensors, not two handles of one: the CPU update writes them in place.
+                let zeros = || Tensor::zeros(var.shape(), DType::F32, var.device());
                 Ok(ParamState {
                     decay: var.rank() >= 2,
                     name,
-                    exp_avg: zeros.clone(),
-                    exp_avg_sq: zeros,
+                    exp_avg: zeros()?,
+                    exp_avg_sq: zeros()?,
                     var,
                 })
             })
@@ -80,6 +87,7 @@ impl AdamW {
             cfg,
             params,
             step: 0,
+            fused: true,
         })
     }
 
@@ -148,6 +156,28 @@ impl AdamW {
                 continue;
             };
             let g = g.detach().to_dtype(DType::F32)?;
+            let fast = self.fused
+                && [p.var.as_tensor(), &g, &p.exp_avg, &p.exp_avg_sq]
+                    .iter()
+                    .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous());
+            if fast {
+                let k = Coefs {
+                    c1: (1.0 - c.beta1) as f32,
+                    b2: c.beta2 as f32,
+                    c2: (1.0 - c.beta2) as f32,
+                    inv_bc2: (1.0 / bc2_sqrt) as f32,
+                    eps: c.eps as f32,
+                    step: step_size as f32,
+                    decay: (p.decay && c.weight_decay != 0.0)
+                        .then_some((1.0 - c.lr * c.weight_decay) as f32),
+                };
+                p.exp_avg.inplace_op2(&g, &FirstMoment(k))?;
+                p.exp_avg_sq.inplace_op2(&g, &SecondMoment(k))?;
+                p.var
+                    .as_tensor()
+                    .inplace_op3(&p.exp_avg, &p.exp_avg_sq, &Update(k))?;
+                continue;
+            }
             let mut w = p.var.as_tensor().detach().to_dtype(DType::F32)?;
             if p.decay && c.weight_decay != 0.0 {
                 w = w.affine(1.0 - c.lr * c.weight_decay, 0.0)?;
@@ -201,7 +231,8 @@ impl AdamW {
                         found: t.dims().to_vec(),
                     });
                 }
-                *slot = t.to_dtype(DType::F32)?.to_device(p.var.device())?;
+                // A copy of its own: the CPU update writes the moments in place.
+                *slot = t.to_dtype(DType::F32)?.to_device(p.var.device())?.copy()?;
             }
         }
         let step = state
@@ -211,6 +242,126 @@ impl AdamW {
             .flatten_all()?
             .to_vec1::<f64>()?;
         self.step = step.first().copied().unwrap_or(0.0) as u64;
+        Ok(())
+    }
+}
+
+/// The float32 constants of one update, cast from f64 as candle's `affine` casts them.
+#[derive(Clone, Copy)]
+struct Coefs {
+    c1: f32,
+    b2: f32,
+    c2: f32,
+    inv_bc2: f32,
+    eps: f32,
+    step: f32,
+    decay: Option<f32>,
+}
+
+fn f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("adamw: expected contiguous f32"),
+    }
+}
+
+fn f32_ref<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("adamw: expected contiguous f32"),
+    }
+}
+
+/// Elements per parallel chunk of the in-place passes.
+const CHUNK: usize = 1 << 15;
+
+/// `m = m + ((g − m)·c1 + 0)` (candle's `lerp` as composed above).
+struct FirstMoment(Coefs);
+
+impl InplaceOp2 for FirstMoment {
+    fn name(&self) -> &'static str {
+        "adamw-exp-avg"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let (m, g) = (f32_mut(s1, l1)?, f32_ref(s2, l2)?);
+        let c1 = self.0.c1;
+        m.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(m, g)| {
+                for (m, &g) in m.iter_mut().zip(g) {
+                    *m += (g - *m) * c1 + 0.0;
+                }
+            });
+        Ok(())
+    }
+}
+
+/// `v = (v·b2 + 0) + ((g·g)·c2 + 0)`.
+struct SecondMoment(Coefs);
+
+impl InplaceOp2 for SecondMoment {
+    fn name(&self) -> &'static str {
+        "adamw-exp-avg-sq"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let (v, g) = (f32_mut(s1, l1)?, f32_ref(s2, l2)?);
+        let Coefs { b2, c2, .. } = self.0;
+        v.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(v, g)| {
+                for (v, &g) in v.iter_mut().zip(g) {
+                    *v = (*v * b2 + 0.0) + ((g * g) * c2 + 0.0);
+                }
+            });
+        Ok(())
+    }
+}
+
+/// `w = [w·(1 − lr·wd) + 0] − ((m / (sqrt(v)·inv_bc2 + eps))·step + 0)`.
+struct Update(Coefs);
+
+impl InplaceOp3 for Update {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let (w, m, v) = (f32_mut(s1, l1)?, f32_ref(s2, l2)?, f32_ref(s3, l3)?);
+        let k = self.0;
+        w.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+            .for_each(|(w, (m, v))| {
+                for ((w, &m), &v) in w.iter_mut().zip(m).zip(v) {
+                    let base = match k.decay {
+                        Some(d) => *w * d + 0.0,
+                        None => *w,
+                    };
+                    let denom = v.sqrt() * k.inv_bc2 + k.eps;
+                    *w = base - ((m / denom) * k.step + 0.0);
+                }
+            });
         Ok(())
     }
 }
@@ -280,5 +431,72 @@ impl LrSchedule {
         let progress = ((step - self.warmup_steps) as f64 / span as f64).min(1.0);
         self.min_lr
             + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The in-place CPU passes give bit-identical parameters and moments to the composed ops,
+    /// for a decayed matrix and an undecayed vector, over several steps.
+    #[test]
+    fn fused_update_is_bit_identical_to_the_composed_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let w0 = Tensor::randn(0f32, 1., (33, 70), &dev)?;
+        let b0 = Tensor::randn(0f32, 1., 70, &dev)?;
+        let make = || -> Result<(Var, Var)> {
+            Ok((
+                Var::from_tensor(&w0.copy()?)?,
+                Var::from_tensor(&b0.copy()?)?,
+            ))
+        };
+        let ((w1, b1), (w2, b2)) = (make()?, make()?);
+        let cfg = AdamWConfig {
+            lr: 3e-3,
+            ..Default::default()
+        };
+        let mut fused = AdamW::new(
+            vec![("w".into(), w1.clone()), ("b".into(), b1.clone())],
+            cfg.clone(),
+        )?;
+        let mut plain = AdamW::new(
+            vec![("w".into(), w2.clone()), ("b".into(), b2.clone())],
+            cfg,
+        )?;
+        plain.fused = false;
+        for step in 0..4 {
+            let x = Tensor::randn(0f32, 1., (5, 70), &dev)?;
+            let loss = |w: &Var, b: &Var| -> Result<GradStore> {
+                let y = x
+                    .broadcast_mul(&b.as_tensor().unsqueeze(0)?)?
+                    .matmul(&w.as_tensor().t()?)?;
+                Ok(y.sqr()?.mean_all()?.backward()?)
+            };
+            fused.step(&loss(&w1, &b1)?)?;
+            plain.step(&loss(&w2, &b2)?)?;
+            for (a, b) in [(&w1, &w2), (&b1, &b2)] {
+                let (a, b) = (
+                    a.flatten_all()?.to_vec1::<f32>()?,
+                    b.flatten_all()?.to_vec1::<f32>()?,
+                );
+                assert!(
+                    a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "step {step}"
+                );
+            }
+        }
+        for ((na, ta), (nb, tb)) in fused
+            .state_tensors()?
+            .iter()
+            .zip(plain.state_tensors()?.iter())
+        {
+            assert_eq!(na, nb);
+            let all = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>();
+            let (a, b) = (all(ta)?, all(tb)?);
+            assert_eq!(a, b, "{na}");
+        }
+        Ok(())
     }
 }
