@@ -22,7 +22,7 @@ pub mod metrics;
 pub mod norm;
 pub mod resample;
 pub mod sentence;
-pub mod sgemm;
+pub use llamagen_kernels::sgemm;
 pub mod t5;
 pub mod text_encoder;
 pub mod text_stage;

@@ -18,7 +18,9 @@
 //! - RMSNorm is computed in f32 and cast back before the weight multiply.
 
 use candle_core::{D, DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Init, Linear, VarBuilder};
+use candle_nn::{Embedding, Init, VarBuilder};
+
+use crate::linear::Linear;
 use rand::Rng;
 use rand::rngs::StdRng;
 
@@ -217,7 +219,7 @@ fn linear(vb: &VarBuilder, name: &str, out_dim: usize, in_dim: usize, std: f64) 
             stdev: std,
         },
     )?;
-    Ok(Linear::new(w, None))
+    Ok(Linear::new(w))
 }
 
 fn norm_weight(vb: &VarBuilder, name: &str, dim: usize) -> Result<Tensor> {
@@ -506,11 +508,11 @@ impl Gpt {
             });
         }
         let norm = norm_weight(&vb, "norm", d)?;
-        let output = Linear::new(
-            vb.pp("output")
-                .get_with_hints((cfg.vocab_size, d), "weight", Init::Const(0.0))?,
-            None,
-        );
+        let output = Linear::new(vb.pp("output").get_with_hints(
+            (cfg.vocab_size, d),
+            "weight",
+            Init::Const(0.0),
+        )?);
         let device = vb.device().clone();
         Ok(Gpt {
             cfg: cfg.clone(),

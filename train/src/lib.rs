@@ -15,6 +15,7 @@ pub mod conformance;
 pub mod data;
 pub mod error;
 pub mod gpt;
+pub mod linear;
 pub mod optim;
 #[cfg(feature = "catalog")]
 pub mod plot;

@@ -70,6 +70,16 @@ pub unsafe fn sgemm(
             }
             return;
         }
+        if m <= SMALL_M && a_cs == 1 && b_rs == 1 {
+            return small_m(
+                (m, n, k),
+                (a, a_rs),
+                (b, b_cs),
+                (c, c_rs),
+                accumulate,
+                threads,
+            );
+        }
         #[cfg(target_arch = "x86_64")]
         if has_avx512() {
             return avx512::sgemm(
@@ -91,6 +101,103 @@ pub unsafe fn sgemm(
             m, n, k, c, 1, c_rs, accumulate, a, a_cs, a_rs, b, b_cs, b_rs, 1.0, 1.0, false, false,
             false, par,
         );
+    }
+}
+
+/// At most this many rows of `A` (token-by-token sampling) take dot products instead of
+/// packed panels: the product is bound by reading `B` once.
+const SMALL_M: usize = 4;
+
+/// `C[i, j] (+)= Σ_p A[i, p]·B[p, j]` as dot products of contiguous rows of `A` and contiguous
+/// columns of `B`, in parallel over blocks of columns.
+unsafe fn small_m(
+    (m, n, k): (usize, usize, usize),
+    (a, a_rs): (*const f32, isize),
+    (b, b_cs): (*const f32, isize),
+    (c, c_rs): (*mut f32, isize),
+    accumulate: bool,
+    threads: usize,
+) {
+    #[inline(always)]
+    fn dot(x: &[f32], y: &[f32]) -> f32 {
+        let mut acc = [0f32; 16];
+        let (xc, yc) = (x.chunks_exact(16), y.chunks_exact(16));
+        let tail: f32 = xc
+            .remainder()
+            .iter()
+            .zip(yc.remainder())
+            .map(|(a, b)| a * b)
+            .sum();
+        for (xs, ys) in xc.zip(yc) {
+            for l in 0..16 {
+                acc[l] += xs[l] * ys[l];
+            }
+        }
+        acc.iter().sum::<f32>() + tail
+    }
+    #[inline(always)]
+    fn columns(rows: &[&[f32]], b: usize, b_cs: isize, k: usize, j0: usize, out: &mut [Vec<f32>]) {
+        for (jj, j) in (j0..j0 + out[0].len()).enumerate() {
+            // SAFETY: column j of B holds k elements (caller of `sgemm`).
+            let col = unsafe {
+                std::slice::from_raw_parts((b as *const f32).offset(j as isize * b_cs), k)
+            };
+            for (i, r) in rows.iter().enumerate() {
+                out[i][jj] = dot(r, col);
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn columns_avx2(
+        rows: &[&[f32]],
+        b: usize,
+        b_cs: isize,
+        k: usize,
+        j0: usize,
+        out: &mut [Vec<f32>],
+    ) {
+        columns(rows, b, b_cs, k, j0, out)
+    }
+    let rows: Vec<&[f32]> = (0..m)
+        .map(|i| unsafe { std::slice::from_raw_parts(a.offset(i as isize * a_rs), k) })
+        .collect();
+    const BLOCK: usize = 64;
+    let (bu, cu) = (b as usize, c as usize);
+    let run = |blk: usize| {
+        let j0 = blk * BLOCK;
+        let w = BLOCK.min(n - j0);
+        let mut out = vec![vec![0f32; w]; m];
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has the features the function was compiled for.
+            unsafe { columns_avx2(&rows, bu, b_cs, k, j0, &mut out) };
+        } else {
+            columns(&rows, bu, b_cs, k, j0, &mut out);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        columns(&rows, bu, b_cs, k, j0, &mut out);
+        for (i, o) in out.iter().enumerate() {
+            // SAFETY: row i of C, columns [j0, j0 + w): this block's alone.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(
+                    (cu as *mut f32).offset(i as isize * c_rs + j0 as isize),
+                    w,
+                )
+            };
+            if accumulate {
+                dst.iter_mut().zip(o).for_each(|(d, s)| *d += s);
+            } else {
+                dst.copy_from_slice(o);
+            }
+        }
+    };
+    let blocks = n.div_ceil(BLOCK);
+    if threads > 1 && blocks > 1 {
+        (0..blocks).into_par_iter().for_each(run);
+    } else {
+        (0..blocks).for_each(run);
     }
 }
 
@@ -395,6 +502,7 @@ mod tests {
         };
         for (m, n, k) in [
             (1, 1, 1),
+            (3, 200, 77),
             (13, 33, 7),
             (100, 70, 300),
             (37, 2100, 260),

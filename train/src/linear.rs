@@ -1,0 +1,199 @@
+//! The GPT's bias-free linear layers, `y = x·Wᵀ`, with CPU float32 products (forward and
+//! backward) through `llamagen_kernels::sgemm`.
+//!
+//! Invariants enforced here:
+//! - `weight` is `(out, in)` with the checkpoint's layout; inputs are `(.., in)`.
+//! - On the CPU in float32: `y = x·Wᵀ`, `∂x = ∂y·W`, `∂W = ∂yᵀ·x` (summed over every leading
+//!   position), each one `sgemm` on the rayon pool and each computed only for an argument that
+//!   is a variable or depends on one. Elsewhere it is `candle_nn::Linear` (candle's matmul and
+//!   its backward). Both agree to float32 summation order.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
+use llamagen_kernels::sgemm::sgemm;
+
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    inner: candle_nn::Linear,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor) -> Self {
+        let inner = candle_nn::Linear::new(weight.clone(), None);
+        Self { weight, inner }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        if !(cpu_f32(x) && cpu_f32(&self.weight)) {
+            return self.inner.forward(x);
+        }
+        let (x, w) = (x.contiguous()?, self.weight.contiguous()?);
+        let op = Product {
+            ta: false,
+            tb: true,
+        };
+        if x.track_op() || w.track_op() {
+            x.apply_op2(&w, op)
+        } else {
+            x.apply_op2_no_bwd(&w, &op)
+        }
+    }
+}
+
+/// `op(A)·op(B)` over contiguous float32 operands seen as matrices (leading dimensions
+/// flattened): `A` is `[m, k]` (stored `[k, m]` when `ta`), `B` is `[k, n]` (stored `[n, k]`
+/// when `tb`). The result keeps `A`'s leading dimensions when `!ta`, else it is `[m, n]`.
+#[derive(Clone, Copy)]
+struct Product {
+    ta: bool,
+    tb: bool,
+}
+
+fn as_matrix(l: &Layout) -> (usize, usize) {
+    let dims = l.dims();
+    let last = *dims.last().unwrap_or(&1);
+    (l.shape().elem_count() / last.max(1), last)
+}
+
+impl CustomOp2 for Product {
+    fn name(&self) -> &'static str {
+        "linear-cpu-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(v1), CpuStorage::F32(v2)) = (s1, s2) else {
+            candle_core::bail!("linear: expected f32 operands");
+        };
+        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("linear: expected contiguous operands");
+        };
+        let (a, b) = (&v1[a0..a1], &v2[b0..b1]);
+        let ((ar, ac), (br, bc)) = (as_matrix(l1), as_matrix(l2));
+        let (m, k) = if self.ta { (ac, ar) } else { (ar, ac) };
+        let (k2, n) = if self.tb { (bc, br) } else { (br, bc) };
+        if k != k2 {
+            candle_core::bail!(
+                "linear: shapes {:?} and {:?} do not chain",
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let a_str = if self.ta {
+            (1, m as isize)
+        } else {
+            (k as isize, 1)
+        };
+        let b_str = if self.tb {
+            (1, k as isize)
+        } else {
+            (n as isize, 1)
+        };
+        let mut y = vec![0f32; m * n];
+        // SAFETY: the strides describe the stored matrices inside their slices; y is [m, n].
+        unsafe {
+            sgemm(
+                (m, n, k),
+                (a.as_ptr(), a_str.0, a_str.1),
+                (b.as_ptr(), b_str.0, b_str.1),
+                (y.as_mut_ptr(), n as isize),
+                false,
+                rayon::current_num_threads(),
+            );
+        }
+        let shape = if self.ta {
+            Shape::from((m, n))
+        } else {
+            let mut d = l1.dims().to_vec();
+            *d.last_mut().expect("rank >= 1") = n;
+            Shape::from(d)
+        };
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    /// Only the forward `x·Wᵀ` is differentiated: `∂x = ∂y·W`, `∂W = ∂yᵀ·x`.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let nn = Product {
+            ta: false,
+            tb: false,
+        };
+        let tn = Product {
+            ta: true,
+            tb: false,
+        };
+        let gx = if x.track_op() {
+            Some(grad.apply_op2_no_bwd(w, &nn)?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        let gw = if w.track_op() {
+            Some(grad.apply_op2_no_bwd(x, &tn)?)
+        } else {
+            None
+        };
+        Ok((gx, gw))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Values and gradients against candle's Linear, for 2-D and 3-D inputs and a small batch.
+    #[test]
+    fn values_and_gradients_match_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        for dims in [vec![3usize, 70], vec![2, 9, 70], vec![2, 1, 70]] {
+            let w0 = Tensor::randn(0f32, 1., (37, 70), &dev)?;
+            let x0 = Tensor::randn(0f32, 1., dims.as_slice(), &dev)?;
+            let up = Tensor::randn(
+                0f32,
+                1.,
+                candle_nn::Linear::new(w0.clone(), None)
+                    .forward(&x0)?
+                    .shape(),
+                &dev,
+            )?;
+            let (x1, w1) = (Var::from_tensor(&x0)?, Var::from_tensor(&w0)?);
+            let (x2, w2) = (Var::from_tensor(&x0)?, Var::from_tensor(&w0)?);
+            let y1 = Linear::new(w1.as_tensor().clone()).forward(&x1)?;
+            let y2 = candle_nn::Linear::new(w2.as_tensor().clone(), None).forward(&x2)?;
+            let g1 = (&y1 * &up)?.sum_all()?.backward()?;
+            let g2 = (&y2 * &up)?.sum_all()?.backward()?;
+            let d = |a: &Tensor, b: &Tensor| -> Result<f32> {
+                (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+            };
+            assert!(d(&y1, &y2)? < 1e-4, "{dims:?} value");
+            assert!(
+                d(g1.get(&x1).unwrap(), g2.get(&x2).unwrap())? < 1e-4,
+                "{dims:?} grad x"
+            );
+            assert!(
+                d(g1.get(&w1).unwrap(), g2.get(&w2).unwrap())? < 1e-4,
+                "{dims:?} grad w"
+            );
+        }
+        Ok(())
+    }
+}
