@@ -8,6 +8,7 @@
 //!   (absolute error below 1e-6 on the result's scale); otherwise candle's ops run.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use llamagen_kernels::f32_slice;
 use rayon::prelude::*;
 
 use crate::norm::fast_exp;
@@ -86,14 +87,7 @@ impl CustomOp2 for GeluMul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(v1), CpuStorage::F32(v2)) = (s1, s2) else {
-            candle_core::bail!("gelu: expected f32");
-        };
-        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("gelu: expected contiguous inputs");
-        };
-        let (a, b) = (&v1[a0..a1], &v2[b0..b1]);
+        let (a, b) = (f32_slice(s1, l1, "gelu")?, f32_slice(s2, l2, "gelu")?);
         let mut out = vec![0f32; a.len()];
         const CHUNK: usize = 1 << 14;
         out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, o)| {

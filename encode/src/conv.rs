@@ -18,6 +18,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, T
 use rayon::prelude::*;
 
 use crate::sgemm::{PackedA, sgemm, sgemm_packed};
+use llamagen_kernels::f32_slice;
 
 /// A 2-D convolution layer (`weight` (out, in, k, k), optional `bias` (out)).
 #[derive(Debug, Clone)]
@@ -143,7 +144,7 @@ impl CustomOp3 for CpuConvInference {
         }
         let g = ConvGeom::padded((b, c, h, w), (o, kh, kw), self.pads, self.stride)?;
         let shape = Shape::from((b, o, g.out_h, g.out_w));
-        let r = f32_slice(rs, rl, "residual")?;
+        let r = f32_slice(rs, rl, "conv2d residual")?;
         let residual = if r.is_empty() {
             None
         } else if rl.shape() == &shape {
@@ -156,8 +157,8 @@ impl CustomOp3 for CpuConvInference {
             );
         };
         let y = g.forward(
-            f32_slice(xs, xl, "input")?,
-            f32_slice(ws, wl, "kernel")?,
+            f32_slice(xs, xl, "conv2d input")?,
+            f32_slice(ws, wl, "conv2d kernel")?,
             &self.bias,
             residual,
         );
@@ -225,16 +226,6 @@ struct CpuConv {
     has_bias: bool,
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("conv2d: {what} is not f32");
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("conv2d: {what} is not contiguous");
-    };
-    Ok(&v[a..b])
-}
-
 impl CustomOp3 for CpuConv {
     fn name(&self) -> &'static str {
         "conv2d-cpu-f32"
@@ -255,9 +246,9 @@ impl CustomOp3 for CpuConv {
             candle_core::bail!("conv2d: input has {c} channels, kernel expects {c2}");
         }
         let g = ConvGeom::new((b, c, h, w), (o, kh, kw), self.padding, self.stride)?;
-        let x = f32_slice(xs, xl, "input")?;
-        let k = f32_slice(ws, wl, "kernel")?;
-        let bias = f32_slice(bs, bl, "bias")?;
+        let x = f32_slice(xs, xl, "conv2d input")?;
+        let k = f32_slice(ws, wl, "conv2d kernel")?;
+        let bias = f32_slice(bs, bl, "conv2d bias")?;
         let y = g.forward(x, k, bias, None);
         Ok((CpuStorage::F32(y), Shape::from((b, o, g.out_h, g.out_w))))
     }

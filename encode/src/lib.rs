@@ -17,7 +17,6 @@ pub mod conv;
 pub mod error;
 mod html_entities;
 pub mod html_text;
-pub mod linear;
 pub mod metrics;
 pub mod norm;
 pub mod resample;

@@ -11,6 +11,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
+use llamagen_kernels::f32_slice;
 use rayon::prelude::*;
 
 /// GroupNorm with affine `weight` and `bias` (`(channels,)`).
@@ -78,13 +79,6 @@ struct FusedGroupNorm {
     groups: usize,
     eps: f32,
     swish: bool,
-}
-
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("group_norm: expected contiguous f32"),
-    }
 }
 
 /// Sum of a slice, in 16 lanes (vectorised).
@@ -168,7 +162,12 @@ impl CustomOp3 for FusedGroupNorm {
         if c % g != 0 {
             candle_core::bail!("group_norm: {g} groups do not divide {c} channels");
         }
-        let (x, w, bias) = (f32s(xs, xl)?, f32s(ws, wl)?, f32s(bs, bl)?);
+        let op = "group_norm";
+        let (x, w, bias) = (
+            f32_slice(xs, xl, op)?,
+            f32_slice(ws, wl, op)?,
+            f32_slice(bs, bl, op)?,
+        );
         if w.len() != c || bias.len() != c {
             candle_core::bail!("group_norm: affine of {} for {c} channels", w.len());
         }

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Embedding;
 
-use crate::linear::Linear;
+use llamagen_kernels::linear::Linear;
 use sha2::{Digest, Sha256};
 
 use crate::error::EncodeError;

@@ -1,4 +1,27 @@
 //! CPU float32 kernels shared by `llamagen-encode` (convolutions, T5 linear layers) and
 //! `llamagen-train` (GPT linear layers): the stage crates build their candle ops on these.
 
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Layout, Result};
+
+pub mod linear;
 pub mod sgemm;
+
+/// The float32 elements of a contiguous CPU storage, or an error naming `op`.
+pub fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        (CpuStorage::F32(_), None) => candle_core::bail!("{op}: expected a contiguous tensor"),
+        _ => candle_core::bail!("{op}: expected f32, got {:?}", s.dtype()),
+    }
+}
+
+/// The float32 elements of a contiguous CPU storage, writable.
+pub fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str) -> Result<&'a mut [f32]> {
+    let dtype = s.dtype();
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        (CpuStorage::F32(_), None) => candle_core::bail!("{op}: expected a contiguous tensor"),
+        _ => candle_core::bail!("{op}: expected f32, got {dtype:?}"),
+    }
+}

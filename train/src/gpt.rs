@@ -20,7 +20,7 @@
 use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Init, VarBuilder};
 
-use crate::linear::Linear;
+use llamagen_kernels::linear::Linear;
 use rand::Rng;
 use rand::rngs::StdRng;
 

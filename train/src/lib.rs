@@ -15,7 +15,6 @@ pub mod conformance;
 pub mod data;
 pub mod error;
 pub mod gpt;
-pub mod linear;
 pub mod optim;
 #[cfg(feature = "catalog")]
 pub mod plot;

@@ -15,6 +15,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 use candle_nn::VarMap;
+use llamagen_kernels::{f32_slice, f32_slice_mut};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -258,20 +259,6 @@ struct Coefs {
     decay: Option<f32>,
 }
 
-fn f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
-        _ => candle_core::bail!("adamw: expected contiguous f32"),
-    }
-}
-
-fn f32_ref<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("adamw: expected contiguous f32"),
-    }
-}
-
 /// Elements per parallel chunk of the in-place passes.
 const CHUNK: usize = 1 << 15;
 
@@ -290,7 +277,7 @@ impl InplaceOp2 for FirstMoment {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        let (m, g) = (f32_mut(s1, l1)?, f32_ref(s2, l2)?);
+        let (m, g) = (f32_slice_mut(s1, l1, "adamw")?, f32_slice(s2, l2, "adamw")?);
         let c1 = self.0.c1;
         m.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
@@ -318,7 +305,7 @@ impl InplaceOp2 for SecondMoment {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        let (v, g) = (f32_mut(s1, l1)?, f32_ref(s2, l2)?);
+        let (v, g) = (f32_slice_mut(s1, l1, "adamw")?, f32_slice(s2, l2, "adamw")?);
         let Coefs { b2, c2, .. } = self.0;
         v.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
@@ -348,7 +335,11 @@ impl InplaceOp3 for Update {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<()> {
-        let (w, m, v) = (f32_mut(s1, l1)?, f32_ref(s2, l2)?, f32_ref(s3, l3)?);
+        let (w, m, v) = (
+            f32_slice_mut(s1, l1, "adamw")?,
+            f32_slice(s2, l2, "adamw")?,
+            f32_slice(s3, l3, "adamw")?,
+        );
         let k = self.0;
         w.par_chunks_mut(CHUNK)
             .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))

@@ -1,5 +1,5 @@
-//! The GPT's bias-free linear layers, `y = x·Wᵀ`, with CPU float32 products (forward and
-//! backward) through `llamagen_kernels::sgemm`.
+//! Bias-free linear layers (the GPT's, T5's), `y = x·Wᵀ`, with CPU float32 products (forward
+//! and backward) through [`crate::sgemm`].
 //!
 //! Invariants enforced here:
 //! - `weight` is `(out, in)` with the checkpoint's layout; inputs are `(.., in)`.
@@ -8,8 +8,9 @@
 //!   is a variable or depends on one. Elsewhere it is `candle_nn::Linear` (candle's matmul and
 //!   its backward). Both agree to float32 summation order.
 
+use crate::f32_slice;
+use crate::sgemm::sgemm;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
-use llamagen_kernels::sgemm::sgemm;
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -74,14 +75,7 @@ impl CustomOp2 for Product {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(v1), CpuStorage::F32(v2)) = (s1, s2) else {
-            candle_core::bail!("linear: expected f32 operands");
-        };
-        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("linear: expected contiguous operands");
-        };
-        let (a, b) = (&v1[a0..a1], &v2[b0..b1]);
+        let (a, b) = (f32_slice(s1, l1, "linear")?, f32_slice(s2, l2, "linear")?);
         let ((ar, ac), (br, bc)) = (as_matrix(l1), as_matrix(l2));
         let (m, k) = if self.ta { (ac, ar) } else { (ar, ac) };
         let (k2, n) = if self.tb { (bc, br) } else { (br, bc) };
