@@ -1,12 +1,15 @@
-//! Single-precision matrix multiply for the CPU hot paths (convolutions, T5 linear layers).
+//! Single-precision matrix multiply for the CPU hot paths (convolutions, T5 and GPT linear
+//! layers).
 //!
 //! Invariants enforced here:
 //! - `sgemm` computes `C = A·B` or `C += A·B` (`accumulate`) for any element strides of `A` and
 //!   `B`; the columns of `C` are contiguous (`C[i, j]` at `c + i·c_rs + j`).
-//! - On x86-64 CPUs with AVX-512F it packs `A` into `MR` (8)-row panels and `B` into `NR` (48)-column panels
-//!   (BLIS-style blocking: `KC` of the shared dimension, `MC` rows of `A`, `NC` columns of `B`) and
-//!   runs an 8×48 register-tile kernel; elsewhere it calls the `gemm` crate with the same
-//!   arguments. The two differ only by float32 summation order.
+//! - At most `SMALL_M` rows of `A` with contiguous rows, times a `B` with contiguous columns
+//!   (token-by-token sampling), are dot products that read `B` once.
+//! - Otherwise, on x86-64 CPUs with AVX-512F, it packs `A` into `MR` (8)-row panels and `B` into
+//!   `NR` (48)-column panels (BLIS-style blocking: `KC` of the shared dimension, `MC` rows of `A`,
+//!   `NC` columns of `B`) and runs an 8×48 register-tile kernel; elsewhere it calls the `gemm`
+//!   crate with the same arguments. All paths differ only by float32 summation order.
 //! - With `threads > 1`, blocks of `MC` rows run in parallel on the rayon pool; each thread
 //!   writes only its own rows of `C`.
 
