@@ -137,13 +137,8 @@ impl CustomOp3 for CpuConvInference {
         rs: &CpuStorage,
         rl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, c, h, w) = xl.shape().dims4()?;
-        let (o, c2, kh, kw) = wl.shape().dims4()?;
-        if c != c2 {
-            candle_core::bail!("conv2d: input has {c} channels, kernel expects {c2}");
-        }
-        let g = ConvGeom::padded((b, c, h, w), (o, kh, kw), self.pads, self.stride)?;
-        let shape = Shape::from((b, o, g.out_h, g.out_w));
+        let g = ConvGeom::of_layouts(xl, wl, self.pads, self.stride)?;
+        let shape = g.out_shape();
         let r = f32_slice(rs, rl, "conv2d residual")?;
         let residual = if r.is_empty() {
             None
@@ -240,17 +235,12 @@ impl CustomOp3 for CpuConv {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, c, h, w) = xl.shape().dims4()?;
-        let (o, c2, kh, kw) = wl.shape().dims4()?;
-        if c != c2 {
-            candle_core::bail!("conv2d: input has {c} channels, kernel expects {c2}");
-        }
-        let g = ConvGeom::new((b, c, h, w), (o, kh, kw), self.padding, self.stride)?;
+        let g = ConvGeom::of_layouts(xl, wl, (self.padding, self.padding), self.stride)?;
         let x = f32_slice(xs, xl, "conv2d input")?;
         let k = f32_slice(ws, wl, "conv2d kernel")?;
         let bias = f32_slice(bs, bl, "conv2d bias")?;
         let y = g.forward(x, k, bias, None);
-        Ok((CpuStorage::F32(y), Shape::from((b, o, g.out_h, g.out_w))))
+        Ok((CpuStorage::F32(y), g.out_shape()))
     }
 
     fn bwd(
@@ -333,6 +323,20 @@ impl ConvGeom {
         stride: usize,
     ) -> Result<Self> {
         Self::padded((b, c, h, w), (o, kh, kw), (pad, pad), stride)
+    }
+
+    /// The geometry of input `xl` (NCHW) convolved with kernel `wl` (out, in, kh, kw).
+    fn of_layouts(xl: &Layout, wl: &Layout, pads: (usize, usize), stride: usize) -> Result<Self> {
+        let (b, c, h, w) = xl.shape().dims4()?;
+        let (o, c2, kh, kw) = wl.shape().dims4()?;
+        if c != c2 {
+            candle_core::bail!("conv2d: input has {c} channels, kernel expects {c2}");
+        }
+        Self::padded((b, c, h, w), (o, kh, kw), pads, stride)
+    }
+
+    fn out_shape(&self) -> Shape {
+        Shape::from((self.b, self.o, self.out_h, self.out_w))
     }
 
     fn padded(

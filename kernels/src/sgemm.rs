@@ -404,6 +404,10 @@ mod avx512 {
         }
     }
 
+    thread_local! {
+        static PACKED_B: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn sgemm(
         (m, n, k): (usize, usize, usize),
@@ -425,7 +429,10 @@ mod avx512 {
             }
             .min(MC);
             let blocks = m.div_ceil(mc_max);
-            let mut bp = vec![0f32; KC * n.min(NC).div_ceil(NR) * NR];
+            // The packed-B buffer of this thread, reused across calls (taken out, so a nested
+            // call on the same thread, e.g. from rayon work stealing, gets a fresh one).
+            let mut bp = PACKED_B.take();
+            bp.resize(KC * n.min(NC).div_ceil(NR) * NR, 0.0);
             let cp = SendPtr(c);
             let (ap_, bp_) = (a as usize, b as usize);
             for jc in (0..n).step_by(NC) {
@@ -472,6 +479,7 @@ mod avx512 {
                     }
                 }
             }
+            PACKED_B.set(bp);
         }
     }
 }
