@@ -172,7 +172,18 @@ unsafe fn small_m(
         let w = BLOCK.min(n - j0);
         let mut out = vec![vec![0f32; w]; m];
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        if has_avx512() {
+            // SAFETY: the CPU has AVX-512F; rows and columns hold k elements (caller).
+            unsafe {
+                match m {
+                    1 => avx512::columns::<1>(&rows, bu, b_cs, k, j0, &mut out),
+                    2 => avx512::columns::<2>(&rows, bu, b_cs, k, j0, &mut out),
+                    3 => avx512::columns::<3>(&rows, bu, b_cs, k, j0, &mut out),
+                    _ => avx512::columns::<4>(&rows, bu, b_cs, k, j0, &mut out),
+                }
+            }
+        } else if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the CPU has the features the function was compiled for.
             unsafe { columns_avx2(&rows, bu, b_cs, k, j0, &mut out) };
@@ -364,6 +375,65 @@ mod avx512 {
         }
     }
 
+    /// Dot products of the `M` (≤ `SMALL_M`) rows with columns `j0..j0 + out[0].len()` of `B`,
+    /// four columns at a time so that `4·M` independent accumulators hide the FMA latency and
+    /// the product runs at the speed `B` streams from memory.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn columns<const M: usize>(
+        rows: &[&[f32]],
+        b: usize,
+        b_cs: isize,
+        k: usize,
+        j0: usize,
+        out: &mut [Vec<f32>],
+    ) {
+        unsafe {
+            const C: usize = 4;
+            let w = out[0].len();
+            let tail = k % 16;
+            let kv = k - tail;
+            let mask: __mmask16 = ((1u32 << tail) - 1) as u16;
+            let r: [*const f32; M] = std::array::from_fn(|i| rows[i].as_ptr());
+            let mut jj = 0;
+            while jj < w {
+                let nc = C.min(w - jj);
+                // Columns past the block's end repeat its first one; their sums are dropped.
+                let cols: [*const f32; C] = std::array::from_fn(|c| {
+                    let j = j0 + jj + if c < nc { c } else { 0 };
+                    (b as *const f32).offset(j as isize * b_cs)
+                });
+                let mut acc = [[_mm512_setzero_ps(); C]; M];
+                let mut p = 0;
+                while p < kv {
+                    let bv: [__m512; C] = std::array::from_fn(|c| _mm512_loadu_ps(cols[c].add(p)));
+                    for i in 0..M {
+                        let av = _mm512_loadu_ps(r[i].add(p));
+                        for c in 0..C {
+                            acc[i][c] = _mm512_fmadd_ps(av, bv[c], acc[i][c]);
+                        }
+                    }
+                    p += 16;
+                }
+                if tail > 0 {
+                    let bv: [__m512; C] =
+                        std::array::from_fn(|c| _mm512_maskz_loadu_ps(mask, cols[c].add(kv)));
+                    for i in 0..M {
+                        let av = _mm512_maskz_loadu_ps(mask, r[i].add(kv));
+                        for c in 0..C {
+                            acc[i][c] = _mm512_fmadd_ps(av, bv[c], acc[i][c]);
+                        }
+                    }
+                }
+                for i in 0..M {
+                    for c in 0..nc {
+                        out[i][jj + c] = _mm512_reduce_add_ps(acc[i][c]);
+                    }
+                }
+                jj += C;
+            }
+        }
+    }
+
     /// One `mc × nc` block of `C` from packed `A` (`ap`) and packed `B` (`bp`).
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
@@ -514,6 +584,8 @@ mod tests {
         for (m, n, k) in [
             (1, 1, 1),
             (3, 200, 77),
+            (2, 130, 16),
+            (4, 67, 1000),
             (13, 33, 7),
             (100, 70, 300),
             (37, 2100, 260),

@@ -280,25 +280,92 @@ fn causal_bias(q0: usize, lq: usize, lk: usize, device: &Device) -> Result<Tenso
 }
 
 /// Per-layer key/value cache for incremental decoding.
-#[derive(Debug, Clone, Default)]
+///
+/// Each layer's keys and values live in one preallocated `(B, H_kv, capacity, head_dim)`
+/// buffer; a step writes its positions in place and attends to a view of the first `len`
+/// positions, so a step costs no copy of the cache. The buffers grow (doubling, one copy) only
+/// when more positions arrive than were reserved. A cache is not `Clone`: two owners of the same
+/// buffers would overwrite each other's positions.
+#[derive(Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerKv>>,
+    /// Positions reserved when a layer's buffers are first allocated.
+    reserve: usize,
+}
+
+/// One layer's buffers and the number of valid positions in them.
+#[derive(Debug)]
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl LayerKv {
+    /// Appends `k`, `v` `(B, H_kv, L, D)` and returns views of all cached positions.
+    fn append(
+        slot: &mut Option<LayerKv>,
+        k: &Tensor,
+        v: &Tensor,
+        reserve: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let (b, hkv, l, d) = k.dims4()?;
+        if let Some(c) = slot.as_ref() {
+            if (c.k.dim(0)?, c.k.dim(1)?, c.k.dim(3)?) != (b, hkv, d) {
+                return Err(TrainError::InvalidInput(format!(
+                    "KV cache holds batch {} × {} heads × {}, the step brings {b} × {hkv} × {d}",
+                    c.k.dim(0)?,
+                    c.k.dim(1)?,
+                    c.k.dim(3)?
+                )));
+            }
+        }
+        let len = slot.as_ref().map_or(0, |c| c.len);
+        let cap = slot.as_ref().map_or(0, |c| c.k.dims()[2]);
+        if len + l > cap {
+            let new_cap = (len + l).max(reserve).max(2 * cap);
+            let grow = |old: Option<&Tensor>| -> Result<Tensor> {
+                let t = Tensor::zeros((b, hkv, new_cap, d), k.dtype(), k.device())?;
+                if let Some(old) = old.filter(|_| len > 0) {
+                    t.slice_set(&old.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                }
+                Ok(t)
+            };
+            let (nk, nv) = (
+                grow(slot.as_ref().map(|c| &c.k))?,
+                grow(slot.as_ref().map(|c| &c.v))?,
+            );
+            *slot = Some(LayerKv { k: nk, v: nv, len });
+        }
+        let c = slot.as_mut().expect("allocated above");
+        c.k.slice_set(&k.contiguous()?, 2, len)?;
+        c.v.slice_set(&v.contiguous()?, 2, len)?;
+        c.len = len + l;
+        Ok((c.k.narrow(2, 0, c.len)?, c.v.narrow(2, 0, c.len)?))
+    }
 }
 
 impl KvCache {
     /// An empty cache for `n_layer` layers.
     pub fn new(n_layer: usize) -> Self {
+        Self::with_capacity(n_layer, 0)
+    }
+
+    /// An empty cache for `n_layer` layers that reserves `positions` positions per layer.
+    pub fn with_capacity(n_layer: usize, positions: usize) -> Self {
         KvCache {
-            layers: vec![None; n_layer],
+            layers: (0..n_layer).map(|_| None).collect(),
+            reserve: positions,
         }
     }
 
     /// Number of cached positions.
     pub fn len(&self) -> Result<usize> {
-        match self.layers.first() {
-            Some(Some((k, _))) => Ok(k.dim(2)?),
-            _ => Ok(0),
-        }
+        Ok(self
+            .layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |c| c.len))
     }
 
     /// Whether nothing is cached yet.
@@ -327,7 +394,7 @@ impl Attention {
         &self,
         x: &Tensor,
         ctx: &AttnCtx,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<(&mut Option<LayerKv>, usize)>,
         trace: Option<&mut Trace>,
         dropout: &mut Option<Dropout>,
         cfg: &GptConfig,
@@ -349,12 +416,8 @@ impl Attention {
         let q = q.transpose(1, 2)?.contiguous()?;
         let mut k = k.transpose(1, 2)?.contiguous()?;
         let mut v = v.transpose(1, 2)?.contiguous()?;
-        if let Some(slot) = cache {
-            if let Some((ck, cv)) = slot.as_ref() {
-                k = Tensor::cat(&[ck, &k], 2)?;
-                v = Tensor::cat(&[cv, &v], 2)?;
-            }
-            *slot = Some((k.clone(), v.clone()));
+        if let Some((slot, reserve)) = cache {
+            (k, v) = LayerKv::append(slot, &k, &v, reserve)?;
         }
         if hkv != h {
             let r = h / hkv;
@@ -711,7 +774,7 @@ impl Gpt {
     ) -> Result<Tensor> {
         let eps = self.cfg.norm_eps;
         for (i, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let slot = cache.as_deref_mut().map(|c| (&mut c.layers[i], c.reserve));
             let a = layer.attention.forward(
                 &rms_norm(&h, &layer.attention_norm, eps)?,
                 ctx,
@@ -830,7 +893,7 @@ impl Gpt {
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         if cache.layers.len() != self.layers.len() {
-            *cache = KvCache::new(self.layers.len());
+            *cache = KvCache::with_capacity(self.layers.len(), cache.reserve);
         }
         let start = cache.len()?;
         let l = x.dim(1)?;

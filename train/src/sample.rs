@@ -252,7 +252,7 @@ pub fn generate(
         })
     };
 
-    let mut cache = KvCache::new(mcfg.n_layer);
+    let mut cache = KvCache::with_capacity(mcfg.n_layer, seq);
     let emb = model.embed_condition(&combined, &mut None)?;
     let logits = model.forward_cached(&emb, &mut cache, step_mask(0, t)?.as_ref())?;
     let last = |logits: &Tensor| -> Result<Vec<Vec<f32>>> {

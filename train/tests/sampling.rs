@@ -152,3 +152,43 @@ fn sampling_draws_only_kept_tokens_and_is_seeded() -> Result<()> {
     assert!(generate(&model, &cond, None, 17, &sc, &mut StdRng::seed_from_u64(7)).is_err());
     Ok(())
 }
+
+/// Step-by-step cached decoding gives the full forward's logits, whether the cache grows
+/// (doubling from nothing) or was reserved up front, and a cache of another batch is refused.
+#[test]
+fn cached_decoding_matches_the_full_forward() -> Result<()> {
+    let cfg = config("gpt_c2i")?;
+    let dev = Device::Cpu;
+    let model = load_gpt(
+        &parity_dir().join("gpt_c2i_weights.safetensors"),
+        &cfg,
+        DType::F32,
+        &dev,
+    )?;
+    let n = cfg.block_size;
+    let cond = Condition::Class(candle_core::Tensor::new(&[3u32, 5], &dev)?);
+    let ids: Vec<u32> = (0..2 * n as u32).map(|i| (i * 37 + 11) % 64).collect();
+    let idx = candle_core::Tensor::from_vec(ids, (2, n), &dev)?;
+    // Logits at positions cls-1 .. cls+n-1: the prediction after the condition and each token.
+    let full = model.forward(&idx, &cond, None, None)?;
+    for reserve in [0, cfg.cls_token_num + n] {
+        let mut cache = llamagen_train::KvCache::with_capacity(cfg.n_layer, reserve);
+        let emb = model.embed_condition(&cond, &mut None)?;
+        let first = model.forward_cached(&emb, &mut cache, None)?;
+        let mut steps = vec![first.narrow(1, cfg.cls_token_num - 1, 1)?];
+        for i in 0..n {
+            let x = model.embed_tokens(&idx.narrow(1, i, 1)?)?;
+            steps.push(model.forward_cached(&x, &mut cache, None)?);
+        }
+        assert_eq!(cache.len()?, cfg.cls_token_num + n);
+        let cached = candle_core::Tensor::cat(&steps, 1)?;
+        let e = max_abs(&cached, &full)?;
+        assert!(e <= 1e-4, "reserve {reserve}: cached logits differ by {e}");
+    }
+    let mut cache = llamagen_train::KvCache::new(cfg.n_layer);
+    model.forward_cached(&model.embed_condition(&cond, &mut None)?, &mut cache, None)?;
+    let other = model.embed_tokens(&candle_core::Tensor::new(&[[1u32]], &dev)?)?;
+    let err = model.forward_cached(&other, &mut cache, None).unwrap_err();
+    assert!(err.to_string().contains("KV cache holds batch 2"), "{err}");
+    Ok(())
+}

@@ -1,0 +1,61 @@
+//! On-demand microbenchmark of `sgemm` (GFLOP/s per shape, one thread and all threads).
+//!
+//!   cargo run -p llamagen-kernels --example sgemm_bench
+use llamagen_kernels::sgemm::{PackedA, sgemm, sgemm_packed};
+use std::time::Instant;
+
+fn main() {
+    // (m, n, k): a VQ 3×3 conv tile (packed kernel), T5-base and GPT-B linear layers.
+    let shapes = [
+        (96, 480, 256, true),
+        (128, 4096, 1152, true),
+        (256, 4096, 2304, true),
+        (512, 1024, 4608, true),
+        (512, 768, 768, false),
+        (512, 2048, 768, false),
+        (512, 768, 3072, false),
+    ];
+    for threads in [1, rayon::current_num_threads()] {
+        for &(m, n, k, packed) in &shapes {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 104729) % 1000) as f32 * 1e-3 - 0.5)
+                .collect();
+            let mut c = vec![0f32; m * n];
+            let pa = unsafe { PackedA::new(m, k, (a.as_ptr(), k as isize, 1)) };
+            let run = |c: &mut Vec<f32>| unsafe {
+                if packed {
+                    sgemm_packed(
+                        &pa,
+                        n,
+                        (b.as_ptr(), n as isize, 1),
+                        (c.as_mut_ptr(), n as isize),
+                        false,
+                        threads,
+                    );
+                } else {
+                    sgemm(
+                        (m, n, k),
+                        (a.as_ptr(), k as isize, 1),
+                        (b.as_ptr(), n as isize, 1),
+                        (c.as_mut_ptr(), n as isize),
+                        false,
+                        threads,
+                    );
+                }
+            };
+            run(&mut c);
+            let reps = if m * n * k < 20_000_000 { 2000 } else { 10 };
+            let mut best = f64::MAX;
+            for _ in 0..reps {
+                let t = Instant::now();
+                run(&mut c);
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            let gf = 2.0 * (m * n * k) as f64 / best / 1e9;
+            println!("threads {threads} m {m} n {n} k {k} packed {packed}: {gf:.1} GFLOP/s");
+        }
+    }
+}
