@@ -26,14 +26,7 @@ fn tolerances() -> Result<(f32, f32)> {
 #[test]
 fn c2i_forward_matches_reference() -> Result<()> {
     let (ltol, losstol) = tolerances()?;
-    let cfg = config("gpt_c2i")?;
-    let dev = Device::Cpu;
-    let model = load_gpt(
-        &parity_dir().join("gpt_c2i_weights.safetensors"),
-        &cfg,
-        DType::F32,
-        &dev,
-    )?;
+    let (_, model) = reference_gpt("gpt_c2i")?;
     let io = tensors("gpt_c2i_io.safetensors")?;
     let cond = Condition::Class(get(&io, "inputs.cond_idx")?.clone());
     let (logits, trace) = model.forward_traced(get(&io, "inputs.idx")?, &cond, None)?;
@@ -106,14 +99,7 @@ fn c2i_forward_matches_reference() -> Result<()> {
 #[test]
 fn t2i_forward_and_losses_match_reference() -> Result<()> {
     let (ltol, losstol) = tolerances()?;
-    let cfg = config("gpt_t2i")?;
-    let dev = Device::Cpu;
-    let model = load_gpt(
-        &parity_dir().join("gpt_t2i_weights.safetensors"),
-        &cfg,
-        DType::F32,
-        &dev,
-    )?;
+    let (_, model) = reference_gpt("gpt_t2i")?;
     let io = tensors("gpt_t2i_io.safetensors")?;
     let cond = Condition::Caption(get(&io, "inputs.caption")?.clone());
     let mask = get(&io, "inputs.attn_mask")?;

@@ -6,7 +6,6 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use common::*;
 use llamagen_train::Condition;
-use llamagen_train::checkpoint::load_gpt;
 use llamagen_train::gpt::caption_attention_mask;
 use llamagen_train::sample::{SamplingConfig, filtered_probs, generate, teacher_forced_logits};
 use rand::SeedableRng;
@@ -16,14 +15,7 @@ fn run_case(case: &str) -> Result<()> {
     let m = manifest()?;
     let sc_json = &m["configs"]["sampling"][case];
     let model_name = sc_json["model"].as_str().context("model")?;
-    let cfg = config(model_name)?;
-    let dev = Device::Cpu;
-    let model = load_gpt(
-        &parity_dir().join(format!("{model_name}_weights.safetensors")),
-        &cfg,
-        DType::F32,
-        &dev,
-    )?;
+    let (_, model) = reference_gpt(model_name)?;
     let io = tensors("sample_io.safetensors")?;
     let (cond, emb_mask) = if io.contains_key(&format!("{case}.cond")) {
         (
@@ -128,13 +120,7 @@ fn caption_mask_matches_the_dataset_mask() -> Result<()> {
 
 #[test]
 fn sampling_draws_only_kept_tokens_and_is_seeded() -> Result<()> {
-    let cfg = config("gpt_c2i")?;
-    let model = load_gpt(
-        &parity_dir().join("gpt_c2i_weights.safetensors"),
-        &cfg,
-        DType::F32,
-        &Device::Cpu,
-    )?;
+    let (_, model) = reference_gpt("gpt_c2i")?;
     let cond = Condition::Class(candle_core::Tensor::new(&[3u32, 5], &Device::Cpu)?);
     let sc = SamplingConfig {
         cfg_scale: 4.0,
@@ -157,14 +143,8 @@ fn sampling_draws_only_kept_tokens_and_is_seeded() -> Result<()> {
 /// (doubling from nothing) or was reserved up front, and a cache of another batch is refused.
 #[test]
 fn cached_decoding_matches_the_full_forward() -> Result<()> {
-    let cfg = config("gpt_c2i")?;
+    let (cfg, model) = reference_gpt("gpt_c2i")?;
     let dev = Device::Cpu;
-    let model = load_gpt(
-        &parity_dir().join("gpt_c2i_weights.safetensors"),
-        &cfg,
-        DType::F32,
-        &dev,
-    )?;
     let n = cfg.block_size;
     let cond = Condition::Class(candle_core::Tensor::new(&[3u32, 5], &dev)?);
     let ids: Vec<u32> = (0..2 * n as u32).map(|i| (i * 37 + 11) % 64).collect();

@@ -23,6 +23,18 @@ pub fn config(name: &str) -> Result<GptConfig> {
     Ok(serde_json::from_value(m["configs"][name].clone())?)
 }
 
+/// The reference GPT `name` of the manifest, with its weights, in float32 on the CPU.
+pub fn reference_gpt(name: &str) -> Result<(GptConfig, llamagen_train::Gpt)> {
+    let cfg = config(name)?;
+    let model = llamagen_train::checkpoint::load_gpt(
+        &parity_dir().join(format!("{name}_weights.safetensors")),
+        &cfg,
+        DType::F32,
+        &Device::Cpu,
+    )?;
+    Ok((cfg, model))
+}
+
 pub fn tensors(file: &str) -> Result<HashMap<String, Tensor>> {
     Ok(candle_core::safetensors::load(
         parity_dir().join(file),
