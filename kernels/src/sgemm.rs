@@ -110,6 +110,10 @@ pub unsafe fn sgemm(
 /// At most this many rows of `A` (token-by-token sampling) take dot products instead of
 /// packed panels: the product is bound by reading `B` once.
 const SMALL_M: usize = 4;
+/// Columns of `C` per parallel work item of the dot-product path.
+const SMALL_M_BLOCK: usize = 64;
+/// The dot products of one work item: `SMALL_M` rows × `SMALL_M_BLOCK` columns, on the stack.
+type SmallOut = [[f32; SMALL_M_BLOCK]; SMALL_M];
 
 /// `C[i, j] (+)= Σ_p A[i, p]·B[p, j]` as dot products of contiguous rows of `A` and contiguous
 /// columns of `B`, in parallel over blocks of columns.
@@ -139,8 +143,14 @@ unsafe fn small_m(
         acc.iter().sum::<f32>() + tail
     }
     #[inline(always)]
-    fn columns(rows: &[&[f32]], b: usize, b_cs: isize, k: usize, j0: usize, out: &mut [Vec<f32>]) {
-        for (jj, j) in (j0..j0 + out[0].len()).enumerate() {
+    fn columns(
+        rows: &[&[f32]],
+        (b, b_cs): (usize, isize),
+        k: usize,
+        (j0, w): (usize, usize),
+        out: &mut SmallOut,
+    ) {
+        for (jj, j) in (j0..j0 + w).enumerate() {
             // SAFETY: column j of B holds k elements (caller of `sgemm`).
             let col = unsafe {
                 std::slice::from_raw_parts((b as *const f32).offset(j as isize * b_cs), k)
@@ -154,45 +164,45 @@ unsafe fn small_m(
     #[target_feature(enable = "avx2,fma")]
     fn columns_avx2(
         rows: &[&[f32]],
-        b: usize,
-        b_cs: isize,
+        b: (usize, isize),
         k: usize,
-        j0: usize,
-        out: &mut [Vec<f32>],
+        cols: (usize, usize),
+        out: &mut SmallOut,
     ) {
-        columns(rows, b, b_cs, k, j0, out)
+        columns(rows, b, k, cols, out)
     }
     let rows: Vec<&[f32]> = (0..m)
         .map(|i| unsafe { std::slice::from_raw_parts(a.offset(i as isize * a_rs), k) })
         .collect();
-    const BLOCK: usize = 64;
+    const BLOCK: usize = SMALL_M_BLOCK;
     let (bu, cu) = (b as usize, c as usize);
     let run = |blk: usize| {
         let j0 = blk * BLOCK;
         let w = BLOCK.min(n - j0);
-        let mut out = vec![vec![0f32; w]; m];
+        let mut out: SmallOut = [[0.0; BLOCK]; SMALL_M];
         #[cfg(target_arch = "x86_64")]
         if has_avx512() {
             // SAFETY: the CPU has AVX-512F; rows and columns hold k elements (caller).
             unsafe {
                 match m {
-                    1 => avx512::columns::<1>(&rows, bu, b_cs, k, j0, &mut out),
-                    2 => avx512::columns::<2>(&rows, bu, b_cs, k, j0, &mut out),
-                    3 => avx512::columns::<3>(&rows, bu, b_cs, k, j0, &mut out),
-                    _ => avx512::columns::<4>(&rows, bu, b_cs, k, j0, &mut out),
+                    1 => avx512::columns::<1>(&rows, (bu, b_cs), k, (j0, w), &mut out),
+                    2 => avx512::columns::<2>(&rows, (bu, b_cs), k, (j0, w), &mut out),
+                    3 => avx512::columns::<3>(&rows, (bu, b_cs), k, (j0, w), &mut out),
+                    _ => avx512::columns::<4>(&rows, (bu, b_cs), k, (j0, w), &mut out),
                 }
             }
         } else if std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the CPU has the features the function was compiled for.
-            unsafe { columns_avx2(&rows, bu, b_cs, k, j0, &mut out) };
+            unsafe { columns_avx2(&rows, (bu, b_cs), k, (j0, w), &mut out) };
         } else {
-            columns(&rows, bu, b_cs, k, j0, &mut out);
+            columns(&rows, (bu, b_cs), k, (j0, w), &mut out);
         }
         #[cfg(not(target_arch = "x86_64"))]
-        columns(&rows, bu, b_cs, k, j0, &mut out);
-        for (i, o) in out.iter().enumerate() {
+        columns(&rows, (bu, b_cs), k, (j0, w), &mut out);
+        for (i, o) in out[..m].iter().enumerate() {
+            let o = &o[..w];
             // SAFETY: row i of C, columns [j0, j0 + w): this block's alone.
             let dst = unsafe {
                 std::slice::from_raw_parts_mut(
@@ -381,15 +391,13 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn columns<const M: usize>(
         rows: &[&[f32]],
-        b: usize,
-        b_cs: isize,
+        (b, b_cs): (usize, isize),
         k: usize,
-        j0: usize,
-        out: &mut [Vec<f32>],
+        (j0, w): (usize, usize),
+        out: &mut SmallOut,
     ) {
         unsafe {
             const C: usize = 4;
-            let w = out[0].len();
             let tail = k % 16;
             let kv = k - tail;
             let mask: __mmask16 = ((1u32 << tail) - 1) as u16;

@@ -172,8 +172,8 @@ impl AdamW {
                     decay: (p.decay && c.weight_decay != 0.0)
                         .then_some((1.0 - c.lr * c.weight_decay) as f32),
                 };
-                p.exp_avg.inplace_op2(&g, &FirstMoment(k))?;
-                p.exp_avg_sq.inplace_op2(&g, &SecondMoment(k))?;
+                p.exp_avg.inplace_op2(&g, &Moment::First(k))?;
+                p.exp_avg_sq.inplace_op2(&g, &Moment::Second(k))?;
                 p.var
                     .as_tensor()
                     .inplace_op3(&p.exp_avg, &p.exp_avg_sq, &Update(k))?;
@@ -262,12 +262,20 @@ struct Coefs {
 /// Elements per parallel chunk of the in-place passes.
 const CHUNK: usize = 1 << 15;
 
-/// `m = m + ((g − m)·c1 + 0)` (candle's `lerp` as composed above).
-struct FirstMoment(Coefs);
+/// The moment updates, each in place from the gradient:
+/// - `First`: `m = m + ((g − m)·c1 + 0)` (candle's `lerp` as composed above);
+/// - `Second`: `v = (v·b2 + 0) + ((g·g)·c2 + 0)`.
+enum Moment {
+    First(Coefs),
+    Second(Coefs),
+}
 
-impl InplaceOp2 for FirstMoment {
+impl InplaceOp2 for Moment {
     fn name(&self) -> &'static str {
-        "adamw-exp-avg"
+        match self {
+            Moment::First(_) => "adamw-exp-avg",
+            Moment::Second(_) => "adamw-exp-avg-sq",
+        }
     }
 
     fn cpu_fwd(
@@ -277,45 +285,26 @@ impl InplaceOp2 for FirstMoment {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
-        let (m, g) = (f32_slice_mut(s1, l1, "adamw")?, f32_slice(s2, l2, "adamw")?);
-        let c1 = self.0.c1;
-        m.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK))
-            .for_each(|(m, g)| {
-                for (m, &g) in m.iter_mut().zip(g) {
-                    *m += (g - *m) * c1 + 0.0;
-                }
-            });
+        let (x, g) = (f32_slice_mut(s1, l1, "adamw")?, f32_slice(s2, l2, "adamw")?);
+        match *self {
+            Moment::First(Coefs { c1, .. }) => par_update(x, g, |m, g| m + ((g - m) * c1 + 0.0)),
+            Moment::Second(Coefs { b2, c2, .. }) => {
+                par_update(x, g, |v, g| (v * b2 + 0.0) + ((g * g) * c2 + 0.0))
+            }
+        }
         Ok(())
     }
 }
 
-/// `v = (v·b2 + 0) + ((g·g)·c2 + 0)`.
-struct SecondMoment(Coefs);
-
-impl InplaceOp2 for SecondMoment {
-    fn name(&self) -> &'static str {
-        "adamw-exp-avg-sq"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<()> {
-        let (v, g) = (f32_slice_mut(s1, l1, "adamw")?, f32_slice(s2, l2, "adamw")?);
-        let Coefs { b2, c2, .. } = self.0;
-        v.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK))
-            .for_each(|(v, g)| {
-                for (v, &g) in v.iter_mut().zip(g) {
-                    *v = (*v * b2 + 0.0) + ((g * g) * c2 + 0.0);
-                }
-            });
-        Ok(())
-    }
+/// `x[i] = f(x[i], g[i])` in parallel chunks.
+fn par_update(x: &mut [f32], g: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) {
+    x.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .for_each(|(x, g)| {
+            for (x, &g) in x.iter_mut().zip(g) {
+                *x = f(*x, g);
+            }
+        });
 }
 
 /// `w = [w·(1 − lr·wd) + 0] − ((m / (sqrt(v)·inv_bc2 + eps))·step + 0)`.
