@@ -5,7 +5,9 @@
 //!   on the CPU in float32 it is computed here, per image and tile of output rows, as one
 //!   matrix multiply (`crate::sgemm`) of the kernel `[out, in·kh·kw]` by the tile's im2col patch matrix
 //!   `[in·kh·kw, tile]`, written straight into the NCHW output that was pre-filled with the bias
-//!   (1×1 stride-1 convolutions multiply the input itself, with no copy). Other devices and
+//!   (1×1 stride-1 convolutions multiply the input itself, with no copy). The forward writes the
+//!   patch matrix straight into the multiply's packed panel layout (`PackedB`), one block of
+//!   rows just before it is used, so it is never stored whole nor copied. Other devices and
 //!   dtypes use candle's `conv2d` and a broadcast bias add.
 //! - Gradients (CPU, float32): the input gradient of a stride-1 convolution is the convolution of
 //!   the output gradient with the spatially flipped, in/out-transposed kernel and padding
@@ -17,7 +19,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::sgemm::{PackedA, sgemm, sgemm_packed};
+use crate::sgemm::{PackedA, PackedB, sgemm, sgemm_packed, sgemm_produced};
 use llamagen_kernels::f32_slice;
 
 /// A 2-D convolution layer (`weight` (out, in, k, k), optional `bias` (out)).
@@ -309,6 +311,38 @@ struct ConvGeom {
 const TILE_FLOATS: usize = 1 << 20;
 const MIN_TILE_PIXELS: usize = 256;
 
+/// Where `im2col` writes a `[ksize, n]` patch matrix: row-major (`Plain`) or packed panels.
+trait Patches {
+    /// `P[r, j..j + len] = 0`.
+    fn zero(&mut self, r: usize, j: usize, len: usize);
+    /// `P[r, j..j + src.len()] = src`.
+    fn copy(&mut self, r: usize, j: usize, src: &[f32]);
+}
+
+/// A row-major patch matrix with `n` columns.
+struct Plain<'a> {
+    col: &'a mut [f32],
+    n: usize,
+}
+
+impl Patches for Plain<'_> {
+    fn zero(&mut self, r: usize, j: usize, len: usize) {
+        self.col[r * self.n + j..][..len].fill(0.0);
+    }
+    fn copy(&mut self, r: usize, j: usize, src: &[f32]) {
+        self.col[r * self.n + j..][..src.len()].copy_from_slice(src);
+    }
+}
+
+impl Patches for PackedB {
+    fn zero(&mut self, r: usize, j: usize, len: usize) {
+        PackedB::zero(self, r, j, len)
+    }
+    fn copy(&mut self, r: usize, j: usize, src: &[f32]) {
+        PackedB::copy(self, r, j, src)
+    }
+}
+
 /// Shares the output buffer between the threads that write disjoint tiles of it.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -392,45 +426,48 @@ impl ConvGeom {
         (start, (start + self.rows).min(self.out_h))
     }
 
-    /// Fills `col` (`[ksize, pixels]`, row-major) with the patches of output rows
-    /// `[oy0, oy1)` of image `bi`; rows are ordered (channel, ky, kx) like the kernel's columns.
-    fn im2col(&self, x: &[f32], bi: usize, (oy0, oy1): (usize, usize), col: &mut [f32]) {
+    /// Fills `out` with rows `[r0, r1)` of the patch matrix (`[ksize, pixels]`) of output rows
+    /// `[oy0, oy1)` of image `bi`, as its rows `0..r1 − r0`; rows are ordered (channel, ky, kx)
+    /// like the kernel's columns.
+    fn im2col(
+        &self,
+        x: &[f32],
+        bi: usize,
+        (oy0, oy1): (usize, usize),
+        (r0, r1): (usize, usize),
+        out: &mut impl Patches,
+    ) {
         let (h, w, ow, p, s) = (self.h, self.w, self.out_w, self.pad, self.stride);
-        let n = (oy1 - oy0) * ow;
-        let mut r = 0;
-        for ci in 0..self.c {
+        let mut gather = Vec::new();
+        for r in r0..r1 {
+            let (ci, ky, kx) = (r / (self.kh * self.kw), r / self.kw % self.kh, r % self.kw);
             let plane = &x[(bi * self.c + ci) * h * w..][..h * w];
-            for ky in 0..self.kh {
-                for kx in 0..self.kw {
-                    let row = &mut col[r * n..(r + 1) * n];
-                    r += 1;
-                    // Output columns whose input column `ox·s + kx − p` lies inside the image.
-                    let lo = (p.saturating_sub(kx)).div_ceil(s).min(ow);
-                    let hi = if w + p > kx {
-                        ((w + p - kx - 1) / s + 1).min(ow)
-                    } else {
-                        0
-                    }
-                    .max(lo);
-                    for (t, oy) in (oy0..oy1).enumerate() {
-                        let seg = &mut row[t * ow..(t + 1) * ow];
-                        let iy = (oy * s + ky) as isize - p as isize;
-                        if iy < 0 || iy >= h as isize {
-                            seg.fill(0.0);
-                            continue;
-                        }
-                        let src = &plane[iy as usize * w..][..w];
-                        seg[..lo].fill(0.0);
-                        seg[hi..].fill(0.0);
-                        if s == 1 {
-                            let off = lo + kx - p;
-                            seg[lo..hi].copy_from_slice(&src[off..off + (hi - lo)]);
-                        } else {
-                            for (ox, v) in seg[lo..hi].iter_mut().enumerate() {
-                                *v = src[(ox + lo) * s + kx - p];
-                            }
-                        }
-                    }
+            let r = r - r0;
+            // Output columns whose input column `ox·s + kx − p` lies inside the image.
+            let lo = (p.saturating_sub(kx)).div_ceil(s).min(ow);
+            let hi = if w + p > kx {
+                ((w + p - kx - 1) / s + 1).min(ow)
+            } else {
+                0
+            }
+            .max(lo);
+            for (t, oy) in (oy0..oy1).enumerate() {
+                let j = t * ow;
+                let iy = (oy * s + ky) as isize - p as isize;
+                if iy < 0 || iy >= h as isize {
+                    out.zero(r, j, ow);
+                    continue;
+                }
+                let src = &plane[iy as usize * w..][..w];
+                out.zero(r, j, lo);
+                out.zero(r, j + hi, ow - hi);
+                if s == 1 {
+                    let off = lo + kx - p;
+                    out.copy(r, j + lo, &src[off..off + (hi - lo)]);
+                } else {
+                    gather.clear();
+                    gather.extend((lo..hi).map(|ox| src[ox * s + kx - p]));
+                    out.copy(r, j + lo, &gather);
                 }
             }
         }
@@ -439,21 +476,28 @@ impl ConvGeom {
     /// The output `[b, o, out_h, out_w]`, bias (and `residual`, of the output's shape) included.
     fn forward(&self, x: &[f32], k: &[f32], bias: &[f32], residual: Option<&[f32]>) -> Vec<f32> {
         let ohw = self.out_h * self.out_w;
-        let mut y = vec![0f32; self.b * self.o * ohw];
+        let len = self.b * self.o * ohw;
+        // Every plane is written once, with its bias (and residual), before the products add
+        // to it: no zero-fill first.
+        let mut y: Vec<f32> = Vec::with_capacity(len);
+        let planes = y.spare_capacity_mut()[..len].par_chunks_mut(ohw.max(1));
         match residual {
-            None => y
-                .par_chunks_mut(ohw)
-                .enumerate()
-                .for_each(|(i, plane)| plane.fill(bias[i % self.o])),
-            Some(r) => y
-                .par_chunks_mut(ohw)
-                .zip(r.par_chunks(ohw))
+            None => planes.enumerate().for_each(|(i, plane)| {
+                plane.fill(std::mem::MaybeUninit::new(bias[i % self.o]))
+            }),
+            Some(r) => planes
+                .zip(r.par_chunks(ohw.max(1)))
                 .enumerate()
                 .for_each(|(i, (plane, r))| {
                     let b = bias[i % self.o];
-                    plane.iter_mut().zip(r).for_each(|(d, r)| *d = r + b);
+                    plane
+                        .iter_mut()
+                        .zip(r)
+                        .for_each(|(d, r)| *d = std::mem::MaybeUninit::new(r + b));
                 }),
         }
+        // SAFETY: the `len` elements were all initialised just above.
+        unsafe { y.set_len(len) };
         let out = OutPtr(y.as_mut_ptr());
         let items: Vec<(usize, usize)> = (0..self.b)
             .flat_map(|bi| (0..self.tiles()).map(move |t| (bi, t)))
@@ -462,41 +506,31 @@ impl ConvGeom {
         let ksize = self.ksize();
         // SAFETY: `k` is the `[o, ksize]` kernel and outlives `pa`.
         let pa = unsafe { PackedA::new(self.o, ksize, (k.as_ptr(), ksize as isize, 1)) };
-        let run = |col: &mut Vec<f32>, (bi, t): (usize, usize), threads: usize| {
+        let run = |(bi, t): (usize, usize), threads: usize| {
             let (oy0, oy1) = self.tile_rows(t);
             let n = (oy1 - oy0) * self.out_w;
-            let (rhs, rhs_rs) = if self.is_pointwise() {
-                (x[bi * self.c * ohw + oy0 * self.out_w..].as_ptr(), ohw)
+            let c = (
+                // SAFETY: each (image, tile) item writes only its own columns of its own image.
+                unsafe { { out }.0.add(bi * self.o * ohw + oy0 * self.out_w) },
+                ohw as isize,
+            );
+            // SAFETY (both products): the strides describe `[o, n]` inside `[o, ohw]`,
+            // `[o, ksize]` and `[ksize, n]` inside the input image.
+            if self.is_pointwise() {
+                let rhs = x[bi * self.c * ohw + oy0 * self.out_w..].as_ptr();
+                unsafe { sgemm_packed(&pa, n, (rhs, ohw as isize, 1), c, true, threads) };
             } else {
-                col.resize(ksize * n, 0.0);
-                self.im2col(x, bi, (oy0, oy1), col);
-                (col.as_ptr(), n)
-            };
-            let out = out;
-            // SAFETY: each (image, tile) item writes only its own columns of its own image; the
-            // strides describe `[o, n]` inside `[o, ohw]`, `[o, ksize]` and `[ksize, n]`.
-            unsafe {
-                sgemm_packed(
-                    &pa,
-                    n,
-                    (rhs, rhs_rs as isize, 1),
-                    (
-                        out.0.add(bi * self.o * ohw + oy0 * self.out_w),
-                        ohw as isize,
-                    ),
-                    true,
-                    threads,
-                );
+                let produce = |r0: usize, pb: &mut PackedB| {
+                    self.im2col(x, bi, (oy0, oy1), (r0, r0 + pb.k()), pb)
+                };
+                unsafe { sgemm_produced(&pa, n, &produce, c, true, threads) };
             }
         };
         if items.len() >= 2 * threads && threads > 1 {
-            items
-                .into_par_iter()
-                .for_each_init(Vec::new, |col, it| run(col, it, 1));
+            items.into_par_iter().for_each(|it| run(it, 1));
         } else {
-            let mut col = Vec::new();
             for it in items {
-                run(&mut col, it, threads);
+                run(it, threads);
             }
         }
         y
@@ -525,7 +559,8 @@ impl ConvGeom {
                         (x[bi * self.c * ohw + oy0 * self.out_w..].as_ptr(), ohw)
                     } else {
                         col.resize(ksize * n, 0.0);
-                        self.im2col(x, bi, (oy0, oy1), &mut col);
+                        let rows = (0, ksize);
+                        self.im2col(x, bi, (oy0, oy1), rows, &mut Plain { col: &mut col, n });
                         (col.as_ptr(), n)
                     };
                     let lhs = grad[bi * self.o * ohw + oy0 * self.out_w..].as_ptr();

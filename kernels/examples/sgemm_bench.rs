@@ -1,20 +1,32 @@
 //! On-demand microbenchmark of `sgemm` (GFLOP/s per shape, one thread and all threads).
 //!
-//!   cargo run -p llamagen-kernels --example sgemm_bench
+//!   cargo run -p llamagen-kernels --example sgemm_bench [M,N,K[,p] ...]
 use llamagen_kernels::sgemm::{PackedA, sgemm, sgemm_packed};
 use std::time::Instant;
 
 fn main() {
     // (m, n, k): a VQ 3×3 conv tile (packed kernel), T5-base and GPT-B linear layers.
-    let shapes = [
+    let mut shapes = vec![
         (96, 480, 256, true),
-        (128, 4096, 1152, true),
+        (128, 1024, 1152, true),
         (256, 4096, 2304, true),
         (512, 1024, 4608, true),
         (512, 768, 768, false),
         (512, 2048, 768, false),
         (512, 768, 3072, false),
     ];
+    // `sgemm_bench M,N,K[,p] ...` times the given shapes instead (`p`: packed `A`).
+    let given: Vec<(usize, usize, usize, bool)> = std::env::args()
+        .skip(1)
+        .map(|s| {
+            let f: Vec<&str> = s.split(',').collect();
+            let d = |i: usize| f[i].parse::<usize>().expect("M,N,K[,p]");
+            (d(0), d(1), d(2), f.get(3) == Some(&"p"))
+        })
+        .collect();
+    if !given.is_empty() {
+        shapes = given;
+    }
     for threads in [1, rayon::current_num_threads()] {
         for &(m, n, k, packed) in &shapes {
             let a: Vec<f32> = (0..m * k)

@@ -12,6 +12,10 @@
 //!   crate with the same arguments. All paths differ only by float32 summation order.
 //! - With `threads > 1`, blocks of `MC` rows run in parallel on the rayon pool; each thread
 //!   writes only its own rows of `C`.
+//! - A producer that builds `B` itself (a convolution's patch matrix) writes it straight into
+//!   the packed panel layout ([`PackedB`]), one `KC`-row block at a time, just before the block
+//!   is multiplied (`sgemm_produced`): `B` is never stored whole nor copied again. Without
+//!   AVX-512 the same panels are multiplied one by one through `sgemm`.
 
 use rayon::prelude::*;
 
@@ -88,7 +92,7 @@ pub unsafe fn sgemm(
             return avx512::sgemm(
                 (m, n, k),
                 (a, a_rs, a_cs),
-                (b, b_rs, b_cs),
+                BSource::Strided(b, b_rs, b_cs),
                 (c, c_rs),
                 accumulate,
                 threads,
@@ -273,6 +277,181 @@ impl PackedA {
     }
 }
 
+/// A block of rows of a right factor `B` (`k×n`, `k ≤ KC`) in the packed panel layout, written
+/// by its producer.
+///
+/// Layout: `⌈n/NR⌉` panels of `k × NR` floats (row-major); the columns past `n` of the last
+/// panel are zero. The buffer is kept between uses ([`PackedB::reset`]).
+#[derive(Default)]
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    data: Vec<f32>,
+}
+
+impl PackedB {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Rows in the block.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Makes room for `k` (at most `KC`) rows of `n` columns; every element must then be
+    /// written before use, except the padding columns, which this zeroes.
+    pub fn reset(&mut self, k: usize, n: usize) {
+        assert!(k <= KC, "PackedB: {k} rows in one block (at most {KC})");
+        let panels = n.div_ceil(NR);
+        self.k = k;
+        self.n = n;
+        self.data.resize(k * panels * NR, 0.0);
+        if n % NR != 0 {
+            let last = (panels - 1) * NR * k;
+            for r in 0..k {
+                self.data[last + r * NR + n % NR..last + (r + 1) * NR].fill(0.0);
+            }
+        }
+    }
+
+    /// Calls `f(run, done)` for the runs of `B[r, j..j + len]` that are contiguous in `data`
+    /// (`done`: elements before the run).
+    fn runs(&mut self, r: usize, j: usize, len: usize, mut f: impl FnMut(&mut [f32], usize)) {
+        assert!(
+            r < self.k && j + len <= self.n,
+            "PackedB: B[{r}, {j}..{}] outside {}×{}",
+            j + len,
+            self.k,
+            self.n
+        );
+        let ps = NR * self.k;
+        let (mut j, end, mut done) = (j, j + len, 0);
+        while j < end {
+            let w = (NR - j % NR).min(end - j);
+            let o = j / NR * ps + r * NR + j % NR;
+            f(&mut self.data[o..o + w], done);
+            j += w;
+            done += w;
+        }
+    }
+
+    /// `B[r, j..j + src.len()] = src`.
+    pub fn copy(&mut self, r: usize, j: usize, src: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512() {
+            // Runs are at most `NR` long: moved by masked vector loads and stores rather than a
+            // `memcpy` call per run.
+            return self.runs(r, j, src.len(), |run, done| unsafe {
+                avx512::copy(run, &src[done..done + run.len()])
+            });
+        }
+        self.runs(r, j, src.len(), |run, done| {
+            run.copy_from_slice(&src[done..done + run.len()])
+        });
+    }
+
+    /// `B[r, j..j + len] = 0`.
+    pub fn zero(&mut self, r: usize, j: usize, len: usize) {
+        self.runs(r, j, len, |run, _| run.fill(0.0));
+    }
+}
+
+/// Writes rows `[r0, r0 + pb.k())` of a `B` with `n` columns into `pb` (`pb` comes reset).
+pub type ProduceB<'a> = &'a (dyn Fn(usize, &mut PackedB) + Sync);
+
+/// `C[m×n] (+)= A · B` with `A` packed beforehand and `B` written by `produce`, one block of at
+/// most `KC` rows at a time.
+///
+/// # Safety
+/// `c` and `c_rs` must address `m×n` valid elements and the `A` that `pa` was packed from must
+/// still be alive.
+pub unsafe fn sgemm_produced(
+    pa: &PackedA,
+    n: usize,
+    produce: ProduceB,
+    c: (*mut f32, isize),
+    accumulate: bool,
+    threads: usize,
+) {
+    let (m, k) = (pa.m, pa.k);
+    let a = (pa.a.0 as *const f32, pa.a.1, pa.a.2);
+    unsafe {
+        if m == 0 || n == 0 || k == 0 {
+            return sgemm((m, n, k), a, (a.0, 0, 0), c, accumulate, threads);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512() {
+            return avx512::sgemm(
+                (m, n, k),
+                a,
+                BSource::Produced(produce),
+                c,
+                accumulate,
+                threads,
+                Some(pa),
+            );
+        }
+        produced_portable((m, n, k), a, produce, c, accumulate, threads)
+    }
+}
+
+/// [`sgemm_produced`] without AVX-512: each produced block multiplied panel by panel.
+///
+/// # Safety
+/// As for [`sgemm`], with `B` written by `produce`.
+unsafe fn produced_portable(
+    (m, n, k): (usize, usize, usize),
+    a: (*const f32, isize, isize),
+    produce: ProduceB,
+    c: (*mut f32, isize),
+    accumulate: bool,
+    threads: usize,
+) {
+    let mut pb = PackedB::new();
+    for pc in (0..k).step_by(KC) {
+        pb.reset(KC.min(k - pc), n);
+        produce(pc, &mut pb);
+        let a_pc = (unsafe { a.0.offset(pc as isize * a.2) }, a.1, a.2);
+        unsafe { by_panels(a_pc, &pb, m, c, accumulate || pc > 0, threads) };
+    }
+}
+
+/// `C (+)= A · B` for one packed block `B` (`pb.k` rows), panel by panel:
+/// `C[:, q·NR..] (+)= A · panel_q`.
+///
+/// # Safety
+/// As for [`sgemm`]; `a` addresses `m × pb.k` elements and `c` `m × pb.n`.
+unsafe fn by_panels(
+    a: (*const f32, isize, isize),
+    pb: &PackedB,
+    m: usize,
+    (c, c_rs): (*mut f32, isize),
+    accumulate: bool,
+    threads: usize,
+) {
+    let (n, k) = (pb.n, pb.k);
+    unsafe {
+        for q in 0..n.div_ceil(NR) {
+            sgemm(
+                (m, NR.min(n - q * NR), k),
+                a,
+                (pb.data[q * NR * k..].as_ptr(), NR as isize, 1),
+                (c.add(q * NR), c_rs),
+                accumulate,
+                threads,
+            );
+        }
+    }
+}
+
+/// Where the AVX-512 path reads `B`: strided elements to pack per block, or packed panels.
+#[derive(Clone, Copy)]
+enum BSource<'a> {
+    Strided(*const f32, isize, isize),
+    Produced(ProduceB<'a>),
+}
+
 /// `C[m×n] (+)= A · B[k×n]` with `A` packed beforehand.
 ///
 /// # Safety
@@ -290,7 +469,15 @@ pub unsafe fn sgemm_packed(
     unsafe {
         #[cfg(target_arch = "x86_64")]
         if has_avx512() && m > 0 && n > 0 && k > 0 {
-            return avx512::sgemm((m, n, k), a, b, c, accumulate, threads, Some(pa));
+            return avx512::sgemm(
+                (m, n, k),
+                a,
+                BSource::Strided(b.0, b.1, b.2),
+                c,
+                accumulate,
+                threads,
+                Some(pa),
+            );
         }
         sgemm((m, n, k), a, b, c, accumulate, threads)
     }
@@ -351,6 +538,25 @@ unsafe fn pack_b(kc: usize, nc: usize, b: *const f32, rs: isize, cs: isize, out:
 mod avx512 {
     use super::*;
     use std::arch::x86_64::*;
+
+    /// `dst = src` (equal lengths).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(super) unsafe fn copy(dst: &mut [f32], src: &[f32]) {
+        debug_assert_eq!(dst.len(), src.len());
+        let (d, s, w) = (dst.as_mut_ptr(), src.as_ptr(), dst.len().min(src.len()));
+        let mut t = 0;
+        unsafe {
+            while t + 16 <= w {
+                _mm512_storeu_ps(d.add(t), _mm512_loadu_ps(s.add(t)));
+                t += 16;
+            }
+            if t < w {
+                let m = ((1u32 << (w - t)) - 1) as __mmask16;
+                _mm512_mask_storeu_ps(d.add(t), m, _mm512_maskz_loadu_ps(m, s.add(t)));
+            }
+        }
+    }
 
     /// The `MR`×`NR` register tile: `C[0..MR, 0..NR] (+)= Ap · Bp` over `kc` packed steps.
     #[target_feature(enable = "avx512f")]
@@ -483,14 +689,14 @@ mod avx512 {
     }
 
     thread_local! {
-        static PACKED_B: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+        static PACKED_B: std::cell::Cell<PackedB> = std::cell::Cell::new(PackedB::new());
     }
 
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn sgemm(
         (m, n, k): (usize, usize, usize),
         (a, a_rs, a_cs): (*const f32, isize, isize),
-        (b, b_rs, b_cs): (*const f32, isize, isize),
+        b: BSource,
         (c, c_rs): (*mut f32, isize),
         accumulate: bool,
         threads: usize,
@@ -510,23 +716,37 @@ mod avx512 {
             // The packed-B buffer of this thread, reused across calls (taken out, so a nested
             // call on the same thread, e.g. from rayon work stealing, gets a fresh one).
             let mut bp = PACKED_B.take();
-            bp.resize(KC * n.min(NC).div_ceil(NR) * NR, 0.0);
+            // A producer writes whole rows (one column block); strided `B` is packed per
+            // `NC` columns.
+            let ncb = match b {
+                BSource::Strided(..) => {
+                    bp.data.resize(KC * n.min(NC).div_ceil(NR) * NR, 0.0);
+                    NC
+                }
+                BSource::Produced(_) => n,
+            };
             let cp = SendPtr(c);
-            let (ap_, bp_) = (a as usize, b as usize);
-            for jc in (0..n).step_by(NC) {
-                let nc = NC.min(n - jc);
+            let ap_ = a as usize;
+            for jc in (0..n).step_by(ncb) {
+                let nc = ncb.min(n - jc);
                 for pc in (0..k).step_by(KC) {
                     let kc = KC.min(k - pc);
-                    pack_b(
-                        kc,
-                        nc,
-                        (bp_ as *const f32).offset(pc as isize * b_rs + jc as isize * b_cs),
-                        b_rs,
-                        b_cs,
-                        &mut bp,
-                    );
+                    match b {
+                        BSource::Strided(b, b_rs, b_cs) => pack_b(
+                            kc,
+                            nc,
+                            b.offset(pc as isize * b_rs + jc as isize * b_cs),
+                            b_rs,
+                            b_cs,
+                            &mut bp.data,
+                        ),
+                        BSource::Produced(produce) => {
+                            bp.reset(kc, n);
+                            produce(pc, &mut bp);
+                        }
+                    }
                     let acc = accumulate || pc > 0;
-                    let bp = &bp;
+                    let bp = &bp.data[..];
                     let run = |ap: &mut Vec<f32>, blk: usize| {
                         let cp = cp;
                         let ic = blk * mc_max;
@@ -576,6 +796,64 @@ mod tests {
             }
         }
         c
+    }
+
+    /// `B` produced block by block into the packed layout (runs that straddle panels, zeros),
+    /// multiplied by the AVX-512 path and by the portable one, against a float64 triple loop.
+    #[test]
+    fn produced_b_matches_reference() {
+        let mut seed = 7u64;
+        let mut rnd = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        for (m, n, k) in [(37, 2100, 600), (128, 1024, 300), (3, 50, 257), (9, 7, 5)] {
+            let a: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
+            let mut b: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
+            // Zeros at the ends of each row.
+            let ends = |r: usize| ((r % 5).min(n), (n - (r % 3).min(n)).max((r % 5).min(n)));
+            for r in 0..k {
+                let (lo, hi) = ends(r);
+                b[r * n..r * n + lo].fill(0.0);
+                b[r * n + hi..(r + 1) * n].fill(0.0);
+            }
+            // The middle of each row is copied in two pieces.
+            let produce = |r0: usize, pb: &mut PackedB| {
+                for i in 0..pb.k() {
+                    let r = r0 + i;
+                    let (lo, hi) = ends(r);
+                    pb.zero(i, 0, lo);
+                    pb.zero(i, hi, n - hi);
+                    let mid = lo + (hi - lo) / 3;
+                    pb.copy(i, lo, &b[r * n + lo..r * n + mid]);
+                    pb.copy(i, mid, &b[r * n + mid..r * n + hi]);
+                }
+            };
+            let want = reference(m, n, k, &a, &b);
+            for (portable, threads) in [(false, 2), (true, 1)] {
+                let mut c = vec![5.0; m * n];
+                let cc = (c.as_mut_ptr(), n as isize);
+                unsafe {
+                    if portable {
+                        let a = (a.as_ptr(), k as isize, 1);
+                        produced_portable((m, n, k), a, &produce, cc, true, threads);
+                    } else {
+                        let pa = PackedA::new(m, k, (a.as_ptr(), k as isize, 1));
+                        sgemm_produced(&pa, n, &produce, cc, false, threads);
+                    }
+                }
+                let base = if portable { 5.0 } else { 0.0 };
+                for (i, (g, w)) in c.iter().zip(&want).enumerate() {
+                    let w = w + base;
+                    assert!(
+                        (*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "portable {portable} {m}×{n}×{k} at {i}: {g} vs {w}"
+                    );
+                }
+            }
+        }
     }
 
     /// Odd sizes (partial tiles and blocks), both layouts of `B`, accumulation, one and two
