@@ -9,6 +9,8 @@ use candle_core::{DType, Device};
 use llamagen_encode::text_encoder::{ModelPaths, TextEncoder, TextEncoderConfig};
 
 fn main() -> anyhow::Result<()> {
+    // As the `llamagen` binary does (llamagen_kernels::alloc).
+    llamagen_kernels::alloc::reuse_freed_memory();
     let a: Vec<String> = std::env::args().collect();
     anyhow::ensure!(
         a.len() == 5,

@@ -9,6 +9,8 @@ use candle_nn::{VarBuilder, VarMap};
 use llamagen_encode::{ModelArgs, VqModel};
 
 fn main() -> anyhow::Result<()> {
+    // As the `llamagen` binary does (llamagen_kernels::alloc).
+    llamagen_kernels::alloc::reuse_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let repeats: usize = args.get(1).map_or(Ok(3), |s| s.parse())?;
     let batch: usize = args.get(2).map_or(Ok(4), |s| s.parse())?;

@@ -482,19 +482,21 @@ impl ConvGeom {
         let mut y: Vec<f32> = Vec::with_capacity(len);
         let planes = y.spare_capacity_mut()[..len].par_chunks_mut(ohw.max(1));
         match residual {
-            None => planes.enumerate().for_each(|(i, plane)| {
-                plane.fill(std::mem::MaybeUninit::new(bias[i % self.o]))
-            }),
-            Some(r) => planes
-                .zip(r.par_chunks(ohw.max(1)))
+            None => planes
                 .enumerate()
-                .for_each(|(i, (plane, r))| {
-                    let b = bias[i % self.o];
-                    plane
-                        .iter_mut()
-                        .zip(r)
-                        .for_each(|(d, r)| *d = std::mem::MaybeUninit::new(r + b));
-                }),
+                .for_each(|(i, plane)| plane.fill(std::mem::MaybeUninit::new(bias[i % self.o]))),
+            Some(r) => {
+                planes
+                    .zip(r.par_chunks(ohw.max(1)))
+                    .enumerate()
+                    .for_each(|(i, (plane, r))| {
+                        let b = bias[i % self.o];
+                        plane
+                            .iter_mut()
+                            .zip(r)
+                            .for_each(|(d, r)| *d = std::mem::MaybeUninit::new(r + b));
+                    })
+            }
         }
         // SAFETY: the `len` elements were all initialised just above.
         unsafe { y.set_len(len) };

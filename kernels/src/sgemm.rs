@@ -307,7 +307,7 @@ impl PackedB {
         self.k = k;
         self.n = n;
         self.data.resize(k * panels * NR, 0.0);
-        if n % NR != 0 {
+        if !n.is_multiple_of(NR) {
             let last = (panels - 1) * NR * k;
             for r in 0..k {
                 self.data[last + r * NR + n % NR..last + (r + 1) * NR].fill(0.0);

@@ -51,6 +51,9 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // Before any thread starts: large tensors come from one heap that keeps freed memory,
+    // rather than a fresh mapping (and a page fault per page) each (llamagen_kernels::alloc).
+    llamagen_kernels::alloc::reuse_freed_memory();
     let cli = Cli::parse();
     // Catalog and data commands are async (object stores, HTTP); model commands are synchronous
     // (candle) and start their own runtime where they read a catalog.

@@ -15,6 +15,8 @@ use llamagen_train::{Condition, GptConfig, GptSize};
 use rand::{Rng, SeedableRng};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // As the `llamagen` binary does (llamagen_kernels::alloc).
+    llamagen_kernels::alloc::reuse_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let repeats: usize = args.first().map(|s| s.parse()).transpose()?.unwrap_or(3);
     let sample_tokens: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(256);

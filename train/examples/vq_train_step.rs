@@ -18,6 +18,8 @@ fn args() -> ModelArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    // As the `llamagen` binary does (llamagen_kernels::alloc).
+    llamagen_kernels::alloc::reuse_freed_memory();
     let a: Vec<String> = std::env::args().collect();
     let repeats: usize = a.get(1).map(|s| s.parse()).transpose()?.unwrap_or(3);
     let size: usize = a.get(2).map(|s| s.parse()).transpose()?.unwrap_or(64);
