@@ -10,8 +10,10 @@
 //!   `NR` (48)-column panels (BLIS-style blocking: `KC` of the shared dimension, `MC` rows of `A`,
 //!   `NC` columns of `B`) and runs an 8×48 register-tile kernel; elsewhere it calls the `gemm`
 //!   crate with the same arguments. All paths differ only by float32 summation order.
-//! - With `threads > 1`, blocks of `MC` rows run in parallel on the rayon pool; each thread
-//!   writes only its own rows of `C`.
+//! - With `threads > 1`, a `C` with at least `2·NR` columns per thread is split into one slab
+//!   of whole `NR` panels per thread, each an independent single-threaded product that packs
+//!   its own `B` (nothing serial, no synchronisation per block); a narrower `C` runs its blocks
+//!   of `MC` rows in parallel instead. Either way each thread writes only its own part of `C`.
 //! - A producer that builds `B` itself (a convolution's patch matrix) writes it straight into
 //!   the packed panel layout ([`PackedB`]), one `KC`-row block at a time, just before the block
 //!   is multiplied (`sgemm_produced`): `B` is never stored whole nor copied again. Without
@@ -89,15 +91,17 @@ pub unsafe fn sgemm(
         }
         #[cfg(target_arch = "x86_64")]
         if has_avx512() {
-            return avx512::sgemm(
-                (m, n, k),
-                (a, a_rs, a_cs),
-                BSource::Strided(b, b_rs, b_cs),
-                (c, c_rs),
-                accumulate,
-                threads,
-                None,
-            );
+            return by_column_slabs(n, b_cs, (b, c), threads, |(n, b, c), threads| {
+                avx512::sgemm(
+                    (m, n, k),
+                    (a, a_rs, a_cs),
+                    BSource::Strided(b, b_rs, b_cs),
+                    (c, c_rs),
+                    accumulate,
+                    threads,
+                    None,
+                )
+            });
         }
         let par = if threads > 1 {
             gemm::Parallelism::Rayon(threads)
@@ -109,6 +113,45 @@ pub unsafe fn sgemm(
             false, par,
         );
     }
+}
+
+/// Runs `f((n_s, b_s, c_s), threads_s)` either once on the whole product (`threads` for its row
+/// blocks) or, when `C` has at least `2·NR` columns per thread, in parallel on one slab of
+/// whole `NR`-column panels per thread (`B` and `C` offset to the slab, one thread each).
+///
+/// # Safety
+/// `b` and `c` address the `n` columns of `B` (column stride `b_cs`) and `C` (contiguous).
+#[cfg(target_arch = "x86_64")]
+unsafe fn by_column_slabs(
+    n: usize,
+    b_cs: isize,
+    (b, c): (*const f32, *mut f32),
+    threads: usize,
+    f: impl Fn((usize, *const f32, *mut f32), usize),
+) {
+    /// The product closure, shared by the slab threads: it holds raw pointers to `A` and `B`,
+    /// which are only read, and each call writes only its own slab of `C`.
+    struct Shared<F>(F);
+    unsafe impl<F> Sync for Shared<F> {}
+    let panels = n.div_ceil(NR);
+    if threads <= 1 || panels < 2 * threads {
+        return f((n, b, c), threads);
+    }
+    let (bu, cu) = (b as usize, c as usize);
+    let f = Shared(f);
+    (0..threads).into_par_iter().for_each(|t| {
+        let f = &f;
+        let (p0, p1) = (panels * t / threads, panels * (t + 1) / threads);
+        let (j0, j1) = (p0 * NR, (p1 * NR).min(n));
+        // SAFETY: slab t covers columns [j0, j1) of B and C; the slabs do not overlap.
+        let (b, c) = unsafe {
+            (
+                (bu as *const f32).offset(j0 as isize * b_cs),
+                (cu as *mut f32).add(j0),
+            )
+        };
+        (f.0)((j1 - j0, b, c), 1)
+    });
 }
 
 /// At most this many rows of `A` (token-by-token sampling) take dot products instead of
@@ -469,15 +512,17 @@ pub unsafe fn sgemm_packed(
     unsafe {
         #[cfg(target_arch = "x86_64")]
         if has_avx512() && m > 0 && n > 0 && k > 0 {
-            return avx512::sgemm(
-                (m, n, k),
-                a,
-                BSource::Strided(b.0, b.1, b.2),
-                c,
-                accumulate,
-                threads,
-                Some(pa),
-            );
+            return by_column_slabs(n, b.2, (b.0, c.0), threads, |(n, b0, c0), threads| {
+                avx512::sgemm(
+                    (m, n, k),
+                    a,
+                    BSource::Strided(b0, b.1, b.2),
+                    (c0, c.1),
+                    accumulate,
+                    threads,
+                    Some(pa),
+                )
+            });
         }
         sgemm((m, n, k), a, b, c, accumulate, threads)
     }
