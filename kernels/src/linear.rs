@@ -96,8 +96,9 @@ impl CustomOp2 for Product {
         } else {
             (n as isize, 1)
         };
-        let mut y = vec![0f32; m * n];
-        // SAFETY: the strides describe the stored matrices inside their slices; y is [m, n].
+        let mut y: Vec<f32> = Vec::with_capacity(m * n);
+        // SAFETY: the strides describe the stored matrices inside their slices; y has room for
+        // [m, n], and a product that does not accumulate writes every element of it.
         unsafe {
             sgemm(
                 (m, n, k),
@@ -107,6 +108,7 @@ impl CustomOp2 for Product {
                 false,
                 rayon::current_num_threads(),
             );
+            y.set_len(m * n);
         }
         let shape = if self.ta {
             Shape::from((m, n))

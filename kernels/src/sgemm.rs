@@ -529,17 +529,36 @@ pub unsafe fn sgemm_packed(
 }
 
 /// Packs rows `[0, mc)` × shared `[0, kc)` of `A` into `MR`-row panels, zero-padded.
+///
+/// Full panels of contiguous rows are transposed 8×8 at a time with AVX; full panels whose
+/// columns are contiguous (a transposed `A`) copy one column per step.
 unsafe fn pack_a(mc: usize, kc: usize, a: *const f32, rs: isize, cs: isize, out: &mut Vec<f32>) {
     unsafe {
         let panels = mc.div_ceil(MR);
-        out.clear();
         out.resize(panels * MR * kc, 0.0);
         for q in 0..panels {
             let dst = &mut out[q * MR * kc..(q + 1) * MR * kc];
-            for i in 0..MR.min(mc - q * MR) {
-                let row = a.offset((q * MR + i) as isize * rs);
+            let h = MR.min(mc - q * MR);
+            let first = a.offset((q * MR) as isize * rs);
+            #[cfg(target_arch = "x86_64")]
+            if h == MR && cs == 1 && has_avx512() {
+                avx512::transpose_rows(kc, first, rs, dst);
+                continue;
+            }
+            if h == MR && rs == 1 {
                 for p in 0..kc {
-                    dst[p * MR + i] = *row.offset(p as isize * cs);
+                    let col = std::slice::from_raw_parts(first.offset(p as isize * cs), MR);
+                    dst[p * MR..(p + 1) * MR].copy_from_slice(col);
+                }
+                continue;
+            }
+            for p in 0..kc {
+                for i in 0..MR {
+                    dst[p * MR + i] = if i < h {
+                        *first.offset(i as isize * rs + p as isize * cs)
+                    } else {
+                        0.0
+                    };
                 }
             }
         }
@@ -583,6 +602,57 @@ unsafe fn pack_b(kc: usize, nc: usize, b: *const f32, rs: isize, cs: isize, out:
 mod avx512 {
     use super::*;
     use std::arch::x86_64::*;
+
+    /// `dst[p·MR + i] = A[i, p]` for the `MR` (8) rows of `A` starting at `a` (row stride `rs`,
+    /// contiguous columns) and `p < kc`: 8×8 blocks transposed in registers, then the tail.
+    #[target_feature(enable = "avx")]
+    pub(super) unsafe fn transpose_rows(kc: usize, a: *const f32, rs: isize, dst: &mut [f32]) {
+        const _: () = assert!(MR == 8);
+        assert!(dst.len() >= kc * MR);
+        let d = dst.as_mut_ptr();
+        unsafe {
+            let row = |i: usize| a.offset(i as isize * rs);
+            let mut p = 0;
+            while p + 8 <= kc {
+                let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(row(i).add(p)));
+                let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+                let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+                let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+                let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+                let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                let cols = [
+                    _mm256_permute2f128_ps::<0x20>(u0, u4),
+                    _mm256_permute2f128_ps::<0x20>(u1, u5),
+                    _mm256_permute2f128_ps::<0x20>(u2, u6),
+                    _mm256_permute2f128_ps::<0x20>(u3, u7),
+                    _mm256_permute2f128_ps::<0x31>(u0, u4),
+                    _mm256_permute2f128_ps::<0x31>(u1, u5),
+                    _mm256_permute2f128_ps::<0x31>(u2, u6),
+                    _mm256_permute2f128_ps::<0x31>(u3, u7),
+                ];
+                for (j, c) in cols.into_iter().enumerate() {
+                    _mm256_storeu_ps(d.add((p + j) * MR), c);
+                }
+                p += 8;
+            }
+            for p in p..kc {
+                for i in 0..MR {
+                    *d.add(p * MR + i) = *row(i).add(p);
+                }
+            }
+        }
+    }
 
     /// `dst = src` (equal lengths).
     #[target_feature(enable = "avx512f")]
@@ -944,6 +1014,27 @@ mod tests {
                     (*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
                     "packed {m}×{n}×{k}"
                 );
+            }
+            // A stored transposed (column-major): the packing copies columns.
+            let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+            for threads in [1, 2] {
+                let mut c = vec![9.0; m * n];
+                unsafe {
+                    sgemm(
+                        (m, n, k),
+                        (at.as_ptr(), 1, m as isize),
+                        (b.as_ptr(), n as isize, 1),
+                        (c.as_mut_ptr(), n as isize),
+                        false,
+                        threads,
+                    );
+                }
+                for (i, (g, w)) in c.iter().zip(&want).enumerate() {
+                    assert!(
+                        (*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "{m}×{n}×{k} t{threads} A transposed at {i}: {g} vs {w}"
+                    );
+                }
             }
             for (threads, transposed, acc) in
                 [(1, false, false), (2, true, false), (2, false, true)]
