@@ -913,17 +913,32 @@ mod tests {
         c
     }
 
-    /// `B` produced block by block into the packed layout (runs that straddle panels, zeros),
-    /// multiplied by the AVX-512 path and by the portable one, against a float64 triple loop.
-    #[test]
-    fn produced_b_matches_reference() {
-        let mut seed = 7u64;
-        let mut rnd = || {
+    /// Reproducible values in [-0.5, 0.5) (a linear congruential generator).
+    fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
+        move || {
             seed = seed
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        };
+        }
+    }
+
+    /// Every element of `c` within 1e-4 (relative) of `want + base`.
+    fn assert_close(c: &[f32], want: &[f64], base: f64, what: &str) {
+        for (i, (g, w)) in c.iter().zip(want).enumerate() {
+            let w = w + base;
+            assert!(
+                (*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                "{what} at {i}: {g} vs {w}"
+            );
+        }
+    }
+
+    /// `B` produced block by block into the packed layout (runs that straddle panels, zeros),
+    /// multiplied by the AVX-512 path and by the portable one, against a float64 triple loop.
+    #[test]
+    fn produced_b_matches_reference() {
+        let mut rnd = uniform(7);
         for (m, n, k) in [(37, 2100, 600), (128, 1024, 300), (3, 50, 257), (9, 7, 5)] {
             let a: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
             let mut b: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
@@ -960,13 +975,7 @@ mod tests {
                     }
                 }
                 let base = if portable { 5.0 } else { 0.0 };
-                for (i, (g, w)) in c.iter().zip(&want).enumerate() {
-                    let w = w + base;
-                    assert!(
-                        (*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                        "portable {portable} {m}×{n}×{k} at {i}: {g} vs {w}"
-                    );
-                }
+                assert_close(&c, &want, base, &format!("portable {portable} {m}×{n}×{k}"));
             }
         }
     }
@@ -975,13 +984,7 @@ mod tests {
     /// threads, against a float64 triple loop.
     #[test]
     fn matches_reference_on_edges_and_layouts() {
-        let mut seed = 1u64;
-        let mut rnd = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        };
+        let mut rnd = uniform(1);
         for (m, n, k) in [
             (1, 1, 1),
             (3, 200, 77),
@@ -1009,12 +1012,7 @@ mod tests {
                     2,
                 );
             }
-            for (g, w) in c.iter().zip(&want) {
-                assert!(
-                    (*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                    "packed {m}×{n}×{k}"
-                );
-            }
+            assert_close(&c, &want, 0.0, &format!("packed {m}×{n}×{k}"));
             // A stored transposed (column-major): the packing copies columns.
             let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
             for threads in [1, 2] {
@@ -1029,12 +1027,12 @@ mod tests {
                         threads,
                     );
                 }
-                for (i, (g, w)) in c.iter().zip(&want).enumerate() {
-                    assert!(
-                        (*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                        "{m}×{n}×{k} t{threads} A transposed at {i}: {g} vs {w}"
-                    );
-                }
+                assert_close(
+                    &c,
+                    &want,
+                    0.0,
+                    &format!("{m}×{n}×{k} t{threads} A transposed"),
+                );
             }
             for (threads, transposed, acc) in
                 [(1, false, false), (2, true, false), (2, false, true)]
@@ -1055,13 +1053,9 @@ mod tests {
                         threads,
                     );
                 }
-                for (i, (g, w)) in c.iter().zip(&want).enumerate() {
-                    let w = w + if acc { 1.0 } else { 0.0 };
-                    assert!(
-                        (*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
-                        "{m}×{n}×{k} t{threads} T{transposed} acc{acc} at {i}: {g} vs {w}"
-                    );
-                }
+                let base = if acc { 1.0 } else { 0.0 };
+                let what = format!("{m}×{n}×{k} t{threads} T{transposed} acc{acc}");
+                assert_close(&c, &want, base, &what);
             }
         }
     }
