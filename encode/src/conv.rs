@@ -307,7 +307,8 @@ struct ConvGeom {
     rows: usize,
 }
 
-/// Target size, in floats, of one tile's patch matrix (4 MiB), and the fewest pixels per tile.
+/// Target size, in floats, of one tile's whole patch matrix (4 MiB; the forward only ever holds
+/// one packed block of its rows), and the fewest pixels per tile.
 const TILE_FLOATS: usize = 1 << 20;
 const MIN_TILE_PIXELS: usize = 256;
 
