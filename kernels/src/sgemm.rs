@@ -542,7 +542,7 @@ unsafe fn pack_a(mc: usize, kc: usize, a: *const f32, rs: isize, cs: isize, out:
             let first = a.offset((q * MR) as isize * rs);
             #[cfg(target_arch = "x86_64")]
             if h == MR && cs == 1 && has_avx512() {
-                avx512::transpose_rows(kc, first, rs, dst);
+                avx512::transpose8(kc, first, rs, (dst.as_mut_ptr(), MR));
                 continue;
             }
             if h == MR && rs == 1 {
@@ -587,7 +587,18 @@ unsafe fn pack_b(kc: usize, nc: usize, b: *const f32, rs: isize, cs: isize, out:
                 if w < NR {
                     dst.fill(0.0);
                 }
-                for j in 0..w {
+                let mut j = 0;
+                // Contiguous columns (a transposed `B`, as in `x·Wᵀ`): 8 at a time, by 8×8
+                // register transposes.
+                #[cfg(target_arch = "x86_64")]
+                if rs == 1 && has_avx512() {
+                    while j + 8 <= w {
+                        let cols = base.offset(j as isize * cs);
+                        avx512::transpose8(kc, cols, cs, (dst.as_mut_ptr().add(j), NR));
+                        j += 8;
+                    }
+                }
+                for j in j..w {
                     let col = base.offset(j as isize * cs);
                     for p in 0..kc {
                         dst[p * NR + j] = *col.offset(p as isize * rs);
@@ -603,13 +614,20 @@ mod avx512 {
     use super::*;
     use std::arch::x86_64::*;
 
-    /// `dst[p·MR + i] = A[i, p]` for the `MR` (8) rows of `A` starting at `a` (row stride `rs`,
-    /// contiguous columns) and `p < kc`: 8×8 blocks transposed in registers, then the tail.
+    /// `d[p·ds + i] = S[i, p]` for the 8 rows of `S` starting at `a` (row stride `rs`,
+    /// contiguous along `p`) and `p < kc`: 8×8 blocks transposed in registers, then the tail.
+    /// Packs `MR` (8) rows of `A` (`ds = MR`) or 8 contiguous columns of `B` (`ds = NR`).
+    ///
+    /// # Safety
+    /// `a` addresses 8 rows of `kc` elements; `d` addresses `(kc − 1)·ds + 8` writable elements.
     #[target_feature(enable = "avx")]
-    pub(super) unsafe fn transpose_rows(kc: usize, a: *const f32, rs: isize, dst: &mut [f32]) {
+    pub(super) unsafe fn transpose8(
+        kc: usize,
+        a: *const f32,
+        rs: isize,
+        (d, ds): (*mut f32, usize),
+    ) {
         const _: () = assert!(MR == 8);
-        assert!(dst.len() >= kc * MR);
-        let d = dst.as_mut_ptr();
         unsafe {
             let row = |i: usize| a.offset(i as isize * rs);
             let mut p = 0;
@@ -642,13 +660,13 @@ mod avx512 {
                     _mm256_permute2f128_ps::<0x31>(u3, u7),
                 ];
                 for (j, c) in cols.into_iter().enumerate() {
-                    _mm256_storeu_ps(d.add((p + j) * MR), c);
+                    _mm256_storeu_ps(d.add((p + j) * ds), c);
                 }
                 p += 8;
             }
             for p in p..kc {
-                for i in 0..MR {
-                    *d.add(p * MR + i) = *row(i).add(p);
+                for i in 0..8 {
+                    *d.add(p * ds + i) = *row(i).add(p);
                 }
             }
         }
