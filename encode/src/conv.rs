@@ -512,9 +512,10 @@ impl ConvGeom {
         let run = |(bi, t): (usize, usize), threads: usize| {
             let (oy0, oy1) = self.tile_rows(t);
             let n = (oy1 - oy0) * self.out_w;
+            let out = out; // the whole `OutPtr` (Sync), not its raw-pointer field
             let c = (
                 // SAFETY: each (image, tile) item writes only its own columns of its own image.
-                unsafe { { out }.0.add(bi * self.o * ohw + oy0 * self.out_w) },
+                unsafe { out.0.add(bi * self.o * ohw + oy0 * self.out_w) },
                 ohw as isize,
             );
             // SAFETY (both products): the strides describe `[o, n]` inside `[o, ohw]`,

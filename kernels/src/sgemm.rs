@@ -421,7 +421,15 @@ pub unsafe fn sgemm_produced(
     let a = (pa.a.0 as *const f32, pa.a.1, pa.a.2);
     unsafe {
         if m == 0 || n == 0 || k == 0 {
-            return sgemm((m, n, k), a, (a.0, 0, 0), c, accumulate, threads);
+            // Nothing to multiply: `B` is not read (C is zeroed unless accumulating).
+            return sgemm(
+                (m, n, k),
+                a,
+                (std::ptr::null(), 0, 0),
+                c,
+                accumulate,
+                threads,
+            );
         }
         #[cfg(target_arch = "x86_64")]
         if has_avx512() {
@@ -439,7 +447,8 @@ pub unsafe fn sgemm_produced(
     }
 }
 
-/// [`sgemm_produced`] without AVX-512: each produced block multiplied panel by panel.
+/// [`sgemm_produced`] without AVX-512: each produced block multiplied panel by panel,
+/// `C[:, q·NR..] (+)= A[:, pc..pc + kc] · panel_q`.
 ///
 /// # Safety
 /// As for [`sgemm`], with `B` written by `produce`.
@@ -447,43 +456,27 @@ unsafe fn produced_portable(
     (m, n, k): (usize, usize, usize),
     a: (*const f32, isize, isize),
     produce: ProduceB,
-    c: (*mut f32, isize),
+    (c, c_rs): (*mut f32, isize),
     accumulate: bool,
     threads: usize,
 ) {
     let mut pb = PackedB::new();
     for pc in (0..k).step_by(KC) {
-        pb.reset(KC.min(k - pc), n);
+        let kc = KC.min(k - pc);
+        pb.reset(kc, n);
         produce(pc, &mut pb);
-        let a_pc = (unsafe { a.0.offset(pc as isize * a.2) }, a.1, a.2);
-        unsafe { by_panels(a_pc, &pb, m, c, accumulate || pc > 0, threads) };
-    }
-}
-
-/// `C (+)= A · B` for one packed block `B` (`pb.k` rows), panel by panel:
-/// `C[:, q·NR..] (+)= A · panel_q`.
-///
-/// # Safety
-/// As for [`sgemm`]; `a` addresses `m × pb.k` elements and `c` `m × pb.n`.
-unsafe fn by_panels(
-    a: (*const f32, isize, isize),
-    pb: &PackedB,
-    m: usize,
-    (c, c_rs): (*mut f32, isize),
-    accumulate: bool,
-    threads: usize,
-) {
-    let (n, k) = (pb.n, pb.k);
-    unsafe {
         for q in 0..n.div_ceil(NR) {
-            sgemm(
-                (m, NR.min(n - q * NR), k),
-                a,
-                (pb.data[q * NR * k..].as_ptr(), NR as isize, 1),
-                (c.add(q * NR), c_rs),
-                accumulate,
-                threads,
-            );
+            // SAFETY: columns [pc, pc + kc) of A and [q·NR, q·NR + w) of C (caller).
+            unsafe {
+                sgemm(
+                    (m, NR.min(n - q * NR), kc),
+                    (a.0.offset(pc as isize * a.2), a.1, a.2),
+                    (pb.data[q * NR * kc..].as_ptr(), NR as isize, 1),
+                    (c.add(q * NR), c_rs),
+                    accumulate || pc > 0,
+                    threads,
+                );
+            }
         }
     }
 }
