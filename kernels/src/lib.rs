@@ -5,6 +5,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};
 
 pub mod alloc;
+pub mod fused;
 pub mod linear;
 pub mod sgemm;
 

@@ -20,6 +20,7 @@
 use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Init, VarBuilder};
 
+use llamagen_kernels::fused;
 use llamagen_kernels::linear::Linear;
 use rand::Rng;
 use rand::rngs::StdRng;
@@ -141,8 +142,12 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         .to_dtype(dtype)?)
 }
 
-/// RMSNorm with plain ops: `x * rsqrt(mean(x^2) + eps)` in f32, cast back, times `weight`.
+/// RMSNorm: `x * rsqrt(mean(x^2) + eps)` in f32, cast back, times `weight`. One fused op with
+/// its own backward on the CPU in f32 (`llamagen_kernels::fused`), plain ops elsewhere.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused::is_cpu_f32(x) && fused::is_cpu_f32(weight) {
+        return Ok(fused::rms_norm(x, weight, eps)?);
+    }
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
     let inv = xf
@@ -402,6 +407,24 @@ impl Attention {
         let (b, l, _) = x.dims3()?;
         let (h, hkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
         let qkv = self.wqkv.forward(x)?;
+        // A training (or uncached) forward on the CPU in f32: one fused op from the projection
+        // to the heads' outputs, with its own backward (attention dropout needs the plain ops).
+        let no_attn_dropout = dropout.is_none() || cfg.attn_dropout_p <= 0.0;
+        if let (None, None, Some(bias), true) = (&cache, &trace, ctx.bias, no_attn_dropout)
+            && fused::is_cpu_f32(&qkv)
+        {
+            let heads = fused::Heads {
+                heads: h,
+                kv_heads: hkv,
+                head_dim: hd,
+            };
+            let y = fused::attention(&qkv, ctx.cos, ctx.sin, bias, heads)?;
+            let mut y = self.wo.forward(&y)?;
+            if let Some(d) = dropout.as_mut() {
+                y = d.apply(&y, cfg.resid_dropout_p)?;
+            }
+            return Ok(y);
+        }
         let q = qkv.narrow(2, 0, h * hd)?.reshape((b, l, h, hd))?;
         let k = qkv.narrow(2, h * hd, hkv * hd)?.reshape((b, l, hkv, hd))?;
         let v = qkv
@@ -461,9 +484,13 @@ struct FeedForward {
 
 impl FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.w1.forward(x)?.silu()?;
-        let up = self.w3.forward(x)?;
-        Ok(self.w2.forward(&(gate * up)?)?)
+        let (gate, up) = (self.w1.forward(x)?, self.w3.forward(x)?);
+        let h = if fused::is_cpu_f32(&gate) {
+            fused::silu_mul(&gate, &up)?
+        } else {
+            (gate.silu()? * up)?
+        };
+        Ok(self.w2.forward(&h)?)
     }
 }
 
@@ -922,6 +949,10 @@ pub fn cross_entropy_per_token(logits: &Tensor, targets: &Tensor) -> Result<Tens
             logits.dims(),
             targets.dims()
         )));
+    }
+    if fused::is_cpu_f32(logits) {
+        let t = targets.to_dtype(DType::U32)?.reshape(b * l)?;
+        return Ok(fused::cross_entropy(&logits.reshape((b * l, v))?, &t)?);
     }
     let lp = log_softmax_last(&logits.reshape((b * l, v))?)?;
     let t = targets.to_dtype(DType::U32)?.reshape((b * l, 1))?;

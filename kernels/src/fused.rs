@@ -1,0 +1,1030 @@
+//! Fused CPU float32 training ops of the GPT, each with its own backward pass (candle's fused
+//! kernels have none): RMSNorm, the attention core (interleaved RoPE, scaled scores plus bias,
+//! softmax, values), SwiGLU's `silu(a)·b`, and per-token cross-entropy.
+//!
+//! Each replaces a chain of small candle ops whose forward and backward each read and write
+//! whole tensors and whose gradients candle sums node by node.
+//!
+//! Invariants enforced here:
+//! - Inputs are CPU float32 tensors (targets: u32). Callers keep the composed candle forms for
+//!   other devices and dtypes ([`is_cpu_f32`]). Inputs are made contiguous first.
+//! - Each op computes the same function as the GPT's composed form in float32, up to rounding.
+//!   Its backward returns a gradient only for an argument that tracks gradients, and never for
+//!   a constant (RoPE tables, attention bias, targets).
+//! - Work is split over rows (or heads) in chunks of a fixed size. A sum over rows (RMSNorm's
+//!   weight gradient) adds the chunks' partial sums in chunk order. Results therefore do not
+//!   depend on the thread count, and a resumed run repeats an uninterrupted one.
+//! - A forward that tracks gradients keeps what its backward needs inside the op: the attention
+//!   op keeps its rotated queries and keys, its values and its probabilities; cross-entropy
+//!   keeps each row's log-sum-exp. A forward that tracks nothing keeps nothing.
+
+use crate::f32_slice;
+use crate::sgemm::sgemm;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape};
+use candle_core::{Tensor, bail};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// Rows per parallel task.
+const ROWS: usize = 16;
+
+/// Whether `t` is a CPU float32 tensor, the only kind the ops here take.
+pub fn is_cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+fn apply2<C: CustomOp2 + Send + Sync + 'static>(a: &Tensor, b: &Tensor, op: C) -> Result<Tensor> {
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    if a.track_op() || b.track_op() {
+        a.apply_op2(&b, op)
+    } else {
+        a.apply_op2_no_bwd(&b, &op)
+    }
+}
+
+/// `Σ a·b` with 16 partial sums (vectorised).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
+}
+
+/// Splits a two-gradient result `(2, ..)` into its halves, each shaped like `like`.
+fn halves(t: Tensor, like: &Tensor) -> Result<(Tensor, Tensor)> {
+    Ok((
+        t.get(0)?.reshape(like.shape())?,
+        t.get(1)?.reshape(like.shape())?,
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+
+/// `x · rsqrt(mean(x²) + eps) · weight` over the last dimension; `weight` is `(D,)`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    apply2(x, weight, RmsNorm { eps: eps as f32 })
+}
+
+struct RmsNorm {
+    eps: f32,
+}
+
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    1.0 / (dot(x, x) / x.len() as f32 + eps).sqrt()
+}
+
+fn row_dim(l: &Layout, d: usize, op: &str) -> Result<()> {
+    if l.dims().last() != Some(&d) {
+        bail!("{op}: input {:?} does not end in {d}", l.dims());
+    }
+    Ok(())
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (
+            f32_slice(s1, l1, "rms-norm")?,
+            f32_slice(s2, l2, "rms-norm")?,
+        );
+        let d = w.len();
+        row_dim(l1, d, "rms-norm")?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d * ROWS)
+            .zip(x.par_chunks(d * ROWS))
+            .for_each(|(y, x)| {
+                for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
+                    let r = inv_rms(x, self.eps);
+                    for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+                        *y = (x * r) * w;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    /// `∂x = r·(g⊙w) − x·r³·mean(g⊙w⊙x)` per row, `∂w = Σ_rows g⊙x·r`.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let gx = if x.track_op() {
+            Some(x.apply_op3_no_bwd(w, &g, &RmsNormGradX { eps: self.eps })?)
+        } else {
+            None
+        };
+        let gw = if w.track_op() {
+            Some(x.apply_op2_no_bwd(
+                &g,
+                &RmsNormGradW {
+                    eps: self.eps,
+                    d: w.elem_count(),
+                },
+            )?)
+        } else {
+            None
+        };
+        Ok((gx, gw))
+    }
+}
+
+struct RmsNormGradX {
+    eps: f32,
+}
+
+impl CustomOp3 for RmsNormGradX {
+    fn name(&self) -> &'static str {
+        "rms-norm-grad-x-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "rms-norm grad")?;
+        let w = f32_slice(s2, l2, "rms-norm grad")?;
+        let g = f32_slice(s3, l3, "rms-norm grad")?;
+        let d = w.len();
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(d * ROWS)
+            .zip(x.par_chunks(d * ROWS).zip(g.par_chunks(d * ROWS)))
+            .for_each(|(dx, (x, g))| {
+                let mut gw = vec![0f32; d];
+                for (dx, (x, g)) in dx.chunks_mut(d).zip(x.chunks(d).zip(g.chunks(d))) {
+                    let r = inv_rms(x, self.eps);
+                    for ((gw, &g), &w) in gw.iter_mut().zip(g).zip(w) {
+                        *gw = g * w;
+                    }
+                    let c = dot(&gw, x) * r * r * r / d as f32;
+                    for ((dx, &gw), &x) in dx.iter_mut().zip(&gw).zip(x) {
+                        *dx = r * gw - x * c;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+struct RmsNormGradW {
+    eps: f32,
+    d: usize,
+}
+
+impl CustomOp2 for RmsNormGradW {
+    fn name(&self) -> &'static str {
+        "rms-norm-grad-w-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "rms-norm grad")?;
+        let g = f32_slice(s2, l2, "rms-norm grad")?;
+        let d = self.d;
+        let partial: Vec<Vec<f32>> = x
+            .par_chunks(d * ROWS)
+            .zip(g.par_chunks(d * ROWS))
+            .map(|(x, g)| {
+                let mut s = vec![0f32; d];
+                for (x, g) in x.chunks(d).zip(g.chunks(d)) {
+                    let r = inv_rms(x, self.eps);
+                    for ((s, &x), &g) in s.iter_mut().zip(x).zip(g) {
+                        *s += g * (x * r);
+                    }
+                }
+                s
+            })
+            .collect();
+        let mut dw = vec![0f32; d];
+        for p in &partial {
+            for (a, b) in dw.iter_mut().zip(p) {
+                *a += b;
+            }
+        }
+        Ok((CpuStorage::F32(dw), Shape::from(d)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU
+
+/// `silu(a)·b`, elementwise (`silu(a) = a·σ(a)`); `a` and `b` have the same shape.
+pub fn silu_mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.shape() != b.shape() {
+        bail!("silu_mul: shapes {:?} and {:?} differ", a.dims(), b.dims());
+    }
+    apply2(a, b, SiluMul)
+}
+
+struct SiluMul;
+
+const CHUNK: usize = 1 << 14;
+
+fn sigmoid(a: f32) -> f32 {
+    1.0 / (1.0 + (-a).exp())
+}
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "silu-mul-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (a, b) = (
+            f32_slice(s1, l1, "silu_mul")?,
+            f32_slice(s2, l2, "silu_mul")?,
+        );
+        let mut y = vec![0f32; a.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+            .for_each(|(y, (a, b))| {
+                for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
+                    *y = (a / (1.0 + (-a).exp())) * b;
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    /// `∂a = g·b·σ(a)·(1 + a·(1 − σ(a)))`, `∂b = g·silu(a)`, computed together.
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !a.track_op() && !b.track_op() {
+            return Ok((None, None));
+        }
+        let g = g.contiguous()?;
+        let (ga, gb) = halves(a.apply_op3_no_bwd(b, &g, &SiluMulGrad)?, a)?;
+        Ok((a.track_op().then_some(ga), b.track_op().then_some(gb)))
+    }
+}
+
+struct SiluMulGrad;
+
+impl CustomOp3 for SiluMulGrad {
+    fn name(&self) -> &'static str {
+        "silu-mul-grad-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let a = f32_slice(s1, l1, "silu_mul grad")?;
+        let b = f32_slice(s2, l2, "silu_mul grad")?;
+        let g = f32_slice(s3, l3, "silu_mul grad")?;
+        let n = a.len();
+        let mut out = vec![0f32; 2 * n];
+        let (ga, gb) = out.split_at_mut(n);
+        ga.par_chunks_mut(CHUNK)
+            .zip(gb.par_chunks_mut(CHUNK))
+            .zip(
+                a.par_chunks(CHUNK)
+                    .zip(b.par_chunks(CHUNK))
+                    .zip(g.par_chunks(CHUNK)),
+            )
+            .for_each(|((ga, gb), ((a, b), g))| {
+                for i in 0..a.len() {
+                    let s = sigmoid(a[i]);
+                    ga[i] = g[i] * b[i] * (s * (1.0 + a[i] * (1.0 - s)));
+                    gb[i] = g[i] * (a[i] * s);
+                }
+            });
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.dims());
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy
+
+/// Per-row cross-entropy `logsumexp(x) − x[t]` of `logits` `(N, V)` against u32 `targets` `(N,)`.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let (n, v) = logits.dims2()?;
+    if targets.dims() != [n] {
+        bail!(
+            "cross_entropy: targets {:?} for logits {:?}",
+            targets.dims(),
+            logits.dims()
+        );
+    }
+    let targets = targets.to_dtype(DType::U32)?;
+    let op = CrossEntropy {
+        v,
+        lse: Mutex::new(Vec::new()),
+        keep: logits.track_op(),
+    };
+    apply2(logits, &targets, op)
+}
+
+struct CrossEntropy {
+    v: usize,
+    keep: bool,
+    lse: Mutex<Vec<f32>>,
+}
+
+fn targets_of<'a>(s: &'a CpuStorage, l: &Layout, v: usize) -> Result<&'a [u32]> {
+    let t = match (s, l.contiguous_offsets()) {
+        (CpuStorage::U32(t), Some((a, b))) => &t[a..b],
+        _ => bail!("cross_entropy: targets must be contiguous u32"),
+    };
+    if let Some((row, &bad)) = t.iter().enumerate().find(|&(_, &t)| t as usize >= v) {
+        bail!("cross_entropy: target {bad} in row {row} is out of range (vocabulary {v})");
+    }
+    Ok(t)
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "cross_entropy")?;
+        let v = self.v;
+        let t = targets_of(s2, l2, v)?;
+        let lse: Vec<f32> = x
+            .par_chunks(v)
+            .map(|row| {
+                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                row.iter().map(|&x| (x - m).exp()).sum::<f32>().ln() + m
+            })
+            .collect();
+        let ce: Vec<f32> = lse
+            .iter()
+            .zip(t)
+            .enumerate()
+            .map(|(i, (&lse, &t))| lse - x[i * v + t as usize])
+            .collect();
+        if self.keep {
+            *self.lse.lock().expect("cross_entropy state") = lse;
+        }
+        Ok((CpuStorage::F32(ce), Shape::from(t.len())))
+    }
+
+    /// `∂x[n, j] = g[n]·(softmax(x[n])[j] − [j = t[n]])`.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        _ce: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !x.track_op() {
+            return Ok((None, None));
+        }
+        let g = g.contiguous()?;
+        Ok((
+            Some(x.apply_op3_no_bwd(t, &g, &CrossEntropyGrad { fwd: self })?),
+            None,
+        ))
+    }
+}
+
+struct CrossEntropyGrad<'a> {
+    fwd: &'a CrossEntropy,
+}
+
+impl CustomOp3 for CrossEntropyGrad<'_> {
+    fn name(&self) -> &'static str {
+        "cross-entropy-grad-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "cross_entropy grad")?;
+        let v = self.fwd.v;
+        let t = targets_of(s2, l2, v)?;
+        let g = f32_slice(s3, l3, "cross_entropy grad")?;
+        let lse = self.fwd.lse.lock().expect("cross_entropy state");
+        if lse.len() != t.len() {
+            bail!("cross_entropy: backward without a forward that tracked gradients");
+        }
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(v)
+            .zip(x.par_chunks(v))
+            .enumerate()
+            .for_each(|(n, (dx, x))| {
+                for (d, &x) in dx.iter_mut().zip(x) {
+                    *d = g[n] * (x - lse[n]).exp();
+                }
+                dx[t[n] as usize] -= g[n];
+            });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention
+
+/// Head counts of the attention core.
+#[derive(Debug, Clone, Copy)]
+pub struct Heads {
+    /// Query heads `H`.
+    pub heads: usize,
+    /// Key/value heads `Hkv` (dividing `H`; query head `h` uses key/value head `h / (H/Hkv)`).
+    pub kv_heads: usize,
+    /// Features per head `D` (even).
+    pub head_dim: usize,
+}
+
+/// The attention core of a training forward: `qkv` `(B, L, (H + 2·Hkv)·D)` is the fused
+/// projection (queries, keys, values; heads in order, each head's `D` features contiguous);
+/// `cos`/`sin` `(L, D/2)` are the RoPE rows of positions `0..L` (pairs `(2i, 2i+1)` rotated);
+/// `bias` `(B|1, 1, L, L)` is added to the scaled scores. Returns `(B, L, H·D)`:
+/// `softmax(rope(q)·rope(k)ᵀ/√D + bias)·v` per head, heads side by side.
+pub fn attention(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    bias: &Tensor,
+    heads: Heads,
+) -> Result<Tensor> {
+    let (b, l, w) = qkv.dims3()?;
+    let Heads {
+        heads: h,
+        kv_heads: hkv,
+        head_dim: d,
+    } = heads;
+    if hkv == 0 || h % hkv != 0 || d % 2 != 0 || w != (h + 2 * hkv) * d {
+        bail!(
+            "attention: qkv {:?} does not hold {h} query and {hkv} key/value heads of {d}",
+            qkv.dims()
+        );
+    }
+    if cos.dims() != [l, d / 2] || sin.dims() != [l, d / 2] {
+        bail!(
+            "attention: RoPE tables {:?}/{:?}, expected ({l}, {})",
+            cos.dims(),
+            sin.dims(),
+            d / 2
+        );
+    }
+    let bd = bias.dims();
+    if bd.len() != 4 || !(bd[0] == 1 || bd[0] == b) || bd[1] != 1 || bd[2] != l || bd[3] != l {
+        bail!("attention: bias {bd:?}, expected ({b}|1, 1, {l}, {l})");
+    }
+    let op = Attention {
+        heads,
+        scale: 1.0 / (d as f32).sqrt(),
+        cos: cos.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+        sin: sin.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+        keep: qkv.track_op(),
+        saved: Mutex::new(None),
+    };
+    apply2(qkv, bias, op)
+}
+
+struct Attention {
+    heads: Heads,
+    scale: f32,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    keep: bool,
+    saved: Mutex<Option<Saved>>,
+}
+
+/// What the backward reads: `q` `(B, H, L, D)` and `k`, `v` `(B, Hkv, L, D)` after RoPE,
+/// `p` `(B, H, L, L)` the probabilities.
+struct Saved {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    p: Vec<f32>,
+}
+
+/// A pointer that parallel tasks write through, each to its own disjoint elements.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Attention {
+    /// Rows `0..L` of one head: `src` row `t` at `t·stride`, rotated into `dst` (`L × D`).
+    fn rotate(&self, src: &[f32], stride: usize, dst: &mut [f32], rope: bool) {
+        let d = self.heads.head_dim;
+        for (t, dst) in dst.chunks_mut(d).enumerate() {
+            let x = &src[t * stride..][..d];
+            if !rope {
+                dst.copy_from_slice(x);
+                continue;
+            }
+            let (c, s) = (
+                &self.cos[t * d / 2..][..d / 2],
+                &self.sin[t * d / 2..][..d / 2],
+            );
+            for i in 0..d / 2 {
+                let (x0, x1) = (x[2 * i], x[2 * i + 1]);
+                dst[2 * i] = x0 * c[i] - x1 * s[i];
+                dst[2 * i + 1] = x1 * c[i] + x0 * s[i];
+            }
+        }
+    }
+
+    /// The transpose of [`Attention::rotate`] for gradients: `src` `L × D` into rows of `dst`
+    /// at `t·stride`.
+    ///
+    /// # Safety
+    /// `dst` must address `L` rows of `D` writable elements at `t·stride`.
+    unsafe fn unrotate(&self, src: &[f32], dst: *mut f32, stride: usize, rope: bool) {
+        let d = self.heads.head_dim;
+        for (t, g) in src.chunks(d).enumerate() {
+            let out = unsafe { std::slice::from_raw_parts_mut(dst.add(t * stride), d) };
+            if !rope {
+                out.copy_from_slice(g);
+                continue;
+            }
+            let (c, s) = (
+                &self.cos[t * d / 2..][..d / 2],
+                &self.sin[t * d / 2..][..d / 2],
+            );
+            for i in 0..d / 2 {
+                let (g0, g1) = (g[2 * i], g[2 * i + 1]);
+                out[2 * i] = g0 * c[i] + g1 * s[i];
+                out[2 * i + 1] = g1 * c[i] - g0 * s[i];
+            }
+        }
+    }
+}
+
+impl CustomOp2 for Attention {
+    fn name(&self) -> &'static str {
+        "attention-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let qkv = f32_slice(s1, l1, "attention")?;
+        let bias = f32_slice(s2, l2, "attention")?;
+        let (b, l, w) = l1.shape().dims3()?;
+        let Heads {
+            heads: h,
+            kv_heads: hkv,
+            head_dim: d,
+        } = self.heads;
+        let per_batch_bias = bias.len() == b * l * l && b > 1;
+        let (ld, ll) = (l * d, l * l);
+        // Heads in their own contiguous (L, D) blocks, queries and keys rotated.
+        let mut q = vec![0f32; b * h * ld];
+        let mut k = vec![0f32; b * hkv * ld];
+        let mut v = vec![0f32; b * hkv * ld];
+        let split = |buf: &mut Vec<f32>, nh: usize, col0: usize, rope: bool| {
+            buf.par_chunks_mut(ld).enumerate().for_each(|(bh, dst)| {
+                let (bi, hi) = (bh / nh, bh % nh);
+                self.rotate(&qkv[bi * l * w + (col0 + hi) * d..], w, dst, rope);
+            });
+        };
+        split(&mut q, h, 0, true);
+        split(&mut k, hkv, h, true);
+        split(&mut v, hkv, h + hkv, false);
+        let mut p = vec![0f32; b * h * ll];
+        let mut y = vec![0f32; b * l * h * d];
+        let yp = Out(y.as_mut_ptr());
+        let r = h / hkv;
+        p.par_chunks_mut(ll).enumerate().for_each(|(bh, p)| {
+            let yp = yp;
+            let (bi, hi) = (bh / h, bh % h);
+            let kv = (bi * hkv + hi / r) * ld;
+            let (qh, kg, vg) = (&q[bh * ld..][..ld], &k[kv..][..ld], &v[kv..][..ld]);
+            let bias = &bias[if per_batch_bias { bi * ll } else { 0 }..][..ll];
+            // SAFETY: the operands are the (L, D) and (L, L) blocks above; each task writes its
+            // own p block and its own head's columns of y.
+            unsafe {
+                sgemm(
+                    (l, l, d),
+                    (qh.as_ptr(), d as isize, 1),
+                    (kg.as_ptr(), 1, d as isize),
+                    (p.as_mut_ptr(), l as isize),
+                    false,
+                    1,
+                );
+            }
+            for (row, bias) in p.chunks_mut(l).zip(bias.chunks(l)) {
+                let mut m = f32::NEG_INFINITY;
+                for (x, &bv) in row.iter_mut().zip(bias) {
+                    *x = *x * self.scale + bv;
+                    m = m.max(*x);
+                }
+                let mut sum = 0f32;
+                for x in row.iter_mut() {
+                    *x = (*x - m).exp();
+                    sum += *x;
+                }
+                for x in row.iter_mut() {
+                    *x /= sum;
+                }
+            }
+            unsafe {
+                sgemm(
+                    (l, d, l),
+                    (p.as_ptr(), l as isize, 1),
+                    (vg.as_ptr(), d as isize, 1),
+                    (yp.0.add(bi * l * h * d + hi * d), (h * d) as isize),
+                    false,
+                    1,
+                );
+            }
+        });
+        if self.keep {
+            *self.saved.lock().expect("attention state") = Some(Saved { q, k, v, p });
+        }
+        Ok((CpuStorage::F32(y), Shape::from((b, l, h * d))))
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        _bias: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !qkv.track_op() {
+            return Ok((None, None));
+        }
+        let g = g.contiguous()?;
+        Ok((
+            Some(g.apply_op1_no_bwd(&AttentionGrad {
+                fwd: self,
+                qkv: qkv.dims().to_vec(),
+            })?),
+            None,
+        ))
+    }
+}
+
+struct AttentionGrad<'a> {
+    fwd: &'a Attention,
+    qkv: Vec<usize>,
+}
+
+impl CustomOp1 for AttentionGrad<'_> {
+    fn name(&self) -> &'static str {
+        "attention-grad-f32"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, lay: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = f32_slice(s, lay, "attention grad")?;
+        let a = self.fwd;
+        let saved = a.saved.lock().expect("attention state");
+        let Some(Saved { q, k, v, p }) = saved.as_ref() else {
+            bail!("attention: backward without a forward that tracked gradients");
+        };
+        let (b, l, w) = (self.qkv[0], self.qkv[1], self.qkv[2]);
+        let Heads {
+            heads: h,
+            kv_heads: hkv,
+            head_dim: d,
+        } = a.heads;
+        let (ld, ll, r, hd) = (l * d, l * l, h / hkv, h * d);
+        let mut dqkv = vec![0f32; b * l * w];
+        let out = Out(dqkv.as_mut_ptr());
+        (0..b * hkv).into_par_iter().for_each(|bg| {
+            let out = out;
+            let (bi, gi) = (bg / hkv, bg % hkv);
+            let (kg, vg) = (&k[bg * ld..][..ld], &v[bg * ld..][..ld]);
+            let (mut dk, mut dv) = (vec![0f32; ld], vec![0f32; ld]);
+            let (mut ds, mut dq) = (vec![0f32; ll], vec![0f32; ld]);
+            let gb = &g[bi * l * hd..][..l * hd];
+            for hi in gi * r..(gi + 1) * r {
+                let bh = bi * h + hi;
+                let (ph, qh, gh) = (
+                    &p[bh * ll..][..ll],
+                    &q[bh * ld..][..ld],
+                    gb[hi * d..].as_ptr(),
+                );
+                // SAFETY: every operand is one of the blocks above (g's rows of this head at
+                // stride H·D); each task writes only its own heads' columns of dqkv.
+                unsafe {
+                    // ∂v += pᵀ·g, ∂p = g·vᵀ
+                    sgemm(
+                        (l, d, l),
+                        (ph.as_ptr(), 1, l as isize),
+                        (gh, hd as isize, 1),
+                        (dv.as_mut_ptr(), d as isize),
+                        true,
+                        1,
+                    );
+                    sgemm(
+                        (l, l, d),
+                        (gh, hd as isize, 1),
+                        (vg.as_ptr(), 1, d as isize),
+                        (ds.as_mut_ptr(), l as isize),
+                        false,
+                        1,
+                    );
+                }
+                // ∂s = p ⊙ (∂p − Σ ∂p⊙p) · scale
+                for (dsr, pr) in ds.chunks_mut(l).zip(ph.chunks(l)) {
+                    let c = dot(dsr, pr);
+                    for (x, &pv) in dsr.iter_mut().zip(pr) {
+                        *x = pv * (*x - c) * a.scale;
+                    }
+                }
+                unsafe {
+                    // ∂q = ∂s·k, ∂k += ∂sᵀ·q
+                    sgemm(
+                        (l, d, l),
+                        (ds.as_ptr(), l as isize, 1),
+                        (kg.as_ptr(), d as isize, 1),
+                        (dq.as_mut_ptr(), d as isize),
+                        false,
+                        1,
+                    );
+                    sgemm(
+                        (l, d, l),
+                        (ds.as_ptr(), 1, l as isize),
+                        (qh.as_ptr(), d as isize, 1),
+                        (dk.as_mut_ptr(), d as isize),
+                        true,
+                        1,
+                    );
+                    a.unrotate(&dq, out.0.add(bi * l * w + hi * d), w, true);
+                }
+            }
+            unsafe {
+                a.unrotate(&dk, out.0.add(bi * l * w + (h + gi) * d), w, true);
+                a.unrotate(&dv, out.0.add(bi * l * w + (h + hkv + gi) * d), w, false);
+            }
+        });
+        Ok((CpuStorage::F32(dqkv), Shape::from(self.qkv.clone())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{D, Device, Var};
+
+    fn close(a: &Tensor, b: &Tensor, tol: f32, what: &str) -> Result<()> {
+        let scale = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-3);
+        let err = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(
+            err <= tol * scale,
+            "{what}: max error {err} against max {scale}"
+        );
+        Ok(())
+    }
+
+    fn softmax(x: &Tensor) -> Result<Tensor> {
+        let m = x.max_keepdim(D::Minus1)?.detach();
+        let e = x.broadcast_sub(&m)?.exp()?;
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    }
+
+    /// The GPT's composed forms (as in `llamagen-train`), the references here.
+    fn rope_ref(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (b, l, h, d) = x.dims4()?;
+        let xs = x.reshape((b, l, h, d / 2, 2))?;
+        let (x0, x1) = (xs.narrow(4, 0, 1)?, xs.narrow(4, 1, 1)?);
+        let c = cos.reshape((1, l, 1, d / 2, 1))?;
+        let s = sin.reshape((1, l, 1, d / 2, 1))?;
+        let o0 = (x0.broadcast_mul(&c)? - x1.broadcast_mul(&s)?)?;
+        let o1 = (x1.broadcast_mul(&c)? + x0.broadcast_mul(&s)?)?;
+        Tensor::cat(&[o0, o1], 4)?.reshape((b, l, h, d))
+    }
+
+    fn attention_ref(
+        qkv: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: &Tensor,
+        hs: Heads,
+    ) -> Result<Tensor> {
+        let (b, l, _) = qkv.dims3()?;
+        let Heads {
+            heads: h,
+            kv_heads: hkv,
+            head_dim: d,
+        } = hs;
+        let q = qkv.narrow(2, 0, h * d)?.reshape((b, l, h, d))?;
+        let k = qkv.narrow(2, h * d, hkv * d)?.reshape((b, l, hkv, d))?;
+        let v = qkv
+            .narrow(2, (h + hkv) * d, hkv * d)?
+            .reshape((b, l, hkv, d))?;
+        let q = rope_ref(&q, cos, sin)?.transpose(1, 2)?.contiguous()?;
+        let k = rope_ref(&k, cos, sin)?.transpose(1, 2)?.contiguous()?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let r = h / hkv;
+        let rep = |t: Tensor| -> Result<Tensor> {
+            t.unsqueeze(2)?
+                .broadcast_as((b, hkv, r, l, d))?
+                .reshape((b, h, l, d))
+        };
+        let (k, v) = (rep(k)?, rep(v)?);
+        let s = q
+            .matmul(&k.t()?)?
+            .affine(1.0 / (d as f64).sqrt(), 0.0)?
+            .broadcast_add(bias)?;
+        softmax(&s)?
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, l, h * d))
+    }
+
+    /// Values, and gradients of `Σ out ⊙ u` for a random `u`, of `f` against `reference`.
+    fn check(
+        inputs: &[Tensor],
+        f: impl Fn(&[Tensor]) -> Result<Tensor>,
+        reference: impl Fn(&[Tensor]) -> Result<Tensor>,
+        what: &str,
+    ) -> Result<()> {
+        let v1: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<Result<_>>()?;
+        let v2: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<Result<_>>()?;
+        let t1: Vec<Tensor> = v1.iter().map(|v| v.as_tensor().clone()).collect();
+        let t2: Vec<Tensor> = v2.iter().map(|v| v.as_tensor().clone()).collect();
+        let (y1, y2) = (f(&t1)?, reference(&t2)?);
+        close(&y1, &y2, 1e-5, &format!("{what} value"))?;
+        let u = Tensor::randn(0f32, 1., y1.shape(), &Device::Cpu)?;
+        let g1 = (&y1 * &u)?.sum_all()?.backward()?;
+        let g2 = (&y2 * &u)?.sum_all()?.backward()?;
+        for (i, (a, b)) in v1.iter().zip(&v2).enumerate() {
+            let (a, b) = (g1.get(a).expect("gradient"), g2.get(b).expect("gradient"));
+            close(a, b, 1e-4, &format!("{what} gradient of input {i}"))?;
+            assert!(
+                a.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0,
+                "{what}: zero gradient {i}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rms_norm_matches_the_composed_form() -> Result<()> {
+        let dev = Device::Cpu;
+        for dims in [vec![3usize, 40], vec![2, 37, 72]] {
+            let d = *dims.last().unwrap();
+            let x = Tensor::randn(0f32, 2., dims.as_slice(), &dev)?;
+            let w = Tensor::randn(1f32, 0.5, d, &dev)?;
+            check(
+                &[x, w],
+                |t| rms_norm(&t[0], &t[1], 1e-5),
+                |t| {
+                    let inv = t[0]
+                        .sqr()?
+                        .mean_keepdim(D::Minus1)?
+                        .affine(1.0, 1e-5)?
+                        .sqrt()?
+                        .recip()?;
+                    t[0].broadcast_mul(&inv)?.broadcast_mul(&t[1])
+                },
+                "rms_norm",
+            )?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn silu_mul_matches_the_composed_form() -> Result<()> {
+        let dev = Device::Cpu;
+        let a = Tensor::randn(0f32, 3., (5, 33_000), &dev)?;
+        let b = Tensor::randn(0f32, 1., (5, 33_000), &dev)?;
+        check(
+            &[a, b],
+            |t| silu_mul(&t[0], &t[1]),
+            |t| t[0].silu()? * &t[1],
+            "silu_mul",
+        )
+    }
+
+    #[test]
+    fn cross_entropy_matches_the_composed_form() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, v) = (19, 301);
+        let x = Tensor::randn(0f32, 4., (n, v), &dev)?;
+        let t: Vec<u32> = (0..n as u32).map(|i| (i * 37) % v as u32).collect();
+        let t = Tensor::new(t.as_slice(), &dev)?;
+        let tc = t.reshape((n, 1))?;
+        check(
+            &[x],
+            |x| cross_entropy(&x[0], &t),
+            |x| {
+                let m = x[0].max_keepdim(D::Minus1)?.detach();
+                let diff = x[0].broadcast_sub(&m)?;
+                let lp = diff.broadcast_sub(&diff.exp()?.sum_keepdim(D::Minus1)?.log()?)?;
+                lp.gather(&tc, 1)?.squeeze(1)?.neg()
+            },
+            "cross_entropy",
+        )?;
+        let bad = Tensor::new(&[0u32, v as u32], &dev)?;
+        let err = cross_entropy(&Tensor::zeros((2, v), DType::F32, &dev)?, &bad).unwrap_err();
+        assert!(err.to_string().contains("row 1"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn attention_matches_the_composed_form() -> Result<()> {
+        let dev = Device::Cpu;
+        // (B, L, H, Hkv, D, per-sample bias): multi-head, grouped keys/values, a padded batch.
+        for (b, l, h, hkv, d, per_sample) in [
+            (2, 13, 3, 3, 8, false),
+            (1, 40, 4, 2, 16, false),
+            (2, 9, 2, 1, 6, true),
+        ] {
+            let hs = Heads {
+                heads: h,
+                kv_heads: hkv,
+                head_dim: d,
+            };
+            let qkv = Tensor::randn(0f32, 1., (b, l, (h + 2 * hkv) * d), &dev)?;
+            let ang = Tensor::randn(0f32, 2., (l, d / 2), &dev)?;
+            let (cos, sin) = (ang.cos()?, ang.sin()?);
+            let nb = if per_sample { b } else { 1 };
+            let bias: Vec<f32> = (0..nb * l * l)
+                .map(|i| {
+                    let (s, t, j) = (i / (l * l), i / l % l, i % l);
+                    if j > t || (s == 1 && j < 2 && j != t) {
+                        -1e30
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let bias = Tensor::from_vec(bias, (nb, 1, l, l), &dev)?;
+            check(
+                &[qkv],
+                |t| attention(&t[0], &cos, &sin, &bias, hs),
+                |t| attention_ref(&t[0], &cos, &sin, &bias, hs),
+                &format!("attention b{b} l{l} h{h}/{hkv} d{d}"),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Without tracked inputs nothing is kept and the result is the same.
+    #[test]
+    fn untracked_forwards_agree() -> Result<()> {
+        let dev = Device::Cpu;
+        let hs = Heads {
+            heads: 2,
+            kv_heads: 2,
+            head_dim: 4,
+        };
+        let qkv = Tensor::randn(0f32, 1., (1, 5, 24), &dev)?;
+        let ang = Tensor::randn(0f32, 1., (5, 2), &dev)?;
+        let bias = Tensor::zeros((1, 1, 5, 5), DType::F32, &dev)?;
+        let a = attention(&qkv, &ang.cos()?, &ang.sin()?, &bias, hs)?;
+        let r = attention_ref(&qkv, &ang.cos()?, &ang.sin()?, &bias, hs)?;
+        close(&a, &r, 1e-5, "untracked attention")
+    }
+}
