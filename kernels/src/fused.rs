@@ -555,6 +555,16 @@ struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
+impl Out {
+    /// The element at `i`.
+    ///
+    /// # Safety
+    /// `i` must lie inside the buffer.
+    unsafe fn at(self, i: usize) -> *mut f32 {
+        unsafe { self.0.add(i) }
+    }
+}
+
 impl Attention {
     /// Rows `0..L` of one head: `src` row `t` at `t·stride`, rotated into `dst` (`L × D`).
     fn rotate(&self, src: &[f32], stride: usize, dst: &mut [f32], rope: bool) {
@@ -643,7 +653,6 @@ impl CustomOp2 for Attention {
         let yp = Out(y.as_mut_ptr());
         let r = h / hkv;
         p.par_chunks_mut(ll).enumerate().for_each(|(bh, p)| {
-            let yp = yp;
             let (bi, hi) = (bh / h, bh % h);
             let kv = (bi * hkv + hi / r) * ld;
             let (qh, kg, vg) = (&q[bh * ld..][..ld], &k[kv..][..ld], &v[kv..][..ld]);
@@ -680,7 +689,7 @@ impl CustomOp2 for Attention {
                     (l, d, l),
                     (p.as_ptr(), l as isize, 1),
                     (vg.as_ptr(), d as isize, 1),
-                    (yp.0.add(bi * l * h * d + hi * d), (h * d) as isize),
+                    (yp.at(bi * l * h * d + hi * d), (h * d) as isize),
                     false,
                     1,
                 );
@@ -740,7 +749,6 @@ impl CustomOp1 for AttentionGrad<'_> {
         let mut dqkv = vec![0f32; b * l * w];
         let out = Out(dqkv.as_mut_ptr());
         (0..b * hkv).into_par_iter().for_each(|bg| {
-            let out = out;
             let (bi, gi) = (bg / hkv, bg % hkv);
             let (kg, vg) = (&k[bg * ld..][..ld], &v[bg * ld..][..ld]);
             let (mut dk, mut dv) = (vec![0f32; ld], vec![0f32; ld]);
@@ -799,12 +807,12 @@ impl CustomOp1 for AttentionGrad<'_> {
                         true,
                         1,
                     );
-                    a.unrotate(&dq, out.0.add(bi * l * w + hi * d), w, true);
+                    a.unrotate(&dq, out.at(bi * l * w + hi * d), w, true);
                 }
             }
             unsafe {
-                a.unrotate(&dk, out.0.add(bi * l * w + (h + gi) * d), w, true);
-                a.unrotate(&dv, out.0.add(bi * l * w + (h + hkv + gi) * d), w, false);
+                a.unrotate(&dk, out.at(bi * l * w + (h + gi) * d), w, true);
+                a.unrotate(&dv, out.at(bi * l * w + (h + hkv + gi) * d), w, false);
             }
         });
         Ok((CpuStorage::F32(dqkv), Shape::from(self.qkv.clone())))

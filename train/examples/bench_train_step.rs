@@ -50,7 +50,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             times.push(t.elapsed().as_secs_f64());
         }
     }
-    // Where one step's time goes: forward + loss, backward, clipping, AdamW.
+    // Where one step's time goes: forward + loss, backward, gradient norm, AdamW (clipped).
     let t = std::time::Instant::now();
     let mut r = step_rng(0, 99);
     let loss = llamagen_train::train::batch_loss(
@@ -60,15 +60,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     let t_fwd = t.elapsed().as_secs_f64();
     let t = std::time::Instant::now();
-    let mut grads = loss.backward()?;
+    let grads = loss.backward()?;
     let t_bwd = t.elapsed().as_secs_f64();
     let t = std::time::Instant::now();
     let vars: Vec<_> = opt.vars().into_iter().cloned().collect();
     let refs: Vec<_> = vars.iter().collect();
-    llamagen_train::optim::clip_grad_norm(&mut grads, &refs, 1.0)?;
+    let norm = llamagen_train::optim::grad_norm(&grads, &refs)?;
     let t_clip = t.elapsed().as_secs_f64();
     let t = std::time::Instant::now();
-    opt.step(&grads)?;
+    // As train_step: the clipping factor is applied inside the update.
+    opt.step_scaled(&grads, llamagen_train::optim::clip_factor(norm, 1.0))?;
     let t_adam = t.elapsed().as_secs_f64();
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);

@@ -10,7 +10,9 @@
 //!   parallel passes (moments, then parameters) with exactly the float32 operations, in the same
 //!   order, of the composed candle ops used elsewhere, so both give bit-identical results.
 //! - Clipping: total norm `N` = L2 norm of the per-tensor L2 norms; every gradient is multiplied
-//!   by `min(1, max_norm/(N + 1e-6))`; `N` (before clipping) is returned.
+//!   by `min(1, max_norm/(N + 1e-6))` (as `g·c + 0` in float32, and not at all when the factor
+//!   is 1); `N` (before clipping) is returned. [`AdamW::step_scaled`] applies that factor inside
+//!   the moment passes instead of rewriting every gradient first; the result is the same.
 
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
@@ -146,6 +148,12 @@ impl AdamW {
     /// One AdamW update from `grads`. Parameters without a gradient are left untouched (their
     /// moments too), as in PyTorch.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step_scaled(grads, 1.0)
+    }
+
+    /// [`AdamW::step`] with every gradient multiplied by `scale` first (the clipping factor of
+    /// [`clip_factor`]); on the fast path the product is formed inside the moment passes.
+    pub fn step_scaled(&mut self, grads: &GradStore, scale: f64) -> Result<()> {
         self.step += 1;
         let c = &self.cfg;
         let t = self.step as i32;
@@ -156,7 +164,7 @@ impl AdamW {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
-            let g = g.detach().to_dtype(DType::F32)?;
+            let mut g = g.detach().to_dtype(DType::F32)?;
             let fast = self.fused
                 && [p.var.as_tensor(), &g, &p.exp_avg, &p.exp_avg_sq]
                     .iter()
@@ -171,6 +179,7 @@ impl AdamW {
                     step: step_size as f32,
                     decay: (p.decay && c.weight_decay != 0.0)
                         .then_some((1.0 - c.lr * c.weight_decay) as f32),
+                    scale: (scale != 1.0).then_some(scale as f32),
                 };
                 p.exp_avg.inplace_op2(&g, &Moment::First(k))?;
                 p.exp_avg_sq.inplace_op2(&g, &Moment::Second(k))?;
@@ -178,6 +187,9 @@ impl AdamW {
                     .as_tensor()
                     .inplace_op3(&p.exp_avg, &p.exp_avg_sq, &Update(k))?;
                 continue;
+            }
+            if scale != 1.0 {
+                g = (g * scale)?;
             }
             let mut w = p.var.as_tensor().detach().to_dtype(DType::F32)?;
             if p.decay && c.weight_decay != 0.0 {
@@ -257,6 +269,8 @@ struct Coefs {
     eps: f32,
     step: f32,
     decay: Option<f32>,
+    /// The clipping factor `c` (gradients enter as `g·c + 0`); None for 1.
+    scale: Option<f32>,
 }
 
 /// Elements per parallel chunk of the in-place passes.
@@ -286,11 +300,19 @@ impl InplaceOp2 for Moment {
         l2: &Layout,
     ) -> candle_core::Result<()> {
         let (x, g) = (f32_slice_mut(s1, l1, "adamw")?, f32_slice(s2, l2, "adamw")?);
+        let (Moment::First(k) | Moment::Second(k)) = *self;
+        let clip = |g: f32| match k.scale {
+            Some(c) => g * c + 0.0,
+            None => g,
+        };
         match *self {
-            Moment::First(Coefs { c1, .. }) => par_update(x, g, |m, g| m + ((g - m) * c1 + 0.0)),
-            Moment::Second(Coefs { b2, c2, .. }) => {
-                par_update(x, g, |v, g| (v * b2 + 0.0) + ((g * g) * c2 + 0.0))
+            Moment::First(Coefs { c1, .. }) => {
+                par_update(x, g, |m, g| m + ((clip(g) - m) * c1 + 0.0))
             }
+            Moment::Second(Coefs { b2, c2, .. }) => par_update(x, g, |v, g| {
+                let g = clip(g);
+                (v * b2 + 0.0) + ((g * g) * c2 + 0.0)
+            }),
         }
         Ok(())
     }
@@ -349,27 +371,61 @@ impl InplaceOp3 for Update {
 /// Clips the gradients of `params` in `grads` to total L2 norm `max_norm` and returns the
 /// total norm before clipping (module invariants).
 pub fn clip_grad_norm(grads: &mut GradStore, params: &[&Var], max_norm: f64) -> Result<f32> {
+    let total = grad_norm(grads, params)?;
+    let coef = clip_factor(total, max_norm);
+    if coef != 1.0 {
+        for v in params {
+            if let Some(g) = grads.remove(v.as_tensor()) {
+                grads.insert(v.as_tensor(), (g.detach() * coef)?);
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// The clipping factor `min(1, max_norm/(N + 1e-6))` for total norm `N`.
+pub fn clip_factor(total: f32, max_norm: f64) -> f64 {
+    (max_norm / (total as f64 + 1e-6)).min(1.0)
+}
+
+/// The total L2 norm of the gradients of `params` (0 when none has one): the L2 norm of the
+/// per-tensor norms. A CPU float32 gradient is read once, in parallel chunks whose sums of
+/// squares are added in order.
+pub fn grad_norm(grads: &GradStore, params: &[&Var]) -> Result<f32> {
     let mut norms = Vec::new();
     for v in params {
-        if let Some(g) = grads.get(v.as_tensor()) {
-            norms.push(g.detach().to_dtype(DType::F32)?.sqr()?.sum_all()?.sqrt()?);
-        }
+        let Some(g) = grads.get(v.as_tensor()) else {
+            continue;
+        };
+        let g = g.detach().to_dtype(DType::F32)?;
+        let n = if g.device().is_cpu() {
+            let g = g.contiguous()?.flatten_all()?;
+            let (storage, layout) = g.storage_and_layout();
+            let candle_core::Storage::Cpu(cpu) = &*storage else {
+                unreachable!("a CPU tensor has CPU storage");
+            };
+            let x = f32_slice(cpu, layout, "grad_norm")?;
+            let partial: Vec<f64> = x
+                .par_chunks(CHUNK)
+                .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum())
+                .collect();
+            Tensor::new(
+                partial.iter().sum::<f64>().sqrt() as f32,
+                &candle_core::Device::Cpu,
+            )?
+        } else {
+            g.sqr()?.sum_all()?.sqrt()?
+        };
+        norms.push(n.to_device(&candle_core::Device::Cpu)?);
     }
     if norms.is_empty() {
         return Ok(0.0);
     }
-    let total = Tensor::stack(&norms, 0)?
+    Ok(Tensor::stack(&norms, 0)?
         .sqr()?
         .sum_all()?
         .sqrt()?
-        .to_scalar::<f32>()?;
-    let coef = (max_norm / (total as f64 + 1e-6)).min(1.0);
-    for v in params {
-        if let Some(g) = grads.remove(v.as_tensor()) {
-            grads.insert(v.as_tensor(), (g.detach() * coef)?);
-        }
-    }
-    Ok(total)
+        .to_scalar::<f32>()?)
 }
 
 /// Learning-rate schedule: optional linear warm-up, then constant (the official recipe) or
@@ -422,7 +478,7 @@ mod tests {
     /// The in-place CPU passes give bit-identical parameters and moments to the composed ops,
     /// for a decayed matrix and an undecayed vector, over several steps.
     #[test]
-    fn fused_update_is_bit_identical_to_the_composed_ops() -> Result<()> {
+    fn fused_update_is_bit_identical_to_the_composed_ops_with_and_without_clipping() -> Result<()> {
         let dev = Device::Cpu;
         let w0 = Tensor::randn(0f32, 1., (33, 70), &dev)?;
         let b0 = Tensor::randn(0f32, 1., 70, &dev)?;
@@ -454,8 +510,21 @@ mod tests {
                     .matmul(&w.as_tensor().t()?)?;
                 Ok(y.sqr()?.mean_all()?.backward()?)
             };
-            fused.step(&loss(&w1, &b1)?)?;
-            plain.step(&loss(&w2, &b2)?)?;
+            // Odd steps clip: the fused update scales inside its passes, the plain one
+            // rewrites the gradients first (clip_grad_norm).
+            let max_norm = if step % 2 == 1 { 0.05 } else { f64::INFINITY };
+            let g1 = loss(&w1, &b1)?;
+            let n1 = grad_norm(&g1, &[&w1, &b1])?;
+            assert_eq!(
+                clip_factor(n1, max_norm) < 1.0,
+                step % 2 == 1,
+                "step {step}: {n1}"
+            );
+            fused.step_scaled(&g1, clip_factor(n1, max_norm))?;
+            let mut g2 = loss(&w2, &b2)?;
+            let n2 = clip_grad_norm(&mut g2, &[&w2, &b2], max_norm)?;
+            assert_eq!(n1, n2, "step {step}");
+            plain.step(&g2)?;
             for (a, b) in [(&w1, &w2), (&b1, &b2)] {
                 let (a, b) = (
                     a.flatten_all()?.to_vec1::<f32>()?,

@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 
 use crate::error::{Result, TrainError};
 use crate::gpt::{Condition, Dropout, Gpt, loss};
-use crate::optim::{AdamW, clip_grad_norm};
+use crate::optim::{AdamW, clip_factor, grad_norm};
 
 /// One (micro-)batch.
 #[derive(Debug, Clone)]
@@ -97,17 +97,18 @@ pub fn train_step(
         };
         add_grads(&mut grads, g, opt)?;
     }
-    let mut grads = grads.expect("at least one micro-batch");
+    let grads = grads.expect("at least one micro-batch");
     let vars: Vec<_> = opt.vars().into_iter().cloned().collect();
     let refs: Vec<_> = vars.iter().collect();
-    let grad_norm = clip_grad_norm(&mut grads, &refs, max_grad_norm)?;
+    let grad_norm = grad_norm(&grads, &refs)?;
     if !grad_norm.is_finite() {
         return Err(TrainError::NonFiniteGradient {
             step,
             norm: grad_norm,
         });
     }
-    opt.step(&grads)?;
+    // Clipping (optim invariants) happens inside the update.
+    opt.step_scaled(&grads, clip_factor(grad_norm, max_grad_norm))?;
     Ok(StepStats {
         loss: total / k as f32,
         grad_norm,
