@@ -1,6 +1,7 @@
 //! Fused CPU float32 training ops of the GPT, each with its own backward pass (candle's fused
 //! kernels have none): RMSNorm, the attention core (interleaved RoPE, scaled scores plus bias,
-//! softmax, values), SwiGLU's `silu(a)·b`, and per-token cross-entropy.
+//! softmax, values), SwiGLU's `silu(a)·b`, per-token cross-entropy, and a product with a
+//! constant (a dropout mask).
 //!
 //! Each replaces a chain of small candle ops whose forward and backward each read and write
 //! whole tensors and whose gradients candle sums node by node.
@@ -335,6 +336,49 @@ impl CustomOp3 for SiluMulGrad {
         let mut dims = vec![2];
         dims.extend_from_slice(l1.dims());
         Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Product with a constant
+
+/// `x ⊙ c` for a constant `c` of `x`'s element count (inverted dropout's mask of `0` and
+/// `1/(1 − p)`); the backward is `g ⊙ c`, and `c` gets no gradient.
+pub fn mul_constant(x: &Tensor, c: Vec<f32>) -> Result<Tensor> {
+    if c.len() != x.elem_count() {
+        bail!("mul_constant: {} factors for {:?}", c.len(), x.dims());
+    }
+    let x = x.contiguous()?;
+    let op = MulConstant(c);
+    if x.track_op() {
+        x.apply_op1(op)
+    } else {
+        x.apply_op1_no_bwd(&op)
+    }
+}
+
+struct MulConstant(Vec<f32>);
+
+impl CustomOp1 for MulConstant {
+    fn name(&self) -> &'static str {
+        "mul-constant-f32"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "mul_constant")?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(self.0.par_chunks(CHUNK)))
+            .for_each(|(y, (x, c))| {
+                for ((y, &x), &c) in y.iter_mut().zip(x).zip(c) {
+                    *y = x * c;
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(g.contiguous()?.apply_op1_no_bwd(self)?))
     }
 }
 
@@ -952,6 +996,20 @@ mod tests {
             |t| silu_mul(&t[0], &t[1]),
             |t| t[0].silu()? * &t[1],
             "silu_mul",
+        )
+    }
+
+    #[test]
+    fn mul_constant_matches_the_composed_form() -> Result<()> {
+        let dev = Device::Cpu;
+        let c: Vec<f32> = (0..3 * 40_000).map(|i| [0.0, 1.25, -0.5][i % 3]).collect();
+        let ct = Tensor::from_vec(c.clone(), (3, 40_000), &dev)?;
+        let x = Tensor::randn(0f32, 1., (3, 40_000), &dev)?;
+        check(
+            &[x],
+            |t| mul_constant(&t[0], c.clone()),
+            |t| t[0].mul(&ct),
+            "mul_constant",
         )
     }
 

@@ -196,15 +196,17 @@ impl<'a> Dropout<'a> {
         }
         let n = x.elem_count();
         let scale = (1.0 / (1.0 - p)) as f32;
-        let mask: Vec<f32> = (0..n)
-            .map(|_| {
-                if self.rng.random::<f64>() < p {
-                    0.0
-                } else {
-                    scale
-                }
-            })
+        // One u32 per element, dropped below p·2³².
+        let below = (p * 4294967296.0) as u64;
+        let mut draws = vec![0u32; n];
+        self.rng.fill(&mut draws[..]);
+        let mask: Vec<f32> = draws
+            .iter()
+            .map(|&r| if (r as u64) < below { 0.0 } else { scale })
             .collect();
+        if fused::is_cpu_f32(x) {
+            return Ok(fused::mul_constant(x, mask)?);
+        }
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         Ok(x.mul(&mask)?)
     }
