@@ -6,20 +6,22 @@
 //!   weights). Buffers (the t2i null caption) are never optimised.
 //! - PyTorch AdamW arithmetic, in this order: `p *= 1 - lr*wd`; `m = lerp(m, g, 1-b1)`;
 //!   `v = b2*v + (1-b2)*g^2`; `p -= (lr/(1-b1^t)) * m / (sqrt(v)/sqrt(1-b2^t) + eps)`.
-//! - On the CPU with float32 parameters, state and gradients, the update runs in place in three
-//!   parallel passes (moments, then parameters) with exactly the float32 operations, in the same
-//!   order, of the composed candle ops used elsewhere, so both give bit-identical results.
+//! - A CPU float32 parameter keeps its moments in host buffers, and its update is one parallel
+//!   in-place pass over parameter, gradient and both moments, with exactly the float32
+//!   operations, in the same order, of the composed candle ops used elsewhere (moment tensors
+//!   on the parameter's device), so both give bit-identical results.
 //! - Clipping: total norm `N` = L2 norm of the per-tensor L2 norms; every gradient is multiplied
 //!   by `min(1, max_norm/(N + 1e-6))` (as `g·c + 0` in float32, and not at all when the factor
 //!   is 1); `N` (before clipping) is returned. [`AdamW::step_scaled`] applies that factor inside
 //!   the moment passes instead of rewriting every gradient first; the result is the same.
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Tensor, Var};
 use candle_nn::VarMap;
 use llamagen_kernels::{f32_slice, f32_slice_mut};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::sync::Mutex;
 
 use crate::config::GptConfig;
 use crate::error::{Result, TrainError};
@@ -56,8 +58,7 @@ struct ParamState {
     name: String,
     var: Var,
     decay: bool,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
+    moments: Moments,
 }
 
 /// AdamW over named variables.
@@ -75,13 +76,23 @@ impl AdamW {
         let params = params
             .into_iter()
             .map(|(name, var)| {
-                // Two tensors, not two handles of one: the CPU update writes them in place.
-                let zeros = || Tensor::zeros(var.shape(), DType::F32, var.device());
+                let moments = if var.device().is_cpu() && var.dtype() == DType::F32 {
+                    let n = var.elem_count();
+                    Moments::Host {
+                        m: vec![0.0; n],
+                        v: vec![0.0; n],
+                    }
+                } else {
+                    let zeros = || Tensor::zeros(var.shape(), DType::F32, var.device());
+                    Moments::Tensors {
+                        m: zeros()?,
+                        v: zeros()?,
+                    }
+                };
                 Ok(ParamState {
                     decay: var.rank() >= 2,
                     name,
-                    exp_avg: zeros()?,
-                    exp_avg_sq: zeros()?,
+                    moments,
                     var,
                 })
             })
@@ -166,10 +177,11 @@ impl AdamW {
             };
             let mut g = g.detach().to_dtype(DType::F32)?;
             let fast = self.fused
-                && [p.var.as_tensor(), &g, &p.exp_avg, &p.exp_avg_sq]
+                && matches!(p.moments, Moments::Host { .. })
+                && [p.var.as_tensor(), &g]
                     .iter()
                     .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous());
-            if fast {
+            if let (true, Moments::Host { m, v }) = (fast, &mut p.moments) {
                 let k = Coefs {
                     c1: (1.0 - c.beta1) as f32,
                     b2: c.beta2 as f32,
@@ -181,11 +193,11 @@ impl AdamW {
                         .then_some((1.0 - c.lr * c.weight_decay) as f32),
                     scale: (scale != 1.0).then_some(scale as f32),
                 };
-                p.exp_avg.inplace_op2(&g, &Moment::First(k))?;
-                p.exp_avg_sq.inplace_op2(&g, &Moment::Second(k))?;
-                p.var
-                    .as_tensor()
-                    .inplace_op3(&p.exp_avg, &p.exp_avg_sq, &Update(k))?;
+                let update = Update {
+                    k,
+                    moments: Mutex::new((m.as_mut_slice(), v.as_mut_slice())),
+                };
+                p.var.as_tensor().inplace_op2(&g, &update)?;
                 continue;
             }
             if scale != 1.0 {
@@ -195,10 +207,12 @@ impl AdamW {
             if p.decay && c.weight_decay != 0.0 {
                 w = w.affine(1.0 - c.lr * c.weight_decay, 0.0)?;
             }
-            p.exp_avg = (&p.exp_avg + ((&g - &p.exp_avg)? * (1.0 - c.beta1))?)?;
-            p.exp_avg_sq = ((&p.exp_avg_sq * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let denom = p.exp_avg_sq.sqrt()?.affine(1.0 / bc2_sqrt, c.eps)?;
-            let update = ((&p.exp_avg / denom)? * step_size)?;
+            let (m, v) = p.moments.tensors(&p.var)?;
+            let m = (&m + ((&g - &m)? * (1.0 - c.beta1))?)?;
+            let v = ((&v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let denom = v.sqrt()?.affine(1.0 / bc2_sqrt, c.eps)?;
+            let update = ((&m / denom)? * step_size)?;
+            p.moments.set(&m, &v)?;
             let w = (w - update)?.to_dtype(p.var.dtype())?;
             p.var.set(&w)?;
         }
@@ -210,8 +224,9 @@ impl AdamW {
     pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
         for p in &self.params {
-            out.push((format!("exp_avg.{}", p.name), p.exp_avg.clone()));
-            out.push((format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.clone()));
+            let (m, v) = p.moments.tensors(&p.var)?;
+            out.push((format!("exp_avg.{}", p.name), m));
+            out.push((format!("exp_avg_sq.{}", p.name), v));
         }
         let dev = self.params.first().map(|p| p.var.device().clone());
         if let Some(dev) = dev {
@@ -231,9 +246,10 @@ impl AdamW {
             name,
         };
         for p in &mut self.params {
-            for (key, slot) in [
-                (format!("exp_avg.{}", p.name), &mut p.exp_avg),
-                (format!("exp_avg_sq.{}", p.name), &mut p.exp_avg_sq),
+            let mut mv = Vec::with_capacity(2);
+            for key in [
+                format!("exp_avg.{}", p.name),
+                format!("exp_avg_sq.{}", p.name),
             ] {
                 let t = state.get(&key).ok_or_else(|| missing(key.clone()))?;
                 if t.dims() != p.var.dims() {
@@ -244,9 +260,9 @@ impl AdamW {
                         found: t.dims().to_vec(),
                     });
                 }
-                // A copy of its own: the CPU update writes the moments in place.
-                *slot = t.to_dtype(DType::F32)?.to_device(p.var.device())?.copy()?;
+                mv.push(t.to_dtype(DType::F32)?.to_device(p.var.device())?);
             }
+            p.moments.set(&mv[0], &mv[1])?;
         }
         let step = state
             .get("step")
@@ -273,66 +289,56 @@ struct Coefs {
     scale: Option<f32>,
 }
 
-/// Elements per parallel chunk of the in-place passes.
-const CHUNK: usize = 1 << 15;
-
-/// The moment updates, each in place from the gradient:
-/// - `First`: `m = m + ((g − m)·c1 + 0)` (candle's `lerp` as composed above);
-/// - `Second`: `v = (v·b2 + 0) + ((g·g)·c2 + 0)`.
-enum Moment {
-    First(Coefs),
-    Second(Coefs),
+/// A parameter's first and second moments.
+enum Moments {
+    /// A CPU float32 parameter's, updated together with it in one pass ([`Update`]).
+    Host { m: Vec<f32>, v: Vec<f32> },
+    /// Any other parameter's: float32 tensors on its device.
+    Tensors { m: Tensor, v: Tensor },
 }
 
-impl InplaceOp2 for Moment {
-    fn name(&self) -> &'static str {
-        match self {
-            Moment::First(_) => "adamw-exp-avg",
-            Moment::Second(_) => "adamw-exp-avg-sq",
-        }
+impl Moments {
+    /// Both moments as tensors shaped like `var` (copies of host buffers).
+    fn tensors(&self, var: &Var) -> Result<(Tensor, Tensor)> {
+        Ok(match self {
+            Moments::Host { m, v } => (
+                Tensor::from_slice(m, var.shape(), var.device())?,
+                Tensor::from_slice(v, var.shape(), var.device())?,
+            ),
+            Moments::Tensors { m, v } => (m.clone(), v.clone()),
+        })
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<()> {
-        let (x, g) = (f32_slice_mut(s1, l1, "adamw")?, f32_slice(s2, l2, "adamw")?);
-        let (Moment::First(k) | Moment::Second(k)) = *self;
-        let clip = |g: f32| match k.scale {
-            Some(c) => g * c + 0.0,
-            None => g,
-        };
-        match *self {
-            Moment::First(Coefs { c1, .. }) => {
-                par_update(x, g, |m, g| m + ((clip(g) - m) * c1 + 0.0))
+    /// Replaces both moments with float32 `m` and `v`, shaped like the parameter.
+    fn set(&mut self, m: &Tensor, v: &Tensor) -> Result<()> {
+        match self {
+            Moments::Host { m: hm, v: hv } => {
+                *hm = m.flatten_all()?.to_vec1::<f32>()?;
+                *hv = v.flatten_all()?.to_vec1::<f32>()?;
             }
-            Moment::Second(Coefs { b2, c2, .. }) => par_update(x, g, |v, g| {
-                let g = clip(g);
-                (v * b2 + 0.0) + ((g * g) * c2 + 0.0)
-            }),
+            Moments::Tensors { m: tm, v: tv } => {
+                *tm = m.clone();
+                *tv = v.clone();
+            }
         }
         Ok(())
     }
 }
 
-/// `x[i] = f(x[i], g[i])` in parallel chunks.
-fn par_update(x: &mut [f32], g: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) {
-    x.par_chunks_mut(CHUNK)
-        .zip(g.par_chunks(CHUNK))
-        .for_each(|(x, g)| {
-            for (x, &g) in x.iter_mut().zip(g) {
-                *x = f(*x, g);
-            }
-        });
+/// Elements per parallel chunk of the in-place pass.
+const CHUNK: usize = 1 << 15;
+
+/// One AdamW update in place, element by element, from the gradient `g` (entering as
+/// `g·c + 0` when clipped) and the host moments:
+/// - `m = m + ((g − m)·c1 + 0)` (candle's `lerp` as composed above);
+/// - `v = (v·b2 + 0) + ((g·g)·c2 + 0)`;
+/// - `w = [w·(1 − lr·wd) + 0] − ((m / (sqrt(v)·inv_bc2 + eps))·step + 0)`.
+struct Update<'a> {
+    k: Coefs,
+    moments: Mutex<(&'a mut [f32], &'a mut [f32])>,
 }
 
-/// `w = [w·(1 − lr·wd) + 0] − ((m / (sqrt(v)·inv_bc2 + eps))·step + 0)`.
-struct Update(Coefs);
-
-impl InplaceOp3 for Update {
+impl InplaceOp2 for Update<'_> {
     fn name(&self) -> &'static str {
         "adamw-update"
     }
@@ -343,25 +349,38 @@ impl InplaceOp3 for Update {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
     ) -> candle_core::Result<()> {
-        let (w, m, v) = (
-            f32_slice_mut(s1, l1, "adamw")?,
-            f32_slice(s2, l2, "adamw")?,
-            f32_slice(s3, l3, "adamw")?,
-        );
-        let k = self.0;
+        let (w, g) = (f32_slice_mut(s1, l1, "adamw")?, f32_slice(s2, l2, "adamw")?);
+        let mut moments = self.moments.lock().expect("adamw moments");
+        let (m, v) = &mut *moments;
+        if g.len() != w.len() || m.len() != w.len() || v.len() != w.len() {
+            candle_core::bail!(
+                "adamw: {} parameters, {} gradients, {}/{} moments",
+                w.len(),
+                g.len(),
+                m.len(),
+                v.len()
+            );
+        }
+        let k = self.k;
         w.par_chunks_mut(CHUNK)
-            .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
-            .for_each(|(w, (m, v))| {
-                for ((w, &m), &v) in w.iter_mut().zip(m).zip(v) {
-                    let base = match k.decay {
-                        Some(d) => *w * d + 0.0,
-                        None => *w,
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+            .for_each(|((w, g), (m, v))| {
+                for i in 0..w.len() {
+                    let g = match k.scale {
+                        Some(c) => g[i] * c + 0.0,
+                        None => g[i],
                     };
-                    let denom = v.sqrt() * k.inv_bc2 + k.eps;
-                    *w = base - ((m / denom) * k.step + 0.0);
+                    let mi = m[i] + ((g - m[i]) * k.c1 + 0.0);
+                    let vi = (v[i] * k.b2 + 0.0) + ((g * g) * k.c2 + 0.0);
+                    (m[i], v[i]) = (mi, vi);
+                    let base = match k.decay {
+                        Some(d) => w[i] * d + 0.0,
+                        None => w[i],
+                    };
+                    let denom = vi.sqrt() * k.inv_bc2 + k.eps;
+                    w[i] = base - ((mi / denom) * k.step + 0.0);
                 }
             });
         Ok(())
