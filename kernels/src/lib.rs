@@ -1,5 +1,6 @@
 //! CPU float32 kernels shared by `llamagen-encode` (convolutions, T5 linear layers) and
-//! `llamagen-train` (GPT linear layers): the stage crates build their candle ops on these.
+//! `llamagen-train` (GPT linear layers and fused training ops): the stage crates build their
+//! candle ops on these.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};

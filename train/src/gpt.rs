@@ -2,10 +2,12 @@
 //! label (c2i) or projected caption features (t2i), with 2D RoPE.
 //!
 //! Invariants enforced here:
-//! - Every operation on the training path is a plain, differentiable candle op (matmul,
-//!   elementwise, reductions, index_select/gather, cat/narrow). candle's fused kernels
-//!   (`ops::rms_norm`, `ops::softmax_last_dim`, `rotary_emb::*`, `ops::sdpa`) have no backward
-//!   pass and are not used.
+//! - Every operation on the training path has a backward pass: a plain, differentiable candle op
+//!   (matmul, elementwise, reductions, index_select/gather, cat/narrow), or, for CPU float32
+//!   tensors, a fused op of `llamagen_kernels::fused` with its own backward (RMSNorm, the
+//!   attention core, `silu(a)·b`, dropout, cross-entropy) that computes the same function.
+//!   candle's fused kernels (`ops::rms_norm`, `ops::softmax_last_dim`, `rotary_emb::*`,
+//!   `ops::sdpa`) have no backward pass and are not used.
 //! - RoPE table row `p` (shape `(cls_token_num + block_size, head_dim/2)`): rows
 //!   `0..cls_token_num` are all zero (cos = sin = 0), so q and k are zeroed at every condition
 //!   position; image token `t` sits at row `cls_token_num + t` with angles `r*w_k` for the first
