@@ -220,3 +220,74 @@ fn fresh_model_is_initialised_like_the_official_code() -> Result<()> {
     assert_eq!(logits.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
     Ok(())
 }
+
+/// The CPU float32 training path (fused ops with their own backward) against the plain candle
+/// ops, which the same model runs in float64: logits, loss and every parameter's gradient.
+fn fused_path_matches_plain_ops(name: &str, weights: &str) -> Result<()> {
+    let cfg = config(name)?;
+    let dev = Device::Cpu;
+    let sd = read_state_dict(&parity_dir().join(weights), &dev)?;
+    let run = |dtype: DType| -> Result<(Tensor, Tensor, Vec<Tensor>)> {
+        let varmap = VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&varmap, dtype, &dev);
+        let model = llamagen_train::Gpt::load(vb, &cfg)?;
+        load_into_varmap(&varmap, &cfg, &sd)?;
+        let (logits, z) = if cfg.model_type == ModelType::C2i {
+            let io = tensors("gpt_c2i_io.safetensors")?;
+            let cond = Condition::Class(get(&io, "inputs.cond_idx")?.clone());
+            let idx = get(&io, "inputs.idx")?;
+            (
+                model.forward(idx, &cond, None, None)?,
+                get(&io, "inputs.z")?.clone(),
+            )
+        } else {
+            let io = tensors("gpt_t2i_io.safetensors")?;
+            let cap = get(&io, "inputs.caption")?.to_dtype(dtype)?;
+            let mask = get(&io, "inputs.attn_mask")?;
+            let idx = get(&io, "inputs.idx")?;
+            let logits = model.forward(idx, &Condition::Caption(cap), Some(mask), None)?;
+            (logits, get(&io, "inputs.z")?.clone())
+        };
+        let l = loss(&logits, &z, None)?;
+        let grads = l.backward()?;
+        let vars = varmap.data().lock().unwrap();
+        let g = cfg
+            .parameter_names()
+            .iter()
+            .map(|p| {
+                let g = grads.get(vars[p].as_tensor()).context(p.clone())?;
+                Ok(g.to_dtype(DType::F32)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((logits.to_dtype(DType::F32)?, l.to_dtype(DType::F32)?, g))
+    };
+    let (logits32, loss32, g32) = run(DType::F32)?;
+    let (logits64, loss64, g64) = run(DType::F64)?;
+    let max_abs = |t: &Tensor| -> Result<f32> { Ok(t.abs()?.max_all()?.to_scalar::<f32>()?) };
+    let err = max_abs(&(&logits32 - &logits64)?)?;
+    assert!(
+        err <= 1e-4 * max_abs(&logits64)?.max(1.0),
+        "{name} logits: {err}"
+    );
+    let (a, b) = (loss32.to_scalar::<f32>()?, loss64.to_scalar::<f32>()?);
+    assert!((a - b).abs() <= 1e-5 * b.abs(), "{name} loss {a} vs {b}");
+    for ((p, x), y) in cfg.parameter_names().iter().zip(&g32).zip(&g64) {
+        let scale = max_abs(y)?;
+        let err = max_abs(&(x - y)?)?;
+        assert!(
+            scale > 0.0 && err <= 1e-3 * scale,
+            "{name} {p}: error {err}, max {scale}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn c2i_fused_training_path_matches_the_plain_ops() -> Result<()> {
+    fused_path_matches_plain_ops("gpt_c2i", "gpt_c2i_weights.safetensors")
+}
+
+#[test]
+fn t2i_fused_training_path_matches_the_plain_ops() -> Result<()> {
+    fused_path_matches_plain_ops("gpt_t2i", "gpt_t2i_weights.safetensors")
+}
