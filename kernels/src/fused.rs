@@ -56,6 +56,36 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
 }
 
+/// `f(a[i], b[i])` for every element, in parallel chunks.
+fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    let mut y = vec![0f32; a.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(y, (a, b))| {
+            for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
+                *y = f(a, b);
+            }
+        });
+    y
+}
+
+/// `C (+)= A·B` on the calling thread: `A` (`m×k`) and `B` (`k×n`) as pointer, row stride
+/// and column stride, `C` as pointer and row stride.
+///
+/// # Safety
+/// As [`sgemm`]: the operands must address their elements, `C` apart from `A` and `B`.
+unsafe fn mm(
+    (m, n, k): (usize, usize, usize),
+    (a, a_rs, a_cs): (*const f32, usize, usize),
+    (b, b_rs, b_cs): (*const f32, usize, usize),
+    (c, c_rs): (*mut f32, usize),
+    accumulate: bool,
+) {
+    let a = (a, a_rs as isize, a_cs as isize);
+    let b = (b, b_rs as isize, b_cs as isize);
+    unsafe { sgemm((m, n, k), a, b, (c, c_rs as isize), accumulate, 1) }
+}
+
 /// Splits a two-gradient result `(2, ..)` into its halves, each shaped like `like`.
 fn halves(t: Tensor, like: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((
@@ -269,14 +299,7 @@ impl CustomOp2 for SiluMul {
             f32_slice(s1, l1, "silu_mul")?,
             f32_slice(s2, l2, "silu_mul")?,
         );
-        let mut y = vec![0f32; a.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-            .for_each(|(y, (a, b))| {
-                for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
-                    *y = (a / (1.0 + (-a).exp())) * b;
-                }
-            });
+        let y = zip_map(a, b, |a, b| (a / (1.0 + (-a).exp())) * b);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -366,14 +389,7 @@ impl CustomOp1 for MulConstant {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "mul_constant")?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(self.0.par_chunks(CHUNK)))
-            .for_each(|(y, (x, c))| {
-                for ((y, &x), &c) in y.iter_mut().zip(x).zip(c) {
-                    *y = x * c;
-                }
-            });
+        let y = zip_map(x, &self.0, |x, c| x * c);
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -704,13 +720,12 @@ impl CustomOp2 for Attention {
             // SAFETY: the operands are the (L, D) and (L, L) blocks above; each task writes its
             // own p block and its own head's columns of y.
             unsafe {
-                sgemm(
+                mm(
                     (l, l, d),
-                    (qh.as_ptr(), d as isize, 1),
-                    (kg.as_ptr(), 1, d as isize),
-                    (p.as_mut_ptr(), l as isize),
+                    (qh.as_ptr(), d, 1),
+                    (kg.as_ptr(), 1, d),
+                    (p.as_mut_ptr(), l),
                     false,
-                    1,
                 );
             }
             for (row, bias) in p.chunks_mut(l).zip(bias.chunks(l)) {
@@ -729,13 +744,13 @@ impl CustomOp2 for Attention {
                 }
             }
             unsafe {
-                sgemm(
+                let yh = yp.at(bi * l * h * d + hi * d);
+                mm(
                     (l, d, l),
-                    (p.as_ptr(), l as isize, 1),
-                    (vg.as_ptr(), d as isize, 1),
-                    (yp.at(bi * l * h * d + hi * d), (h * d) as isize),
+                    (p.as_ptr(), l, 1),
+                    (vg.as_ptr(), d, 1),
+                    (yh, h * d),
                     false,
-                    1,
                 );
             }
         });
@@ -809,21 +824,19 @@ impl CustomOp1 for AttentionGrad<'_> {
                 // stride H·D); each task writes only its own heads' columns of dqkv.
                 unsafe {
                     // ∂v += pᵀ·g, ∂p = g·vᵀ
-                    sgemm(
+                    mm(
                         (l, d, l),
-                        (ph.as_ptr(), 1, l as isize),
-                        (gh, hd as isize, 1),
-                        (dv.as_mut_ptr(), d as isize),
+                        (ph.as_ptr(), 1, l),
+                        (gh, hd, 1),
+                        (dv.as_mut_ptr(), d),
                         true,
-                        1,
                     );
-                    sgemm(
+                    mm(
                         (l, l, d),
-                        (gh, hd as isize, 1),
-                        (vg.as_ptr(), 1, d as isize),
-                        (ds.as_mut_ptr(), l as isize),
+                        (gh, hd, 1),
+                        (vg.as_ptr(), 1, d),
+                        (ds.as_mut_ptr(), l),
                         false,
-                        1,
                     );
                 }
                 // ∂s = p ⊙ (∂p − Σ ∂p⊙p) · scale
@@ -835,21 +848,19 @@ impl CustomOp1 for AttentionGrad<'_> {
                 }
                 unsafe {
                     // ∂q = ∂s·k, ∂k += ∂sᵀ·q
-                    sgemm(
+                    mm(
                         (l, d, l),
-                        (ds.as_ptr(), l as isize, 1),
-                        (kg.as_ptr(), d as isize, 1),
-                        (dq.as_mut_ptr(), d as isize),
+                        (ds.as_ptr(), l, 1),
+                        (kg.as_ptr(), d, 1),
+                        (dq.as_mut_ptr(), d),
                         false,
-                        1,
                     );
-                    sgemm(
+                    mm(
                         (l, d, l),
-                        (ds.as_ptr(), 1, l as isize),
-                        (qh.as_ptr(), d as isize, 1),
-                        (dk.as_mut_ptr(), d as isize),
+                        (ds.as_ptr(), 1, l),
+                        (qh.as_ptr(), d, 1),
+                        (dk.as_mut_ptr(), d),
                         true,
-                        1,
                     );
                     a.unrotate(&dq, out.at(bi * l * w + hi * d), w, true);
                 }
