@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Embedding;
 
+use llamagen_kernels::fused;
 use llamagen_kernels::linear::Linear;
 use sha2::{Digest, Sha256};
 
@@ -310,9 +311,8 @@ impl TensorSource {
 }
 
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// `q`, `k` and `v` as one product: their weights stacked `[3·inner, d_model]`.
+    qkv: Linear,
     o: Linear,
     heads: usize,
     d_kv: usize,
@@ -379,10 +379,9 @@ impl T5Encoder {
         for i in 0..config.num_layers {
             let p = format!("encoder.block.{i}.layer");
             let a = format!("{p}.0.SelfAttention");
+            let w = |n: &str| src.get(&format!("{a}.{n}.weight"), &[inner, d]);
             let attn = Attention {
-                q: src.linear(&format!("{a}.q"), inner, d)?,
-                k: src.linear(&format!("{a}.k"), inner, d)?,
-                v: src.linear(&format!("{a}.v"), inner, d)?,
+                qkv: Linear::new(Tensor::cat(&[w("q")?, w("k")?, w("v")?], 0)?),
                 o: src.linear(&format!("{a}.o"), d, inner)?,
                 heads: config.num_heads,
                 d_kv: config.d_kv,
@@ -508,27 +507,36 @@ impl T5Encoder {
         for blk in &self.blocks {
             let x = self.rms(&h, &blk.attn_norm)?;
             let a = &blk.attn;
-            let split = |t: Tensor| -> candle_core::Result<Tensor> {
-                t.reshape((b, s, a.heads, a.d_kv))?
-                    .transpose(1, 2)?
-                    .contiguous()
-            };
-            let q = split(a.q.forward(&x)?)?;
-            let k = split(a.k.forward(&x)?)?;
-            let v = split(a.v.forward(&x)?)?;
-            let scores = q.matmul(&k.t()?.contiguous()?)?.broadcast_add(&bias)?;
-            let probs = if self.dtype == DType::F32 {
-                candle_nn::ops::softmax_last_dim(&scores)?
+            let qkv = a.qkv.forward(&x)?;
+            let ctx = if fused::is_cpu_f32(&qkv) {
+                // One op from the projection to the heads' outputs (unscaled scores, as T5).
+                let heads = fused::Heads {
+                    heads: a.heads,
+                    kv_heads: a.heads,
+                    head_dim: a.d_kv,
+                };
+                fused::attention(&qkv, None, &bias, heads, 1.0)?
             } else {
-                candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
-                    .to_dtype(self.dtype)?
-            };
-            let ctx =
+                let split = |i: usize| -> candle_core::Result<Tensor> {
+                    qkv.narrow(2, i * heads * dkv, heads * dkv)?
+                        .reshape((b, s, a.heads, a.d_kv))?
+                        .transpose(1, 2)?
+                        .contiguous()
+                };
+                let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+                let scores = q.matmul(&k.t()?.contiguous()?)?.broadcast_add(&bias)?;
+                let probs = if self.dtype == DType::F32 {
+                    candle_nn::ops::softmax_last_dim(&scores)?
+                } else {
+                    candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
+                        .to_dtype(self.dtype)?
+                };
                 probs
                     .matmul(&v)?
                     .transpose(1, 2)?
                     .contiguous()?
-                    .reshape((b, s, heads * dkv))?;
+                    .reshape((b, s, heads * dkv))?
+            };
             h = (h + a.o.forward(&ctx)?)?;
             let x = self.rms(&h, &blk.ff_norm)?;
             let y = match &blk.ff {

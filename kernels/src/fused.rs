@@ -540,21 +540,28 @@ pub struct Heads {
     pub heads: usize,
     /// Key/value heads `Hkv` (dividing `H`; query head `h` uses key/value head `h / (H/Hkv)`).
     pub kv_heads: usize,
-    /// Features per head `D` (even).
+    /// Features per head `D` (even with RoPE).
     pub head_dim: usize,
 }
 
-/// The attention core of a training forward: `qkv` `(B, L, (H + 2·Hkv)·D)` is the fused
-/// projection (queries, keys, values; heads in order, each head's `D` features contiguous);
-/// `cos`/`sin` `(L, D/2)` are the RoPE rows of positions `0..L` (pairs `(2i, 2i+1)` rotated);
-/// `bias` `(B|1, 1, L, L)` is added to the scaled scores. Returns `(B, L, H·D)`:
-/// `softmax(rope(q)·rope(k)ᵀ/√D + bias)·v` per head, heads side by side.
+/// RoPE rows of positions `0..L`: `cos`/`sin` `(L, D/2)`, pairs `(2i, 2i+1)` rotated.
+#[derive(Debug, Clone, Copy)]
+pub struct Rope<'a> {
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+}
+
+/// The attention core (the GPT's training forward, the T5 encoder): `qkv`
+/// `(B, L, (H + 2·Hkv)·D)` is the fused projection (queries, keys, values; heads in order, each
+/// head's `D` features contiguous); queries and keys are rotated by `rope` when given; `bias`
+/// `(B|1, H|1, L, L)` is added to the scores times `scale`. Returns `(B, L, H·D)`:
+/// `softmax(rope(q)·rope(k)ᵀ·scale + bias)·v` per head, heads side by side.
 pub fn attention(
     qkv: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
+    rope: Option<Rope>,
     bias: &Tensor,
     heads: Heads,
+    scale: f64,
 ) -> Result<Tensor> {
     let (b, l, w) = qkv.dims3()?;
     let Heads {
@@ -562,29 +569,44 @@ pub fn attention(
         kv_heads: hkv,
         head_dim: d,
     } = heads;
-    if hkv == 0 || h % hkv != 0 || d % 2 != 0 || w != (h + 2 * hkv) * d {
+    if hkv == 0 || h % hkv != 0 || (rope.is_some() && d % 2 != 0) || w != (h + 2 * hkv) * d {
         bail!(
             "attention: qkv {:?} does not hold {h} query and {hkv} key/value heads of {d}",
             qkv.dims()
         );
     }
-    if cos.dims() != [l, d / 2] || sin.dims() != [l, d / 2] {
-        bail!(
-            "attention: RoPE tables {:?}/{:?}, expected ({l}, {})",
-            cos.dims(),
-            sin.dims(),
-            d / 2
-        );
-    }
+    let rope = match rope {
+        Some(Rope { cos, sin }) => {
+            if cos.dims() != [l, d / 2] || sin.dims() != [l, d / 2] {
+                bail!(
+                    "attention: RoPE tables {:?}/{:?}, expected ({l}, {})",
+                    cos.dims(),
+                    sin.dims(),
+                    d / 2
+                );
+            }
+            let host = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+            Some((host(cos)?, host(sin)?))
+        }
+        None => None,
+    };
     let bd = bias.dims();
-    if bd.len() != 4 || !(bd[0] == 1 || bd[0] == b) || bd[1] != 1 || bd[2] != l || bd[3] != l {
-        bail!("attention: bias {bd:?}, expected ({b}|1, 1, {l}, {l})");
+    if bd.len() != 4
+        || !(bd[0] == 1 || bd[0] == b)
+        || !(bd[1] == 1 || bd[1] == h)
+        || bd[2] != l
+        || bd[3] != l
+    {
+        bail!("attention: bias {bd:?}, expected ({b}|1, {h}|1, {l}, {l})");
     }
     let op = Attention {
         heads,
-        scale: 1.0 / (d as f32).sqrt(),
-        cos: cos.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
-        sin: sin.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+        scale: scale as f32,
+        rope,
+        bias_strides: (
+            if bd[0] > 1 { bd[1] * l * l } else { 0 },
+            if bd[1] > 1 { l * l } else { 0 },
+        ),
         keep: qkv.track_op(),
         saved: Mutex::new(None),
     };
@@ -594,8 +616,10 @@ pub fn attention(
 struct Attention {
     heads: Heads,
     scale: f32,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    /// Host copies of the RoPE `cos` and `sin` rows.
+    rope: Option<(Vec<f32>, Vec<f32>)>,
+    /// Elements between the bias blocks of consecutive samples and heads (0: shared).
+    bias_strides: (usize, usize),
     keep: bool,
     saved: Mutex<Option<Saved>>,
 }
@@ -631,14 +655,11 @@ impl Attention {
         let d = self.heads.head_dim;
         for (t, dst) in dst.chunks_mut(d).enumerate() {
             let x = &src[t * stride..][..d];
-            if !rope {
+            let Some((cos, sin)) = self.rope.as_ref().filter(|_| rope) else {
                 dst.copy_from_slice(x);
                 continue;
-            }
-            let (c, s) = (
-                &self.cos[t * d / 2..][..d / 2],
-                &self.sin[t * d / 2..][..d / 2],
-            );
+            };
+            let (c, s) = (&cos[t * d / 2..][..d / 2], &sin[t * d / 2..][..d / 2]);
             for i in 0..d / 2 {
                 let (x0, x1) = (x[2 * i], x[2 * i + 1]);
                 dst[2 * i] = x0 * c[i] - x1 * s[i];
@@ -656,14 +677,11 @@ impl Attention {
         let d = self.heads.head_dim;
         for (t, g) in src.chunks(d).enumerate() {
             let out = unsafe { std::slice::from_raw_parts_mut(dst.add(t * stride), d) };
-            if !rope {
+            let Some((cos, sin)) = self.rope.as_ref().filter(|_| rope) else {
                 out.copy_from_slice(g);
                 continue;
-            }
-            let (c, s) = (
-                &self.cos[t * d / 2..][..d / 2],
-                &self.sin[t * d / 2..][..d / 2],
-            );
+            };
+            let (c, s) = (&cos[t * d / 2..][..d / 2], &sin[t * d / 2..][..d / 2]);
             for i in 0..d / 2 {
                 let (g0, g1) = (g[2 * i], g[2 * i + 1]);
                 out[2 * i] = g0 * c[i] + g1 * s[i];
@@ -693,7 +711,6 @@ impl CustomOp2 for Attention {
             kv_heads: hkv,
             head_dim: d,
         } = self.heads;
-        let per_batch_bias = bias.len() == b * l * l && b > 1;
         let (ld, ll) = (l * d, l * l);
         // Heads in their own contiguous (L, D) blocks, queries and keys rotated.
         let mut q = vec![0f32; b * h * ld];
@@ -716,7 +733,8 @@ impl CustomOp2 for Attention {
             let (bi, hi) = (bh / h, bh % h);
             let kv = (bi * hkv + hi / r) * ld;
             let (qh, kg, vg) = (&q[bh * ld..][..ld], &k[kv..][..ld], &v[kv..][..ld]);
-            let bias = &bias[if per_batch_bias { bi * ll } else { 0 }..][..ll];
+            let (bs, hs) = self.bias_strides;
+            let bias = &bias[bi * bs + hi * hs..][..ll];
             // SAFETY: the operands are the (L, D) and (L, L) blocks above; each task writes its
             // own p block and its own head's columns of y.
             unsafe {
@@ -909,10 +927,10 @@ mod tests {
 
     fn attention_ref(
         qkv: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        rope: Option<Rope>,
         bias: &Tensor,
         hs: Heads,
+        scale: f64,
     ) -> Result<Tensor> {
         let (b, l, _) = qkv.dims3()?;
         let Heads {
@@ -925,8 +943,12 @@ mod tests {
         let v = qkv
             .narrow(2, (h + hkv) * d, hkv * d)?
             .reshape((b, l, hkv, d))?;
-        let q = rope_ref(&q, cos, sin)?.transpose(1, 2)?.contiguous()?;
-        let k = rope_ref(&k, cos, sin)?.transpose(1, 2)?.contiguous()?;
+        let (q, k) = match rope {
+            Some(Rope { cos, sin }) => (rope_ref(&q, cos, sin)?, rope_ref(&k, cos, sin)?),
+            None => (q, k),
+        };
+        let q = q.transpose(1, 2)?.contiguous()?;
+        let k = k.transpose(1, 2)?.contiguous()?;
         let v = v.transpose(1, 2)?.contiguous()?;
         let r = h / hkv;
         let rep = |t: Tensor| -> Result<Tensor> {
@@ -935,10 +957,7 @@ mod tests {
                 .reshape((b, h, l, d))
         };
         let (k, v) = (rep(k)?, rep(v)?);
-        let s = q
-            .matmul(&k.t()?)?
-            .affine(1.0 / (d as f64).sqrt(), 0.0)?
-            .broadcast_add(bias)?;
+        let s = q.matmul(&k.t()?)?.affine(scale, 0.0)?.broadcast_add(bias)?;
         softmax(&s)?
             .matmul(&v)?
             .transpose(1, 2)?
@@ -1052,11 +1071,14 @@ mod tests {
     #[test]
     fn attention_matches_the_composed_form() -> Result<()> {
         let dev = Device::Cpu;
-        // (B, L, H, Hkv, D, per-sample bias): multi-head, grouped keys/values, a padded batch.
-        for (b, l, h, hkv, d, per_sample) in [
-            (2, 13, 3, 3, 8, false),
-            (1, 40, 4, 2, 16, false),
-            (2, 9, 2, 1, 6, true),
+        // (B, L, H, Hkv, D, per-sample bias, RoPE): multi-head, grouped keys/values, a padded
+        // batch; without RoPE, unscaled, with per-head biases (T5).
+        for (b, l, h, hkv, d, per_sample, with_rope) in [
+            (2, 13, 3, 3, 8, false, true),
+            (1, 40, 4, 2, 16, false, true),
+            (2, 9, 2, 1, 6, true, true),
+            (2, 11, 3, 3, 5, true, false),
+            (3, 7, 2, 2, 4, false, false),
         ] {
             let hs = Heads {
                 heads: h,
@@ -1066,8 +1088,12 @@ mod tests {
             let qkv = Tensor::randn(0f32, 1., (b, l, (h + 2 * hkv) * d), &dev)?;
             let ang = Tensor::randn(0f32, 2., (l, d / 2), &dev)?;
             let (cos, sin) = (ang.cos()?, ang.sin()?);
+            let rope = with_rope.then_some(Rope {
+                cos: &cos,
+                sin: &sin,
+            });
             let nb = if per_sample { b } else { 1 };
-            let bias: Vec<f32> = (0..nb * l * l)
+            let mut bias: Vec<f32> = (0..nb * l * l)
                 .map(|i| {
                     let (s, t, j) = (i / (l * l), i / l % l, i % l);
                     if j > t || (s == 1 && j < 2 && j != t) {
@@ -1077,12 +1103,29 @@ mod tests {
                     }
                 })
                 .collect();
-            let bias = Tensor::from_vec(bias, (nb, 1, l, l), &dev)?;
+            let (nh, scale) = if with_rope {
+                (1, 1.0 / (d as f64).sqrt())
+            } else {
+                (h, 1.0)
+            };
+            if nh > 1 {
+                // A different bias per head (T5's relative positions), on top of the mask.
+                bias = (0..nh)
+                    .flat_map(|hi| bias.iter().map(move |&m| m + 0.25 * hi as f32))
+                    .collect();
+                let per = l * l;
+                let heads_first: Vec<f32> = (0..nb)
+                    .flat_map(|s| (0..nh).flat_map(move |hi| (0..per).map(move |i| (s, hi, i))))
+                    .map(|(s, hi, i)| bias[hi * nb * per + s * per + i])
+                    .collect();
+                bias = heads_first;
+            }
+            let bias = Tensor::from_vec(bias, (nb, nh, l, l), &dev)?;
             check(
                 &[qkv],
-                |t| attention(&t[0], &cos, &sin, &bias, hs),
-                |t| attention_ref(&t[0], &cos, &sin, &bias, hs),
-                &format!("attention b{b} l{l} h{h}/{hkv} d{d}"),
+                |t| attention(&t[0], rope, &bias, hs, scale),
+                |t| attention_ref(&t[0], rope, &bias, hs, scale),
+                &format!("attention b{b} l{l} h{h}/{hkv} d{d} rope {with_rope}"),
             )?;
         }
         Ok(())
@@ -1100,8 +1143,13 @@ mod tests {
         let qkv = Tensor::randn(0f32, 1., (1, 5, 24), &dev)?;
         let ang = Tensor::randn(0f32, 1., (5, 2), &dev)?;
         let bias = Tensor::zeros((1, 1, 5, 5), DType::F32, &dev)?;
-        let a = attention(&qkv, &ang.cos()?, &ang.sin()?, &bias, hs)?;
-        let r = attention_ref(&qkv, &ang.cos()?, &ang.sin()?, &bias, hs)?;
+        let (cos, sin) = (ang.cos()?, ang.sin()?);
+        let rope = Some(Rope {
+            cos: &cos,
+            sin: &sin,
+        });
+        let a = attention(&qkv, rope, &bias, hs, 0.5)?;
+        let r = attention_ref(&qkv, rope, &bias, hs, 0.5)?;
         close(&a, &r, 1e-5, "untracked attention")
     }
 }

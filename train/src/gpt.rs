@@ -422,7 +422,12 @@ impl Attention {
                 kv_heads: hkv,
                 head_dim: hd,
             };
-            let y = fused::attention(&qkv, ctx.cos, ctx.sin, bias, heads)?;
+            let rope = fused::Rope {
+                cos: ctx.cos,
+                sin: ctx.sin,
+            };
+            let scale = 1.0 / (hd as f64).sqrt();
+            let y = fused::attention(&qkv, Some(rope), bias, heads, scale)?;
             let mut y = self.wo.forward(&y)?;
             if let Some(d) = dropout.as_mut() {
                 y = d.apply(&y, cfg.resid_dropout_p)?;
