@@ -17,6 +17,8 @@ run: setup
 test: setup
 	cargo build -p llamagen-pipelines --bin llamagen
 	cargo test --workspace --no-fail-fast
+	# The T5 parity again with the AMX products off: the float32 path of CPUs without AMX.
+	LLAMAGEN_AMX=0 cargo test -p llamagen-encode --test t5_parity
 	# The `cuda` feature must keep compiling: nvcc from PyPI, a stub libcuda, no GPU needed.
 	./scripts/check-cuda.sh
 

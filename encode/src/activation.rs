@@ -88,7 +88,7 @@ impl CustomOp2 for GeluMul {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (a, b) = (f32_slice(s1, l1, "gelu")?, f32_slice(s2, l2, "gelu")?);
-        let mut out = vec![0f32; a.len()];
+        let mut out = llamagen_kernels::output_buffer(a.len());
         const CHUNK: usize = 1 << 14;
         out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, o)| {
             let a = &a[i * CHUNK..i * CHUNK + o.len()];

@@ -304,9 +304,9 @@ impl TensorSource {
     }
 
     fn linear(&self, name: &str, out: usize, inp: usize) -> Result<Linear> {
-        Ok(Linear::new(
+        Ok(Linear::for_inference(
             self.get(&format!("{name}.weight"), &[out, inp])?,
-        ))
+        )?)
     }
 }
 
@@ -381,6 +381,9 @@ impl T5Encoder {
             let a = format!("{p}.0.SelfAttention");
             let w = |n: &str| src.get(&format!("{a}.{n}.weight"), &[inner, d]);
             let attn = Attention {
+                // Float32 products always: T5's scores are unscaled, so an error in q or k
+                // grows through the softmax (the AMX products here would put the parity
+                // fixtures at 1e-4 instead of 5e-5).
                 qkv: Linear::new(Tensor::cat(&[w("q")?, w("k")?, w("v")?], 0)?),
                 o: src.linear(&format!("{a}.o"), d, inner)?,
                 heads: config.num_heads,

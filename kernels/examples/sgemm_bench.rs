@@ -1,6 +1,9 @@
-//! On-demand microbenchmark of `sgemm` (GFLOP/s per shape, one thread and all threads).
+//! On-demand microbenchmark of `sgemm` (GFLOP/s per shape, one thread and all threads), and of
+//! the AMX product (`amx::gemm`, a pre-packed weight) for the linear-layer shapes where the CPU
+//! has AMX.
 //!
 //!   cargo run -p llamagen-kernels --example sgemm_bench [M,N,K[,p] ...]
+use llamagen_kernels::amx;
 use llamagen_kernels::sgemm::{PackedA, sgemm, sgemm_packed};
 use std::time::Instant;
 
@@ -27,6 +30,7 @@ fn main() {
     if !given.is_empty() {
         shapes = given;
     }
+    let only_amx = std::env::var("ONLY_AMX").is_ok();
     for threads in [1, rayon::current_num_threads()] {
         for &(m, n, k, packed) in &shapes {
             let a: Vec<f32> = (0..m * k)
@@ -58,16 +62,31 @@ fn main() {
                     );
                 }
             };
-            run(&mut c);
+            if !only_amx {
+                run(&mut c);
+            }
             let reps = if m * n * k < 20_000_000 { 2000 } else { 10 };
             let mut best = f64::MAX;
-            for _ in 0..reps {
+            for _ in 0..if only_amx { 0 } else { reps } {
                 let t = Instant::now();
                 run(&mut c);
                 best = best.min(t.elapsed().as_secs_f64());
             }
             let gf = 2.0 * (m * n * k) as f64 / best / 1e9;
             println!("threads {threads} m {m} n {n} k {k} packed {packed}: {gf:.1} GFLOP/s");
+            if !packed && amx::available() {
+                // The same B as a linear layer's (n, k) weight.
+                let w: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+                let pb = amx::PackedB::from_weight(&w, n, k);
+                let mut best = f64::MAX;
+                for _ in 0..reps {
+                    let t = Instant::now();
+                    amx::gemm(m, &a, k, &pb, &mut c, n, threads);
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                let gf = 2.0 * (m * n * k) as f64 / best / 1e9;
+                println!("threads {threads} m {m} n {n} k {k} amx: {gf:.1} GFLOP/s");
+            }
         }
     }
 }

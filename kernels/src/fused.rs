@@ -19,8 +19,8 @@
 //!   op keeps its rotated queries and keys, its values and its probabilities; cross-entropy
 //!   keeps each row's log-sum-exp. A forward that tracks nothing keeps nothing.
 
-use crate::f32_slice;
 use crate::sgemm::sgemm;
+use crate::{f32_slice, output_buffer};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape};
 use candle_core::{Tensor, bail};
 use rayon::prelude::*;
@@ -58,7 +58,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// `f(a[i], b[i])` for every element, in parallel chunks.
 fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
-    let mut y = vec![0f32; a.len()];
+    let mut y = output_buffer(a.len());
     y.par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
         .for_each(|(y, (a, b))| {
@@ -713,9 +713,10 @@ impl CustomOp2 for Attention {
         } = self.heads;
         let (ld, ll) = (l * d, l * l);
         // Heads in their own contiguous (L, D) blocks, queries and keys rotated.
-        let mut q = vec![0f32; b * h * ld];
-        let mut k = vec![0f32; b * hkv * ld];
-        let mut v = vec![0f32; b * hkv * ld];
+        // Every buffer below is written whole before it is read.
+        let mut q = output_buffer(b * h * ld);
+        let mut k = output_buffer(b * hkv * ld);
+        let mut v = output_buffer(b * hkv * ld);
         let split = |buf: &mut Vec<f32>, nh: usize, col0: usize, rope: bool| {
             buf.par_chunks_mut(ld).enumerate().for_each(|(bh, dst)| {
                 let (bi, hi) = (bh / nh, bh % nh);
@@ -725,8 +726,8 @@ impl CustomOp2 for Attention {
         split(&mut q, h, 0, true);
         split(&mut k, hkv, h, true);
         split(&mut v, hkv, h + hkv, false);
-        let mut p = vec![0f32; b * h * ll];
-        let mut y = vec![0f32; b * l * h * d];
+        let mut p = output_buffer(b * h * ll);
+        let mut y = output_buffer(b * l * h * d);
         let yp = Out(y.as_mut_ptr());
         let r = h / hkv;
         p.par_chunks_mut(ll).enumerate().for_each(|(bh, p)| {

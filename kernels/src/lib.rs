@@ -6,9 +6,20 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};
 
 pub mod alloc;
+pub mod amx;
 pub mod fused;
 pub mod linear;
 pub mod sgemm;
+
+/// A buffer of `n` floats for an op that writes every element before anything reads it (an
+/// output or a per-call intermediate), without first filling it with zeros.
+pub fn output_buffer(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: f32 has no invalid bit patterns and every caller overwrites all `n` elements
+    // before reading any (the contract above), as candle's own CPU ops do with their outputs.
+    unsafe { v.set_len(n) };
+    v
+}
 
 /// The float32 elements of a contiguous CPU storage, or an error naming `op`.
 pub fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {

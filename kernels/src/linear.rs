@@ -7,21 +7,55 @@
 //!   position), each one `sgemm` on the rayon pool and each computed only for an argument that
 //!   is a variable or depends on one. Elsewhere it is `candle_nn::Linear` (candle's matmul and
 //!   its backward). Both agree to float32 summation order.
+//! - A layer built with [`Linear::for_inference`] on a CPU with AMX (`crate::amx`) also holds its
+//!   weight packed for the AMX product, and uses it for every float32 CPU input that no gradient
+//!   is tracked through; such results differ from float32 products by about 1e-5 relative
+//!   (`crate::amx`'s bound). Tracked inputs take the float32 path above.
 
+use crate::amx;
 use crate::f32_slice;
 use crate::sgemm::sgemm;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
+use std::sync::Arc;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Linear {
     weight: Tensor,
     inner: candle_nn::Linear,
+    /// The weight packed for `amx::gemm` (inference layers on AMX CPUs only).
+    packed: Option<Arc<amx::PackedB>>,
+}
+
+impl std::fmt::Debug for Linear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Linear")
+            .field("weight", &self.weight)
+            .field("amx", &self.packed.is_some())
+            .finish()
+    }
 }
 
 impl Linear {
     pub fn new(weight: Tensor) -> Self {
         let inner = candle_nn::Linear::new(weight.clone(), None);
-        Self { weight, inner }
+        Self {
+            weight,
+            inner,
+            packed: None,
+        }
+    }
+
+    /// A layer for inference: as [`Linear::new`], and where the weight is a CPU float32 matrix
+    /// and [`amx::available`], it is also packed once for the AMX product.
+    pub fn for_inference(weight: Tensor) -> Result<Self> {
+        let mut layer = Self::new(weight);
+        let w = &layer.weight;
+        if w.device().is_cpu() && w.dtype() == DType::F32 && w.rank() == 2 && amx::available() {
+            let (n, k) = w.dims2()?;
+            let data = w.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            layer.packed = Some(Arc::new(amx::PackedB::from_weight(&data, n, k)));
+        }
+        Ok(layer)
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -35,6 +69,13 @@ impl Module for Linear {
         if !(cpu_f32(x) && cpu_f32(&self.weight)) {
             return self.inner.forward(x);
         }
+        if let Some(packed) = &self.packed {
+            if !x.track_op() {
+                return x
+                    .contiguous()?
+                    .apply_op1_no_bwd(&AmxProduct(packed.clone()));
+            }
+        }
         let (x, w) = (x.contiguous()?, self.weight.contiguous()?);
         let op = Product {
             ta: false,
@@ -45,6 +86,45 @@ impl Module for Linear {
         } else {
             x.apply_op2_no_bwd(&w, &op)
         }
+    }
+}
+
+/// `x·Wᵀ` through `amx::gemm`, `W` pre-packed; `x` is contiguous `(.., in)`.
+struct AmxProduct(Arc<amx::PackedB>);
+
+impl CustomOp1 for AmxProduct {
+    fn name(&self) -> &'static str {
+        "linear-amx"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "linear")?;
+        let (m, k) = as_matrix(l);
+        let (n, wk) = (self.0.n(), self.0.k());
+        if k != wk {
+            candle_core::bail!(
+                "linear: input {:?} does not chain with a {n}×{wk} weight",
+                l.dims()
+            );
+        }
+        let mut y: Vec<f32> = Vec::with_capacity(m * n);
+        // SAFETY: `amx::gemm` writes every element of the `m × n` result (row stride `n`)
+        // before anything reads it.
+        unsafe {
+            amx::gemm(
+                m,
+                x,
+                k,
+                &self.0,
+                std::slice::from_raw_parts_mut(y.as_mut_ptr(), m * n),
+                n,
+                rayon::current_num_threads(),
+            );
+            y.set_len(m * n);
+        }
+        let mut d = l.dims().to_vec();
+        *d.last_mut().expect("rank >= 1") = n;
+        Ok((CpuStorage::F32(y), Shape::from(d)))
     }
 }
 
@@ -155,6 +235,33 @@ impl CustomOp2 for Product {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// An inference layer: untracked inputs take the AMX product where the CPU has it (close to
+    /// float32, not equal), tracked ones the float32 product and its backward.
+    #[test]
+    fn inference_layer_matches_float32() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1., (70, 300), &dev)?;
+        let x = Tensor::randn(0f32, 1., (2, 45, 300), &dev)?;
+        let (plain, fast) = (Linear::new(w.clone()), Linear::for_inference(w.clone())?);
+        assert_eq!(fast.packed.is_some(), amx::available());
+        let want = plain.forward(&x)?;
+        let got = fast.forward(&x)?;
+        assert_eq!(got.dims(), want.dims());
+        let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+        let err = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()? / scale;
+        assert!(err < 2e-5, "relative error {err}");
+        if amx::available() {
+            assert!(err > 0.0, "the AMX product was not used");
+        }
+        let xv = Var::from_tensor(&x)?;
+        let tracked = fast.forward(&xv)?;
+        let exact = (&tracked - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(exact, 0.0, "a tracked input must take the float32 product");
+        let g = tracked.sum_all()?.backward()?;
+        assert!(g.get(&xv).is_some());
+        Ok(())
+    }
 
     /// Values and gradients against candle's Linear, for 2-D and 3-D inputs and a small batch.
     #[test]
