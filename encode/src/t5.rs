@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Embedding;
 
+use llamagen_kernels::amx::Split;
 use llamagen_kernels::fused;
 use llamagen_kernels::linear::Linear;
 use sha2::{Digest, Sha256};
@@ -306,6 +307,7 @@ impl TensorSource {
     fn linear(&self, name: &str, out: usize, inp: usize) -> Result<Linear> {
         Ok(Linear::for_inference(
             self.get(&format!("{name}.weight"), &[out, inp])?,
+            Split::Two,
         )?)
     }
 }
@@ -381,10 +383,13 @@ impl T5Encoder {
             let a = format!("{p}.0.SelfAttention");
             let w = |n: &str| src.get(&format!("{a}.{n}.weight"), &[inner, d]);
             let attn = Attention {
-                // Float32 products always: T5's scores are unscaled, so an error in q or k
-                // grows through the softmax (the AMX products here would put the parity
-                // fixtures at 1e-4 instead of 5e-5).
-                qkv: Linear::new(Tensor::cat(&[w("q")?, w("k")?, w("v")?], 0)?),
+                // Float32-level products: T5's scores are unscaled, so an error in q or k grows
+                // through the softmax (two-piece AMX products here put the parity fixtures at
+                // 1e-4 instead of 5e-5).
+                qkv: Linear::for_inference(
+                    Tensor::cat(&[w("q")?, w("k")?, w("v")?], 0)?,
+                    Split::Three,
+                )?,
                 o: src.linear(&format!("{a}.o"), d, inner)?,
                 heads: config.num_heads,
                 d_kv: config.d_kv,

@@ -77,15 +77,17 @@ fn main() {
             if !packed && amx::available() {
                 // The same B as a linear layer's (n, k) weight.
                 let w: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
-                let pb = amx::PackedB::from_weight(&w, n, k);
-                let mut best = f64::MAX;
-                for _ in 0..reps {
-                    let t = Instant::now();
-                    amx::gemm(m, &a, k, &pb, &mut c, n, threads);
-                    best = best.min(t.elapsed().as_secs_f64());
+                for split in [amx::Split::Two, amx::Split::Three] {
+                    let pb = amx::PackedB::from_weight(&w, n, k, split);
+                    let mut best = f64::MAX;
+                    for _ in 0..reps {
+                        let t = Instant::now();
+                        amx::gemm(m, &a, k, &pb, &mut c, n, threads);
+                        best = best.min(t.elapsed().as_secs_f64());
+                    }
+                    let gf = 2.0 * (m * n * k) as f64 / best / 1e9;
+                    println!("threads {threads} m {m} n {n} k {k} amx {split:?}: {gf:.1} GFLOP/s");
                 }
-                let gf = 2.0 * (m * n * k) as f64 / best / 1e9;
-                println!("threads {threads} m {m} n {n} k {k} amx: {gf:.1} GFLOP/s");
             }
         }
     }

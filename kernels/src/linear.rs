@@ -46,14 +46,14 @@ impl Linear {
     }
 
     /// A layer for inference: as [`Linear::new`], and where the weight is a CPU float32 matrix
-    /// and [`amx::available`], it is also packed once for the AMX product.
-    pub fn for_inference(weight: Tensor) -> Result<Self> {
+    /// and [`amx::available`], it is also packed once for the AMX product cut as `split`.
+    pub fn for_inference(weight: Tensor, split: amx::Split) -> Result<Self> {
         let mut layer = Self::new(weight);
         let w = &layer.weight;
         if w.device().is_cpu() && w.dtype() == DType::F32 && w.rank() == 2 && amx::available() {
             let (n, k) = w.dims2()?;
             let data = w.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-            layer.packed = Some(Arc::new(amx::PackedB::from_weight(&data, n, k)));
+            layer.packed = Some(Arc::new(amx::PackedB::from_weight(&data, n, k, split)));
         }
         Ok(layer)
     }
@@ -243,17 +243,21 @@ mod tests {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1., (70, 300), &dev)?;
         let x = Tensor::randn(0f32, 1., (2, 45, 300), &dev)?;
-        let (plain, fast) = (Linear::new(w.clone()), Linear::for_inference(w.clone())?);
-        assert_eq!(fast.packed.is_some(), amx::available());
+        let plain = Linear::new(w.clone());
         let want = plain.forward(&x)?;
-        let got = fast.forward(&x)?;
-        assert_eq!(got.dims(), want.dims());
         let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
-        let err = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()? / scale;
-        assert!(err < 2e-5, "relative error {err}");
-        if amx::available() {
-            assert!(err > 0.0, "the AMX product was not used");
+        for (split, bound) in [(amx::Split::Two, 2e-5), (amx::Split::Three, 1e-6)] {
+            let fast = Linear::for_inference(w.clone(), split)?;
+            assert_eq!(fast.packed.is_some(), amx::available());
+            let got = fast.forward(&x)?;
+            assert_eq!(got.dims(), want.dims());
+            let err = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()? / scale;
+            assert!(err < bound, "{split:?}: relative error {err}");
+            if amx::available() {
+                assert!(err > 0.0, "the AMX product was not used");
+            }
         }
+        let fast = Linear::for_inference(w.clone(), amx::Split::Two)?;
         let xv = Var::from_tensor(&x)?;
         let tracked = fast.forward(&xv)?;
         let exact = (&tracked - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
