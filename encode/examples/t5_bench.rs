@@ -48,9 +48,10 @@ fn main() -> anyhow::Result<()> {
     times.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
     let median = times[times.len() / 2];
     println!(
-        "{{\"side\": \"llamagen (candle)\", \"captions\": {}, \"valid_tokens\": {tokens}, \"median_s\": {median:.3}, \"tokens_per_s\": {:.1}, \"runs_s\": {times:?}}}",
+        "{{\"side\": \"llamagen (candle)\", \"captions\": {}, \"valid_tokens\": {tokens}, \"median_s\": {median:.3}, \"tokens_per_s\": {:.1}, \"runs_s\": {times:?}, \"amx\": {}}}",
         captions.len(),
-        tokens as f64 / median
+        tokens as f64 / median,
+        llamagen_kernels::amx::available()
     );
     Ok(())
 }
