@@ -12,6 +12,10 @@
 //! - Computing only a window of the output gives the same bytes as resizing everything and
 //!   cropping. On x86-64 CPUs with AVX2 the two passes run as vector kernels computing the same
 //!   integer sums (tests compare them with the scalar loops byte for byte).
+//! - A pass that is an exact halving (BOX from 2n to n: every output reads two neighbouring
+//!   inputs with weight ½ each) is `(a + b + 1) >> 1` per byte, since the sum starts at one half:
+//!   the vector kernels compute it as a rounding byte average (`center_crop_arr`'s BOX halvings
+//!   of the full-size image).
 
 use image::RgbImage;
 
@@ -153,6 +157,16 @@ impl Kernels {
         match self {
             Kernels::Scalar => horizontal_scalar(block, in_w, h, left, cw, mid),
             #[cfg(target_arch = "x86_64")]
+            Kernels::Avx2 if halving(h, left, cw) => {
+                let base = h.start[left] * 3;
+                for (in_row, out_row) in block
+                    .chunks_exact(in_w * 3)
+                    .zip(mid.chunks_exact_mut(cw * 3))
+                {
+                    halve_pairs(&in_row[base..base + cw * 6], out_row);
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
             // SAFETY: `Kernels::Avx2` is only chosen when the CPU has AVX2.
             Kernels::Avx2 => unsafe { avx2::horizontal(block, in_w, h, left, cw, mid) },
         }
@@ -170,6 +184,16 @@ impl Kernels {
     ) {
         match self {
             Kernels::Scalar => vertical_scalar(mid, stride, v, row0, top, out),
+            #[cfg(target_arch = "x86_64")]
+            Kernels::Avx2 if halving(v, top, out.len() / stride.max(1)) => {
+                for (oy, out_row) in out.chunks_exact_mut(stride).enumerate() {
+                    let r = v.start[top + oy] - row0;
+                    let (a, b) = (&mid[r * stride..][..stride], &mid[(r + 1) * stride..][..stride]);
+                    for ((o, &a), &b) in out_row.iter_mut().zip(a).zip(b) {
+                        *o = ((a as u16 + b as u16 + 1) >> 1) as u8;
+                    }
+                }
+            }
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Kernels::Avx2` is only chosen when the CPU has AVX2.
             Kernels::Avx2 => unsafe { avx2::vertical(mid, stride, v, row0, top, out) },
@@ -273,6 +297,70 @@ fn resize_window_with(
     let mut out = vec![0u8; ch * cw * 3];
     kernels.vertical(&mid, cw * 3, &v, row0, top, &mut out);
     out
+}
+
+/// Whether outputs `from .. from + count` of a pass each read two neighbouring inputs with
+/// weight ½, the pairs side by side (an exact BOX halving).
+fn halving(c: &Coeffs, from: usize, count: usize) -> bool {
+    let half = 1i32 << (PRECISION_BITS - 1);
+    count > 0
+        && (from..from + count).all(|i| {
+            c.len[i] == 2
+                && c.start[i] == c.start[from] + 2 * (i - from)
+                && c.k[i * c.ksize] == half
+                && c.k[i * c.ksize + 1] == half
+        })
+}
+
+/// `dst` pixel `x` = the rounded average of `src` pixels `2x` and `2x + 1` (RGB), with AVX-512
+/// byte permutes where the CPU has them.
+fn halve_pairs(src: &[u8], dst: &mut [u8]) {
+    assert_eq!(src.len(), 2 * dst.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        static VBMI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *VBMI.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512vbmi")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+        }) {
+            // SAFETY: the CPU has the features; lengths checked above.
+            return unsafe { halve_pairs_vbmi(src, dst) };
+        }
+    }
+    for (o, p) in dst.chunks_exact_mut(3).zip(src.chunks_exact(6)) {
+        for c in 0..3 {
+            o[c] = ((p[c] as u16 + p[c + 3] as u16 + 1) >> 1) as u8;
+        }
+    }
+}
+
+/// [`halve_pairs`], ten output pixels (60 source bytes) per step: masked loads of the bytes and
+/// of the bytes three on, a rounding byte average, then one permute picking 3 of every 6.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+unsafe fn halve_pairs_vbmi(src: &[u8], dst: &mut [u8]) {
+    use std::arch::x86_64::*;
+    let mut idx = [0u8; 64];
+    for (j, v) in idx.iter_mut().enumerate().take(30) {
+        *v = (6 * (j / 3) + j % 3) as u8;
+    }
+    // SAFETY (whole body): every load and store is masked to the bytes of `src` / `dst` it
+    // covers: `6·m` bytes from `6x`, `6·m − 3` from `6x + 3`, `3·m` to `3x`.
+    unsafe {
+        let perm = _mm512_loadu_si512(idx.as_ptr().cast());
+        let mask = |n: usize| -> u64 { if n >= 64 { u64::MAX } else { (1u64 << n) - 1 } };
+        let n = dst.len() / 3;
+        let mut x = 0;
+        while x < n {
+            let m = (n - x).min(10);
+            let p = src.as_ptr().add(6 * x);
+            let a = _mm512_maskz_loadu_epi8(mask(6 * m), p.cast());
+            let b = _mm512_maskz_loadu_epi8(mask(6 * m - 3), p.add(3).cast());
+            let r = _mm512_permutexvar_epi8(perm, _mm512_avg_epu8(a, b));
+            _mm512_mask_storeu_epi8(dst.as_mut_ptr().add(3 * x).cast(), mask(3 * m), r);
+            x += m;
+        }
+    }
 }
 
 /// Horizontal pass: `block` holds whole source rows (`in_w` pixels each); `mid` receives the
@@ -562,7 +650,18 @@ mod tests {
             ((5, 700), (300, 3), (290, 1, 10, 2)),
             ((224, 300), (224, 224), (0, 0, 224, 224)),
             ((300, 224), (224, 224), (0, 0, 224, 224)),
+            // Exact halvings (the BOX fast path): both axes, a window at the edges, the
+            // vertical-first order, one axis odd (only the other halves), few pixels.
+            ((512, 384), (256, 192), (0, 0, 256, 192)),
+            ((1000, 602), (500, 301), (13, 5, 487, 296)),
+            ((64, 3000), (32, 1500), (3, 700, 29, 800)),
+            ((2000, 1001), (1000, 500), (0, 0, 1000, 500)),
+            ((6, 4), (3, 2), (0, 0, 3, 2)),
         ];
+        assert!(halving(&coeffs(512, 256, Filter::Box), 0, 256));
+        assert!(halving(&coeffs(1000, 500, Filter::Box), 13, 487));
+        assert!(!halving(&coeffs(1001, 500, Filter::Box), 0, 500));
+        assert!(!halving(&coeffs(512, 256, Filter::Bilinear), 0, 256));
         for (i, &((w, h), (ow, oh), win)) in cases.iter().enumerate() {
             let img = noise(w, h, i as u32);
             for f in [Filter::Bicubic, Filter::Bilinear, Filter::Box] {
