@@ -188,7 +188,10 @@ impl Kernels {
             Kernels::Avx2 if halving(v, top, out.len() / stride.max(1)) => {
                 for (oy, out_row) in out.chunks_exact_mut(stride).enumerate() {
                     let r = v.start[top + oy] - row0;
-                    let (a, b) = (&mid[r * stride..][..stride], &mid[(r + 1) * stride..][..stride]);
+                    let (a, b) = (
+                        &mid[r * stride..][..stride],
+                        &mid[(r + 1) * stride..][..stride],
+                    );
                     for ((o, &a), &b) in out_row.iter_mut().zip(a).zip(b) {
                         *o = ((a as u16 + b as u16 + 1) >> 1) as u8;
                     }

@@ -2,8 +2,8 @@
 //! file decoded `REPEATS` times, best pass), with and without a target-size hint.
 //!
 //!   cargo run -p llamagen-ingest --example decode_bench DIR [TARGET] [REPEATS]
-use llamagen_ingest::decode::decode_rgb;
 use llamagen_ingest::DecodeLimits;
+use llamagen_ingest::decode::decode_rgb;
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
@@ -32,10 +32,15 @@ fn main() -> anyhow::Result<()> {
         e.0 += 1;
         e.1 += best;
     }
-    let (n, s) = by_format.values().fold((0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+    let (n, s) = by_format
+        .values()
+        .fold((0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
     for (f, (c, t)) in &by_format {
         println!("{f}: {c} files, {:.2} ms each", t / *c as f64 * 1e3);
     }
-    println!("all: {n} files, {:.2} ms each (target hint {target:?})", s / n as f64 * 1e3);
+    println!(
+        "all: {n} files, {:.2} ms each (target hint {target:?})",
+        s / n as f64 * 1e3
+    );
     Ok(())
 }

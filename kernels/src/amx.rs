@@ -231,7 +231,7 @@ fn pack_a(a: &[f32], (m, k, lda): (usize, usize, usize), b: &PackedB, out: &mut 
 
 thread_local! {
     /// Packed `A` of this thread's last product, kept for the next one.
-    static PACKED_A: std::cell::RefCell<Tiles> = const { std::cell::RefCell::new(Tiles(Vec::new())) };
+    static PACKED_A: std::cell::Cell<Tiles> = const { std::cell::Cell::new(Tiles(Vec::new())) };
 }
 
 /// The `P` pieces of each of `x` (up to 32 floats) into `out`, zeros after `x.len()`; in
@@ -296,27 +296,11 @@ pub fn gemm(
     }
     assert!(lda >= k && a.len() >= (m - 1) * lda + k, "A is too short");
     assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "C is too short");
-    // The calling thread's buffer, unless a product nested in this one's wait holds it.
-    PACKED_A.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => product(m, a, lda, b, c, ldc, threads, &mut buf),
-        Err(_) => product(m, a, lda, b, c, ldc, threads, &mut Tiles::default()),
-    })
-}
-
-#[allow(clippy::too_many_arguments)]
-fn product(
-    m: usize,
-    a: &[f32],
-    lda: usize,
-    b: &PackedB,
-    c: &mut [f32],
-    ldc: usize,
-    threads: usize,
-    pa: &mut Tiles,
-) {
-    let (n, k, slices, step) = (b.n, b.k, b.slices, b.split.step());
-    pack_a(a, (m, k, lda), b, pa);
-    let pa = pa.as_slice();
+    // The calling thread's buffer (a product nested in this one's wait finds an empty one).
+    let mut held = PACKED_A.take();
+    pack_a(a, (m, k, lda), b, &mut held);
+    let (slices, step) = (b.slices, b.split.step());
+    let pa = held.as_slice();
     let (mblocks, nblocks) = (m.div_ceil(32), n.div_ceil(32));
     let block_bytes = slices * step * 2;
     let mc = (A_BLOCK_BYTES / block_bytes).max(1);
@@ -380,6 +364,7 @@ fn product(
         // SAFETY: releases this thread's tile state.
         unsafe { tile_release() };
     });
+    PACKED_A.set(held);
 }
 
 #[derive(Clone, Copy)]
