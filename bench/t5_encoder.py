@@ -101,12 +101,27 @@ def main():
     results = [run_hf("max_length"), run_hf("sorted_longest")]
     for r in results:
         print(json.dumps(r), flush=True)
-    env = dict(os.environ, RAYON_NUM_THREADS=str(THREADS))
+    dump = os.path.join(work, "features.f32")
+    env = dict(os.environ, RAYON_NUM_THREADS=str(THREADS), T5_BENCH_DUMP=dump)
     out = subprocess.run([os.environ["T5_BENCH_BIN"], work, os.path.join(FIX, "tokenizer.json"),
                           os.path.join(work, "captions.txt"), str(REPEATS)],
                          env=env, check=True, capture_output=True, text=True).stdout
     ours = json.loads(out.strip().splitlines()[-1])
     print(json.dumps(ours), flush=True)
+    # Parity at this size: the first 64 captions one by one (no padding) through transformers
+    # against the features llamagen computed in its batches.
+    import numpy as np
+    got = np.fromfile(dump, dtype="<f4")
+    worst, at = 0.0, 0
+    with torch.no_grad():
+        for t in texts[:64]:
+            ids = tok(t, max_length=120, truncation=True, return_tensors="pt")["input_ids"]
+            want = model(input_ids=ids).last_hidden_state[0].numpy()
+            mine = got[at:at + want.size].reshape(want.shape)
+            at += want.size
+            worst = max(worst, float(np.abs(mine - want).max() / np.abs(want).max()))
+    assert at == got.size, "feature count mismatch"
+    print("parity: max relative error %.2e over 64 captions (the tests' bound is 1e-4)" % worst)
     for r in results:
         print("ratio llamagen / %s: %.2fx" % (r["side"], ours["tokens_per_s"] / r["tokens_per_s"]))
     print("threads: %d, torch %s, captions %d, mean valid tokens %.1f" % (

@@ -1,6 +1,8 @@
 //! Encoder throughput on CPU: `t5_bench MODEL_DIR TOKENIZER CAPTIONS.txt REPEATS`.
 //! Captions are one per line, already cleaned; prints a JSON line with valid tokens per second
-//! (median over REPEATS passes). Threads follow RAYON_NUM_THREADS.
+//! (median over REPEATS passes). Threads follow RAYON_NUM_THREADS. With `T5_BENCH_DUMP=FILE`,
+//! the features of the first 64 captions (valid tokens, float32, caption after caption) are
+//! also written to FILE, for the benchmark's parity check.
 
 use std::path::Path;
 use std::time::Instant;
@@ -35,6 +37,7 @@ fn main() -> anyhow::Result<()> {
     let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
     let mut times = Vec::new();
     let mut tokens = 0usize;
+    let mut last = Vec::new();
     for _ in 0..repeats {
         let t = Instant::now();
         let out = enc.encode(&refs)?;
@@ -44,6 +47,17 @@ fn main() -> anyhow::Result<()> {
             .filter_map(|o| o.as_ref().ok())
             .map(|f| f.tokens)
             .sum();
+        last = out;
+    }
+    if let Ok(path) = std::env::var("T5_BENCH_DUMP") {
+        let mut bytes = Vec::new();
+        for f in last.iter().take(64) {
+            let f = f
+                .as_ref()
+                .map_err(|e| anyhow::anyhow!("caption failed: {e:?}"))?;
+            bytes.extend(f.data.iter().flat_map(|v| v.to_le_bytes()));
+        }
+        std::fs::write(path, bytes)?;
     }
     times.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
     let median = times[times.len() / 2];
