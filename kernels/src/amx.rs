@@ -314,6 +314,8 @@ pub fn gemm(
         Split::Three => block3,
     };
     (0..threads).into_par_iter().for_each(|t| {
+        // The whole wrapper is captured, not its (non-Send) pointer field.
+        #[allow(clippy::redundant_locals)]
         let c_ptr = c_ptr;
         let (n0, n1) = (t * per, ((t + 1) * per).min(nblocks));
         let mut scratch = Scratch([0.0; 1024]);

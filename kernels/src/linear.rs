@@ -69,12 +69,12 @@ impl Module for Linear {
         if !(cpu_f32(x) && cpu_f32(&self.weight)) {
             return self.inner.forward(x);
         }
-        if let Some(packed) = &self.packed {
-            if !x.track_op() {
-                return x
-                    .contiguous()?
-                    .apply_op1_no_bwd(&AmxProduct(packed.clone()));
-            }
+        if let Some(packed) = &self.packed
+            && !x.track_op()
+        {
+            return x
+                .contiguous()?
+                .apply_op1_no_bwd(&AmxProduct(packed.clone()));
         }
         let (x, w) = (x.contiguous()?, self.weight.contiguous()?);
         let op = Product {
