@@ -21,7 +21,7 @@ use candle_nn::Embedding;
 
 use llamagen_kernels::amx::Split;
 use llamagen_kernels::fused;
-use llamagen_kernels::linear::Linear;
+use llamagen_kernels::linear::InferenceLinear;
 use sha2::{Digest, Sha256};
 
 use crate::error::EncodeError;
@@ -304,8 +304,8 @@ impl TensorSource {
             .contiguous()?)
     }
 
-    fn linear(&self, name: &str, out: usize, inp: usize) -> Result<Linear> {
-        Ok(Linear::for_inference(
+    fn linear(&self, name: &str, out: usize, inp: usize) -> Result<InferenceLinear> {
+        Ok(InferenceLinear::new(
             self.get(&format!("{name}.weight"), &[out, inp])?,
             Split::Two,
         )?)
@@ -314,21 +314,21 @@ impl TensorSource {
 
 struct Attention {
     /// `q`, `k` and `v` as one product: their weights stacked `[3·inner, d_model]`.
-    qkv: Linear,
-    o: Linear,
+    qkv: InferenceLinear,
+    o: InferenceLinear,
     heads: usize,
     d_kv: usize,
 }
 
 enum FeedForward {
     Plain {
-        wi: Linear,
-        wo: Linear,
+        wi: InferenceLinear,
+        wo: InferenceLinear,
     },
     Gated {
-        wi_0: Linear,
-        wi_1: Linear,
-        wo: Linear,
+        wi_0: InferenceLinear,
+        wi_1: InferenceLinear,
+        wo: InferenceLinear,
     },
 }
 
@@ -386,7 +386,7 @@ impl T5Encoder {
                 // Float32-level products: T5's scores are unscaled, so an error in q or k grows
                 // through the softmax (two-piece AMX products here put the parity fixtures at
                 // 1e-4 instead of 5e-5).
-                qkv: Linear::for_inference(
+                qkv: InferenceLinear::new(
                     Tensor::cat(&[w("q")?, w("k")?, w("v")?], 0)?,
                     Split::Three,
                 )?,

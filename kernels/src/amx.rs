@@ -1,5 +1,5 @@
-//! Float32 products on Intel AMX tiles for inference (the T5 encoder's output and feed-forward
-//! projections, through `linear::Linear::for_inference`): `C = A·B` from bf16 tile products
+//! Float32 products on Intel AMX tiles for inference (the T5 encoder's linear layers, through
+//! `linear::InferenceLinear`): `C = A·B` from bf16 tile products
 //! ("bf16×3"), about 2.5 times the float32 AVX-512 product's speed on the T5-base shapes.
 //!
 //! Invariants enforced here:
@@ -115,6 +115,7 @@ fn split(x: f32) -> [u16; 3] {
 }
 
 /// `B` (`k × n`) packed for [`gemm`].
+#[derive(Debug)]
 pub struct PackedB {
     n: usize,
     k: usize,
@@ -125,10 +126,10 @@ pub struct PackedB {
 }
 
 /// bf16 storage whose tile rows (64 bytes) each sit in one cache line.
-#[derive(Default)]
+#[derive(Default, Debug)]
 struct Tiles(Vec<Line>);
 
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 #[repr(C, align(64))]
 struct Line([u16; 32]);
 

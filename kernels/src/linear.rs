@@ -7,10 +7,10 @@
 //!   position), each one `sgemm` on the rayon pool and each computed only for an argument that
 //!   is a variable or depends on one. Elsewhere it is `candle_nn::Linear` (candle's matmul and
 //!   its backward). Both agree to float32 summation order.
-//! - A layer built with [`Linear::for_inference`] on a CPU with AMX (`crate::amx`) also holds its
-//!   weight packed for the AMX product, and uses it for every float32 CPU input that no gradient
-//!   is tracked through; such results differ from float32 products by about 1e-5 relative
-//!   (`crate::amx`'s bound). Tracked inputs take the float32 path above.
+//! - An [`InferenceLinear`] on a CPU with AMX (`crate::amx`) holds only its weight packed for the
+//!   AMX product (the float32 copy is dropped) and takes untracked CPU float32 inputs only; its
+//!   results are within `crate::amx`'s bounds of the float32 product. Elsewhere it is a
+//!   [`Linear`].
 
 use crate::amx;
 use crate::f32_slice;
@@ -18,48 +18,71 @@ use crate::sgemm::sgemm;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use std::sync::Arc;
 
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
     inner: candle_nn::Linear,
-    /// The weight packed for `amx::gemm` (inference layers on AMX CPUs only).
-    packed: Option<Arc<amx::PackedB>>,
-}
-
-impl std::fmt::Debug for Linear {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Linear")
-            .field("weight", &self.weight)
-            .field("amx", &self.packed.is_some())
-            .finish()
-    }
 }
 
 impl Linear {
     pub fn new(weight: Tensor) -> Self {
         let inner = candle_nn::Linear::new(weight.clone(), None);
-        Self {
-            weight,
-            inner,
-            packed: None,
-        }
-    }
-
-    /// A layer for inference: as [`Linear::new`], and where the weight is a CPU float32 matrix
-    /// and [`amx::available`], it is also packed once for the AMX product cut as `split`.
-    pub fn for_inference(weight: Tensor, split: amx::Split) -> Result<Self> {
-        let mut layer = Self::new(weight);
-        let w = &layer.weight;
-        if w.device().is_cpu() && w.dtype() == DType::F32 && w.rank() == 2 && amx::available() {
-            let (n, k) = w.dims2()?;
-            let data = w.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-            layer.packed = Some(Arc::new(amx::PackedB::from_weight(&data, n, k, split)));
-        }
-        Ok(layer)
+        Self { weight, inner }
     }
 
     pub fn weight(&self) -> &Tensor {
         &self.weight
+    }
+}
+
+/// A linear layer for inference only (the T5 encoder's).
+#[derive(Debug, Clone)]
+pub enum InferenceLinear {
+    /// The float32 product of [`Linear`] (no AMX, or a weight that is not CPU float32).
+    Float(Linear),
+    /// The AMX product from the weight packed once (`amx::PackedB`); the float32 weight is not
+    /// kept, so the layer needs no more memory than before (1.5 times with three pieces).
+    Amx(Arc<amx::PackedB>),
+}
+
+impl InferenceLinear {
+    /// The AMX form, cut as `split`, where the weight is a CPU float32 matrix and
+    /// [`amx::available`]; the float32 form otherwise.
+    pub fn new(weight: Tensor, split: amx::Split) -> Result<Self> {
+        if weight.device().is_cpu()
+            && weight.dtype() == DType::F32
+            && weight.rank() == 2
+            && amx::available()
+        {
+            let (n, k) = weight.dims2()?;
+            let data = weight.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            return Ok(Self::Amx(Arc::new(amx::PackedB::from_weight(
+                &data, n, k, split,
+            ))));
+        }
+        Ok(Self::Float(Linear::new(weight)))
+    }
+}
+
+impl Module for InferenceLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Float(l) => l.forward(x),
+            Self::Amx(packed) => {
+                if !(x.device().is_cpu() && x.dtype() == DType::F32) {
+                    candle_core::bail!(
+                        "linear: an AMX layer takes CPU float32 inputs, got {:?} on {:?}",
+                        x.dtype(),
+                        x.device()
+                    );
+                }
+                if x.track_op() {
+                    candle_core::bail!("linear: an AMX layer is inference-only (no gradient)");
+                }
+                x.contiguous()?
+                    .apply_op1_no_bwd(&AmxProduct(packed.clone()))
+            }
+        }
     }
 }
 
@@ -68,13 +91,6 @@ impl Module for Linear {
         let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
         if !(cpu_f32(x) && cpu_f32(&self.weight)) {
             return self.inner.forward(x);
-        }
-        if let Some(packed) = &self.packed
-            && !x.track_op()
-        {
-            return x
-                .contiguous()?
-                .apply_op1_no_bwd(&AmxProduct(packed.clone()));
         }
         let (x, w) = (x.contiguous()?, self.weight.contiguous()?);
         let op = Product {
@@ -236,8 +252,8 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    /// An inference layer: untracked inputs take the AMX product where the CPU has it (close to
-    /// float32, not equal), tracked ones the float32 product and its backward.
+    /// An inference layer: the AMX product where the CPU has it (close to float32, not equal),
+    /// the float32 product otherwise; a tracked input is refused by the AMX form.
     #[test]
     fn inference_layer_matches_float32() -> Result<()> {
         let dev = Device::Cpu;
@@ -247,8 +263,8 @@ mod tests {
         let want = plain.forward(&x)?;
         let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
         for (split, bound) in [(amx::Split::Two, 2e-5), (amx::Split::Three, 1e-6)] {
-            let fast = Linear::for_inference(w.clone(), split)?;
-            assert_eq!(fast.packed.is_some(), amx::available());
+            let fast = InferenceLinear::new(w.clone(), split)?;
+            assert_eq!(matches!(fast, InferenceLinear::Amx(_)), amx::available());
             let got = fast.forward(&x)?;
             assert_eq!(got.dims(), want.dims());
             let err = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()? / scale;
@@ -257,13 +273,18 @@ mod tests {
                 assert!(err > 0.0, "the AMX product was not used");
             }
         }
-        let fast = Linear::for_inference(w.clone(), amx::Split::Two)?;
+        let fast = InferenceLinear::new(w.clone(), amx::Split::Two)?;
         let xv = Var::from_tensor(&x)?;
-        let tracked = fast.forward(&xv)?;
-        let exact = (&tracked - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert_eq!(exact, 0.0, "a tracked input must take the float32 product");
-        let g = tracked.sum_all()?.backward()?;
-        assert!(g.get(&xv).is_some());
+        match fast {
+            InferenceLinear::Amx(_) => {
+                let err = fast.forward(&xv).unwrap_err().to_string();
+                assert!(err.contains("inference-only"), "{err}");
+            }
+            InferenceLinear::Float(_) => {
+                let got = fast.forward(&xv)?;
+                assert_eq!((&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+            }
+        }
         Ok(())
     }
 
