@@ -564,7 +564,22 @@ mod tests {
     #[test]
     fn matches_float64_product() {
         if !available() {
-            eprintln!("AMX is not available on this CPU: nothing to compare");
+            // Then the contract is the fallback: a CPU that reports AMX must grant it unless
+            // turned off, and the product refuses to run (callers take `sgemm`).
+            #[cfg(target_arch = "x86_64")]
+            {
+                let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+                let off = std::env::var("LLAMAGEN_AMX").is_ok_and(|v| v.trim() == "0");
+                assert!(
+                    off || (edx >> 24) & 1 == 0 || (edx >> 22) & 1 == 0,
+                    "this CPU reports AMX but the process was not granted its tile state"
+                );
+            }
+            let b = PackedB::from_weight(&[1.0; 4], 2, 2, Split::Two);
+            let refused = std::panic::catch_unwind(|| {
+                gemm(1, &[1.0, 2.0], 2, &b, &mut [0.0; 2], 2, 1);
+            });
+            assert!(refused.is_err());
             return;
         }
         for (m, n, k, threads, split_, bound) in [
