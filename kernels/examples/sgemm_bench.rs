@@ -1,6 +1,6 @@
 //! On-demand microbenchmark of `sgemm` (GFLOP/s per shape, one thread and all threads), and of
 //! the AMX product (`amx::gemm`, a pre-packed weight) for the linear-layer shapes where the CPU
-//! has AMX.
+//! has AMX. `ONLY_AMX=1` skips the float32 timings of those shapes.
 //!
 //!   cargo run -p llamagen-kernels --example sgemm_bench [M,N,K[,p] ...]
 use llamagen_kernels::amx;
