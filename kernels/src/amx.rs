@@ -545,6 +545,12 @@ unsafe fn tile_release() {}
 mod tests {
     use super::*;
 
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "xsave")]
+    unsafe fn xcr0() -> u64 {
+        unsafe { std::arch::x86_64::_xgetbv(0) }
+    }
+
     fn rand(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
         (0..n)
@@ -564,15 +570,21 @@ mod tests {
     #[test]
     fn matches_float64_product() {
         if !available() {
-            // Then the contract is the fallback: a CPU that reports AMX must grant it unless
-            // turned off, and the product refuses to run (callers take `sgemm`).
+            // Then the contract is the fallback: where the CPU reports AMX and the kernel has
+            // enabled its tile state (XCR0 bits 17-18), the process must get it unless turned
+            // off; and the product refuses to run (callers take `sgemm`).
             #[cfg(target_arch = "x86_64")]
             {
-                let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
+                use std::arch::x86_64::__cpuid_count;
+                let edx = __cpuid_count(7, 0).edx;
+                let osxsave = (__cpuid_count(1, 0).ecx >> 27) & 1 == 1;
+                // SAFETY: XGETBV is available when CPUID reports OSXSAVE.
+                let xcr0 = if osxsave { unsafe { xcr0() } } else { 0 };
+                let enabled = (edx >> 24) & 1 == 1 && (edx >> 22) & 1 == 1 && (xcr0 >> 17) & 3 == 3;
                 let off = std::env::var("LLAMAGEN_AMX").is_ok_and(|v| v.trim() == "0");
                 assert!(
-                    off || (edx >> 24) & 1 == 0 || (edx >> 22) & 1 == 0,
-                    "this CPU reports AMX but the process was not granted its tile state"
+                    off || !enabled,
+                    "this CPU and kernel support AMX but the process was not granted it"
                 );
             }
             let b = PackedB::from_weight(&[1.0; 4], 2, 2, Split::Two);
