@@ -168,13 +168,13 @@ async fn generate(root: &str, rows: u64, shards: u64) -> anyhow::Result<()> {
         done += n as u64;
     }
     let shards = writer.finish().await?;
-    let m = ds
-        .commit(Transaction {
-            operation: "bench".into(),
-            add: shards,
-            ..Default::default()
-        })
-        .await?;
+    ds.commit(Transaction {
+        operation: "bench".into(),
+        add: shards,
+        ..Default::default()
+    })
+    .await?;
+    let m = ds.snapshot().await?;
     eprintln!(
         "generated {} rows in {} shards ({} bytes) in {:.1}s",
         m.rows(),

@@ -1,55 +1,80 @@
-//! Datasets, manifests and the commit protocol.
+//! Datasets as Delta Lake tables, and the commit protocol.
 //!
-//! Layout of a dataset `<name>` under a storage root:
+//! Layout of a dataset `<name>` under a storage root; it is a Delta table that any Delta reader
+//! (Spark, DuckDB's `delta_scan`, PyPI's `deltalake` and `polars`) opens at `<root>/<name>`:
 //! ```text
-//! <name>/_manifest/00000000000000000007.json   manifest versions (zero-padded, so names sort by version)
-//! <name>/data/part-<uuid v7>.parquet           shards (see crate::shard)
+//! <name>/_delta_log/00000000000000000007.json               one commit: only its own actions
+//! <name>/_delta_log/00000000000000000100.checkpoint.parquet  the table state every 100 versions
+//! <name>/_delta_log/_last_checkpoint
+//! <name>/data/part-<uuid v7>.parquet                         shards (see crate::shard)
 //! ```
 //!
 //! Invariants of the commit protocol:
-//! 1. A manifest version is a complete snapshot: the shards that make up the dataset (path, rows,
-//!    bytes, SHA-256) and the work units done so far. The dataset *is* its latest version; the
-//!    empty dataset is version 0 and has no file.
-//! 2. Shards are written under unique names first and are invisible until a manifest lists them.
-//!    Readers read only the shards of the version they loaded, so a writer that dies at any
-//!    point leaves nothing a reader sees: at most unreferenced files, which `gc` removes once
+//! 1. The dataset *is* its table's latest version: the shards added and not since removed. Version
+//!    0 creates the table (protocol, metadata with the sample schema and its version); a dataset
+//!    without a log is empty. Each shard's SHA-256, writing stage, applied stages and work units
+//!    travel in its `add` action's `tags` (`llamagen.*`), its rows in `stats.numRecords`.
+//! 2. Shards are written under unique names first and are invisible until a commit adds them.
+//!    Readers read only the shards of the version they loaded, so a writer that dies at any point
+//!    leaves nothing a reader sees: at most unreferenced files, which [`Dataset::gc`] removes once
 //!    they are older than a grace period (which protects writers still between writing and
-//!    committing).
-//! 3. A commit writes version N+1 with an atomic put-if-absent (local: hard link; S3:
-//!    `If-None-Match: *`) on top of the version N it read. If another writer took N+1 first, the
-//!    commit re-reads the latest version and re-applies its additions and removals on top, so
-//!    concurrent writers never lose or duplicate each other's shards. A removal of a shard that a
-//!    concurrent commit already removed fails ([`CatalogError::ShardGone`]).
-//! 4. Work units make commits idempotent across crashes and concurrent workers: a commit that
-//!    names units fails with [`CatalogError::UnitAlreadyCommitted`] if any is already in the
-//!    latest version, so each unit of input lands exactly once.
-//! 5. Each commit carries a unique transaction id. A writer whose put-if-absent was ambiguous (the
-//!    request failed after the server stored it, then a retry saw the name taken) finds its own
-//!    id in that version and treats the commit as done.
-//! 6. Every version records the schema version of its shards; readers refuse versions they do not
-//!    know ([`CatalogError::UnsupportedSchemaVersion`]) and name the file of any malformed manifest.
+//!    committing). `gc` deletes only files named as this module names shards.
+//! 3. A commit writes version N+1 with an atomic put-if-absent (object_store's `PutMode::Create`:
+//!    a hard link locally, `If-None-Match: *` on S3; no lock service) holding only its own
+//!    actions, on top of the version N it read. If another writer took N+1 first, the commit reads
+//!    the new versions (only those: the state is advanced incrementally) and re-applies its
+//!    additions and removals on top, so concurrent writers never lose or duplicate each other's
+//!    shards. A removal of a shard that a concurrent commit already removed fails
+//!    ([`CatalogError::ShardGone`]). Nothing lists every version: the cost of a commit does not
+//!    grow with the table.
+//! 4. Work units make commits idempotent across crashes and concurrent workers: each is a Delta
+//!    application transaction (`txn`, `appId` = the unit). A commit that names a unit already in
+//!    the table fails with [`CatalogError::UnitAlreadyCommitted`], so each unit lands exactly once.
+//! 5. Each commit carries a unique `llamagen.txnId` in its `commitInfo`. A writer whose
+//!    put-if-absent was ambiguous (the request failed after the server stored it, then a retry
+//!    saw the name taken) finds its own id in that version and treats the commit as done.
+//! 6. The table's metadata records the sample schema version (`llamagen.schemaVersion`); readers
+//!    refuse versions they do not know ([`CatalogError::UnsupportedSchemaVersion`]) and name the
+//!    log file of any malformed entry.
+//! 7. A checkpoint is written every [`CHECKPOINT_INTERVAL`] versions, so a cold read replays at
+//!    most that many JSON commits after one Parquet checkpoint.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::array::RecordBatch;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeZone, Utc};
+use deltalake::kernel::transaction::{CommitData, TransactionError};
+use deltalake::kernel::{Action, Add, Remove, Transaction as AppTransaction};
+use deltalake::logstore::{CommitOrBytes, LogStoreRef, StorageConfig, default_logstore};
+use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::{DeltaTable, DeltaTableError};
 use futures::StreamExt;
+use object_store::prefix::PrefixStore;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CatalogError, Result};
-use crate::schema::SCHEMA_VERSION;
+use crate::schema::{SCHEMA_VERSION, sample_schema};
 use crate::shard::{ShardWriter, ShardWriterOptions, decode_shard};
-use crate::storage::{PutOutcome, Storage, join};
+use crate::storage::{Storage, join};
 
-pub const MANIFEST_DIR: &str = "_manifest";
+/// The Delta transaction log directory of a table.
+pub const LOG_DIR: &str = "_delta_log";
 pub const DATA_DIR: &str = "data";
-/// The `format` field of every manifest.
-pub const MANIFEST_FORMAT: &str = "llamagen.manifest";
-/// Version of the manifest file layout written by this build.
-pub const MANIFEST_FORMAT_VERSION: u32 = 1;
+/// Table property holding the sample schema version (invariant 6).
+pub const SCHEMA_VERSION_PROPERTY: &str = "llamagen.schemaVersion";
+/// A checkpoint every this many versions (invariant 7; Delta's own default).
+pub const CHECKPOINT_INTERVAL: u64 = 100;
+
+const TAG_SHA256: &str = "llamagen.sha256";
+const TAG_STAGE: &str = "llamagen.stage";
+const TAG_APPLIED: &str = "llamagen.applied";
+const TAG_UNITS: &str = "llamagen.units";
+const INFO_TXN_ID: &str = "llamagen.txnId";
+const INFO_OPERATION: &str = "llamagen.operation";
+const INFO_RUN_ID: &str = "llamagen.runId";
 
 /// One committed shard.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,96 +91,29 @@ pub struct ShardEntry {
     /// Every stage whose columns this shard's rows carry, in order (see [`crate::stage`]).
     #[serde(default)]
     pub applied: Vec<String>,
-}
-
-/// Who committed a version and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TxnInfo {
-    pub id: String,
-    pub operation: String,
+    /// The work units whose rows this shard holds (carried over by rewrites).
     #[serde(default)]
-    pub run_id: Option<String>,
+    pub units: Vec<String>,
 }
 
-/// A manifest version: a complete snapshot of a dataset.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Manifest {
-    pub format: String,
-    pub format_version: u32,
-    pub schema_version: u32,
+/// A version of a dataset: the shards that make it up and the work units done so far.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Snapshot {
     pub dataset: String,
+    /// The table version (0 also for a dataset that does not exist yet).
     pub version: u64,
-    pub committed_at: DateTime<Utc>,
-    pub txn: TxnInfo,
     pub shards: Vec<ShardEntry>,
-    /// Work units whose output is in this snapshot (see invariant 4).
-    #[serde(default)]
+    /// Work units whose output is in this version (see invariant 4).
     pub units: BTreeSet<String>,
 }
 
-impl Manifest {
-    fn empty(dataset: &str) -> Self {
-        Manifest {
-            format: MANIFEST_FORMAT.into(),
-            format_version: MANIFEST_FORMAT_VERSION,
-            schema_version: SCHEMA_VERSION,
-            dataset: dataset.into(),
-            version: 0,
-            committed_at: Utc::now(),
-            txn: TxnInfo {
-                id: String::new(),
-                operation: "create".into(),
-                run_id: None,
-            },
-            shards: Vec::new(),
-            units: BTreeSet::new(),
-        }
-    }
-
+impl Snapshot {
     pub fn rows(&self) -> u64 {
         self.shards.iter().map(|s| s.rows).sum()
     }
 
     pub fn bytes(&self) -> u64 {
         self.shards.iter().map(|s| s.bytes).sum()
-    }
-
-    /// Parses and validates a manifest file; `name` is used in errors.
-    pub fn parse(name: &str, data: &[u8]) -> Result<Manifest> {
-        let bad = |reason: String| CatalogError::MalformedManifest {
-            path: name.to_string(),
-            reason,
-        };
-        let v: serde_json::Value = serde_json::from_slice(data).map_err(|e| bad(e.to_string()))?;
-        if v.get("format").and_then(|f| f.as_str()) != Some(MANIFEST_FORMAT) {
-            return Err(bad(format!(
-                "no \"format\": \"{MANIFEST_FORMAT}\"; not a llamagen manifest"
-            )));
-        }
-        if let Some(sv) = v.get("schema_version").and_then(|s| s.as_u64()) {
-            if sv != SCHEMA_VERSION as u64 {
-                return Err(CatalogError::UnsupportedSchemaVersion {
-                    path: name.to_string(),
-                    found: sv as u32,
-                    supported: SCHEMA_VERSION,
-                });
-            }
-        }
-        if let Some(fv) = v.get("format_version").and_then(|s| s.as_u64()) {
-            if fv > MANIFEST_FORMAT_VERSION as u64 {
-                return Err(bad(format!(
-                    "manifest format version {fv} is newer than this build reads ({MANIFEST_FORMAT_VERSION})"
-                )));
-            }
-        }
-        let m: Manifest = serde_json::from_value(v).map_err(|e| bad(e.to_string()))?;
-        let mut seen = BTreeSet::new();
-        for s in &m.shards {
-            if !seen.insert(&s.path) {
-                return Err(bad(format!("shard {} is listed twice", s.path)));
-            }
-        }
-        Ok(m)
     }
 }
 
@@ -171,14 +129,40 @@ pub struct Transaction {
     pub units: Vec<String>,
 }
 
+/// What a commit made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Committed {
+    /// The table version the commit wrote.
+    pub version: u64,
+    /// How many times it lost a race and re-applied itself on a newer version.
+    pub retries: u32,
+}
+
 /// What `gc` removed (or would remove, in a dry run).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct GcReport {
     pub orphan_shards: Vec<String>,
     pub orphan_bytes: u64,
-    pub old_manifests: Vec<String>,
+    /// Log entries older than the retention and the latest checkpoint.
+    pub expired_log_entries: usize,
     pub temp_files: Vec<String>,
     pub aborted_uploads: Vec<String>,
+}
+
+/// One table version, as `history` shows it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HistoryEntry {
+    pub version: u64,
+    pub committed_at: Option<DateTime<Utc>>,
+    /// Delta's name of the operation (`CREATE TABLE`, `WRITE`, `UPDATE`).
+    pub operation: Option<String>,
+    /// llamagen's stage or command ("ingest", "filter", ...).
+    pub stage: Option<String>,
+    pub run_id: Option<String>,
+    pub shards_added: u64,
+    pub shards_removed: u64,
+    pub rows_added: u64,
+    pub units: u64,
 }
 
 /// One problem found by [`Dataset::verify`].
@@ -188,17 +172,46 @@ pub struct VerifyProblem {
     pub problem: String,
 }
 
+/// The table state a handle has read (see invariant 3: advanced one commit at a time).
+struct State {
+    log_store: LogStoreRef,
+    /// None: no table yet.
+    version: Option<u64>,
+    shards: BTreeMap<String, ShardEntry>,
+    units: BTreeSet<String>,
+    /// The library's view of the table, advanced only when a checkpoint is due, and used to
+    /// look up work units committed before this handle loaded the table.
+    table: Option<DeltaTable>,
+}
+
 /// A named dataset under a storage root.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Dataset {
     storage: Arc<dyn Storage>,
     name: String,
     /// How many times a commit re-reads and retries after losing a race (default 64).
     pub max_commit_attempts: u32,
+    state: Arc<tokio::sync::Mutex<Option<State>>>,
 }
 
-fn version_file(version: u64) -> String {
-    format!("{version:020}.json")
+impl std::fmt::Debug for Dataset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataset")
+            .field("root", &self.storage.root())
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+fn log_file(version: u64) -> String {
+    format!("{LOG_DIR}/{version:020}.json")
+}
+
+/// Whether `path` (relative to a dataset) is named as the shard writer names shards.
+pub fn is_shard_path(path: &str) -> bool {
+    path.strip_prefix("data/part-")
+        .and_then(|rest| rest.strip_suffix(".parquet"))
+        .is_some_and(|id| uuid::Uuid::parse_str(id).is_ok())
 }
 
 impl Dataset {
@@ -207,6 +220,7 @@ impl Dataset {
             storage,
             name: name.trim_matches('/').to_string(),
             max_commit_attempts: 64,
+            state: Arc::new(tokio::sync::Mutex::new(None)),
         }
     }
 
@@ -218,13 +232,14 @@ impl Dataset {
         &self.storage
     }
 
-    fn manifest_dir(&self) -> String {
-        join(&self.name, MANIFEST_DIR)
+    /// The table's location as a user (or another engine) writes it.
+    pub fn location(&self) -> String {
+        format!("{}/{}", self.storage.root().trim_end_matches('/'), self.name)
     }
 
-    /// Storage path of a manifest version.
-    pub fn manifest_path(&self, version: u64) -> String {
-        join(&self.manifest_dir(), &version_file(version))
+    /// Storage path of a log entry.
+    pub fn log_path(&self, version: u64) -> String {
+        join(&self.name, &log_file(version))
     }
 
     /// Storage path of a shard entry's file.
@@ -232,9 +247,324 @@ impl Dataset {
         join(&self.name, &entry.path)
     }
 
-    /// Committed manifest versions, ascending.
+    fn delta_err(&self, e: DeltaTableError) -> CatalogError {
+        CatalogError::Delta {
+            table: self.location(),
+            source: Box::new(e),
+        }
+    }
+
+    fn log_store(&self) -> Result<LogStoreRef> {
+        let (url, root) = self.storage.object_store()?;
+        let table_url =
+            url.join(&format!("{}/", self.name))
+                .map_err(|e| CatalogError::InvalidUri {
+                    uri: self.location(),
+                    reason: e.to_string(),
+                })?;
+        let prefix = object_store::path::Path::from_url_path(table_url.path()).map_err(|e| {
+            CatalogError::InvalidUri {
+                uri: self.location(),
+                reason: e.to_string(),
+            }
+        })?;
+        let prefixed: Arc<dyn object_store::ObjectStore> =
+            Arc::new(PrefixStore::new(root.clone(), prefix));
+        Ok(default_logstore(
+            prefixed,
+            root,
+            &table_url,
+            &StorageConfig::default(),
+        ))
+    }
+
+    /// Reads the table from scratch: its latest checkpoint and the commits after it.
+    async fn load(&self) -> Result<State> {
+        let log_store = self.log_store()?;
+        let mut table = DeltaTable::new(log_store.clone());
+        match table.load().await {
+            Ok(()) => {}
+            Err(DeltaTableError::NotATable(_)) => {
+                return Ok(State {
+                    log_store,
+                    version: None,
+                    shards: BTreeMap::new(),
+                    units: BTreeSet::new(),
+                    table: None,
+                });
+            }
+            Err(e) => return Err(self.delta_err(e)),
+        }
+        let snap = table.snapshot().map_err(|e| self.delta_err(e))?;
+        let version = snap.version();
+        self.check_schema_version(
+            version,
+            snap.metadata().configuration().get(SCHEMA_VERSION_PROPERTY),
+        )?;
+        let mut shards = BTreeMap::new();
+        let mut units = BTreeSet::new();
+        for view in snap.log_data().iter() {
+            #[allow(deprecated)] // the one accessor that returns a file's tags
+            let add = view.add_action();
+            let entry = self.entry_of_add(&add, version)?;
+            units.extend(entry.units.iter().cloned());
+            shards.insert(entry.path.clone(), entry);
+        }
+        Ok(State {
+            log_store,
+            version: Some(version),
+            shards,
+            units,
+            table: Some(table),
+        })
+    }
+
+    fn check_schema_version(&self, version: u64, found: Option<&String>) -> Result<()> {
+        let path = format!(
+            "{}/{}",
+            self.storage.root().trim_end_matches('/'),
+            self.log_path(version)
+        );
+        match found.map(|v| v.parse::<u32>()) {
+            Some(Ok(v)) if v == SCHEMA_VERSION => Ok(()),
+            Some(Ok(v)) => Err(CatalogError::UnsupportedSchemaVersion {
+                path,
+                found: v,
+                supported: SCHEMA_VERSION,
+            }),
+            _ => Err(CatalogError::MalformedLog {
+                path,
+                reason: format!(
+                    "the table's metadata has no valid {SCHEMA_VERSION_PROPERTY}; not a llamagen table"
+                ),
+            }),
+        }
+    }
+
+    fn entry_of_add(&self, add: &Add, version: u64) -> Result<ShardEntry> {
+        let bad = |reason: String| CatalogError::MalformedLog {
+            path: format!(
+                "{}/{}",
+                self.storage.root().trim_end_matches('/'),
+                self.log_path(version)
+            ),
+            reason: format!("add {}: {reason}", add.path),
+        };
+        let tags = add.tags.clone().unwrap_or_default();
+        let tag = |k: &str| tags.get(k).cloned().flatten();
+        let list = |k: &str| -> Result<Vec<String>> {
+            match tag(k) {
+                None => Ok(Vec::new()),
+                Some(s) => serde_json::from_str(&s).map_err(|e| bad(format!("tag {k}: {e}"))),
+            }
+        };
+        let rows = match &add.stats {
+            Some(s) => serde_json::from_str::<serde_json::Value>(s)
+                .map_err(|e| bad(format!("stats: {e}")))?
+                .get("numRecords")
+                .and_then(|n| n.as_u64())
+                .ok_or_else(|| bad("stats without numRecords".into()))?,
+            None => return Err(bad("no stats (numRecords)".into())),
+        };
+        Ok(ShardEntry {
+            path: add.path.clone(),
+            rows,
+            bytes: add.size.max(0) as u64,
+            sha256: tag(TAG_SHA256).ok_or_else(|| bad(format!("no {TAG_SHA256} tag")))?,
+            stage: tag(TAG_STAGE).unwrap_or_default(),
+            created_at: Utc
+                .timestamp_millis_opt(add.modification_time)
+                .single()
+                .unwrap_or_default(),
+            applied: list(TAG_APPLIED)?,
+            units: list(TAG_UNITS)?,
+        })
+    }
+
+    fn add_of_entry(entry: &ShardEntry) -> Add {
+        let mut tags = HashMap::new();
+        tags.insert(TAG_SHA256.to_string(), Some(entry.sha256.clone()));
+        tags.insert(TAG_STAGE.to_string(), Some(entry.stage.clone()));
+        if !entry.applied.is_empty() {
+            tags.insert(
+                TAG_APPLIED.to_string(),
+                Some(serde_json::to_string(&entry.applied).expect("strings serialise")),
+            );
+        }
+        if !entry.units.is_empty() {
+            tags.insert(
+                TAG_UNITS.to_string(),
+                Some(serde_json::to_string(&entry.units).expect("strings serialise")),
+            );
+        }
+        Add {
+            path: entry.path.clone(),
+            partition_values: HashMap::new(),
+            size: entry.bytes as i64,
+            modification_time: entry.created_at.timestamp_millis(),
+            data_change: true,
+            stats: Some(format!("{{\"numRecords\":{}}}", entry.rows)),
+            tags: Some(tags),
+            deletion_vector: None,
+            base_row_id: None,
+            default_row_commit_version: None,
+            clustering_provider: None,
+        }
+    }
+
+    /// Brings `state` to the latest version: a cold load the first time, then only the commits
+    /// written since (invariant 3).
+    async fn refresh<'a>(&self, slot: &'a mut Option<State>) -> Result<&'a mut State> {
+        let stale = match slot.as_mut() {
+            None => true,
+            Some(st) => match st.version {
+                None => {
+                    // Created by someone else since?
+                    st.log_store
+                        .read_commit_entry(0)
+                        .await
+                        .map_err(|e| self.delta_err(e))?
+                        .is_some()
+                }
+                Some(v) => !self.advance(st, v).await?,
+            },
+        };
+        if stale {
+            *slot = Some(self.load().await?);
+        }
+        Ok(slot.as_mut().expect("loaded"))
+    }
+
+    /// Applies the commits after `from` to `st`; false if the log no longer has them (expired
+    /// entries: a cold load is needed).
+    async fn advance(&self, st: &mut State, from: u64) -> Result<bool> {
+        let mut v = from;
+        loop {
+            let next = v + 1;
+            let entry = st
+                .log_store
+                .read_commit_entry(next)
+                .await
+                .map_err(|e| self.delta_err(e))?;
+            let Some(bytes) = entry else {
+                break;
+            };
+            self.apply_commit(st, next, &bytes)?;
+            v = next;
+        }
+        if v == from {
+            // Nothing newer; but a gap (an expired entry followed by newer ones) means reload.
+            let latest = st
+                .log_store
+                .get_latest_version(from)
+                .await
+                .map_err(|e| self.delta_err(e))?;
+            return Ok(latest <= from);
+        }
+        st.version = Some(v);
+        Ok(true)
+    }
+
+    /// Applies one commit's actions (JSON lines) to `st`.
+    fn apply_commit(&self, st: &mut State, version: u64, bytes: &[u8]) -> Result<()> {
+        let path = format!(
+            "{}/{}",
+            self.storage.root().trim_end_matches('/'),
+            self.log_path(version)
+        );
+        let bad = |line: usize, reason: String| CatalogError::MalformedLog {
+            path: path.clone(),
+            reason: format!("line {line}: {reason}"),
+        };
+        for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let action: Action =
+                serde_json::from_slice(line).map_err(|e| bad(i + 1, e.to_string()))?;
+            match action {
+                Action::Add(add) => {
+                    let entry = self.entry_of_add(&add, version)?;
+                    st.units.extend(entry.units.iter().cloned());
+                    st.shards.insert(entry.path.clone(), entry);
+                }
+                Action::Remove(r) => {
+                    st.shards.remove(&r.path);
+                }
+                Action::Txn(t) => {
+                    st.units.insert(t.app_id);
+                }
+                Action::Metadata(m) => {
+                    self.check_schema_version(
+                        version,
+                        m.configuration().get(SCHEMA_VERSION_PROPERTY),
+                    )?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a unit is in the table: in the state, or (for units whose shards were removed
+    /// before this handle loaded the table) in the log's application transactions.
+    async fn unit_committed(&self, st: &State, unit: &str) -> Result<bool> {
+        if st.units.contains(unit) {
+            return Ok(true);
+        }
+        let Some(table) = &st.table else {
+            return Ok(false);
+        };
+        let snap = table.snapshot().map_err(|e| self.delta_err(e))?;
+        Ok(snap
+            .transaction_version(st.log_store.as_ref(), unit)
+            .await
+            .map_err(|e| self.delta_err(e))?
+            .is_some())
+    }
+
+    /// Creates the table (version 0) if nobody has; losing that race is fine.
+    async fn create(&self, st: &State) -> Result<()> {
+        use deltalake::kernel::engine::arrow_conversion::TryIntoKernel as _;
+        let schema: deltalake::kernel::StructType = sample_schema()
+            .as_ref()
+            .try_into_kernel()
+            .map_err(|e| self.delta_err(DeltaTableError::from(e)))?;
+        let result = deltalake::operations::create::CreateBuilder::new()
+            .with_log_store(st.log_store.clone())
+            .with_table_name(self.name.clone())
+            .with_comment("llamagen samples (sample schema: see llamagen-catalog's schema.rs)")
+            .with_columns(schema.fields().cloned())
+            .with_save_mode(SaveMode::ErrorIfExists)
+            .with_raise_if_key_not_exists(false)
+            .with_configuration_property(
+                deltalake::TableProperty::CheckpointInterval,
+                Some(CHECKPOINT_INTERVAL.to_string()),
+            )
+            .with_configuration(HashMap::from([(
+                SCHEMA_VERSION_PROPERTY.to_string(),
+                Some(SCHEMA_VERSION.to_string()),
+            )]))
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(DeltaTableError::VersionAlreadyExists(_)) => Ok(()),
+            Err(DeltaTableError::Transaction {
+                source: TransactionError::VersionAlreadyExists(_),
+            }) => Ok(()),
+            Err(DeltaTableError::Generic(m)) if m.contains("already exists") => Ok(()),
+            Err(e) => Err(self.delta_err(e)),
+        }
+    }
+
+    /// The latest committed version (0 if nothing was committed yet).
+    pub async fn latest_version(&self) -> Result<u64> {
+        Ok(self.snapshot().await?.version)
+    }
+
+    /// Every version still in the log, ascending.
     pub async fn versions(&self) -> Result<Vec<u64>> {
-        let prefix = format!("{}/", self.manifest_dir());
+        let prefix = format!("{}/", join(&self.name, LOG_DIR));
         let mut v: Vec<u64> = self
             .storage
             .list(&prefix)
@@ -250,40 +580,118 @@ impl Dataset {
         Ok(v)
     }
 
-    pub async fn latest_version(&self) -> Result<u64> {
-        Ok(self.versions().await?.last().copied().unwrap_or(0))
+    /// Every version still in the log, read from its commit (an entry that log cleanup removed
+    /// is absent).
+    pub async fn history(&self) -> Result<Vec<HistoryEntry>> {
+        let log_store = self.log_store()?;
+        let versions = self.versions().await?;
+        let entries = futures::stream::iter(versions)
+            .map(|v| {
+                let log_store = log_store.clone();
+                async move {
+                    let bytes = log_store
+                        .read_commit_entry(v)
+                        .await
+                        .map_err(|e| self.delta_err(e))?;
+                    Ok::<_, CatalogError>(bytes.map(|b| (v, b)))
+                }
+            })
+            .buffered(16)
+            .collect::<Vec<_>>()
+            .await;
+        let mut out = Vec::new();
+        for e in entries {
+            let Some((version, bytes)) = e? else { continue };
+            let mut h = HistoryEntry {
+                version,
+                ..Default::default()
+            };
+            for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let v: serde_json::Value =
+                    serde_json::from_slice(line).map_err(|e| CatalogError::MalformedLog {
+                        path: format!("{}/{}", self.location(), log_file(version)),
+                        reason: format!("line {}: {e}", i + 1),
+                    })?;
+                if let Some(ci) = v.get("commitInfo") {
+                    let s = |k: &str| ci.get(k).and_then(|x| x.as_str()).map(String::from);
+                    h.operation = s("operation");
+                    h.stage = s(INFO_OPERATION);
+                    h.run_id = s(INFO_RUN_ID);
+                    h.committed_at = ci
+                        .get("timestamp")
+                        .and_then(|t| t.as_i64())
+                        .and_then(|t| Utc.timestamp_millis_opt(t).single());
+                } else if let Some(a) = v.get("add") {
+                    h.shards_added += 1;
+                    h.rows_added += a
+                        .get("stats")
+                        .and_then(|s| s.as_str())
+                        .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+                        .and_then(|s| s.get("numRecords").and_then(|n| n.as_u64()))
+                        .unwrap_or(0);
+                } else if v.get("remove").is_some() {
+                    h.shards_removed += 1;
+                } else if v.get("txn").is_some() {
+                    h.units += 1;
+                }
+            }
+            out.push(h);
+        }
+        Ok(out)
     }
 
-    /// A given manifest version.
-    pub async fn manifest(&self, version: u64) -> Result<Manifest> {
-        if version == 0 {
-            return Ok(Manifest::empty(&self.name));
+    /// The dataset as of `version` (time travel; versions older than the log's retention are
+    /// gone).
+    pub async fn snapshot_at(&self, version: u64) -> Result<Snapshot> {
+        let log_store = self.log_store()?;
+        let mut table = DeltaTable::new(log_store);
+        table
+            .load_version(version)
+            .await
+            .map_err(|e| self.delta_err(e))?;
+        let snap = table.snapshot().map_err(|e| self.delta_err(e))?;
+        self.check_schema_version(
+            version,
+            snap.metadata().configuration().get(SCHEMA_VERSION_PROPERTY),
+        )?;
+        let mut shards = Vec::new();
+        let mut units = BTreeSet::new();
+        for view in snap.log_data().iter() {
+            #[allow(deprecated)] // the one accessor that returns a file's tags
+            let add = view.add_action();
+            let entry = self.entry_of_add(&add, version)?;
+            units.extend(entry.units.iter().cloned());
+            shards.push(entry);
         }
-        let path = self.manifest_path(version);
-        let data = self.storage.get(&path).await?;
-        let full = format!("{}/{}", self.storage.root().trim_end_matches('/'), path);
-        let m = Manifest::parse(&full, &data)?;
-        if m.version != version {
-            return Err(CatalogError::MalformedManifest {
-                path: full,
-                reason: format!(
-                    "its file name says version {version}, its content says {}",
-                    m.version
-                ),
-            });
-        }
-        Ok(m)
+        shards.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(Snapshot {
+            dataset: self.name.clone(),
+            version,
+            shards,
+            units,
+        })
     }
 
-    /// The latest committed snapshot (version 0, empty, if nothing was committed yet).
-    pub async fn snapshot(&self) -> Result<Manifest> {
-        let v = self.latest_version().await?;
-        self.manifest(v).await
+    /// The latest committed version (version 0, empty, if nothing was committed yet). Shards
+    /// come in the order they were written (their names are time-ordered UUIDs).
+    pub async fn snapshot(&self) -> Result<Snapshot> {
+        let mut slot = self.state.lock().await;
+        let st = self.refresh(&mut slot).await?;
+        Ok(Snapshot {
+            dataset: self.name.clone(),
+            version: st.version.unwrap_or(0),
+            shards: st.shards.values().cloned().collect(),
+            units: st.units.clone(),
+        })
     }
 
     /// Whether anything was ever committed.
     pub async fn exists(&self) -> Result<bool> {
-        Ok(self.latest_version().await? > 0)
+        let mut slot = self.state.lock().await;
+        Ok(self.refresh(&mut slot).await?.version.is_some())
     }
 
     /// A writer for new shards of this dataset.
@@ -291,76 +699,118 @@ impl Dataset {
         ShardWriter::new(self.storage.clone(), &self.name, opts)
     }
 
-    /// Commits a transaction (see the protocol above). Returns the new manifest.
-    pub async fn commit(&self, txn: Transaction) -> Result<Manifest> {
+    /// Commits a transaction (see the protocol above).
+    pub async fn commit(&self, txn: Transaction) -> Result<Committed> {
         let txn_id = uuid::Uuid::new_v4().to_string();
-        let mut attempt = 0;
+        let mut slot = self.state.lock().await;
+        let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let base = self.snapshot().await?;
-            if let Some(u) = txn.units.iter().find(|u| base.units.contains(*u)) {
-                self.discard(&txn.add).await;
-                return Err(CatalogError::UnitAlreadyCommitted {
-                    dataset: self.name.clone(),
-                    unit: u.clone(),
-                    version: base.version,
-                });
+            let st = self.refresh(&mut slot).await?;
+            if st.version.is_none() {
+                self.create(st).await?;
+                continue;
             }
-            let present: HashMap<&str, usize> = base
-                .shards
-                .iter()
-                .enumerate()
-                .map(|(i, s)| (s.path.as_str(), i))
-                .collect();
-            if let Some(gone) = txn
-                .remove
-                .iter()
-                .find(|r| !present.contains_key(r.as_str()))
-            {
-                self.discard(&txn.add).await;
+            let base = st.version.expect("exists");
+            for u in &txn.units {
+                if self.unit_committed(st, u).await? {
+                    self.discard(&txn.add).await;
+                    return Err(CatalogError::UnitAlreadyCommitted {
+                        dataset: self.name.clone(),
+                        unit: u.clone(),
+                        version: base,
+                    });
+                }
+            }
+            if let Some(gone) = txn.remove.iter().find(|r| !st.shards.contains_key(*r)) {
+                // The added shards are left to the caller, who may commit them without the
+                // shard that is gone (see crate::stage).
                 return Err(CatalogError::ShardGone {
                     dataset: self.name.clone(),
                     path: gone.clone(),
                 });
             }
-            let removed: BTreeSet<&str> = txn.remove.iter().map(String::as_str).collect();
-            let mut shards: Vec<ShardEntry> = base
-                .shards
-                .iter()
-                .filter(|s| !removed.contains(s.path.as_str()))
-                .cloned()
-                .collect();
-            shards.extend(txn.add.iter().cloned());
-            let mut units = base.units.clone();
-            units.extend(txn.units.iter().cloned());
-            let next = Manifest {
-                format: MANIFEST_FORMAT.into(),
-                format_version: MANIFEST_FORMAT_VERSION,
-                schema_version: SCHEMA_VERSION,
-                dataset: self.name.clone(),
-                version: base.version + 1,
-                committed_at: Utc::now(),
-                txn: TxnInfo {
-                    id: txn_id.clone(),
-                    operation: txn.operation.clone(),
-                    run_id: txn.run_id.clone(),
-                },
-                shards,
-                units,
+            let now = Utc::now().timestamp_millis();
+            let mut actions = Vec::with_capacity(txn.add.len() + txn.remove.len());
+            for r in &txn.remove {
+                let old = &st.shards[r];
+                actions.push(Action::Remove(Remove {
+                    path: r.clone(),
+                    data_change: true,
+                    deletion_timestamp: Some(now),
+                    extended_file_metadata: Some(true),
+                    size: Some(old.bytes as i64),
+                    partition_values: Some(HashMap::new()),
+                    deletion_vector: None,
+                    tags: None,
+                    base_row_id: None,
+                    default_row_commit_version: None,
+                }));
+            }
+            for a in &txn.add {
+                let mut a = a.clone();
+                if a.units.is_empty() {
+                    a.units = txn.units.clone();
+                }
+                actions.push(Action::Add(Self::add_of_entry(&a)));
+            }
+            let operation = if txn.remove.is_empty() {
+                DeltaOperation::Write {
+                    mode: SaveMode::Append,
+                    partition_by: None,
+                    predicate: None,
+                }
+            } else {
+                DeltaOperation::Update { predicate: None }
             };
-            let body = serde_json::to_vec_pretty(&next).expect("manifest serialises");
-            match self
-                .storage
-                .put_if_absent(&self.manifest_path(next.version), body.into())
-                .await?
+            let mut info = HashMap::from([
+                (INFO_TXN_ID.to_string(), serde_json::Value::from(txn_id.clone())),
+                (
+                    INFO_OPERATION.to_string(),
+                    serde_json::Value::from(txn.operation.clone()),
+                ),
+            ]);
+            if let Some(r) = &txn.run_id {
+                info.insert(INFO_RUN_ID.to_string(), r.clone().into());
+            }
+            let app_txns = txn
+                .units
+                .iter()
+                .map(|u| AppTransaction::new_with_last_update(u, 1, Some(now)))
+                .collect();
+            let data = CommitData::new(actions, operation, info, app_txns);
+            let bytes = data
+                .get_bytes()
+                .map_err(|e| self.delta_err(DeltaTableError::from(e)))?;
+            let version = base + 1;
+            match st
+                .log_store
+                .write_commit_entry(
+                    version,
+                    CommitOrBytes::LogBytes(bytes.clone()),
+                    uuid::Uuid::new_v4(),
+                )
+                .await
             {
-                PutOutcome::Created => return Ok(next),
-                PutOutcome::AlreadyExists => {
+                Ok(()) => {
+                    self.apply_commit(st, version, &bytes)?;
+                    st.version = Some(version);
+                    if version % CHECKPOINT_INTERVAL == 0 {
+                        self.checkpoint(st, version).await;
+                    }
+                    return Ok(Committed {
+                        version,
+                        retries: attempt - 1,
+                    });
+                }
+                Err(TransactionError::VersionAlreadyExists(_)) => {
                     // Invariant 5: an ambiguous earlier attempt of ours may have won.
-                    if let Ok(m) = self.manifest(next.version).await {
-                        if m.txn.id == txn_id {
-                            return Ok(m);
-                        }
+                    if self.committed_by(st, version, &txn_id).await? {
+                        self.advance(st, base).await?;
+                        return Ok(Committed {
+                            version,
+                            retries: attempt - 1,
+                        });
                     }
                     if attempt >= self.max_commit_attempts {
                         return Err(CatalogError::CommitConflict {
@@ -368,11 +818,59 @@ impl Dataset {
                             attempts: attempt,
                         });
                     }
-                    let backoff = 5u64 << attempt.min(6);
+                    let backoff = 2u64 << attempt.min(6);
                     let jitter = rand::rng().random_range(0..=backoff);
                     tokio::time::sleep(Duration::from_millis(backoff / 2 + jitter)).await;
                 }
+                Err(e) => return Err(self.delta_err(DeltaTableError::from(e))),
             }
+        }
+    }
+
+    /// Whether version `version` carries commit id `txn_id`.
+    async fn committed_by(&self, st: &State, version: u64, txn_id: &str) -> Result<bool> {
+        let Some(bytes) = st
+            .log_store
+            .read_commit_entry(version)
+            .await
+            .map_err(|e| self.delta_err(e))?
+        else {
+            return Ok(false);
+        };
+        for line in bytes.split(|b| *b == b'\n') {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) {
+                if let Some(ci) = v.get("commitInfo") {
+                    return Ok(ci.get(INFO_TXN_ID).and_then(|t| t.as_str()) == Some(txn_id));
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Writes the checkpoint of `version`. A failure leaves the table correct (only slower to
+    /// read cold), so it is reported and not returned.
+    async fn checkpoint(&self, st: &mut State, version: u64) {
+        let result = async {
+            let table = match st.table.as_mut() {
+                Some(t) => t,
+                None => {
+                    st.table = Some(DeltaTable::new(st.log_store.clone()));
+                    st.table.as_mut().expect("set")
+                }
+            };
+            if table.version().is_some() {
+                table.update_incremental(Some(version)).await?;
+            } else {
+                table.load_version(version).await?;
+            }
+            deltalake::checkpoints::create_checkpoint(table, None).await
+        }
+        .await;
+        if let Err(e) = result {
+            eprintln!(
+                "warning: checkpoint of {} at version {version} failed: {e}",
+                self.location()
+            );
         }
     }
 
@@ -416,34 +914,34 @@ impl Dataset {
         Ok(problems)
     }
 
-    /// Removes what no reader can see: shard files no longer referenced by the latest version
-    /// and temporary files, both only once older than `grace`; manifest versions older than the
-    /// newest `keep_versions`. With `dry_run`, only reports.
-    pub async fn gc(
-        &self,
-        grace: Duration,
-        keep_versions: usize,
-        dry_run: bool,
-    ) -> Result<GcReport> {
-        let snap = self.snapshot().await?;
-        let referenced: BTreeSet<String> = snap.shards.iter().map(|s| self.shard_path(s)).collect();
+    /// Removes what no reader of a version younger than `grace` can see: shard files (named as
+    /// the shard writer names them, nothing else) not referenced by the latest version and
+    /// temporary files, both only once older than `grace`; log entries older than `grace` that
+    /// the latest checkpoint makes unnecessary. With `dry_run`, only reports. Refuses a folder
+    /// that is not a table, so a wrong `--dataset` deletes nothing.
+    pub async fn gc(&self, grace: Duration, dry_run: bool) -> Result<GcReport> {
+        let (referenced, log_store) = {
+            let mut slot = self.state.lock().await;
+            let st = self.refresh(&mut slot).await?;
+            if st.version.is_none() {
+                return Err(CatalogError::NoSuchDataset {
+                    dataset: self.name.clone(),
+                    root: self.storage.root(),
+                });
+            }
+            let referenced: BTreeSet<String> =
+                st.shards.values().map(|s| self.shard_path(s)).collect();
+            (referenced, st.log_store.clone())
+        };
         let cutoff =
             Utc::now() - chrono::Duration::from_std(grace).unwrap_or(chrono::TimeDelta::MAX);
         let mut report = GcReport::default();
-        for o in self
-            .storage
-            .list(&format!("{}/", join(&self.name, DATA_DIR)))
-            .await?
-        {
-            if !referenced.contains(&o.path) && o.last_modified < cutoff {
+        let data_prefix = format!("{}/", join(&self.name, DATA_DIR));
+        for o in self.storage.list(&data_prefix).await? {
+            let rel = &o.path[self.name.len() + 1..];
+            if is_shard_path(rel) && !referenced.contains(&o.path) && o.last_modified < cutoff {
                 report.orphan_bytes += o.size;
                 report.orphan_shards.push(o.path);
-            }
-        }
-        let versions = self.versions().await?;
-        if keep_versions > 0 && versions.len() > keep_versions {
-            for v in &versions[..versions.len() - keep_versions] {
-                report.old_manifests.push(self.manifest_path(*v));
             }
         }
         for o in self
@@ -457,15 +955,37 @@ impl Dataset {
         }
         report.aborted_uploads = self.storage.abort_stale_uploads(cutoff, dry_run).await?;
         if !dry_run {
-            for p in report
-                .orphan_shards
-                .iter()
-                .chain(&report.old_manifests)
-                .chain(&report.temp_files)
-            {
+            for p in report.orphan_shards.iter().chain(&report.temp_files) {
                 self.storage.delete(p).await?;
+            }
+            if let Some(cp) = self.last_checkpoint_version().await? {
+                report.expired_log_entries = deltalake::checkpoints::cleanup_expired_logs_for(
+                    cp,
+                    log_store.as_ref(),
+                    cutoff.timestamp_millis(),
+                    None,
+                )
+                .await
+                .map_err(|e| self.delta_err(e))?;
             }
         }
         Ok(report)
+    }
+
+    /// The version of the latest checkpoint, from `_last_checkpoint`.
+    async fn last_checkpoint_version(&self) -> Result<Option<u64>> {
+        let path = join(&self.name, &format!("{LOG_DIR}/_last_checkpoint"));
+        match self.storage.get(&path).await {
+            Ok(b) => {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&b).map_err(|e| CatalogError::Json {
+                        path: path.clone(),
+                        source: e,
+                    })?;
+                Ok(v.get("version").and_then(|v| v.as_u64()))
+            }
+            Err(CatalogError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 }

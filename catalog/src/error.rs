@@ -29,8 +29,16 @@ pub enum CatalogError {
     #[error("invalid storage root {uri:?}: {reason}")]
     InvalidUri { uri: String, reason: String },
 
-    #[error("malformed manifest {path}: {reason}")]
-    MalformedManifest { path: String, reason: String },
+    #[error("malformed transaction log entry {path}: {reason}")]
+    MalformedLog { path: String, reason: String },
+
+    /// The Delta Lake library failed on a table; `table` names the table's location.
+    #[error("Delta table {table}: {source}")]
+    Delta {
+        table: String,
+        #[source]
+        source: Box<deltalake::DeltaTableError>,
+    },
 
     #[error(
         "{path} has sample schema version {found}, but this build of llamagen reads version {supported}; \
@@ -63,7 +71,7 @@ pub enum CatalogError {
     )]
     ShardGone { dataset: String, path: String },
 
-    #[error("dataset {dataset:?} does not exist under {root} (no committed manifest)")]
+    #[error("dataset {dataset:?} does not exist under {root} (no transaction log)")]
     NoSuchDataset { dataset: String, root: String },
 
     #[error("lease {path} is held by {holder} until {expires_at}")]

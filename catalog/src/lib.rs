@@ -1,4 +1,4 @@
-//! llamagen's data contract: the sample schema, storage backends, Parquet shards, manifests with
+//! llamagen's data contract: the sample schema, storage backends, Parquet shards in Delta Lake tables with
 //! an atomic commit protocol, the run log, and SQL over all of it.
 //!
 //! ```no_run
@@ -28,7 +28,9 @@ pub use datafusion;
 use std::sync::Arc;
 
 pub use counters::StageCounters;
-pub use dataset::{Dataset, GcReport, Manifest, ShardEntry, Transaction};
+pub use dataset::{
+    Committed, Dataset, GcReport, HistoryEntry, ShardEntry, Snapshot, Transaction,
+};
 pub use error::{CatalogError, Result};
 pub use schema::{SCHEMA_VERSION, Status, sample_schema};
 pub use shard::{ShardWriter, ShardWriterOptions};

@@ -8,7 +8,7 @@
 //!   rows, so writing image shards needs bounded memory.
 //! - A shard is written to a local scratch file while its SHA-256 and size are computed, then
 //!   stored under a name no other writer can choose (`data/part-<uuid v7>.parquet`). Writing a
-//!   shard never makes it visible: only a committed manifest does (see [`crate::dataset`]).
+//!   shard never makes it visible: only a commit that adds it does (see [`crate::dataset`]).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -42,11 +42,17 @@ pub struct ShardWriterOptions {
     pub row_group_rows: usize,
     /// zstd level (default 3).
     pub zstd_level: i32,
-    /// The stage that writes these shards, recorded in the manifest (e.g. "ingest").
+    /// The stage that writes these shards, recorded in the table log (e.g. "ingest").
     pub stage: String,
-    /// Stages whose columns the rows carry, recorded in the manifest (default: `[stage]`
+    /// Stages whose columns the rows carry, recorded in the table log (default: `[stage]`
     /// is added by [`crate::stage::map_shards`]; writers of fresh rows leave it empty or set it).
     pub applied: Vec<String>,
+    /// Stage passes commit their rewrites in groups of this many shards (default 64, or
+    /// `LLAMAGEN_COMMIT_SHARDS`; see [`crate::stage`]).
+    pub commit_shards: usize,
+    /// ... or once the oldest uncommitted rewrite is this old (default 30 s, or
+    /// `LLAMAGEN_COMMIT_SECS`).
+    pub commit_interval: std::time::Duration,
 }
 
 impl Default for ShardWriterOptions {
@@ -59,8 +65,18 @@ impl Default for ShardWriterOptions {
             zstd_level: 3,
             stage: "unknown".into(),
             applied: Vec::new(),
+            commit_shards: env_or("LLAMAGEN_COMMIT_SHARDS", 64).max(1) as usize,
+            commit_interval: std::time::Duration::from_secs(env_or("LLAMAGEN_COMMIT_SECS", 30)),
         }
     }
+}
+
+/// A whole number from the environment, or `default` when unset or not a number.
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
 }
 
 /// Writes sample batches into shards under a dataset's `data/` directory. The shards it returns
@@ -216,8 +232,11 @@ impl ShardWriter {
             bytes,
             sha256,
             stage: self.opts.stage.clone(),
-            created_at: Utc::now(),
+            // The table log keeps milliseconds (an `add` action's modificationTime).
+            created_at: chrono::DateTime::from_timestamp_millis(Utc::now().timestamp_millis())
+                .expect("now is representable"),
             applied: self.opts.applied.clone(),
+            units: Vec::new(),
         });
         Ok(())
     }
@@ -239,7 +258,7 @@ fn parquet_err(path: &std::path::Path, source: parquet::errors::ParquetError) ->
 }
 
 /// Decodes a whole shard held in memory, checking its size, hash and schema version against the
-/// manifest entry. `name` is used in errors. `projection` selects columns by name (all if None).
+/// log entry. `name` is used in errors. `projection` selects columns by name (all if None).
 pub fn decode_shard(
     name: &str,
     entry: &ShardEntry,
@@ -249,14 +268,14 @@ pub fn decode_shard(
     if data.len() as u64 != entry.bytes {
         return Err(CatalogError::CorruptShard {
             path: name.to_string(),
-            reason: format!("{} bytes, the manifest says {}", data.len(), entry.bytes),
+            reason: format!("{} bytes, the table log says {}", data.len(), entry.bytes),
         });
     }
     let sha = hex::encode(Sha256::digest(&data));
     if sha != entry.sha256 {
         return Err(CatalogError::CorruptShard {
             path: name.to_string(),
-            reason: format!("content SHA-256 {sha}, the manifest says {}", entry.sha256),
+            reason: format!("content SHA-256 {sha}, the table log says {}", entry.sha256),
         });
     }
     let builder =

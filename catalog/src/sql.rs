@@ -1,11 +1,14 @@
 //! SQL over a catalog root with DataFusion.
 //!
 //! Tables registered by [`session`]:
-//! - `samples`: the committed shards of the `samples` dataset (latest manifest version only);
+//! - `samples`: the committed shards of the `samples` dataset (latest table version only);
 //! - `shards`: one row per committed shard (dataset, path, rows, bytes, sha256, stage, created_at);
-//! - `runs`: one row per recorded run (see [`crate::runs`]).
+//! - `runs`: one row per recorded run (see [`crate::runs`]);
+//! - `history` (on request, [`SessionOptions::history`]): one row per table version.
 //!
-//! Before a dataset is registered, each listed shard is checked to exist with the manifest's size
+//! [`SessionOptions::version`] shows `samples` and `shards` as of an earlier table version.
+//!
+//! Before a dataset is registered, each listed shard is checked to exist with the size the table log gives
 //! and to end in a readable Parquet footer of the right schema version, so a missing, truncated or
 //! corrupt file is reported by name instead of failing somewhere inside a query.
 
@@ -27,7 +30,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use futures::StreamExt;
 use parquet::file::metadata::ParquetMetaDataReader;
 
-use crate::dataset::{Dataset, Manifest};
+use crate::dataset::{Dataset, Snapshot};
 use crate::error::{CatalogError, Result};
 use crate::runs::list_runs;
 use crate::schema::sample_schema;
@@ -44,17 +47,76 @@ pub async fn session(storage: Arc<dyn Storage>) -> Result<SessionContext> {
 
 /// Like [`session`], with `samples` showing the dataset called `dataset`.
 pub async fn session_for(storage: Arc<dyn Storage>, dataset: &str) -> Result<SessionContext> {
+    session_with(storage, dataset, &SessionOptions::default()).await
+}
+
+/// What a session shows beyond the latest version of its dataset.
+#[derive(Debug, Clone, Default)]
+pub struct SessionOptions {
+    /// Show the dataset as of this table version (time travel) instead of the latest.
+    pub version: Option<u64>,
+    /// Also register `history`: one row per table version (reads every commit still in the log).
+    pub history: bool,
+}
+
+/// Like [`session_for`], as of a version and with the `history` table on request.
+pub async fn session_with(
+    storage: Arc<dyn Storage>,
+    dataset: &str,
+    opts: &SessionOptions,
+) -> Result<SessionContext> {
     // DATAFUSION_* environment variables tune the engine (e.g. DATAFUSION_EXECUTION_TARGET_PARTITIONS).
     let config = SessionConfig::from_env()?.with_information_schema(true);
     let ctx = SessionContext::new_with_config(config);
     let (url, store) = storage.object_store()?;
     ctx.register_object_store(&url, store);
     let ds = Dataset::new(storage.clone(), dataset);
-    let snap = ds.snapshot().await?;
+    let snap = match opts.version {
+        Some(v) => ds.snapshot_at(v).await?,
+        None => ds.snapshot().await?,
+    };
     register_snapshot(&ctx, &ds, &snap, "samples").await?;
     ctx.register_table("shards", Arc::new(shards_table(&ds, &snap)?))?;
     ctx.register_table("runs", Arc::new(runs_table(&storage).await?))?;
+    if opts.history {
+        ctx.register_table("history", Arc::new(history_table(&ds).await?))?;
+    }
     Ok(ctx)
+}
+
+/// One row per table version: when, which Delta operation, which llamagen operation and run,
+/// and how many shards it added and removed.
+async fn history_table(ds: &Dataset) -> Result<MemTable> {
+    let h = ds.history().await?;
+    let schema: SchemaRef = Arc::new(Schema::new(vec![
+        Field::new("version", DataType::UInt64, false),
+        ts_field("committed_at"),
+        Field::new("operation", DataType::Utf8, true),
+        Field::new("stage", DataType::Utf8, true),
+        Field::new("run_id", DataType::Utf8, true),
+        Field::new("shards_added", DataType::UInt64, false),
+        Field::new("shards_removed", DataType::UInt64, false),
+        Field::new("rows_added", DataType::UInt64, false),
+        Field::new("units", DataType::UInt64, false),
+    ]));
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(UInt64Array::from_iter_values(h.iter().map(|e| e.version))),
+        Arc::new(
+            TimestampMicrosecondArray::from_iter(
+                h.iter().map(|e| e.committed_at.map(|t| t.timestamp_micros())),
+            )
+            .with_timezone("UTC"),
+        ),
+        Arc::new(StringArray::from_iter(h.iter().map(|e| e.operation.as_deref()))),
+        Arc::new(StringArray::from_iter(h.iter().map(|e| e.stage.as_deref()))),
+        Arc::new(StringArray::from_iter(h.iter().map(|e| e.run_id.as_deref()))),
+        Arc::new(UInt64Array::from_iter_values(h.iter().map(|e| e.shards_added))),
+        Arc::new(UInt64Array::from_iter_values(h.iter().map(|e| e.shards_removed))),
+        Arc::new(UInt64Array::from_iter_values(h.iter().map(|e| e.rows_added))),
+        Arc::new(UInt64Array::from_iter_values(h.iter().map(|e| e.units))),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), cols)?;
+    Ok(MemTable::try_new(schema, vec![vec![batch]])?)
 }
 
 /// Registers a dataset's snapshot as table `table` in `ctx` (whose object store must already be
@@ -62,7 +124,7 @@ pub async fn session_for(storage: Arc<dyn Storage>, dataset: &str) -> Result<Ses
 pub async fn register_snapshot(
     ctx: &SessionContext,
     ds: &Dataset,
-    snap: &Manifest,
+    snap: &Snapshot,
     table: &str,
 ) -> Result<()> {
     let schema = sample_schema();
@@ -119,9 +181,9 @@ fn with_view_types(schema: &Schema) -> Schema {
     Schema::new_with_metadata(fields, schema.metadata().clone())
 }
 
-/// Checks that every shard of `snap` exists with its manifest size and has a readable footer of
+/// Checks that every shard of `snap` exists with its logged size and has a readable footer of
 /// this schema version. The first problem is returned as an error naming the file.
-pub async fn check_shards(ds: &Dataset, snap: &Manifest) -> Result<()> {
+pub async fn check_shards(ds: &Dataset, snap: &Snapshot) -> Result<()> {
     let storage = ds.storage();
     let root = storage.root();
     let root = root.trim_end_matches('/');
@@ -137,14 +199,14 @@ pub async fn check_shards(ds: &Dataset, snap: &Manifest) -> Result<()> {
             None => {
                 return Err(CatalogError::CorruptShard {
                     path: format!("{root}/{path}"),
-                    reason: format!("missing, but listed in manifest version {}", snap.version),
+                    reason: format!("missing, but listed in table version {}", snap.version),
                 });
             }
             Some(&size) if size != s.bytes => {
                 return Err(CatalogError::CorruptShard {
                     path: format!("{root}/{path}"),
                     reason: format!(
-                        "{size} bytes, the manifest says {} (truncated or overwritten)",
+                        "{size} bytes, the table log says {} (truncated or overwritten)",
                         s.bytes
                     ),
                 });
@@ -221,7 +283,7 @@ fn ts_field(name: &str) -> Field {
     )
 }
 
-fn shards_table(ds: &Dataset, snap: &Manifest) -> Result<MemTable> {
+fn shards_table(ds: &Dataset, snap: &Snapshot) -> Result<MemTable> {
     let schema: SchemaRef = Arc::new(Schema::new(vec![
         Field::new("dataset", DataType::Utf8, false),
         Field::new("version", DataType::UInt64, false),

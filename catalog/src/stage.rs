@@ -4,10 +4,14 @@
 //! - A stage named `s` rewrites each committed shard that does not list `s` in its
 //!   [`ShardEntry::applied`] (with [`map_shards_where`]: each shard its predicate selects); the
 //!   new shard lists everything the old one did, plus `s`.
-//! - Each rewrite commits on its own: the new shard replaces the old one in one manifest version
-//!   (remove + add), so readers see either the old rows or the new rows, never both or neither.
-//! - A re-run after a crash continues with the shards not yet rewritten. Two workers rewriting the
-//!   same shard race safely: the loser's commit fails with `ShardGone` and its output is discarded.
+//! - Rewrites are committed in groups: every [`ShardWriterOptions::commit_shards`] shards or
+//!   [`ShardWriterOptions::commit_interval`], whichever comes first, and at the end. Each new
+//!   shard replaces its old one in the same table version (remove + add), so readers see either
+//!   the old rows or the new rows, never both or neither. A stage pass over N shards makes about
+//!   N / commit_shards commits, each holding only its own actions.
+//! - A re-run after a crash continues with the shards not yet committed (at most one group of
+//!   work is redone). Two workers rewriting the same shard race safely: the loser's commit finds
+//!   the shard gone, discards that shard's output and commits the rest of its group.
 //! - The [`ShardSelection`] limits a run to some shards: `partition = (index, count)` to the shards
 //!   whose path hashes to `index` (a rewritten shard has a new path, so its next stage may fall to
 //!   another worker), and `requires` to the shards whose `applied` list holds every named stage, so
@@ -16,6 +20,7 @@
 //!   order) holding the columns it sets; columns it does not return are carried over unchanged.
 
 use std::future::Future;
+use std::time::Instant;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use sha2::{Digest, Sha256};
@@ -112,50 +117,108 @@ where
     let selection = partition.into();
     let mut report = MapReport::default();
     let snap = ds.snapshot().await?;
+    let mut group = Group::default();
+    let mut group_started = Instant::now();
     for entry in &snap.shards {
         if !needs(entry) || !selection.selects(entry) {
             report.shards_skipped += 1;
             continue;
         }
-        let batches = ds.read_shard(entry, None).await?;
-        let mut applied = entry.applied.clone();
-        if applied.is_empty() {
-            applied.push(entry.stage.clone());
-        }
-        applied.push(stage.to_string());
-        let mut w = ds.writer(ShardWriterOptions {
-            stage: stage.to_string(),
-            applied,
-            ..writer.clone()
-        });
-        let mut rows = 0u64;
-        for b in batches {
-            let out = f(b.clone()).await?;
-            let merged = overlay(&b, &out)?;
-            rows += merged.num_rows() as u64;
-            w.write(&merged).await?;
-        }
-        let add = w.finish().await?;
-        match ds
-            .commit(Transaction {
-                operation: stage.to_string(),
-                run_id: None,
-                add,
-                remove: vec![entry.path.clone()],
-                units: vec![],
-            })
-            .await
-        {
-            Ok(_) => {
-                report.shards_rewritten += 1;
-                report.rows += rows;
-                on_shard(entry, rows);
+        // A failure commits the rewrites already done before it is returned.
+        let rewritten: Result<(Vec<ShardEntry>, u64)> = async {
+            let batches = ds.read_shard(entry, None).await?;
+            let mut applied = entry.applied.clone();
+            if applied.is_empty() {
+                applied.push(entry.stage.clone());
             }
-            Err(CatalogError::ShardGone { .. }) => report.shards_lost_race += 1,
+            applied.push(stage.to_string());
+            let mut w = ds.writer(ShardWriterOptions {
+                stage: stage.to_string(),
+                applied,
+                ..writer.clone()
+            });
+            let mut rows = 0u64;
+            for b in batches {
+                let out = f(b.clone()).await?;
+                let merged = overlay(&b, &out)?;
+                rows += merged.num_rows() as u64;
+                w.write(&merged).await?;
+            }
+            let mut add = w.finish().await?;
+            for a in &mut add {
+                a.units = entry.units.clone();
+            }
+            Ok((add, rows))
+        }
+        .await;
+        let (add, rows) = match rewritten {
+            Ok(r) => r,
+            Err(e) => {
+                commit_group(ds, stage, &mut group, &mut report, &mut on_shard).await?;
+                return Err(e);
+            }
+        };
+        if group.pairs.is_empty() {
+            group_started = Instant::now();
+        }
+        group.pairs.push((entry.clone(), add, rows));
+        if group.pairs.len() >= writer.commit_shards.max(1)
+            || group_started.elapsed() >= writer.commit_interval
+        {
+            commit_group(ds, stage, &mut group, &mut report, &mut on_shard).await?;
+        }
+    }
+    commit_group(ds, stage, &mut group, &mut report, &mut on_shard).await?;
+    Ok(report)
+}
+
+/// Rewritten shards waiting for their commit: (old entry, new shards, rows).
+#[derive(Default)]
+struct Group {
+    pairs: Vec<(ShardEntry, Vec<ShardEntry>, u64)>,
+}
+
+/// Commits a group of rewrites as one table version; a shard another worker rewrote meanwhile
+/// is dropped from the group (its output discarded) and the rest committed.
+async fn commit_group(
+    ds: &Dataset,
+    stage: &str,
+    group: &mut Group,
+    report: &mut MapReport,
+    on_shard: &mut impl FnMut(&ShardEntry, u64),
+) -> Result<()> {
+    while !group.pairs.is_empty() {
+        let txn = Transaction {
+            operation: stage.to_string(),
+            run_id: None,
+            add: group.pairs.iter().flat_map(|p| p.1.clone()).collect(),
+            remove: group.pairs.iter().map(|p| p.0.path.clone()).collect(),
+            units: vec![],
+        };
+        match ds.commit(txn).await {
+            Ok(_) => {
+                for (entry, _, rows) in group.pairs.drain(..) {
+                    report.shards_rewritten += 1;
+                    report.rows += rows;
+                    on_shard(&entry, rows);
+                }
+            }
+            Err(CatalogError::ShardGone { path, .. }) => {
+                let i = group
+                    .pairs
+                    .iter()
+                    .position(|p| p.0.path == path)
+                    .expect("the gone shard is one of the group's");
+                let (_, add, _) = group.pairs.remove(i);
+                for a in &add {
+                    let _ = ds.storage().delete(&ds.shard_path(a)).await;
+                }
+                report.shards_lost_race += 1;
+            }
             Err(e) => return Err(e),
         }
     }
-    Ok(report)
+    Ok(())
 }
 
 /// `base` with the columns of `update` replacing (or adding) columns of the same name. Keys must

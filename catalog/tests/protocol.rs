@@ -152,7 +152,8 @@ async fn concurrent_commits_lose_and_duplicate_nothing() {
     let snap = ds.snapshot().await.unwrap();
     assert_eq!(snap.version, 24);
     assert_eq!(snap.shards.len(), 24);
-    assert_eq!(ds.versions().await.unwrap(), (1..=24).collect::<Vec<u64>>());
+    // Version 0 created the table; each commit wrote one version after it.
+    assert_eq!(ds.versions().await.unwrap(), (0..=24).collect::<Vec<u64>>());
     assert_eq!(
         count(storage.clone(), "SELECT count(DISTINCT key) FROM samples").await,
         1200
@@ -199,7 +200,8 @@ async fn replace_and_shard_gone() {
         })
         .await
         .unwrap();
-    assert_eq!(m.shards, add);
+    assert_eq!(m.version, 2);
+    assert_eq!(ds.snapshot().await.unwrap().shards, add);
     let err = ds
         .commit(Transaction {
             operation: "rewrite".into(),
@@ -215,29 +217,42 @@ async fn replace_and_shard_gone() {
 }
 
 #[tokio::test]
-async fn malformed_and_unknown_version_manifests_are_named() {
+async fn malformed_and_unknown_version_log_entries_are_named() {
     let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::unique());
     let ds = Catalog::from_storage(storage.clone()).samples();
     write_and_commit(&ds, "a", 10, None).await.unwrap();
+    // A log entry cut off mid-line, seen by a handle that already read version 1 and by a new one.
     storage
         .put(
-            "samples/_manifest/00000000000000000002.json",
-            "{\"format\": \"llamagen.manifest\", ".into(),
+            "samples/_delta_log/00000000000000000002.json",
+            "{\"add\": {\"path\": \"data/x.parquet\", ".into(),
         )
         .await
         .unwrap();
     let e = ds.snapshot().await.unwrap_err().to_string();
     assert!(
-        e.contains("malformed manifest") && e.contains("00000000000000000002.json"),
+        e.contains("malformed transaction log entry") && e.contains("00000000000000000002.json"),
         "{e}"
     );
-    let mut m = serde_json::to_value(ds.manifest(1).await.unwrap()).unwrap();
-    m["version"] = 2.into();
-    m["schema_version"] = 99.into();
+    let fresh = Catalog::from_storage(storage.clone()).samples();
+    let e = fresh.snapshot().await.unwrap_err().to_string();
+    assert!(e.contains("samples"), "{e}");
+    // A metadata change to a sample schema version this build does not know.
+    let v0 = storage
+        .get("samples/_delta_log/00000000000000000000.json")
+        .await
+        .unwrap();
+    let meta = String::from_utf8(v0.to_vec())
+        .unwrap()
+        .lines()
+        .find(|l| l.contains("\"metaData\""))
+        .unwrap()
+        .replace("\"llamagen.schemaVersion\":\"1\"", "\"llamagen.schemaVersion\":\"99\"");
+    assert!(meta.contains("\"99\""), "{meta}");
     storage
         .put(
-            "samples/_manifest/00000000000000000002.json",
-            serde_json::to_vec(&m).unwrap().into(),
+            "samples/_delta_log/00000000000000000002.json",
+            meta.into(),
         )
         .await
         .unwrap();
@@ -246,6 +261,8 @@ async fn malformed_and_unknown_version_manifests_are_named() {
         e.contains("schema version 99") && e.contains("00000000000000000002.json"),
         "{e}"
     );
+    let e = fresh.snapshot().await.unwrap_err().to_string();
+    assert!(e.contains("schema version 99"), "{e}");
 }
 
 #[tokio::test]
@@ -327,16 +344,36 @@ async fn gc_removes_only_unreferenced_old_files() {
     w.write(&rows("orphan", 10)).await.unwrap();
     let orphan = w.finish().await.unwrap();
     // Within the grace period nothing goes.
-    let r = ds.gc(Duration::from_secs(3600), 0, false).await.unwrap();
+    let r = ds.gc(Duration::from_secs(3600), false).await.unwrap();
     assert!(r.orphan_shards.is_empty());
-    let r = ds.gc(Duration::ZERO, 0, true).await.unwrap();
+    let r = ds.gc(Duration::ZERO, true).await.unwrap();
     assert_eq!(r.orphan_shards, vec![ds.shard_path(&orphan[0])]);
     assert!(
         storage.get(&ds.shard_path(&orphan[0])).await.is_ok(),
         "dry run deleted"
     );
-    ds.gc(Duration::ZERO, 0, false).await.unwrap();
+    // Files that are not the shard writer's are never touched, and neither is the log.
+    storage
+        .put("samples/data/thesis.docx", "mine".into())
+        .await
+        .unwrap();
+    storage
+        .put("samples/data/part-notauuid.parquet", "mine".into())
+        .await
+        .unwrap();
+    ds.gc(Duration::ZERO, false).await.unwrap();
     assert!(storage.get(&ds.shard_path(&orphan[0])).await.is_err());
+    assert!(storage.get("samples/data/thesis.docx").await.is_ok());
+    assert!(storage.get("samples/data/part-notauuid.parquet").await.is_ok());
+    // A folder that is not a table: gc refuses and deletes nothing.
+    storage.put("other/data/precious.txt", "mine".into()).await.unwrap();
+    let e = Catalog::from_storage(storage.clone())
+        .dataset("other")
+        .gc(Duration::ZERO, false)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CatalogError::NoSuchDataset { .. }), "{e}");
+    assert!(storage.get("other/data/precious.txt").await.is_ok());
     assert_eq!(count(storage, "SELECT count(*) FROM samples").await, 10);
 }
 
@@ -519,4 +556,118 @@ async fn map_shards_rewrites_each_shard_once() {
     .await
     .unwrap_err();
     assert!(e.to_string().contains("keys"), "{e}");
+}
+
+#[tokio::test]
+async fn stage_passes_commit_in_groups() {
+    use llamagen_catalog::stage::map_shards;
+    let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::unique());
+    let ds = Catalog::from_storage(storage.clone()).samples();
+    for i in 0..7 {
+        write_and_commit(&ds, &format!("s{i}"), 5, Some(&format!("unit-{i}")))
+            .await
+            .unwrap();
+    }
+    let before = ds.latest_version().await.unwrap();
+    let label = |b: RecordBatch| async move {
+        let n = b.num_rows();
+        Ok(RecordBatch::try_from_iter(vec![
+            ("key", b.column_by_name("key").unwrap().clone()),
+            ("label", Arc::new(Int32Array::from(vec![3; n])) as ArrayRef),
+        ])
+        .unwrap())
+    };
+    let mut seen = 0;
+    let r = map_shards(
+        &ds,
+        "label",
+        (0, 1),
+        ShardWriterOptions {
+            commit_shards: 3,
+            ..Default::default()
+        },
+        label,
+        |_, _| seen += 1,
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.shards_rewritten, r.rows, seen), (7, 35, 7));
+    // 7 shards in groups of 3: three commits, each replacing its shards in one version.
+    let after = ds.latest_version().await.unwrap();
+    assert_eq!(after - before, 3);
+    let h = ds.history().await.unwrap();
+    let last: Vec<(u64, u64)> = h[h.len() - 3..]
+        .iter()
+        .map(|e| (e.shards_added, e.shards_removed))
+        .collect();
+    assert_eq!(last, vec![(3, 3), (3, 3), (1, 1)]);
+    assert_eq!(h.last().unwrap().stage.as_deref(), Some("label"));
+    // Work units travel with the rewritten shards, so they stay done.
+    let snap = ds.snapshot().await.unwrap();
+    assert_eq!(snap.units.len(), 7);
+    let err = write_and_commit(&ds, "again", 5, Some("unit-4"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CatalogError::UnitAlreadyCommitted { .. }), "{err}");
+    // A fresh handle (cold load from the log) sees the same table.
+    let fresh = Catalog::from_storage(storage.clone()).samples();
+    assert_eq!(fresh.snapshot().await.unwrap(), snap);
+    assert_eq!(
+        count(storage, "SELECT count(*) FROM samples WHERE label = 3").await,
+        35
+    );
+}
+
+#[tokio::test]
+async fn a_rewrite_group_survives_a_concurrent_rewrite_of_one_shard() {
+    use llamagen_catalog::stage::map_shards;
+    let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::unique());
+    let ds = Catalog::from_storage(storage.clone()).samples();
+    for i in 0..4 {
+        write_and_commit(&ds, &format!("s{i}"), 5, None).await.unwrap();
+    }
+    // Another worker (its own handle) rewrites the second shard while this one works.
+    let other = Catalog::from_storage(storage.clone()).samples();
+    let victim = other.snapshot().await.unwrap().shards[1].path.clone();
+    let calls = std::sync::atomic::AtomicUsize::new(0);
+    let f = |b: RecordBatch| {
+        let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let other = other.clone();
+        let victim = victim.clone();
+        async move {
+            if n == 2 {
+                let mut w = other.writer(ShardWriterOptions::default());
+                w.write(&rows("s1", 5)).await.unwrap();
+                let add = w.finish().await.unwrap();
+                other
+                    .commit(Transaction {
+                        operation: "other".into(),
+                        add,
+                        remove: vec![victim],
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+            }
+            let n = b.num_rows();
+            Ok(RecordBatch::try_from_iter(vec![
+                ("key", b.column_by_name("key").unwrap().clone()),
+                ("label", Arc::new(Int32Array::from(vec![1; n])) as ArrayRef),
+            ])
+            .unwrap())
+        }
+    };
+    let r = map_shards(&ds, "label", (0, 1), ShardWriterOptions::default(), f, |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!((r.shards_rewritten, r.shards_lost_race), (3, 1));
+    assert_eq!(count(storage.clone(), "SELECT count(*) FROM samples").await, 20);
+    assert_eq!(
+        count(storage.clone(), "SELECT count(*) FROM samples WHERE label = 1").await,
+        15
+    );
+    // The lost rewrite's output was deleted: on storage are the 4 first shards (replaced, kept for
+    // time travel until gc), this pass's 3 rewrites and the other worker's 1; not a 9th.
+    let files = storage.list("samples/data/").await.unwrap();
+    assert_eq!(files.len(), 8);
 }

@@ -62,12 +62,16 @@ pub struct CatalogArgs {
 
 #[derive(Subcommand, Debug)]
 enum CatalogCommand {
-    /// Run a SQL query over the tables `samples`, `shards` and `runs`.
+    /// Run a SQL query over the tables `samples`, `shards`, `runs` and `history` (one row per
+    /// table version).
     Sql {
         /// The query, e.g. "SELECT status, count(*) FROM samples GROUP BY status".
         query: String,
         #[command(flatten)]
         root: RootArgs,
+        /// Read `samples` and `shards` as of this table version (time travel).
+        #[arg(long)]
+        version: Option<u64>,
         /// Output format: table, csv, json (lines) or parquet.
         #[arg(long, default_value = "table")]
         format: String,
@@ -104,16 +108,15 @@ enum CatalogCommand {
         root: RootArgs,
     },
     /// Delete what no reader can see: uncommitted shard files and temporary files older than
-    /// the grace period, unfinished S3 multipart uploads, and old manifest versions.
+    /// the grace period, unfinished S3 multipart uploads, and log entries older than the grace
+    /// period that the latest checkpoint replaces (Delta's vacuum, limited to llamagen's shards).
     Gc {
         #[command(flatten)]
         root: RootArgs,
-        /// Only files older than this many seconds are removed (protects writers in flight).
-        #[arg(long, default_value_t = 3600)]
+        /// Only files older than this many seconds are removed (protects writers in flight and
+        /// readers of versions younger than this: the table's time-travel window).
+        #[arg(long, default_value_t = 7 * 24 * 3600)]
         grace_secs: u64,
-        /// Manifest versions to keep.
-        #[arg(long, default_value_t = 20)]
-        keep_versions: usize,
         /// Report what would be removed, remove nothing.
         #[arg(long)]
         dry_run: bool,
@@ -125,12 +128,18 @@ pub async fn run(args: CatalogArgs) -> Result<ExitCode> {
         CatalogCommand::Sql {
             query,
             root,
+            version,
             format,
             output,
         } => {
             let format: OutputFormat = format.parse()?;
             let cat = root.open().await?;
-            let ctx = sql::session_for(cat.storage().clone(), &root.dataset).await?;
+            let opts = sql::SessionOptions {
+                version,
+                // `history` reads every commit in the log: only when the query names it.
+                history: query.to_ascii_lowercase().contains("history"),
+            };
+            let ctx = sql::session_with(cat.storage().clone(), &root.dataset, &opts).await?;
             let (schema, batches) = match sql::query(&ctx, &query).await {
                 Ok(r) => r,
                 // SQL errors are the user's: say them as DataFusion words them, exit 2.
@@ -194,27 +203,25 @@ pub async fn run(args: CatalogArgs) -> Result<ExitCode> {
         CatalogCommand::Gc {
             root,
             grace_secs,
-            keep_versions,
             dry_run,
         } => {
             let cat = root.open().await?;
             let report = cat
                 .dataset(&root.dataset)
-                .gc(Duration::from_secs(grace_secs), keep_versions, dry_run)
+                .gc(Duration::from_secs(grace_secs), dry_run)
                 .await?;
             let verb = if dry_run { "would remove" } else { "removed" };
             println!(
-                "{verb}: {} orphan shard(s) ({} bytes), {} old manifest(s), {} temporary file(s), {} unfinished upload(s)",
+                "{verb}: {} orphan shard(s) ({} bytes), {} expired log entr(ies), {} temporary file(s), {} unfinished upload(s)",
                 report.orphan_shards.len(),
                 report.orphan_bytes,
-                report.old_manifests.len(),
+                report.expired_log_entries,
                 report.temp_files.len(),
                 report.aborted_uploads.len()
             );
             for p in report
                 .orphan_shards
                 .iter()
-                .chain(&report.old_manifests)
                 .chain(&report.temp_files)
                 .chain(&report.aborted_uploads)
             {

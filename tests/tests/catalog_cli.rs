@@ -242,23 +242,29 @@ fn bad_input_is_reported_by_name() {
     );
     std::fs::write(&shard, &good).unwrap();
 
-    // A malformed manifest is named.
-    let m2 = root_path.join("samples/_manifest/00000000000000000002.json");
-    std::fs::write(&m2, "{ not json").unwrap();
+    // A malformed log entry is named.
+    let log = root_path.join("samples/_delta_log");
+    let next = (0..)
+        .map(|v| log.join(format!("{v:020}.json")))
+        .find(|p| !p.exists())
+        .unwrap();
+    std::fs::write(&next, "{ not json").unwrap();
     let (code, _, err) = sql(&root, "SELECT count(*) FROM samples", "table");
     assert_eq!(code, 1);
+    let name = next.file_name().unwrap().to_str().unwrap();
     assert!(
-        err.contains("malformed manifest") && err.contains("00000000000000000002.json"),
+        err.contains("malformed transaction log entry") && err.contains(name),
         "{err}"
     );
 
-    // A manifest from a future schema version is refused clearly.
-    let m1 = std::fs::read_to_string(root_path.join("samples/_manifest/00000000000000000001.json"))
-        .unwrap();
-    let mut v: serde_json::Value = serde_json::from_str(&m1).unwrap();
-    v["version"] = 2.into();
-    v["schema_version"] = 7.into();
-    std::fs::write(&m2, serde_json::to_string(&v).unwrap()).unwrap();
+    // A table from a future schema version is refused clearly.
+    let v0 = std::fs::read_to_string(log.join("00000000000000000000.json")).unwrap();
+    let meta = v0
+        .lines()
+        .find(|l| l.contains("\"metaData\""))
+        .unwrap()
+        .replace("\"llamagen.schemaVersion\":\"1\"", "\"llamagen.schemaVersion\":\"7\"");
+    std::fs::write(&next, meta).unwrap();
     let (code, _, err) = sql(&root, "SELECT count(*) FROM samples", "table");
     assert_eq!(code, 1);
     assert!(
@@ -275,7 +281,7 @@ fn gc_cleans_what_a_crashed_writer_left() {
     assert_eq!(import(&root, &[&laion()]).0, 0);
     // What a crashed writer leaves: an uncommitted shard and a scratch file.
     std::fs::write(
-        root_path.join("samples/data/part-crashed.parquet"),
+        root_path.join("samples/data/part-0193a2b4-5c6d-7e8f-9a0b-1c2d3e4f5a6b.parquet"),
         b"partial",
     )
     .unwrap();
@@ -294,7 +300,11 @@ fn gc_cleans_what_a_crashed_writer_left() {
         out.contains("removed: 1 orphan shard(s) (7 bytes)") && out.contains("1 temporary file(s)"),
         "{out}"
     );
-    assert!(!root_path.join("samples/data/part-crashed.parquet").exists());
+    assert!(
+        !root_path
+            .join("samples/data/part-0193a2b4-5c6d-7e8f-9a0b-1c2d3e4f5a6b.parquet")
+            .exists()
+    );
     let (_, out, _) = sql(&root, "SELECT count(*) AS n FROM samples", "csv");
     assert_eq!(out, "n\n10000\n");
 }

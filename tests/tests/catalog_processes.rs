@@ -107,7 +107,7 @@ async fn writer_killed_mid_shard_leaves_no_visible_partial_data() {
     assert_eq!(counts(&root).await, (1000, 1000));
     assert!(ds.verify().await.unwrap().is_empty());
     // The half-written shard is on disk as a scratch file, and gc finds it.
-    let report = ds.gc(Duration::ZERO, 0, true).await.unwrap();
+    let report = ds.gc(Duration::ZERO, true).await.unwrap();
     assert_eq!(report.temp_files.len(), 1, "{report:?}");
     assert!(report.orphan_shards.is_empty(), "{report:?}");
 
@@ -123,6 +123,6 @@ async fn writer_killed_mid_shard_leaves_no_visible_partial_data() {
         "{stdout}"
     );
     assert_eq!(counts(&root).await, (3000, 3000));
-    ds.gc(Duration::ZERO, 0, false).await.unwrap();
+    ds.gc(Duration::ZERO, false).await.unwrap();
     assert_eq!(counts(&root).await, (3000, 3000));
 }

@@ -1,4 +1,6 @@
-//! Shards written by llamagen, read back by pyarrow with identical values in every column type.
+//! Shards written by llamagen, read back by pyarrow with identical values in every column type,
+//! and the dataset read as a Delta table by PyPI's deltalake and polars: the same values and the
+//! same version history.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -220,6 +222,59 @@ async fn pyarrow_reads_back_identical_values() {
             "t5_long": {"tokens": 2, "dim": 8, "dtype": "bf16", "data": sha(&emb[i])},
         })
     };
+    check_rows(&rows, &expect);
+
+    // The dataset as a Delta table: a stage pass (remove + add) on top, then deltalake and polars.
+    let r = llamagen_catalog::stage::map_shards(
+        &ds,
+        "label",
+        (0, 1),
+        ShardWriterOptions::default(),
+        |b: RecordBatch| async move {
+            let n = b.num_rows();
+            Ok(RecordBatch::try_from_iter(vec![
+                ("key", b.column_by_name("key").unwrap().clone()),
+                ("label", Arc::new(Int32Array::from(vec![7; n])) as ArrayRef),
+            ])
+            .unwrap())
+        },
+        |_, _| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.shards_rewritten, 1);
+    let out = Command::new(llamagen_tests::python())
+        .arg(llamagen_tests::workspace().join("tests/python/dump_delta.py"))
+        .arg(dir.path().join("samples"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap());
+    let head = lines.next().unwrap();
+    let versions = ds.versions().await.unwrap();
+    assert_eq!(versions, vec![0, 1, 2]);
+    assert_eq!(head["versions"], json!(versions));
+    assert_eq!(head["version"], json!(2));
+    assert_eq!(head["operations"], json!(["CREATE TABLE", "WRITE", "UPDATE"]));
+    assert_eq!(head["stages"], json!([Value::Null, "t", "label"]));
+    assert_eq!(head["schema_version"], "1");
+    assert_eq!(head["columns"], json!(names));
+    let rows: Vec<Value> = lines.collect();
+    assert_eq!(rows.len(), n);
+    for row in &rows {
+        assert_eq!(row["label"], json!(7));
+    }
+    check_rows(&rows, &expect);
+}
+
+fn check_rows(rows: &[Value], expect: &dyn Fn(usize) -> Value) {
     for (i, row) in rows.iter().enumerate() {
         let obj = row.as_object().unwrap();
         for (k, v) in expect(i).as_object().unwrap() {
