@@ -2,7 +2,8 @@
 # Catalog commit cost as the table grows: for each shard count N, import a URL list as N shards of
 # SHARD_ROWS rows (one commit), then time one stage pass over all of them (`llamagen filter apply`:
 # a copy-on-write rewrite of every shard, committed in groups of LLAMAGEN_COMMIT_SHARDS).
-#   SHARDS ("500 2000 8000 20000"), SHARD_ROWS (10), REPEATS (1), BENCH_DIR (/tmp/llamagen-bench-commits)
+#   SHARDS ("500 2000 8000 20000"), SHARD_ROWS (10), REPEATS (1), BENCH_DIR (/tmp/llamagen-bench-commits),
+#   LLAMAGEN_BIN (default: build the bench-opt profile; point it at target/debug/llamagen to skip that)
 # Prints, per N: the pass's wall time, the commits it made, its time per shard, the log bytes it
 # wrote (the JSON commits and checkpoints added by the pass), and the time per commit.
 set -euo pipefail
@@ -13,8 +14,12 @@ REPEATS=${REPEATS:-1}
 DIR=${BENCH_DIR:-/tmp/llamagen-bench-commits}
 PY=${LLAMAGEN_PYTHON:-python3}
 
-cargo build --profile bench-opt -p llamagen-pipelines --bin llamagen
-BIN=target/bench-opt/llamagen
+if [ -n "${LLAMAGEN_BIN:-}" ]; then
+  BIN=$LLAMAGEN_BIN
+else
+  cargo build --profile bench-opt -p llamagen-pipelines --bin llamagen
+  BIN=target/bench-opt/llamagen
+fi
 
 mkdir -p "$DIR"
 printf '[min_side]\nmin = 1\n' > "$DIR/thresholds.toml"

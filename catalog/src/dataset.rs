@@ -38,6 +38,10 @@
 //!    log file of any malformed entry.
 //! 7. A checkpoint is written every [`CHECKPOINT_INTERVAL`] versions, so a cold read replays at
 //!    most that many JSON commits after one Parquet checkpoint.
+//! 8. Nothing is read, written or deleted outside the dataset's folder: a dataset name is one
+//!    path component of a safe alphabet ([`check_name`]), and a shard path in the log must be a
+//!    relative path inside the dataset (no `..`, no absolute path, no URL), or the log entry is
+//!    refused as malformed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -207,6 +211,37 @@ fn log_file(version: u64) -> String {
     format!("{LOG_DIR}/{version:020}.json")
 }
 
+/// Checks a dataset name (invariant 8): 1 to 128 characters of `A-Z a-z 0-9 _ - .`, not
+/// starting with `.` or `_` (names Delta and llamagen keep for themselves). So a name never
+/// leaves the root: no separator, no `..`, no absolute path.
+pub fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && !name.starts_with('_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(CatalogError::InvalidArgument(format!(
+            "dataset name {name:?}: use 1-128 characters of A-Z, a-z, 0-9, '_', '-', '.', not \
+             starting with '.' or '_' (a dataset is one folder directly under the root)"
+        )))
+    }
+}
+
+/// Whether a path from a table log stays inside the table (invariant 8).
+fn confined(path: &str) -> bool {
+    !path.is_empty()
+        && !path.starts_with('/')
+        && !path.contains('\\')
+        && !path.contains("://")
+        && !path.contains('%')
+        && path.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
 /// Whether `path` (relative to a dataset) is named as the shard writer names shards.
 pub fn is_shard_path(path: &str) -> bool {
     path.strip_prefix("data/part-")
@@ -215,10 +250,12 @@ pub fn is_shard_path(path: &str) -> bool {
 }
 
 impl Dataset {
+    /// A handle on dataset `name`; a name [`check_name`] refuses makes every operation fail
+    /// with that error.
     pub fn new(storage: Arc<dyn Storage>, name: &str) -> Self {
         Dataset {
             storage,
-            name: name.trim_matches('/').to_string(),
+            name: name.to_string(),
             max_commit_attempts: 64,
             state: Arc::new(tokio::sync::Mutex::new(None)),
         }
@@ -255,6 +292,7 @@ impl Dataset {
     }
 
     fn log_store(&self) -> Result<LogStoreRef> {
+        check_name(&self.name)?;
         let (url, root) = self.storage.object_store()?;
         let table_url =
             url.join(&format!("{}/", self.name))
@@ -350,6 +388,9 @@ impl Dataset {
             ),
             reason: format!("add {}: {reason}", add.path),
         };
+        if !confined(&add.path) {
+            return Err(bad("the path leaves the table's folder".into()));
+        }
         let tags = add.tags.clone().unwrap_or_default();
         let tag = |k: &str| tags.get(k).cloned().flatten();
         let list = |k: &str| -> Result<Vec<String>> {
@@ -489,6 +530,9 @@ impl Dataset {
                     st.shards.insert(entry.path.clone(), entry);
                 }
                 Action::Remove(r) => {
+                    if !confined(&r.path) {
+                        return Err(bad(i + 1, format!("remove {}: the path leaves the table's folder", r.path)));
+                    }
                     st.shards.remove(&r.path);
                 }
                 Action::Txn(t) => {
@@ -887,6 +931,13 @@ impl Dataset {
         entry: &ShardEntry,
         projection: Option<&[&str]>,
     ) -> Result<Vec<RecordBatch>> {
+        check_name(&self.name)?;
+        if !confined(&entry.path) {
+            return Err(CatalogError::InvalidArgument(format!(
+                "shard path {:?} leaves dataset {:?}",
+                entry.path, self.name
+            )));
+        }
         let path = self.shard_path(entry);
         let data = self.storage.get(&path).await?;
         let name = format!("{}/{}", self.storage.root().trim_end_matches('/'), path);

@@ -207,6 +207,10 @@ impl ShardWriter {
         let Some(open) = self.open.take() else {
             return Ok(());
         };
+        if let Err(e) = crate::dataset::check_name(&self.dataset_dir) {
+            let _ = std::fs::remove_file(&open.local);
+            return Err(e);
+        }
         if open.rows == 0 {
             let _ = std::fs::remove_file(&open.local);
             return Ok(());

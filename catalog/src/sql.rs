@@ -26,6 +26,7 @@ use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
+use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use futures::StreamExt;
 use parquet::file::metadata::ParquetMetaDataReader;
@@ -57,7 +58,13 @@ pub struct SessionOptions {
     pub version: Option<u64>,
     /// Also register `history`: one row per table version (reads every commit still in the log).
     pub history: bool,
+    /// Bytes a query's operators may hold (sorts, joins and aggregations spill to disk where they
+    /// can, and fail with an error naming the limit where they cannot). None: [`DEFAULT_MEMORY_LIMIT`].
+    pub memory_limit: Option<usize>,
 }
+
+/// The default memory limit of a session's queries (4 GiB).
+pub const DEFAULT_MEMORY_LIMIT: usize = 4 << 30;
 
 /// Like [`session_for`], as of a version and with the `history` table on request.
 pub async fn session_with(
@@ -67,7 +74,10 @@ pub async fn session_with(
 ) -> Result<SessionContext> {
     // DATAFUSION_* environment variables tune the engine (e.g. DATAFUSION_EXECUTION_TARGET_PARTITIONS).
     let config = SessionConfig::from_env()?.with_information_schema(true);
-    let ctx = SessionContext::new_with_config(config);
+    let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+        .with_memory_limit(opts.memory_limit.unwrap_or(DEFAULT_MEMORY_LIMIT), 1.0)
+        .build_arc()?;
+    let ctx = SessionContext::new_with_config_rt(config, runtime);
     let (url, store) = storage.object_store()?;
     ctx.register_object_store(&url, store);
     let ds = Dataset::new(storage.clone(), dataset);
@@ -375,12 +385,110 @@ async fn runs_table(storage: &Arc<dyn Storage>) -> Result<MemTable> {
     Ok(MemTable::try_new(schema, vec![vec![batch]])?)
 }
 
-/// Runs one SQL statement and collects its result.
+/// What a catalog query may do: read. No DDL (`CREATE`, `DROP`), no DML (`INSERT`, `COPY … TO`),
+/// no statements (`SET`, transactions); results leave only through the caller.
+pub fn read_only() -> SQLOptions {
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+}
+
+/// Runs one read-only SQL statement and collects its result.
 pub async fn query(ctx: &SessionContext, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>)> {
-    let df = ctx.sql(sql).await?;
+    let df = ctx.sql_with_options(sql, read_only()).await?;
     let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
     let batches = df.collect().await?;
     Ok((schema, batches))
+}
+
+/// Runs one read-only SQL statement and writes its result in `format` as the batches are
+/// produced, so memory does not grow with the result (except `table`, which aligns columns over
+/// the whole result). Returns the rows written.
+pub async fn query_to(
+    ctx: &SessionContext,
+    sql: &str,
+    format: OutputFormat,
+    out: &mut (dyn Write + Send),
+) -> Result<u64> {
+    let df = ctx.sql_with_options(sql, read_only()).await?;
+    let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+    if format == OutputFormat::Table {
+        let batches = df.collect().await?;
+        write_results(&schema, &batches, format, out)?;
+        return Ok(batches.iter().map(|b| b.num_rows() as u64).sum());
+    }
+    let mut stream = df.execute_stream().await?;
+    let mut sink = ResultSink::new(&schema, format, out)?;
+    let mut rows = 0u64;
+    while let Some(b) = stream.next().await {
+        let b = b?;
+        rows += b.num_rows() as u64;
+        sink.write(&b)?;
+    }
+    sink.finish()?;
+    Ok(rows)
+}
+
+/// A result writer for the streaming formats.
+enum ResultSink<'a> {
+    Csv(arrow::csv::Writer<&'a mut (dyn Write + Send)>, bool, SchemaRef),
+    Json(arrow::json::LineDelimitedWriter<&'a mut (dyn Write + Send)>),
+    Parquet(parquet::arrow::ArrowWriter<&'a mut (dyn Write + Send)>),
+}
+
+impl<'a> ResultSink<'a> {
+    fn new(schema: &SchemaRef, format: OutputFormat, out: &'a mut (dyn Write + Send)) -> Result<Self> {
+        Ok(match format {
+            OutputFormat::Csv => ResultSink::Csv(
+                arrow::csv::WriterBuilder::new().with_header(true).build(out),
+                false,
+                schema.clone(),
+            ),
+            OutputFormat::Json => ResultSink::Json(arrow::json::LineDelimitedWriter::new(out)),
+            OutputFormat::Parquet | OutputFormat::Table => ResultSink::Parquet(
+                parquet::arrow::ArrowWriter::try_new(out, schema.clone(), None).map_err(|e| {
+                    CatalogError::Parquet {
+                        path: "<output>".into(),
+                        source: e,
+                    }
+                })?,
+            ),
+        })
+    }
+
+    fn write(&mut self, b: &RecordBatch) -> Result<()> {
+        match self {
+            ResultSink::Csv(w, wrote, _) => {
+                *wrote = true;
+                w.write(b)?
+            }
+            ResultSink::Json(w) => w.write(b)?,
+            ResultSink::Parquet(w) => w.write(b).map_err(|e| CatalogError::Parquet {
+                path: "<output>".into(),
+                source: e,
+            })?,
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<()> {
+        match self {
+            ResultSink::Csv(mut w, wrote, schema) => {
+                if !wrote {
+                    w.write(&RecordBatch::new_empty(schema))?;
+                }
+            }
+            ResultSink::Json(mut w) => w.finish()?,
+            ResultSink::Parquet(w) => {
+                w.close().map_err(|e| CatalogError::Parquet {
+                    path: "<output>".into(),
+                    source: e,
+                })?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How query results are written.

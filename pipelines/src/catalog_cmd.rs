@@ -72,6 +72,9 @@ enum CatalogCommand {
         /// Read `samples` and `shards` as of this table version (time travel).
         #[arg(long)]
         version: Option<u64>,
+        /// Memory a query may hold, in MiB (sorts, joins and aggregations spill or fail beyond it).
+        #[arg(long, default_value_t = 4096)]
+        memory_mib: usize,
         /// Output format: table, csv, json (lines) or parquet.
         #[arg(long, default_value = "table")]
         format: String,
@@ -129,6 +132,7 @@ pub async fn run(args: CatalogArgs) -> Result<ExitCode> {
             query,
             root,
             version,
+            memory_mib,
             format,
             output,
         } => {
@@ -138,34 +142,41 @@ pub async fn run(args: CatalogArgs) -> Result<ExitCode> {
                 version,
                 // `history` reads every commit in the log: only when the query names it.
                 history: query.to_ascii_lowercase().contains("history"),
+                memory_limit: Some(memory_mib << 20),
             };
             let ctx = sql::session_with(cat.storage().clone(), &root.dataset, &opts).await?;
-            let (schema, batches) = match sql::query(&ctx, &query).await {
-                Ok(r) => r,
-                // SQL errors are the user's: say them as DataFusion words them, exit 2.
-                Err(CatalogError::DataFusion(e)) => {
-                    eprintln!("SQL error: {e}");
-                    return Ok(ExitCode::from(2));
-                }
-                Err(e) => return Err(e.into()),
-            };
-            match (output, format) {
-                (Some(path), _) => {
+            if output.is_none() && format == OutputFormat::Parquet {
+                bail!("--format parquet needs --output FILE");
+            }
+            let result = match &output {
+                Some(path) => {
                     let mut f = std::io::BufWriter::new(
-                        std::fs::File::create(&path)
+                        std::fs::File::create(path)
                             .with_context(|| format!("creating {}", path.display()))?,
                     );
-                    sql::write_results(&schema, &batches, format, &mut f)?;
+                    let r = sql::query_to(&ctx, &query, format, &mut f).await;
                     f.flush()?;
+                    r
                 }
-                (None, OutputFormat::Parquet) => bail!("--format parquet needs --output FILE"),
-                (None, _) => {
+                None => {
                     let mut out = std::io::stdout();
-                    sql::write_results(&schema, &batches, format, &mut out)?;
+                    let r = sql::query_to(&ctx, &query, format, &mut out).await;
                     out.flush()?;
+                    r
                 }
+            };
+            match result {
+                Ok(_) => Ok(ExitCode::SUCCESS),
+                // SQL errors are the user's: say them as DataFusion words them, exit 2.
+                Err(CatalogError::DataFusion(e)) => {
+                    if let Some(path) = &output {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    eprintln!("SQL error: {e}");
+                    Ok(ExitCode::from(2))
+                }
+                Err(e) => Err(e.into()),
             }
-            Ok(ExitCode::SUCCESS)
         }
         CatalogCommand::Stats { root } => {
             stats(&root).await?;
