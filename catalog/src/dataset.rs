@@ -319,19 +319,26 @@ impl Dataset {
     /// Reads the table from scratch: its latest checkpoint and the commits after it.
     async fn load(&self) -> Result<State> {
         let log_store = self.log_store()?;
+        if !log_store
+            .is_delta_table_location()
+            .await
+            .map_err(|e| self.delta_err(e))?
+        {
+            return Ok(State {
+                log_store,
+                version: None,
+                shards: BTreeMap::new(),
+                units: BTreeSet::new(),
+                table: None,
+            });
+        }
         let mut table = DeltaTable::new(log_store.clone());
-        match table.load().await {
-            Ok(()) => {}
-            Err(DeltaTableError::NotATable(_)) => {
-                return Ok(State {
-                    log_store,
-                    version: None,
-                    shards: BTreeMap::new(),
-                    units: BTreeSet::new(),
-                    table: None,
-                });
-            }
-            Err(e) => return Err(self.delta_err(e)),
+        if let Err(e) = table.load().await {
+            // Name the log entry at fault where there is one.
+            return Err(match self.find_malformed_entry().await {
+                Some(named) => named,
+                None => self.delta_err(e),
+            });
         }
         let snap = table.snapshot().map_err(|e| self.delta_err(e))?;
         let version = snap.version();
@@ -459,14 +466,12 @@ impl Dataset {
         let stale = match slot.as_mut() {
             None => true,
             Some(st) => match st.version {
-                None => {
-                    // Created by someone else since?
-                    st.log_store
-                        .read_commit_entry(0)
-                        .await
-                        .map_err(|e| self.delta_err(e))?
-                        .is_some()
-                }
+                // Created by someone else since?
+                None => st
+                    .log_store
+                    .is_delta_table_location()
+                    .await
+                    .map_err(|e| self.delta_err(e))?,
                 Some(v) => !self.advance(st, v).await?,
             },
         };
@@ -550,6 +555,29 @@ impl Dataset {
         Ok(())
     }
 
+    /// The first JSON log entry after the latest checkpoint that does not parse as Delta actions,
+    /// as an error naming it (None if they all parse).
+    async fn find_malformed_entry(&self) -> Option<CatalogError> {
+        let from = self.last_checkpoint_version().await.ok().flatten().unwrap_or(0);
+        let versions = self.versions().await.ok()?;
+        for v in versions.into_iter().filter(|v| *v >= from) {
+            let path = self.log_path(v);
+            let bytes = self.storage.get(&path).await.ok()?;
+            for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                if let Err(e) = serde_json::from_slice::<Action>(line) {
+                    return Some(CatalogError::MalformedLog {
+                        path: format!("{}/{path}", self.storage.root().trim_end_matches('/')),
+                        reason: format!("line {}: {e}", i + 1),
+                    });
+                }
+            }
+        }
+        None
+    }
+
     /// Whether a unit is in the table: in the state, or (for units whose shards were removed
     /// before this handle loaded the table) in the log's application transactions.
     async fn unit_committed(&self, st: &State, unit: &str) -> Result<bool> {
@@ -567,37 +595,64 @@ impl Dataset {
             .is_some())
     }
 
-    /// Creates the table (version 0) if nobody has; losing that race is fine.
+    /// Creates the table: version 0 (protocol, metadata with the sample schema) written with
+    /// put-if-absent like any commit, so of racing creators exactly one writes it and the others
+    /// go on with the table it made.
     async fn create(&self, st: &State) -> Result<()> {
         use deltalake::kernel::engine::arrow_conversion::TryIntoKernel as _;
         let schema: deltalake::kernel::StructType = sample_schema()
             .as_ref()
             .try_into_kernel()
             .map_err(|e| self.delta_err(DeltaTableError::from(e)))?;
-        let result = deltalake::operations::create::CreateBuilder::new()
-            .with_log_store(st.log_store.clone())
-            .with_table_name(self.name.clone())
-            .with_comment("llamagen samples (sample schema: see llamagen-catalog's schema.rs)")
-            .with_columns(schema.fields().cloned())
-            .with_save_mode(SaveMode::ErrorIfExists)
-            .with_raise_if_key_not_exists(false)
-            .with_configuration_property(
-                deltalake::TableProperty::CheckpointInterval,
-                Some(CHECKPOINT_INTERVAL.to_string()),
-            )
-            .with_configuration(HashMap::from([(
-                SCHEMA_VERSION_PROPERTY.to_string(),
-                Some(SCHEMA_VERSION.to_string()),
-            )]))
-            .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(DeltaTableError::VersionAlreadyExists(_)) => Ok(()),
-            Err(DeltaTableError::Transaction {
-                source: TransactionError::VersionAlreadyExists(_),
-            }) => Ok(()),
-            Err(DeltaTableError::Generic(m)) if m.contains("already exists") => Ok(()),
-            Err(e) => Err(self.delta_err(e)),
+        let now = Utc::now().timestamp_millis();
+        let protocol = serde_json::json!({"minReaderVersion": 1, "minWriterVersion": 2});
+        let metadata = serde_json::json!({
+            "id": uuid::Uuid::new_v4().to_string(),
+            "name": self.name,
+            "description": "llamagen samples (the sample schema: llamagen-catalog's schema.rs)",
+            "format": {"provider": "parquet", "options": {}},
+            "schemaString": serde_json::to_string(&schema).expect("a schema serialises"),
+            "partitionColumns": [],
+            "configuration": {
+                "delta.checkpointInterval": CHECKPOINT_INTERVAL.to_string(),
+                SCHEMA_VERSION_PROPERTY: SCHEMA_VERSION.to_string(),
+            },
+            "createdTime": now,
+        });
+        let action = |v: serde_json::Value| -> Result<Action> {
+            serde_json::from_value(v).map_err(|e| CatalogError::InvalidArgument(format!(
+                "building the table's first version: {e}"
+            )))
+        };
+        let (Action::Protocol(p), Action::Metadata(m)) = (
+            action(serde_json::json!({"protocol": protocol}))?,
+            action(serde_json::json!({"metaData": metadata}))?,
+        ) else {
+            unreachable!("built as a protocol and a metadata action")
+        };
+        let location = st.log_store.root_url().clone();
+        let operation = DeltaOperation::Create {
+            mode: SaveMode::ErrorIfExists,
+            location,
+            protocol: p.clone(),
+            metadata: m.clone(),
+        };
+        let data = CommitData::new(
+            vec![Action::Protocol(p), Action::Metadata(m)],
+            operation,
+            HashMap::new(),
+            Vec::new(),
+        );
+        let bytes = data
+            .get_bytes()
+            .map_err(|e| self.delta_err(DeltaTableError::from(e)))?;
+        match st
+            .log_store
+            .write_commit_entry(0, CommitOrBytes::LogBytes(bytes), uuid::Uuid::new_v4())
+            .await
+        {
+            Ok(()) | Err(TransactionError::VersionAlreadyExists(_)) => Ok(()),
+            Err(e) => Err(self.delta_err(DeltaTableError::from(e))),
         }
     }
 

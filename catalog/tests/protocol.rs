@@ -130,14 +130,20 @@ async fn shards_roll_over_at_max_rows_and_bytes() {
     assert_eq!(w.finish().await.unwrap().len(), 2);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_commits_lose_and_duplicate_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let storage: Arc<dyn Storage> = Arc::new(LocalStorage::new(dir.path()).unwrap());
     let ds = Catalog::from_storage(storage.clone()).samples();
     let mut tasks = Vec::new();
     for t in 0..6 {
-        let ds = ds.clone();
+        // Each writer has its own handle (as separate workers do), so all six race to create the
+        // table and then to take each next version.
+        let ds = if t % 2 == 0 {
+            Catalog::from_storage(storage.clone()).samples()
+        } else {
+            ds.clone()
+        };
         tasks.push(tokio::spawn(async move {
             for i in 0..4 {
                 write_and_commit(&ds, &format!("w{t}-{i}"), 50, None)

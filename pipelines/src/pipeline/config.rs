@@ -463,7 +463,7 @@ impl PipelineConfig {
     /// Checks everything that can be checked without running: values, and that every model and
     /// caption file exists.
     pub fn check(&self) -> Result<()> {
-        llamagen_catalog::dataset::check_name(&self.dataset)?;
+        llamagen_catalog::dataset::check_name(&self.output.dataset)?;
         if self.input.files.is_empty() {
             bail!("[input] files is empty");
         }
