@@ -14,8 +14,8 @@
 use std::sync::Arc;
 
 use llamagen_catalog::arrow::array::{
-    ArrayRef, BinaryArray, Float32Array, Int32Array, ListArray, RecordBatch, StringArray,
-    StructArray, UInt16Array,
+    ArrayRef, BinaryArray, Float32Array, Int16Array, Int32Array, ListArray, RecordBatch,
+    StringArray, StructArray,
 };
 use llamagen_catalog::arrow::buffer::OffsetBuffer;
 use llamagen_catalog::arrow::datatypes::{DataType, Field};
@@ -53,7 +53,9 @@ fn keys(b: &RecordBatch) -> ArrayRef {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let root = args.get(1).expect("usage: write_amp ROOT [ROWS] [IMAGE_KB] [T5_KB]");
+    let root = args
+        .get(1)
+        .expect("usage: write_amp ROOT [ROWS] [IMAGE_KB] [T5_KB]");
     let rows: usize = args.get(2).map_or(Ok(10_000), |s| s.parse())?;
     let image_kb: usize = args.get(3).map_or(Ok(64), |s| s.parse())?;
     let t5_kb: usize = args.get(4).map_or(Ok(250), |s| s.parse())?;
@@ -96,7 +98,10 @@ async fn main() -> anyhow::Result<()> {
                 "text",
                 Arc::new(StringArray::from(vec!["a photo of a cat on a sofa"; n])),
             ),
-            ("images", list(DataType::Struct(image_fields()), n, Arc::new(images))),
+            (
+                "images",
+                list(DataType::Struct(image_fields()), n, Arc::new(images)),
+            ),
         ])?;
         let mut w = ds.writer(ShardWriterOptions {
             stage: "ingest".into(),
@@ -128,9 +133,18 @@ async fn main() -> anyhow::Result<()> {
             let n = b.num_rows();
             Ok(RecordBatch::try_from_iter(vec![
                 ("key", keys(&b)),
-                ("score_aesthetic", Arc::new(Float32Array::from(vec![6.1f32; n])) as ArrayRef),
-                ("score_clip_similarity", Arc::new(Float32Array::from(vec![0.31f32; n]))),
-                ("score_watermark", Arc::new(Float32Array::from(vec![0.1f32; n]))),
+                (
+                    "score_aesthetic",
+                    Arc::new(Float32Array::from(vec![6.1f32; n])) as ArrayRef,
+                ),
+                (
+                    "score_clip_similarity",
+                    Arc::new(Float32Array::from(vec![0.31f32; n])),
+                ),
+                (
+                    "score_watermark",
+                    Arc::new(Float32Array::from(vec![0.1f32; n])),
+                ),
                 ("score_nsfw", Arc::new(Float32Array::from(vec![0.01f32; n]))),
             ])?)
         },
@@ -158,7 +172,10 @@ async fn main() -> anyhow::Result<()> {
                 ),
                 (
                     "short_caption",
-                    Arc::new(StringArray::from(vec!["A grey cat lies on a blue sofa."; n])),
+                    Arc::new(StringArray::from(vec![
+                        "A grey cat lies on a blue sofa.";
+                        n
+                    ])),
                 ),
             ])?)
         },
@@ -211,10 +228,10 @@ async fn main() -> anyhow::Result<()> {
         |b: RecordBatch| async move {
             let n = b.num_rows();
             let codes = ListArray::new(
-                Arc::new(Field::new("item", DataType::UInt16, false)),
+                Arc::new(Field::new("item", DataType::Int16, false)),
                 OffsetBuffer::from_lengths(vec![256; n]),
-                Arc::new(UInt16Array::from_iter_values(
-                    (0..n * 256).map(|i| (i * 4099 % 16384) as u16),
+                Arc::new(Int16Array::from_iter_values(
+                    (0..n * 256).map(|i| (i * 4099 % 16384) as i16),
                 )),
                 None,
             );
@@ -232,7 +249,10 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(RecordBatch::try_from_iter(vec![
                 ("key", keys(&b)),
-                ("vq_codes", list(DataType::Struct(vq_code_fields()), n, Arc::new(vq))),
+                (
+                    "vq_codes",
+                    list(DataType::Struct(vq_code_fields()), n, Arc::new(vq)),
+                ),
             ])?)
         },
         |_, _| {},

@@ -239,7 +239,9 @@ fn confined(path: &str) -> bool {
         && !path.contains('\\')
         && !path.contains("://")
         && !path.contains('%')
-        && path.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+        && path
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
 }
 
 /// Whether `path` (relative to a dataset) is named as the shard writer names shards.
@@ -271,7 +273,11 @@ impl Dataset {
 
     /// The table's location as a user (or another engine) writes it.
     pub fn location(&self) -> String {
-        format!("{}/{}", self.storage.root().trim_end_matches('/'), self.name)
+        format!(
+            "{}/{}",
+            self.storage.root().trim_end_matches('/'),
+            self.name
+        )
     }
 
     /// Storage path of a log entry.
@@ -536,7 +542,10 @@ impl Dataset {
                 }
                 Action::Remove(r) => {
                     if !confined(&r.path) {
-                        return Err(bad(i + 1, format!("remove {}: the path leaves the table's folder", r.path)));
+                        return Err(bad(
+                            i + 1,
+                            format!("remove {}: the path leaves the table's folder", r.path),
+                        ));
                     }
                     st.shards.remove(&r.path);
                 }
@@ -558,7 +567,12 @@ impl Dataset {
     /// The first JSON log entry after the latest checkpoint that does not parse as Delta actions,
     /// as an error naming it (None if they all parse).
     async fn find_malformed_entry(&self) -> Option<CatalogError> {
-        let from = self.last_checkpoint_version().await.ok().flatten().unwrap_or(0);
+        let from = self
+            .last_checkpoint_version()
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(0);
         let versions = self.versions().await.ok()?;
         for v in versions.into_iter().filter(|v| *v >= from) {
             let path = self.log_path(v);
@@ -620,9 +634,9 @@ impl Dataset {
             "createdTime": now,
         });
         let action = |v: serde_json::Value| -> Result<Action> {
-            serde_json::from_value(v).map_err(|e| CatalogError::InvalidArgument(format!(
-                "building the table's first version: {e}"
-            )))
+            serde_json::from_value(v).map_err(|e| {
+                CatalogError::InvalidArgument(format!("building the table's first version: {e}"))
+            })
         };
         let (Action::Protocol(p), Action::Metadata(m)) = (
             action(serde_json::json!({"protocol": protocol}))?,
@@ -863,7 +877,10 @@ impl Dataset {
                 DeltaOperation::Update { predicate: None }
             };
             let mut info = HashMap::from([
-                (INFO_TXN_ID.to_string(), serde_json::Value::from(txn_id.clone())),
+                (
+                    INFO_TXN_ID.to_string(),
+                    serde_json::Value::from(txn_id.clone()),
+                ),
                 (
                     INFO_OPERATION.to_string(),
                     serde_json::Value::from(txn.operation.clone()),

@@ -28,9 +28,7 @@ pub use datafusion;
 use std::sync::Arc;
 
 pub use counters::StageCounters;
-pub use dataset::{
-    Committed, Dataset, GcReport, HistoryEntry, ShardEntry, Snapshot, Transaction,
-};
+pub use dataset::{Committed, Dataset, GcReport, HistoryEntry, ShardEntry, Snapshot, Transaction};
 pub use error::{CatalogError, Result};
 pub use schema::{SCHEMA_VERSION, Status, sample_schema};
 pub use shard::{ShardWriter, ShardWriterOptions};

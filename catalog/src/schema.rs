@@ -21,7 +21,7 @@ use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
 use crate::error::{CatalogError, Result};
 
 /// Version of the sample schema written by this build.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Key of the schema version in Arrow schema metadata and Parquet key-value metadata.
 pub const SCHEMA_VERSION_KEY: &str = "llamagen.schema_version";
@@ -165,7 +165,9 @@ pub fn vq_code_fields() -> Fields {
         Field::new("grid", DataType::Int32, false),
         Field::new(
             "codes",
-            DataType::List(Arc::new(Field::new("item", DataType::UInt16, false))),
+            // int16: Delta Lake (and so Spark, polars) has no unsigned types; every code of a
+            // codebook of up to 32,768 entries (LlamaGen's is 16,384) fits. See `codes_array`.
+            DataType::List(Arc::new(Field::new("item", DataType::Int16, false))),
             false,
         ),
     ])
@@ -190,6 +192,30 @@ pub fn provenance_fields() -> Fields {
         Field::new("sha256", DataType::Utf8, true),
         Field::new("version", DataType::Utf8, true),
     ])
+}
+
+/// The `codes` values of a `vq_codes` entry, from codebook indices; an index that does not fit
+/// the column's int16 (a codebook over 32,768 entries) is an error.
+pub fn codes_array(codes: &[u16]) -> Result<arrow::array::Int16Array> {
+    codes
+        .iter()
+        .map(|&c| i16::try_from(c).ok())
+        .collect::<Option<Vec<i16>>>()
+        .map(arrow::array::Int16Array::from)
+        .ok_or_else(|| {
+            CatalogError::SchemaMismatch(
+                "a VQ code is above 32,767: vq_codes holds codebooks of up to 32,768 entries"
+                    .into(),
+            )
+        })
+}
+
+/// Codebook indices from the `codes` values of a `vq_codes` entry (None if the array is not
+/// int16, or holds a negative value).
+pub fn codes_of(values: &dyn Array) -> Option<Vec<u16>> {
+    use arrow::array::AsArray;
+    let a = values.as_primitive_opt::<arrow::datatypes::Int16Type>()?;
+    a.values().iter().map(|&c| u16::try_from(c).ok()).collect()
 }
 
 /// The sample schema of [`SCHEMA_VERSION`].

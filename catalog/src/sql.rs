@@ -113,16 +113,27 @@ async fn history_table(ds: &Dataset) -> Result<MemTable> {
         Arc::new(UInt64Array::from_iter_values(h.iter().map(|e| e.version))),
         Arc::new(
             TimestampMicrosecondArray::from_iter(
-                h.iter().map(|e| e.committed_at.map(|t| t.timestamp_micros())),
+                h.iter()
+                    .map(|e| e.committed_at.map(|t| t.timestamp_micros())),
             )
             .with_timezone("UTC"),
         ),
-        Arc::new(StringArray::from_iter(h.iter().map(|e| e.operation.as_deref()))),
+        Arc::new(StringArray::from_iter(
+            h.iter().map(|e| e.operation.as_deref()),
+        )),
         Arc::new(StringArray::from_iter(h.iter().map(|e| e.stage.as_deref()))),
-        Arc::new(StringArray::from_iter(h.iter().map(|e| e.run_id.as_deref()))),
-        Arc::new(UInt64Array::from_iter_values(h.iter().map(|e| e.shards_added))),
-        Arc::new(UInt64Array::from_iter_values(h.iter().map(|e| e.shards_removed))),
-        Arc::new(UInt64Array::from_iter_values(h.iter().map(|e| e.rows_added))),
+        Arc::new(StringArray::from_iter(
+            h.iter().map(|e| e.run_id.as_deref()),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            h.iter().map(|e| e.shards_added),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            h.iter().map(|e| e.shards_removed),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            h.iter().map(|e| e.rows_added),
+        )),
         Arc::new(UInt64Array::from_iter_values(h.iter().map(|e| e.units))),
     ];
     let batch = RecordBatch::try_new(schema.clone(), cols)?;
@@ -432,16 +443,26 @@ pub async fn query_to(
 
 /// A result writer for the streaming formats.
 enum ResultSink<'a> {
-    Csv(arrow::csv::Writer<&'a mut (dyn Write + Send)>, bool, SchemaRef),
+    Csv(
+        arrow::csv::Writer<&'a mut (dyn Write + Send)>,
+        bool,
+        SchemaRef,
+    ),
     Json(arrow::json::LineDelimitedWriter<&'a mut (dyn Write + Send)>),
     Parquet(parquet::arrow::ArrowWriter<&'a mut (dyn Write + Send)>),
 }
 
 impl<'a> ResultSink<'a> {
-    fn new(schema: &SchemaRef, format: OutputFormat, out: &'a mut (dyn Write + Send)) -> Result<Self> {
+    fn new(
+        schema: &SchemaRef,
+        format: OutputFormat,
+        out: &'a mut (dyn Write + Send),
+    ) -> Result<Self> {
         Ok(match format {
             OutputFormat::Csv => ResultSink::Csv(
-                arrow::csv::WriterBuilder::new().with_header(true).build(out),
+                arrow::csv::WriterBuilder::new()
+                    .with_header(true)
+                    .build(out),
                 false,
                 schema.clone(),
             ),

@@ -253,13 +253,13 @@ async fn malformed_and_unknown_version_log_entries_are_named() {
         .lines()
         .find(|l| l.contains("\"metaData\""))
         .unwrap()
-        .replace("\"llamagen.schemaVersion\":\"1\"", "\"llamagen.schemaVersion\":\"99\"");
+        .replace(
+            "\"llamagen.schemaVersion\":\"2\"",
+            "\"llamagen.schemaVersion\":\"99\"",
+        );
     assert!(meta.contains("\"99\""), "{meta}");
     storage
-        .put(
-            "samples/_delta_log/00000000000000000002.json",
-            meta.into(),
-        )
+        .put("samples/_delta_log/00000000000000000002.json", meta.into())
         .await
         .unwrap();
     let e = ds.snapshot().await.unwrap_err().to_string();
@@ -370,9 +370,17 @@ async fn gc_removes_only_unreferenced_old_files() {
     ds.gc(Duration::ZERO, false).await.unwrap();
     assert!(storage.get(&ds.shard_path(&orphan[0])).await.is_err());
     assert!(storage.get("samples/data/thesis.docx").await.is_ok());
-    assert!(storage.get("samples/data/part-notauuid.parquet").await.is_ok());
+    assert!(
+        storage
+            .get("samples/data/part-notauuid.parquet")
+            .await
+            .is_ok()
+    );
     // A folder that is not a table: gc refuses and deletes nothing.
-    storage.put("other/data/precious.txt", "mine".into()).await.unwrap();
+    storage
+        .put("other/data/precious.txt", "mine".into())
+        .await
+        .unwrap();
     let e = Catalog::from_storage(storage.clone())
         .dataset("other")
         .gc(Duration::ZERO, false)
@@ -614,7 +622,10 @@ async fn stage_passes_commit_in_groups() {
     let err = write_and_commit(&ds, "again", 5, Some("unit-4"))
         .await
         .unwrap_err();
-    assert!(matches!(err, CatalogError::UnitAlreadyCommitted { .. }), "{err}");
+    assert!(
+        matches!(err, CatalogError::UnitAlreadyCommitted { .. }),
+        "{err}"
+    );
     // A fresh handle (cold load from the log) sees the same table.
     let fresh = Catalog::from_storage(storage.clone()).samples();
     assert_eq!(fresh.snapshot().await.unwrap(), snap);
@@ -630,7 +641,9 @@ async fn a_rewrite_group_survives_a_concurrent_rewrite_of_one_shard() {
     let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::unique());
     let ds = Catalog::from_storage(storage.clone()).samples();
     for i in 0..4 {
-        write_and_commit(&ds, &format!("s{i}"), 5, None).await.unwrap();
+        write_and_commit(&ds, &format!("s{i}"), 5, None)
+            .await
+            .unwrap();
     }
     // Another worker (its own handle) rewrites the second shard while this one works.
     let other = Catalog::from_storage(storage.clone()).samples();
@@ -663,13 +676,27 @@ async fn a_rewrite_group_survives_a_concurrent_rewrite_of_one_shard() {
             .unwrap())
         }
     };
-    let r = map_shards(&ds, "label", (0, 1), ShardWriterOptions::default(), f, |_, _| {})
-        .await
-        .unwrap();
+    let r = map_shards(
+        &ds,
+        "label",
+        (0, 1),
+        ShardWriterOptions::default(),
+        f,
+        |_, _| {},
+    )
+    .await
+    .unwrap();
     assert_eq!((r.shards_rewritten, r.shards_lost_race), (3, 1));
-    assert_eq!(count(storage.clone(), "SELECT count(*) FROM samples").await, 20);
     assert_eq!(
-        count(storage.clone(), "SELECT count(*) FROM samples WHERE label = 1").await,
+        count(storage.clone(), "SELECT count(*) FROM samples").await,
+        20
+    );
+    assert_eq!(
+        count(
+            storage.clone(),
+            "SELECT count(*) FROM samples WHERE label = 1"
+        )
+        .await,
         15
     );
     // The lost rewrite's output was deleted: on storage are the 4 first shards (replaced, kept for

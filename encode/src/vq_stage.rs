@@ -19,7 +19,6 @@ use std::sync::Arc;
 
 use arrow::array::{
     Array, ArrayRef, AsArray, Int32Array, ListArray, RecordBatch, StringArray, StructArray,
-    UInt16Array,
 };
 use arrow::buffer::{NullBuffer, OffsetBuffer};
 use arrow::datatypes::{DataType, Field, Fields, Schema};
@@ -363,16 +362,15 @@ pub fn vq_batch(
                 .ok_or_else(|| bad("vq_codes has no codes field".into()))?;
             for j in 0..s.len() {
                 let cv = codes.value(j);
-                let cv = cv
-                    .as_primitive_opt::<arrow::datatypes::UInt16Type>()
-                    .ok_or_else(|| bad("vq_codes codes are not uint16".into()))?;
+                let cv = llamagen_catalog::schema::codes_of(cv.as_ref())
+                    .ok_or_else(|| bad("vq_codes codes are not int16 codebook indices".into()))?;
                 push_grid(
                     a.value(j),
                     kinds.value(j),
                     c.value(j),
                     vw.value(j),
                     gr.value(j),
-                    cv.values(),
+                    &cv,
                 );
                 count += 1;
             }
@@ -390,7 +388,9 @@ pub fn vq_batch(
     let codes = ListArray::try_new(
         codes_field,
         OffsetBuffer::new(code_offsets.into()),
-        Arc::new(UInt16Array::from(code_vals)),
+        Arc::new(
+            llamagen_catalog::schema::codes_array(&code_vals).map_err(|e| bad(e.to_string()))?,
+        ),
         None,
     )
     .map_err(|e| bad(format!("building codes: {e}")))?;

@@ -24,7 +24,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use llamagen_catalog::arrow::array::{Array, AsArray, RecordBatch, StructArray};
-use llamagen_catalog::arrow::datatypes::{Int32Type, UInt16Type};
+use llamagen_catalog::arrow::datatypes::Int32Type;
 use llamagen_catalog::schema::col;
 use llamagen_encode::text_encoder::StoreDtype;
 
@@ -131,7 +131,7 @@ fn grids(b: &RecordBatch, i: usize, size: i32, kind: &str) -> Vec<(i32, Vec<u16>
             (
                 view.value(j),
                 grid.value(j),
-                c.as_primitive::<UInt16Type>().values().to_vec(),
+                llamagen_catalog::schema::codes_of(c.as_ref()).unwrap_or_default(),
             )
         })
         .collect();

@@ -117,7 +117,7 @@ pub async fn run(a: ReconstructArgs) -> Result<()> {
             .collect()
             .await?;
         use llamagen_catalog::arrow::array::{Array, AsArray};
-        use llamagen_catalog::arrow::datatypes::{Int32Type, UInt16Type};
+        use llamagen_catalog::arrow::datatypes::Int32Type;
         let mut decoded = Vec::new();
         for b in &batches {
             let codes_col = b.column(1).as_list::<i32>();
@@ -141,10 +141,8 @@ pub async fn run(a: ReconstructArgs) -> Result<()> {
                     .find(|&j| sz.value(j) == a.image_size as i32 && kind.value(j) == "center")
                 {
                     let g = grid_c.value(j) as usize;
-                    let c: Vec<u32> = cl
-                        .value(j)
-                        .as_primitive::<UInt16Type>()
-                        .values()
+                    let c: Vec<u32> = llamagen_catalog::schema::codes_of(cl.value(j).as_ref())
+                        .context("vq_codes codes are not int16 codebook indices")?
                         .iter()
                         .map(|&x| x as u32)
                         .collect();

@@ -263,12 +263,15 @@ fn bad_input_is_reported_by_name() {
         .lines()
         .find(|l| l.contains("\"metaData\""))
         .unwrap()
-        .replace("\"llamagen.schemaVersion\":\"1\"", "\"llamagen.schemaVersion\":\"7\"");
+        .replace(
+            "\"llamagen.schemaVersion\":\"2\"",
+            "\"llamagen.schemaVersion\":\"7\"",
+        );
     std::fs::write(&next, meta).unwrap();
     let (code, _, err) = sql(&root, "SELECT count(*) FROM samples", "table");
     assert_eq!(code, 1);
     assert!(
-        err.contains("sample schema version 7") && err.contains("reads version 1"),
+        err.contains("sample schema version 7") && err.contains("reads version 2"),
         "{err}"
     );
 }

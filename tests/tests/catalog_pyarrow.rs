@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use llamagen_catalog::arrow::array::{
     ArrayRef, BinaryArray, Float32Array, Float64Array, Int32Array, Int64Array, ListArray,
-    RecordBatch, StringArray, StructArray, TimestampMicrosecondArray, UInt16Array,
+    RecordBatch, StringArray, StructArray, TimestampMicrosecondArray,
 };
 use llamagen_catalog::arrow::buffer::OffsetBuffer;
 use llamagen_catalog::arrow::datatypes::{DataType, Field, Schema};
@@ -52,11 +52,6 @@ async fn pyarrow_reads_back_identical_values() {
         ],
         None,
     );
-    let codes_list = list(
-        DataType::UInt16,
-        vec![4; n],
-        Arc::new(UInt16Array::from(codes.clone())),
-    );
     let vq = StructArray::new(
         vq_code_fields(),
         vec![
@@ -66,15 +61,14 @@ async fn pyarrow_reads_back_identical_values() {
             Arc::new(Int32Array::from(vec![0; n])),
             Arc::new(Int32Array::from(vec![2; n])),
             Arc::new(ListArray::new(
-                Arc::new(Field::new("item", DataType::UInt16, false)),
+                Arc::new(Field::new("item", DataType::Int16, false)),
                 OffsetBuffer::from_lengths(vec![4; n]),
-                Arc::new(UInt16Array::from(codes.clone())),
+                Arc::new(llamagen_catalog::schema::codes_array(&codes).unwrap()),
                 None,
             )),
         ],
         None,
     );
-    drop(codes_list);
     let t5 = StructArray::new(
         embedding_fields(),
         vec![
@@ -195,7 +189,7 @@ async fn pyarrow_reads_back_identical_values() {
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap());
     let head = lines.next().unwrap();
-    assert_eq!(head["schema_version"], "1");
+    assert_eq!(head["schema_version"], "2");
     let names: Vec<String> = sample_schema()
         .fields()
         .iter()
@@ -262,9 +256,12 @@ async fn pyarrow_reads_back_identical_values() {
     assert_eq!(versions, vec![0, 1, 2]);
     assert_eq!(head["versions"], json!(versions));
     assert_eq!(head["version"], json!(2));
-    assert_eq!(head["operations"], json!(["CREATE TABLE", "WRITE", "UPDATE"]));
+    assert_eq!(
+        head["operations"],
+        json!(["CREATE TABLE", "WRITE", "UPDATE"])
+    );
     assert_eq!(head["stages"], json!([Value::Null, "t", "label"]));
-    assert_eq!(head["schema_version"], "1");
+    assert_eq!(head["schema_version"], "2");
     assert_eq!(head["columns"], json!(names));
     let rows: Vec<Value> = lines.collect();
     assert_eq!(rows.len(), n);

@@ -64,7 +64,10 @@ fn gc_deletes_only_unreferenced_shards_of_a_table() {
         assert_ne!(code, 0, "--dataset {dataset:?}");
         assert!(err.contains("dataset name"), "{dataset:?}: {err}");
     }
-    let (code, out, _) = run_llamagen(&["catalog", "gc", "--root", &root, "--grace-secs", "0"], &[]);
+    let (code, out, _) = run_llamagen(
+        &["catalog", "gc", "--root", &root, "--grace-secs", "0"],
+        &[],
+    );
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("removed: 0 orphan shard(s)"), "{out}");
     assert!(root_path.join("samples/data/thesis.docx").exists());
@@ -120,9 +123,24 @@ fn dataset_names_cannot_leave_the_root() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     let r = root.display().to_string();
-    for name in ["../../escaped", "../x", "a/b", "/abs", ".hidden", "_delta_log"] {
+    for name in [
+        "../../escaped",
+        "../x",
+        "a/b",
+        "/abs",
+        ".hidden",
+        "_delta_log",
+    ] {
         let (code, _, err) = run_llamagen(
-            &["catalog", "import", &laion(), "--root", &r, "--dataset", name],
+            &[
+                "catalog",
+                "import",
+                &laion(),
+                "--root",
+                &r,
+                "--dataset",
+                name,
+            ],
             &[],
         );
         assert_ne!(code, 0, "{name}");
@@ -158,7 +176,8 @@ fn logged_paths_outside_the_table_are_refused() {
     let (code, _, err) = run_llamagen(&["catalog", "verify", "--root", &root], &[]);
     assert_ne!(code, 0);
     assert!(
-        err.contains("leaves the table's folder") && err.contains(next.file_name().unwrap().to_str().unwrap()),
+        err.contains("leaves the table's folder")
+            && err.contains(next.file_name().unwrap().to_str().unwrap()),
         "{err}"
     );
 }

@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use llamagen_catalog::arrow::array::{Array, AsArray, RecordBatch, StructArray};
-use llamagen_catalog::arrow::datatypes::{Int32Type, UInt16Type};
+use llamagen_catalog::arrow::datatypes::Int32Type;
 use llamagen_catalog::schema::col;
 use llamagen_catalog::storage::S3Config;
 use llamagen_catalog::{Catalog, Dataset, ShardEntry, StorageOptions};
@@ -194,7 +194,7 @@ fn code_views(
                 let c = codes.value(j);
                 (
                     view.value(j),
-                    c.as_primitive::<UInt16Type>().values().to_vec(),
+                    llamagen_catalog::schema::codes_of(c.as_ref()).unwrap_or_default(),
                 )
             })
             .filter(|(_, c)| c.len() == n)

@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use llamagen_catalog::arrow::array::{
     ArrayRef, BinaryArray, Int32Array, ListArray, RecordBatch, StringArray, StructArray,
-    UInt16Array,
 };
 use llamagen_catalog::arrow::buffer::{NullBuffer, OffsetBuffer};
 use llamagen_catalog::arrow::datatypes::{DataType, Field};
@@ -161,9 +160,9 @@ fn shard_batch(spec: &SyntheticSpec, s: usize) -> Result<RecordBatch> {
             Arc::new(Int32Array::from(e_view)),
             Arc::new(Int32Array::from(e_grid)),
             Arc::new(ListArray::new(
-                Arc::new(Field::new("item", DataType::UInt16, false)),
+                Arc::new(Field::new("item", DataType::Int16, false)),
                 OffsetBuffer::from_lengths(code_lens),
-                Arc::new(UInt16Array::from(codes)),
+                Arc::new(llamagen_catalog::schema::codes_array(&codes)?),
                 None,
             )),
         ],
