@@ -3,18 +3,18 @@
 usage: catalog_sql_duckdb.py <root> <repeats> <threads> <sql>...
 Prints one JSON line per query: {"engine", "query", "open_s", "times_s", "result_rows"}.
 """
-import glob
 import json
 import sys
 import time
 
 import duckdb
+from deltalake import DeltaTable
 
 root, repeats, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 queries = sys.argv[4:]
 t0 = time.perf_counter()
-manifest = sorted(glob.glob(f"{root}/samples/_manifest/*.json"))[-1]
-files = [f"{root}/samples/{s['path']}" for s in json.load(open(manifest))["shards"]]
+# The committed shards of the latest table version, as the deltalake package lists them.
+files = DeltaTable(f"{root}/samples").file_uris()
 con = duckdb.connect()
 con.execute(f"SET threads = {threads}")
 listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)

@@ -43,7 +43,7 @@ impl Check {
 }
 
 #[derive(Debug, Deserialize)]
-struct Snapshot {
+struct Manifest {
     configs: Configs,
     #[serde(default)]
     suggested_tolerances: Tolerances,
@@ -119,7 +119,7 @@ pub fn reference_model_args(dir: &Path) -> Result<Option<ModelArgs>> {
     Ok(read_manifest(dir)?.configs.vq.map(|v| v.model_args()))
 }
 
-fn read_manifest(dir: &Path) -> Result<Snapshot> {
+fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join("manifest.json");
     let text = std::fs::read_to_string(&path).map_err(|e| EncodeError::io(&path, e))?;
     serde_json::from_str(&text).map_err(|e| EncodeError::Reference {

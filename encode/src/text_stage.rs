@@ -33,7 +33,7 @@ use crate::text_encoder::{StoreDtype, TextEncoder};
 
 type Result<T> = std::result::Result<T, EncodeError>;
 
-/// Stage names recorded in the manifest and in provenance.
+/// Stage names recorded in the table log and in provenance.
 pub const CAPTIONS_STAGE: &str = "captions";
 pub const T5_STAGE: &str = "t5";
 

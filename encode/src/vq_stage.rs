@@ -35,7 +35,7 @@ use crate::vq::VqModel;
 
 type Result<T> = std::result::Result<T, EncodeError>;
 
-/// Prefix of the stage name recorded in the manifest (`vq-<digest>`).
+/// Prefix of the stage name recorded in the table log (`vq-<digest>`).
 pub const VQ_STAGE_PREFIX: &str = "vq-";
 
 /// One set of code grids per image.

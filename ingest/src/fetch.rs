@@ -148,18 +148,50 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || o[0] >= 240) // reserved
         }
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
+            // Forms that carry an IPv4 address are as public as that address: mapped
+            // (::ffff:a.b.c.d), compatible (::a.b.c.d), translated (::ffff:0:a.b.c.d), NAT64
+            // (64:ff9b::a.b.c.d), 6to4 (2002:AABB:CCDD::) and Teredo (2001:0::, client address
+            // inverted in the last 32 bits).
+            if let Some(v4) = embedded_ipv4(v6) {
                 return is_public(IpAddr::V4(v4));
             }
             let s = v6.segments();
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (s[0] & 0xfe00) == 0xfc00 // unique local
-                || (s[0] & 0xffc0) == 0xfe80 // link local
-                || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
-                || (s[0] == 0x64 && s[1] == 0xff9b)) // NAT64 may reach private IPv4
+            // Global unicast is 2000::/3; everything else (loopback, unspecified, unique and link
+            // local, site local, multicast, discard-only 100::/64) is not fetched.
+            (s[0] & 0xe000) == 0x2000
+                && !((s[0] == 0x2001 && s[1] == 0x0db8) // documentation
+                    || (s[0] & 0xfff0) == 0x3ff0 // 3fff::/20 documentation
+                    || (s[0] == 0x2001 && s[1] == 0x0002 && s[2] == 0) // 2001:2::/48 benchmarking
+                    || (s[0] == 0x2001 && (s[1] & 0xffe0) == 0x0020) // 2001:20::/28 ORCHIDv2
+                    || (s[0] == 0x2001 && (s[1] & 0xfff0) == 0x0010) // 2001:10::/28 ORCHID
+                    || (s[0] == 0x2001 && s[1] < 0x0200)) // 2001::/23 IETF protocol assignments
         }
+    }
+}
+
+/// The IPv4 address an IPv6 address carries, for the forms that route to one.
+fn embedded_ipv4(v6: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
+    let s = v6.segments();
+    let v4 = |hi: u16, lo: u16| {
+        std::net::Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8)
+    };
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    match s {
+        // ::a.b.c.d (IPv4-compatible; :: and ::1 are not)
+        [0, 0, 0, 0, 0, 0, hi, lo] if hi != 0 => Some(v4(hi, lo)),
+        // ::ffff:0:a.b.c.d (IPv4-translated)
+        [0, 0, 0, 0, 0xffff, 0, hi, lo] => Some(v4(hi, lo)),
+        // 64:ff9b::a.b.c.d (NAT64 well-known prefix)
+        [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => Some(v4(hi, lo)),
+        // 64:ff9b:1::/48 (local-use NAT64): the IPv4 address may be anywhere; treat as private.
+        [0x64, 0xff9b, 1, ..] => Some(std::net::Ipv4Addr::new(10, 0, 0, 0)),
+        // 2002:AABB:CCDD::/48 (6to4)
+        [0x2002, hi, lo, ..] => Some(v4(hi, lo)),
+        // 2001:0::/32 (Teredo): the client's address, inverted, in the last 32 bits
+        [0x2001, 0, _, _, _, _, hi, lo] => Some(v4(!hi, !lo)),
+        _ => None,
     }
 }
 
@@ -588,6 +620,46 @@ mod tests {
             "64:ff9b::a00:1",
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    /// IPv6 forms that carry an IPv4 address are classified by that address (the security
+    /// review reached loopback through `[::127.0.0.1]`, `[2002:7f00:1::1]` and
+    /// `[::ffff:0:7f00:1]`), and special-purpose ranges are never public.
+    #[test]
+    fn ipv6_forms_of_ipv4_addresses() {
+        for ip in [
+            "::127.0.0.1",        // IPv4-compatible
+            "::10.0.0.1",         //
+            "2002:7f00:1::1",     // 6to4 of 127.0.0.1
+            "2002:a9fe:a9fe::1",  // 6to4 of 169.254.169.254
+            "2002:c0a8:101::",    // 6to4 of 192.168.1.1
+            "::ffff:0:7f00:1",    // IPv4-translated 127.0.0.1
+            "::ffff:0:a00:1",     //
+            "64:ff9b::7f00:1",    // NAT64 of 127.0.0.1
+            "64:ff9b:1::808:808", // local-use NAT64
+            "2001:0:4136:e378:8000:63bf:80ff:fffe", // Teredo, client 127.0.0.1
+            "100::1",             // discard-only
+            "2001:2::1",          // benchmarking
+            "2001:10::1",         // ORCHID
+            "2001:20::1",         // ORCHIDv2
+            "3fff::1",            // documentation
+            "2001:db8::1",        // documentation
+            "fec0::1",            // site local
+            "ff02::1",            // multicast
+            "4000::1",            // outside 2000::/3
+        ] {
+            assert!(!is_public(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in [
+            "::8.8.8.8",
+            "2002:808:808::1",
+            "::ffff:0:808:808",
+            "64:ff9b::808:808",
+            "2001:0:4136:e378:8000:63bf:f7f7:f7f7", // Teredo, client 8.8.8.8
+            "2a00:1450:4001:80b::200e",
+        ] {
+            assert!(is_public(ip.parse().unwrap()), "{ip}");
         }
     }
 

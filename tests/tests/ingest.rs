@@ -351,7 +351,7 @@ async fn kill_and_resume_gives_the_uninterrupted_result() {
     let mut args = base_args(&list_s, &killed);
     args.extend(extra);
     args.extend(["--webdataset", &killed_wds]);
-    let manifest_dir = dir.path().join("killed/samples/_manifest");
+    let log_dir = dir.path().join("killed/samples/_delta_log");
     let mut child = tokio::process::Command::new(llamagen())
         .args(&args)
         .spawn()
@@ -359,10 +359,15 @@ async fn kill_and_resume_gives_the_uninterrupted_result() {
     // Kill once two units are committed, mid-way through the third.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let n = std::fs::read_dir(&manifest_dir)
-            .map(|d| d.count())
+        // Log entries: version 0 (the table) and one per committed unit.
+        let n = std::fs::read_dir(&log_dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+                    .count()
+            })
             .unwrap_or(0);
-        if n >= 2 || std::time::Instant::now() > deadline {
+        if n >= 3 || std::time::Instant::now() > deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

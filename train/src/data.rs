@@ -1,9 +1,9 @@
 //! Training data from a catalog: the committed shards of a dataset (local or `s3://`), read
-//! through the catalog's manifest, turned into training batches.
+//! through the catalog (a Delta table), turned into training batches.
 //!
 //! Invariants enforced here:
-//! - Only the shards of one committed manifest version are read (the snapshot taken at
-//!   [`CatalogLoader::open`]); every shard is checked against its manifest entry on read.
+//! - Only the shards of one committed table version are read (the snapshot taken at
+//!   [`CatalogLoader::open`]); every shard is checked against its log entry (size, SHA-256) on read.
 //! - A row is *usable* when its `status` is `ok` and it has a code grid of the configured image
 //!   size (c2i: the ten-crop views, else the centre crop; t2i: the centre crop) with exactly
 //!   `grid * grid` codes, and, for c2i, a non-null `label`. Other rows are never trained on.
@@ -425,7 +425,7 @@ impl CatalogLoader {
         Ok((name, batches))
     }
 
-    /// The manifest version being read.
+    /// The table version being read.
     pub fn version(&self) -> u64 {
         self.version
     }

@@ -193,7 +193,7 @@ fn shard_batch(spec: &SyntheticSpec, s: usize) -> Result<RecordBatch> {
 }
 
 /// Writes `spec.shards` shards of synthetic rows into the `samples` dataset at `root` (local
-/// path), one commit per shard. Returns the committed manifest version.
+/// path), one commit per shard. Returns the committed table version.
 pub fn write_synthetic_catalog(root: &str, spec: &SyntheticSpec) -> Result<u64> {
     write_synthetic_catalog_with(root, &StorageOptions::default(), spec)
 }

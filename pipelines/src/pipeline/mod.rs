@@ -3,8 +3,9 @@
 //!
 //! Resume and concurrency rules (every stage commits through the catalog's protocol):
 //! - Ingest commits one work unit (a row range of one input file) at a time; a unit already in
-//!   the manifest is skipped. Later stages rewrite shard by shard and record themselves in the
-//!   shard's `applied` list; a shard that lists a stage is not processed by it again. So a re-run
+//!   the table is skipped. Later stages rewrite shard by shard, committing in groups, and record
+//!   themselves in the shard's `applied` list; a shard that lists a stage is not processed by it
+//!   again. So a re-run
 //!   after SIGKILL at any point does only the missing work, and the final dataset holds every
 //!   input row exactly once.
 //! - A stage only takes shards that carry every earlier enabled stage (its `requires`), so with
