@@ -749,7 +749,10 @@ async fn checkpoints_keep_cold_reads_exact() {
     let err = write_and_commit(&cold, "again", 2, Some("u7"))
         .await
         .unwrap_err();
-    assert!(matches!(err, CatalogError::UnitAlreadyCommitted { .. }), "{err}");
+    assert!(
+        matches!(err, CatalogError::UnitAlreadyCommitted { .. }),
+        "{err}"
+    );
     // Time travel to before the replacement.
     let before = cold.snapshot_at(104).await.unwrap();
     assert!(before.shards.iter().any(|s| s.path == first.path));

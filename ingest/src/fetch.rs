@@ -629,25 +629,25 @@ mod tests {
     #[test]
     fn ipv6_forms_of_ipv4_addresses() {
         for ip in [
-            "::127.0.0.1",        // IPv4-compatible
-            "::10.0.0.1",         //
-            "2002:7f00:1::1",     // 6to4 of 127.0.0.1
-            "2002:a9fe:a9fe::1",  // 6to4 of 169.254.169.254
-            "2002:c0a8:101::",    // 6to4 of 192.168.1.1
-            "::ffff:0:7f00:1",    // IPv4-translated 127.0.0.1
-            "::ffff:0:a00:1",     //
-            "64:ff9b::7f00:1",    // NAT64 of 127.0.0.1
-            "64:ff9b:1::808:808", // local-use NAT64
+            "::127.0.0.1",                          // IPv4-compatible
+            "::10.0.0.1",                           //
+            "2002:7f00:1::1",                       // 6to4 of 127.0.0.1
+            "2002:a9fe:a9fe::1",                    // 6to4 of 169.254.169.254
+            "2002:c0a8:101::",                      // 6to4 of 192.168.1.1
+            "::ffff:0:7f00:1",                      // IPv4-translated 127.0.0.1
+            "::ffff:0:a00:1",                       //
+            "64:ff9b::7f00:1",                      // NAT64 of 127.0.0.1
+            "64:ff9b:1::808:808",                   // local-use NAT64
             "2001:0:4136:e378:8000:63bf:80ff:fffe", // Teredo, client 127.0.0.1
-            "100::1",             // discard-only
-            "2001:2::1",          // benchmarking
-            "2001:10::1",         // ORCHID
-            "2001:20::1",         // ORCHIDv2
-            "3fff::1",            // documentation
-            "2001:db8::1",        // documentation
-            "fec0::1",            // site local
-            "ff02::1",            // multicast
-            "4000::1",            // outside 2000::/3
+            "100::1",                               // discard-only
+            "2001:2::1",                            // benchmarking
+            "2001:10::1",                           // ORCHID
+            "2001:20::1",                           // ORCHIDv2
+            "3fff::1",                              // documentation
+            "2001:db8::1",                          // documentation
+            "fec0::1",                              // site local
+            "ff02::1",                              // multicast
+            "4000::1",                              // outside 2000::/3
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
         }

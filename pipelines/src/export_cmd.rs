@@ -54,6 +54,18 @@ enum ExportCommand {
     },
 }
 
+/// Whether a sample key can be used as a file name inside the export folder: 1 to 200
+/// characters of `A-Z a-z 0-9 _ - .`, not starting with `.` (so no `..`, no separator, no
+/// absolute path, no hidden file).
+fn safe_file_stem(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 200
+        && !key.starts_with('.')
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
 /// Writes a little-endian `.npy` (format 1.0) of `shape`.
 pub fn write_npy(path: &Path, descr: &str, shape: &[usize], data: &[u8]) -> Result<()> {
     let shape_s = match shape.len() {
@@ -259,6 +271,15 @@ pub async fn run(args: ExportArgs) -> Result<ExitCode> {
                     continue;
                 }
                 let key = keys.value(i);
+                // Keys become file names under --out: one safe component, never a path.
+                if !safe_file_stem(key) {
+                    bail!(
+                        "{}: row {i} has key {key:?}, which cannot be a file name under {} \
+                         (use A-Z, a-z, 0-9, '_', '-', '.'; not starting with '.')",
+                        ds.shard_path(entry),
+                        out.display()
+                    );
+                }
                 if kind == "t2i" {
                     let g = grids(&b, i, image_size, "center");
                     let Some((grid, codes)) = g.first() else {

@@ -181,3 +181,101 @@ fn logged_paths_outside_the_table_are_refused() {
         "{err}"
     );
 }
+
+/// Report 4: sample keys such as `../../x` or `/abs/x` made `export llamagen` write outside `--out`.
+#[tokio::test]
+async fn export_refuses_keys_that_are_not_file_names() {
+    use llamagen_catalog::arrow::array::{ArrayRef, RecordBatch, StringArray};
+    use llamagen_catalog::{Catalog, ShardWriterOptions, Transaction};
+    use std::sync::Arc;
+    for key in ["../../x", "/abs/x", "a/b", ".hidden", ""] {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("cat");
+        let cat = Catalog::open(root.to_str().unwrap(), &Default::default())
+            .await
+            .unwrap();
+        let ds = cat.samples();
+        let mut w = ds.writer(ShardWriterOptions::default());
+        w.write(
+            &RecordBatch::try_from_iter(vec![
+                (
+                    "key",
+                    Arc::new(StringArray::from(vec!["good-0001", key])) as ArrayRef,
+                ),
+                ("status", Arc::new(StringArray::from(vec!["ok", "ok"]))),
+            ])
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+        let add = w.finish().await.unwrap();
+        ds.commit(Transaction {
+            operation: "t".into(),
+            add,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let out = dir.path().join("deep/er/out");
+        for kind in ["t2i", "c2i"] {
+            let (code, _, err) = run_llamagen(
+                &[
+                    "export",
+                    "llamagen",
+                    "--root",
+                    root.to_str().unwrap(),
+                    "--out",
+                    out.to_str().unwrap(),
+                    "--kind",
+                    kind,
+                ],
+                &[],
+            );
+            assert_ne!(code, 0, "{key:?} {kind}");
+            assert!(
+                err.contains(&format!("{key:?}")) && err.contains("row 1"),
+                "{key:?} {kind}: {err}"
+            );
+        }
+        assert!(!dir.path().join("deep/x.npy").exists());
+        assert!(!std::path::Path::new("/abs/x.npy").exists());
+    }
+}
+
+/// Report 7: SQL results and operators were held in memory without bound. Now results stream to
+/// the output and operators run under a memory limit: a join that needs more fails with a clear
+/// error (no abort), and the same query fits under the default limit.
+#[test]
+fn catalog_sql_runs_under_a_memory_limit() {
+    let (dir, _root_path, root) = catalog();
+    let q = "SELECT a.url, b.url FROM samples a JOIN samples b ON a.text = b.text";
+    let out = dir.path().join("pairs.csv");
+    let o = out.display().to_string();
+    let (code, _, err) = run_llamagen(
+        &[
+            "catalog",
+            "sql",
+            q,
+            "--root",
+            &root,
+            "--format",
+            "csv",
+            "--output",
+            &o,
+            "--memory-mib",
+            "1",
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("Resources exhausted"), "{err}");
+    assert!(!out.exists(), "a failed query left a partial output");
+    let (code, _, err) = run_llamagen(
+        &[
+            "catalog", "sql", q, "--root", &root, "--format", "csv", "--output", &o,
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(std::fs::read_to_string(&out).unwrap().lines().count() > 10_000);
+}
