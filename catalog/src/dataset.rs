@@ -346,6 +346,22 @@ impl Dataset {
                 None => self.delta_err(e),
             });
         }
+        let (version, shards, units) = self.state_of(&table)?;
+        Ok(State {
+            log_store,
+            version: Some(version),
+            shards,
+            units,
+            table: Some(table),
+        })
+    }
+
+    /// The version, shards (by path) and work units of a table the library loaded.
+    #[allow(clippy::type_complexity)]
+    fn state_of(
+        &self,
+        table: &DeltaTable,
+    ) -> Result<(u64, BTreeMap<String, ShardEntry>, BTreeSet<String>)> {
         let snap = table.snapshot().map_err(|e| self.delta_err(e))?;
         let version = snap.version();
         self.check_schema_version(
@@ -361,13 +377,7 @@ impl Dataset {
             units.extend(entry.units.iter().cloned());
             shards.insert(entry.path.clone(), entry);
         }
-        Ok(State {
-            log_store,
-            version: Some(version),
-            shards,
-            units,
-            table: Some(table),
-        })
+        Ok((version, shards, units))
     }
 
     fn check_schema_version(&self, version: u64, found: Option<&String>) -> Result<()> {
@@ -765,25 +775,11 @@ impl Dataset {
             .load_version(version)
             .await
             .map_err(|e| self.delta_err(e))?;
-        let snap = table.snapshot().map_err(|e| self.delta_err(e))?;
-        self.check_schema_version(
-            version,
-            snap.metadata().configuration().get(SCHEMA_VERSION_PROPERTY),
-        )?;
-        let mut shards = Vec::new();
-        let mut units = BTreeSet::new();
-        for view in snap.log_data().iter() {
-            #[allow(deprecated)] // the one accessor that returns a file's tags
-            let add = view.add_action();
-            let entry = self.entry_of_add(&add, version)?;
-            units.extend(entry.units.iter().cloned());
-            shards.push(entry);
-        }
-        shards.sort_by(|a, b| a.path.cmp(&b.path));
+        let (version, shards, units) = self.state_of(&table)?;
         Ok(Snapshot {
             dataset: self.name.clone(),
             version,
-            shards,
+            shards: shards.into_values().collect(),
             units,
         })
     }
