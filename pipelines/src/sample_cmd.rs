@@ -222,6 +222,18 @@ pub fn run(args: SampleArgs) -> Result<ExitCode> {
         top_p: args.top_p,
         sample_logits: true,
     };
+    // The decoder is checked and loaded before any token is generated, so a wrong --vq fails at
+    // once instead of after the whole generation.
+    let vq_args = vq_args(&args.vq_args)?;
+    if vq_args.codebook_size != cfg.vocab_size {
+        bail!(
+            "the VQ codebook has {} codes, the GPT vocabulary {}",
+            vq_args.codebook_size,
+            cfg.vocab_size
+        );
+    }
+    let vq = VqModel::from_file(&args.vq, &vq_args, &device)
+        .with_context(|| format!("loading {}", args.vq.display()))?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let start = std::time::Instant::now();
     let tokens = generate(
@@ -244,16 +256,6 @@ pub fn run(args: SampleArgs) -> Result<ExitCode> {
         std::fs::write(p, serde_json::to_string(&rows)?)
             .with_context(|| p.display().to_string())?;
     }
-    let vq_args = vq_args(&args.vq_args)?;
-    if vq_args.codebook_size != cfg.vocab_size {
-        bail!(
-            "the VQ codebook has {} codes, the GPT vocabulary {}",
-            vq_args.codebook_size,
-            cfg.vocab_size
-        );
-    }
-    let vq = VqModel::from_file(&args.vq, &vq_args, &device)
-        .with_context(|| format!("loading {}", args.vq.display()))?;
     let g = cfg.grid_size();
     let images = vq.decode_code(&tokens, (b, vq_args.codebook_embed_dim, g, g))?;
     let img = grid(&images, args.nrow.unwrap_or(b.min(8)))?;

@@ -279,6 +279,34 @@ fn c2i_training_resumes_exactly_and_samples_a_png_grid() {
         &[],
     );
     assert!(!ok && err.contains("label 10"), "{err}");
+    // A wrong --vq is reported before any token is generated.
+    let missing = tmp_missing(&png);
+    let (ok, _, err) = llamagen(
+        &[
+            "sample",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--vq",
+            missing.to_str().unwrap(),
+            "--vq-args",
+            "reduced",
+            "--labels",
+            "1",
+            "--out",
+            png.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(!ok && err.contains("no-such-vq.safetensors"), "{err}");
+    assert!(
+        !err.contains("generated"),
+        "the VQ was checked only after generating: {err}"
+    );
+}
+
+/// A path beside `p` that does not exist.
+fn tmp_missing(p: &std::path::Path) -> std::path::PathBuf {
+    p.with_file_name("no-such-vq.safetensors")
 }
 
 #[test]
