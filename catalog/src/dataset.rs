@@ -27,9 +27,14 @@
 //!    shards. A removal of a shard that a concurrent commit already removed fails
 //!    ([`CatalogError::ShardGone`]). Nothing lists every version: the cost of a commit does not
 //!    grow with the table.
-//! 4. Work units make commits idempotent across crashes and concurrent workers: each is a Delta
-//!    application transaction (`txn`, `appId` = the unit). A commit that names a unit already in
-//!    the table fails with [`CatalogError::UnitAlreadyCommitted`], so each unit lands exactly once.
+//! 4. Work units make commits idempotent across crashes and concurrent workers. A commit records
+//!    each of its units as a Delta application transaction (`txn`, `appId` = the unit) and in the
+//!    tags of the shards it adds; a rewrite carries a shard's units over to its replacement, so
+//!    the units of a version are those of its live shards plus the `txn` actions read since the
+//!    handle loaded the table (a unit that produced no rows is not kept: redoing it adds
+//!    nothing). A commit that names a unit already in the table fails with
+//!    [`CatalogError::UnitAlreadyCommitted`], so each unit's rows land exactly once, and the
+//!    check costs no read of the log.
 //! 5. Each commit carries a unique `llamagen.txnId` in its `commitInfo`. A writer whose
 //!    put-if-absent was ambiguous (the request failed after the server stored it, then a retry
 //!    saw the name taken) finds its own id in that version and treats the commit as done.
@@ -183,8 +188,7 @@ struct State {
     version: Option<u64>,
     shards: BTreeMap<String, ShardEntry>,
     units: BTreeSet<String>,
-    /// The library's view of the table, advanced only when a checkpoint is due, and used to
-    /// look up work units committed before this handle loaded the table.
+    /// The library's view of the table, advanced only when a checkpoint is due.
     table: Option<DeltaTable>,
 }
 
@@ -602,23 +606,6 @@ impl Dataset {
         None
     }
 
-    /// Whether a unit is in the table: in the state, or (for units whose shards were removed
-    /// before this handle loaded the table) in the log's application transactions.
-    async fn unit_committed(&self, st: &State, unit: &str) -> Result<bool> {
-        if st.units.contains(unit) {
-            return Ok(true);
-        }
-        let Some(table) = &st.table else {
-            return Ok(false);
-        };
-        let snap = table.snapshot().map_err(|e| self.delta_err(e))?;
-        Ok(snap
-            .transaction_version(st.log_store.as_ref(), unit)
-            .await
-            .map_err(|e| self.delta_err(e))?
-            .is_some())
-    }
-
     /// Creates the table: version 0 (protocol, metadata with the sample schema) written with
     /// put-if-absent like any commit, so of racing creators exactly one writes it and the others
     /// go on with the table it made.
@@ -822,7 +809,7 @@ impl Dataset {
             }
             let base = st.version.expect("exists");
             for u in &txn.units {
-                if self.unit_committed(st, u).await? {
+                if st.units.contains(u) {
                     self.discard(&txn.add).await;
                     return Err(CatalogError::UnitAlreadyCommitted {
                         dataset: self.name.clone(),
