@@ -6,35 +6,23 @@ Line 1: {"versions": [...], "operations": [...], "schema_version": ..., "columns
 from deltalake (binary payloads as their SHA-256, timestamps as microseconds since the epoch).
 The script fails if polars reads different values than deltalake.
 """
-import hashlib
 import json
 import sys
 
 import polars as pl
+import pyarrow as pa
 from deltalake import DeltaTable
 
-
-def canon(v):
-    if isinstance(v, bytes):
-        return "sha256:" + hashlib.sha256(v).hexdigest()
-    if isinstance(v, dict):
-        return {k: canon(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [canon(x) for x in v]
-    return v
+from canon import canon, int_timestamps
 
 
 def rows_of(table):
-    for ts_col in ("downloaded_at", "updated_at"):
-        i = table.schema.get_field_index(ts_col)
-        table = table.set_column(i, ts_col, table.column(ts_col).cast("int64"))
-    return sorted((canon(r) for r in table.to_pylist()), key=lambda r: r["key"])
+    return sorted((canon(r) for r in int_timestamps(table).to_pylist()), key=lambda r: r["key"])
 
 
 path = sys.argv[1]
 dt = DeltaTable(path)
 history = sorted(dt.history(), key=lambda h: h["version"])
-import pyarrow as pa
 
 table = pa.table(dt.to_pyarrow_dataset().to_table())
 rows = rows_of(table)

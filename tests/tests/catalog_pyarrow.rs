@@ -174,21 +174,7 @@ async fn pyarrow_reads_back_identical_values() {
     .await
     .unwrap();
 
-    let out = Command::new(llamagen_tests::python())
-        .arg(llamagen_tests::workspace().join("tests/python/dump_shard.py"))
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let mut lines = text
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap());
-    let head = lines.next().unwrap();
+    let (head, rows) = dump("dump_shard.py", &path);
     assert_eq!(head["schema_version"], "2");
     let names: Vec<String> = sample_schema()
         .fields()
@@ -196,7 +182,6 @@ async fn pyarrow_reads_back_identical_values() {
         .map(|f| f.name().clone())
         .collect();
     assert_eq!(head["columns"], json!(names));
-    let rows: Vec<Value> = lines.collect();
     assert_eq!(rows.len(), n);
 
     let expect = |i: usize| -> Value {
@@ -237,21 +222,7 @@ async fn pyarrow_reads_back_identical_values() {
     .await
     .unwrap();
     assert_eq!(r.shards_rewritten, 1);
-    let out = Command::new(llamagen_tests::python())
-        .arg(llamagen_tests::workspace().join("tests/python/dump_delta.py"))
-        .arg(dir.path().join("samples"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let mut lines = text
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap());
-    let head = lines.next().unwrap();
+    let (head, rows) = dump("dump_delta.py", &dir.path().join("samples"));
     let versions = ds.versions().await.unwrap();
     assert_eq!(versions, vec![0, 1, 2]);
     assert_eq!(head["versions"], json!(versions));
@@ -263,12 +234,35 @@ async fn pyarrow_reads_back_identical_values() {
     assert_eq!(head["stages"], json!([Value::Null, "t", "label"]));
     assert_eq!(head["schema_version"], "2");
     assert_eq!(head["columns"], json!(names));
-    let rows: Vec<Value> = lines.collect();
     assert_eq!(rows.len(), n);
     for row in &rows {
         assert_eq!(row["label"], json!(7));
     }
     check_rows(&rows, &expect);
+}
+
+/// Runs `tests/python/<script> <path>`; returns its first JSON line and the rows after it.
+fn dump(script: &str, path: &std::path::Path) -> (Value, Vec<Value>) {
+    let out = Command::new(llamagen_tests::python())
+        .arg(
+            llamagen_tests::workspace()
+                .join("tests/python")
+                .join(script),
+        )
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap());
+    let head = lines.next().unwrap();
+    (head, lines.collect())
 }
 
 fn check_rows(rows: &[Value], expect: &dyn Fn(usize) -> Value) {
