@@ -11,6 +11,9 @@
 //!   `all_captions` and `all_similarities` keep their meaning;
 //! - every other column is carried through in `extra` as a JSON object (pandas' saved index
 //!   `__index_level_N__` excepted);
+//! - credentials in a URL (`http://user:pass@host/…`) are never stored: the `url` column holds the
+//!   URL without them (see [`strip_url_credentials`]); only a downloader that was allowed to use
+//!   them asks for them with [`SourceOptions::keep_url_credentials`] and strips them itself;
 //! - a row without a usable URL is kept as a `failed` sample (`error_kind` = "invalid_url") whose
 //!   error names the file and row, never dropped silently.
 
@@ -39,6 +42,9 @@ pub struct SourceOptions {
     pub caption_column: String,
     /// Rows per batch read (default 8192).
     pub batch_rows: usize,
+    /// Leave `user:pass@` in the URLs read (for a downloader allowed to send them, which must strip
+    /// them before storing). Default false.
+    pub keep_url_credentials: bool,
 }
 
 impl Default for SourceOptions {
@@ -47,6 +53,7 @@ impl Default for SourceOptions {
             url_column: "URL".into(),
             caption_column: "TEXT".into(),
             batch_rows: 8192,
+            keep_url_credentials: false,
         }
     }
 }
@@ -233,6 +240,32 @@ fn dimension(a: &ArrayRef) -> Option<ArrayRef> {
     Some(Arc::new(out))
 }
 
+/// The URL without the `user:pass@` of its authority; unchanged when it has none.
+///
+/// Works on the text (scheme `://`, then the authority up to the first `/`, `?` or `#`), so it
+/// also cleans URLs that do not parse.
+pub fn strip_url_credentials(url: &str) -> std::borrow::Cow<'_, str> {
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return url.into();
+    };
+    let rest = &url[start..];
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{}{}", &url[..start], &rest[at + 1..]).into(),
+        None => url.into(),
+    }
+}
+
+/// [`strip_url_credentials`] over a column.
+pub fn strip_url_column(urls: &StringArray) -> StringArray {
+    if !urls.iter().flatten().any(|u| u.contains('@')) {
+        return urls.clone();
+    }
+    urls.iter()
+        .map(|u| u.map(|u| strip_url_credentials(u).into_owned()))
+        .collect()
+}
+
 /// Maps one raw input batch to sample columns (a subset of the sample schema).
 pub fn to_samples(
     raw: &RecordBatch,
@@ -296,7 +329,11 @@ pub fn to_samples(
             }
         }
     }
-    push(col::URL, Arc::new(url.clone()));
+    if opts.keep_url_credentials {
+        push(col::URL, Arc::new(url.clone()));
+    } else {
+        push(col::URL, Arc::new(strip_url_column(url)));
+    }
     if let Some(t) = get(&opts.caption_column).and_then(|a| cast_lenient(&a, &DataType::Utf8)) {
         push(col::TEXT, t);
     }
@@ -390,6 +427,20 @@ fn rows_as_json(batch: &RecordBatch) -> Result<StringArray> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn url_credentials_are_stripped() {
+        for (raw, clean) in [
+            ("http://user:pass@host/x.jpg", "http://host/x.jpg"),
+            ("https://u@h.example:8080/a@b.jpg", "https://h.example:8080/a@b.jpg"),
+            ("http://a:b@c@host?q=@", "http://host?q=@"),
+            ("http://:secret@host#x", "http://host#x"),
+            ("http://host/path@x", "http://host/path@x"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(strip_url_credentials(raw), clean, "{raw}");
+        }
+    }
     use arrow::array::Float64Array;
 
     #[test]

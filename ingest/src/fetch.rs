@@ -19,6 +19,14 @@
 //!   body is read.
 //! - A body larger than [`FetchConfig::max_body_bytes`] is abandoned as soon as it is known to be
 //!   (Content-Length, or while streaming).
+//! - Bodies held in memory, downloading or waiting to be decoded, never total more than
+//!   [`FetchConfig::max_inflight_bytes`]: a body reserves its bytes before reading them and keeps
+//!   them until its [`Fetched`] is dropped. A download waiting for budget waits inside its deadline.
+//! - Credentials in a URL (`user:pass@`) are removed before the request unless
+//!   [`FetchConfig::allow_url_credentials`]; they never appear in an error message or in
+//!   [`Fetched::final_url`].
+//! - Deterministic failures (4xx but 429, malformed or oversized response heads, refusals) are
+//!   never retried.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -62,6 +70,11 @@ pub struct FetchConfig {
     pub robots_token: String,
     /// Address ranges allowed even though private, loopback, … (tests, on-premise sources).
     pub allow_cidrs: Vec<IpNet>,
+    /// Send `user:pass@` credentials found in URLs as Basic auth (default false: stripped).
+    pub allow_url_credentials: bool,
+    /// Bytes of bodies held in memory at once, over all downloads (default 256 MiB; raised to
+    /// `max_body_bytes` if below it, so that any accepted body can complete).
+    pub max_inflight_bytes: u64,
 }
 
 impl Default for FetchConfig {
@@ -83,6 +96,8 @@ impl Default for FetchConfig {
             respect_robots: true,
             robots_token: "llamagen".into(),
             allow_cidrs: Vec::new(),
+            allow_url_credentials: false,
+            max_inflight_bytes: 256 << 20,
         }
     }
 }
@@ -97,6 +112,23 @@ pub struct Fetched {
     pub final_url: String,
     /// Attempts made (1 = no retry).
     pub attempts: u32,
+    /// The body's share of the in-flight byte budget, returned when this is dropped.
+    _budget: Option<Arc<Reservation>>,
+}
+
+/// Bytes reserved from a [`Fetcher`]'s in-flight budget for one body.
+#[derive(Debug)]
+struct Reservation {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    bytes: u64,
+    held: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.held
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Why a download did not produce a body. `kind` is the stable `error_kind` stored in the catalog.
@@ -253,6 +285,10 @@ pub struct Fetcher {
     guard: Guard,
     global: Arc<Semaphore>,
     hosts: Arc<Mutex<HashMap<String, Arc<Semaphore>>>>,
+    /// The in-flight byte budget (one permit per byte), bytes held now and their high-water mark.
+    budget: Arc<Semaphore>,
+    held: Arc<std::sync::atomic::AtomicU64>,
+    peak: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Fetcher {
@@ -269,10 +305,17 @@ impl Fetcher {
             .tcp_nodelay(true)
             .no_proxy()
             .build()?;
+        let budget = cfg
+            .max_inflight_bytes
+            .max(cfg.max_body_bytes)
+            .min(Semaphore::MAX_PERMITS as u64) as usize;
         Ok(Fetcher {
             client,
             global: Arc::new(Semaphore::new(cfg.concurrency.max(1))),
             hosts: Default::default(),
+            budget: Arc::new(Semaphore::new(budget)),
+            held: Default::default(),
+            peak: Default::default(),
             guard,
             cfg: Arc::new(cfg),
         })
@@ -280,6 +323,32 @@ impl Fetcher {
 
     pub fn config(&self) -> &FetchConfig {
         &self.cfg
+    }
+
+    /// The most body bytes held in memory at once so far (never above the in-flight budget).
+    pub fn peak_inflight_bytes(&self) -> u64 {
+        self.peak.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Reserves `n` more bytes of the budget for the body `r` is reading.
+    async fn reserve(&self, r: &mut Reservation, n: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if n == 0 {
+            return;
+        }
+        let permit = self
+            .budget
+            .clone()
+            .acquire_many_owned(n.min(u32::MAX as u64) as u32)
+            .await
+            .expect("semaphore never closed");
+        let now = self.held.fetch_add(n, Relaxed) + n;
+        self.peak.fetch_max(now, Relaxed);
+        r.bytes += n;
+        match &mut r.permit {
+            Some(p) => p.merge(permit),
+            None => r.permit = Some(permit),
+        }
     }
 
     fn host_slot(&self, host: &str) -> Arc<Semaphore> {
@@ -320,9 +389,22 @@ impl Fetcher {
 
     /// Downloads one URL with retries; waits for a global and a per-host slot first.
     pub async fn fetch(&self, url: &str) -> Result<Fetched, FetchFailure> {
-        let parsed =
+        let mut parsed =
             Url::parse(url.trim()).map_err(|e| FetchFailure::new("invalid_url", e.to_string()))?;
         self.check_url(&parsed)?;
+        let secrets = url_secrets(&parsed);
+        if !self.cfg.allow_url_credentials {
+            strip_url(&mut parsed);
+        }
+        self.fetch_parsed(parsed).await.map_err(|mut e| {
+            for s in &secrets {
+                e.message = e.message.replace(s.as_str(), "");
+            }
+            e
+        })
+    }
+
+    async fn fetch_parsed(&self, parsed: Url) -> Result<Fetched, FetchFailure> {
         let host = parsed.host_str().unwrap_or_default().to_ascii_lowercase();
         let slot = self.host_slot(&host);
         let _host_permit = slot.acquire().await.expect("semaphore never closed");
@@ -380,6 +462,9 @@ impl Fetcher {
         let mut hops = 0;
         loop {
             self.check_url(&url)?;
+            if !self.cfg.allow_url_credentials {
+                strip_url(&mut url);
+            }
             let resp = self
                 .client
                 .get(url.clone())
@@ -453,16 +538,30 @@ impl Fetcher {
                 .get(CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
-            let mut body = BytesMut::with_capacity(
-                len.unwrap_or(64 << 10).min(self.cfg.max_body_bytes) as usize,
-            );
+            // The body's memory comes out of the in-flight budget before it is allocated: all of
+            // it when the length is announced, else in steps of at least 64 KiB as it arrives.
+            let mut reservation = Reservation {
+                permit: None,
+                bytes: 0,
+                held: self.held.clone(),
+            };
+            let initial = len.unwrap_or(64 << 10).min(self.cfg.max_body_bytes);
+            self.reserve(&mut reservation, initial).await;
+            let mut body = BytesMut::with_capacity(initial as usize);
             let mut resp = resp;
             while let Some(chunk) = resp.chunk().await.map_err(classify)? {
-                if body.len() as u64 + chunk.len() as u64 > self.cfg.max_body_bytes {
+                let need = body.len() as u64 + chunk.len() as u64;
+                if need > self.cfg.max_body_bytes {
                     return Err(FetchFailure::new(
                         "too_large",
                         format!("body exceeds {} bytes", self.cfg.max_body_bytes),
                     ));
+                }
+                if need > reservation.bytes {
+                    let step = (need - reservation.bytes)
+                        .max(64 << 10)
+                        .min(self.cfg.max_body_bytes - reservation.bytes);
+                    self.reserve(&mut reservation, step).await;
                 }
                 body.extend_from_slice(&chunk);
             }
@@ -479,10 +578,32 @@ impl Fetcher {
                 body: body.freeze(),
                 http_status: status.as_u16(),
                 content_type,
-                final_url: url.to_string(),
+                final_url: llamagen_catalog::source::strip_url_credentials(url.as_str()).into_owned(),
                 attempts: 1,
+                _budget: Some(Arc::new(reservation)),
             });
         }
+    }
+}
+
+/// The forms in which a URL's credentials can appear in a message (`user:pass@`, `user@`, `:pass@`).
+fn url_secrets(url: &Url) -> Vec<String> {
+    let (user, pass) = (url.username(), url.password());
+    let mut out = Vec::new();
+    if let Some(p) = pass {
+        out.push(format!("{user}:{p}@"));
+        out.push(format!(":{p}@"));
+    }
+    if !user.is_empty() {
+        out.push(format!("{user}@"));
+    }
+    out
+}
+
+fn strip_url(url: &mut Url) {
+    if !url.username().is_empty() || url.password().is_some() {
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
     }
 }
 
@@ -547,6 +668,20 @@ fn classify(e: reqwest::Error) -> FetchFailure {
         src = s.source();
     }
     let chain = error_chain(&e);
+    // A malformed or oversized response head comes back the same on every attempt.
+    let mut src: Option<&dyn std::error::Error> = Some(&e);
+    while let Some(s) = src {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            // (hyper's `is_parse_too_large` exists on servers only; its message is stable.)
+            if h.is_parse() && h.to_string().contains("too large") {
+                return FetchFailure::new("header_too_large", chain);
+            }
+            if h.is_parse() || h.is_parse_status() {
+                return FetchFailure::new("invalid_response", chain);
+            }
+        }
+        src = s.source();
+    }
     if e.is_timeout() {
         return FetchFailure::new("timeout", chain).retryable();
     }

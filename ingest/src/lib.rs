@@ -13,7 +13,14 @@
 //! - What a unit contains depends only on its input rows and the configuration: repeated URLs
 //!   are downloaded once *within a unit* (later rows get `duplicate_of` and are dropped with
 //!   reason `duplicate_url`), and repeated content within a unit is flagged the same way
-//!   (`duplicate_content`). Deduplication across units is a query away (`GROUP BY url`).
+//!   (`duplicate_content`; the lowest source row is kept, see `process_unit`). Deduplication across
+//!   units is a query away (`GROUP BY url`).
+//!
+//! Scheduling: a unit's downloads run [`FetchConfig::concurrency`] at a time and are handled in the
+//! order they *finish*, so a URL that takes the whole deadline delays only itself, never the rows
+//! behind it. Rows are keyed, so their order inside a shard carries no meaning; each written batch
+//! is sorted by source row. Memory stays bounded: at most twice `concurrency` rows are in flight and
+//! [`WRITE_ROWS`] finished rows wait for the writer.
 //! - `partition = (index, count)` keeps only the units whose ordinal is ≡ index (mod count), so
 //!   N workers on N machines produce, together, the dataset one worker would.
 
@@ -30,12 +37,14 @@ use futures::StreamExt;
 use image::RgbImage;
 use llamagen_catalog::arrow::array::{
     Array, ArrayRef, AsArray, BinaryBuilder, Int32Array, Int32Builder, Int64Array, ListBuilder,
-    RecordBatch, StringArray, StringBuilder, StructBuilder, TimestampMicrosecondArray,
+    RecordBatch, StringArray, StringBuilder, StructBuilder, TimestampMicrosecondArray, UInt32Array,
 };
-use llamagen_catalog::arrow::compute::concat_batches;
+use llamagen_catalog::arrow::compute::{concat_batches, take_record_batch};
 use llamagen_catalog::arrow::datatypes::{DataType, Field, Schema};
 use llamagen_catalog::schema::{col, image_fields};
-use llamagen_catalog::source::{Source, SourceOptions, source_name};
+use llamagen_catalog::source::{
+    Source, SourceOptions, source_name, strip_url_column, strip_url_credentials,
+};
 use llamagen_catalog::{
     Catalog, CatalogError, ShardWriterOptions, StageCounters, StorageOptions, Transaction,
 };
@@ -263,6 +272,8 @@ pub async fn run(
             input,
             &SourceOptions {
                 batch_rows: cfg.unit_rows.clamp(1, 65_536),
+                // The fetcher needs them when allowed to send them; `with_outcomes` strips them.
+                keep_url_credentials: cfg.fetch.allow_url_credentials,
                 ..cfg.source.clone()
             },
             &cfg.storage,
@@ -451,15 +462,17 @@ async fn process_unit(
         plans.push(Plan::Fetch(url.to_string()));
     }
 
+    // `buffer_unordered`, not `buffered`: outcomes come back as downloads finish (see the module
+    // docs), so a dead host's timeout does not hold back the finished rows queued behind it.
     let window = (cfg.fetch.concurrency * 2).max(8);
-    let mut outcomes = futures::stream::iter(plans.into_iter())
-        .map(|plan| async move {
+    let mut outcomes = futures::stream::iter(plans.into_iter().enumerate())
+        .map(|(i, plan)| async move {
             match plan {
-                Plan::Done(o) => o,
-                Plan::Fetch(url) => fetch_and_process(ctx, url).await,
+                Plan::Done(o) => (i, o),
+                Plan::Fetch(url) => (i, fetch_and_process(ctx, url).await),
             }
         })
-        .buffered(window);
+        .buffer_unordered(window);
 
     let mut writer = ds.writer(cfg.shard.clone());
     let mut tars = match &ctx.wds {
@@ -479,66 +492,94 @@ async fn process_unit(
     let source_rows = int(col::SOURCE_ROW);
     let mut counters = StageCounters::new("ingest");
     let mut first_by_sha: HashMap<String, usize> = HashMap::new();
-    let mut chunk: Vec<Outcome> = Vec::with_capacity(WRITE_ROWS);
-    let mut row = 0usize;
-    while let Some(mut o) = outcomes.next().await {
-        if o.status == "ok" {
-            if let Some(sha) = &o.sha256 {
-                if let Some(&first) = first_by_sha.get(sha) {
-                    o.status = "dropped";
-                    o.reasons = vec!["duplicate_content".into()];
-                    o.duplicate_of = Some(keys.value(first).to_string());
-                    o.images.clear();
-                } else {
-                    first_by_sha.insert(sha.clone(), row);
+    let mut chunk: Vec<(usize, Outcome)> = Vec::with_capacity(WRITE_ROWS);
+    let mut finished = 0usize;
+    // Content duplicates keep the lowest source row among the rows not yet written (always so
+    // when the copies finish within `WRITE_ROWS` rows of each other); a copy finishing after its
+    // twin was written is the one flagged.
+    let flag = |o: &mut Outcome, of: usize| {
+        o.status = "dropped";
+        o.reasons = vec!["duplicate_content".into()];
+        o.duplicate_of = Some(keys.value(of).to_string());
+        o.images.clear();
+    };
+    let mut pending: HashMap<usize, usize> = HashMap::new(); // source row -> index in `chunk`
+    while let Some((row, mut o)) = outcomes.next().await {
+        if let (Some(sha), "ok") = (o.sha256.clone(), o.status) {
+            match first_by_sha.get(&sha).copied() {
+                None => {
+                    first_by_sha.insert(sha, row);
                 }
+                Some(first) => match pending.get(&first) {
+                    Some(&at) if row < first => {
+                        flag(&mut chunk[at].1, row);
+                        // Copies already pointing at the demoted row now point at this one.
+                        let demoted = keys.value(first);
+                        for (_, other) in chunk.iter_mut() {
+                            if other.duplicate_of.as_deref() == Some(demoted)
+                                && other.reasons.iter().any(|r| r == "duplicate_content")
+                            {
+                                other.duplicate_of = Some(keys.value(row).to_string());
+                            }
+                        }
+                        first_by_sha.insert(sha, row);
+                    }
+                    _ => flag(&mut o, first),
+                },
             }
         }
-        match o.status {
-            "failed" => counters.error_kind(o.error_kind.as_deref().unwrap_or("unknown")),
-            "dropped" => {
-                for r in &o.reasons {
-                    counters.drop_reason(r);
+        pending.insert(row, chunk.len());
+        chunk.push((row, o));
+        finished += 1;
+        if chunk.len() < WRITE_ROWS && finished < n {
+            continue;
+        }
+        pending.clear();
+        chunk.sort_unstable_by_key(|(i, _)| *i);
+        for (row, o) in &chunk {
+            let row = *row;
+            match o.status {
+                "failed" => counters.error_kind(o.error_kind.as_deref().unwrap_or("unknown")),
+                "dropped" => {
+                    for r in &o.reasons {
+                        counters.drop_reason(r);
+                    }
                 }
+                _ => {}
             }
-            _ => {}
+            counters.add_extra("bytes downloaded", o.bytes.unwrap_or(0) as u64);
+            if let (Some(t), "ok") = (tars.as_mut(), o.status) {
+                let caption = captions
+                    .as_ref()
+                    .filter(|c| c.is_valid(row))
+                    .map_or("", |c| c.value(row));
+                let json = serde_json::json!({
+                    "key": keys.value(row),
+                    "url": strip_url_credentials(urls.value(row)),
+                    "caption": caption,
+                    "status": "success",
+                    "original_width": o.orig.map(|x| x.0),
+                    "original_height": o.orig.map(|x| x.1),
+                    "sha256": o.sha256,
+                    "source": sources.as_ref().filter(|c| c.is_valid(row)).map(|c| c.value(row)),
+                    "source_row": source_rows.as_ref().filter(|c| c.is_valid(row)).map(|c| c.value(row)),
+                });
+                let images: Vec<(u32, &[u8])> = o
+                    .images
+                    .iter()
+                    .map(|(s, _, _, b)| (*s as u32, b.as_ref()))
+                    .collect();
+                let mtime = o.downloaded_at.map_or(0, |t| (t / 1_000_000).max(0) as u64);
+                t.add(keys.value(row), &images, caption, &json, mtime)?;
+            }
         }
-        counters.add_extra("bytes downloaded", o.bytes.unwrap_or(0) as u64);
-        if let (Some(t), "ok") = (tars.as_mut(), o.status) {
-            let caption = captions
-                .as_ref()
-                .filter(|c| c.is_valid(row))
-                .map_or("", |c| c.value(row));
-            let json = serde_json::json!({
-                "key": keys.value(row),
-                "url": urls.value(row),
-                "caption": caption,
-                "status": "success",
-                "original_width": o.orig.map(|x| x.0),
-                "original_height": o.orig.map(|x| x.1),
-                "sha256": o.sha256,
-                "source": sources.as_ref().filter(|c| c.is_valid(row)).map(|c| c.value(row)),
-                "source_row": source_rows.as_ref().filter(|c| c.is_valid(row)).map(|c| c.value(row)),
-            });
-            let images: Vec<(u32, &[u8])> = o
-                .images
-                .iter()
-                .map(|(s, _, _, b)| (*s as u32, b.as_ref()))
-                .collect();
-            let mtime = o.downloaded_at.map_or(0, |t| (t / 1_000_000).max(0) as u64);
-            t.add(keys.value(row), &images, caption, &json, mtime)?;
-        }
-        chunk.push(o);
-        row += 1;
-        if chunk.len() == WRITE_ROWS || row == n {
-            let start = row - chunk.len();
-            let ok = chunk.iter().filter(|o| o.status == "ok").count() as u64;
-            let batch = with_outcomes(&unit.slice(start, chunk.len()), &chunk)?;
-            writer.write(&batch).await?;
-            progress.rows_done(chunk.len() as u64, ok);
-            counters.add_extra("ok", ok);
-            chunk.clear();
-        }
+        let ok = chunk.iter().filter(|(_, o)| o.status == "ok").count() as u64;
+        let rows = UInt32Array::from_iter_values(chunk.iter().map(|(i, _)| *i as u32));
+        let outs: Vec<Outcome> = chunk.drain(..).map(|(_, o)| o).collect();
+        let batch = with_outcomes(&take_record_batch(&unit, &rows)?, &outs)?;
+        writer.write(&batch).await?;
+        progress.rows_done(outs.len() as u64, ok);
+        counters.add_extra("ok", ok);
     }
     counters.received += n as u64;
     counters.written += n as u64;
@@ -714,7 +755,11 @@ fn with_outcomes(rows: &RecordBatch, outs: &[Outcome]) -> Result<RecordBatch> {
         col::IMAGES,
     ];
     for (f, c) in rows.schema().fields().iter().zip(rows.columns()) {
-        if !replaced.contains(&f.name().as_str()) {
+        if f.name() == col::URL {
+            // Credentials reach the fetcher at most, never storage.
+            fields.push(f.as_ref().clone());
+            cols.push(Arc::new(strip_url_column(c.as_string::<i32>())));
+        } else if !replaced.contains(&f.name().as_str()) {
             fields.push(f.as_ref().clone());
             cols.push(c.clone());
         }

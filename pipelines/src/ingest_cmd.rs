@@ -68,6 +68,13 @@ pub struct IngestArgs {
     /// Redirect hops followed.
     #[arg(long, default_value_t = 5)]
     pub max_redirects: usize,
+    /// Body bytes held in memory at once over all downloads, MiB (a download waits for room).
+    #[arg(long, default_value_t = 256)]
+    pub max_inflight_mib: u64,
+    /// Send `user:pass@` credentials found in URLs as Basic auth (default: stripped before the
+    /// request). They are never stored either way.
+    #[arg(long)]
+    pub allow_url_credentials: bool,
     /// User-Agent header.
     #[arg(long)]
     pub user_agent: Option<String>,
@@ -159,6 +166,8 @@ impl IngestArgs {
         cfg.fetch.backoff = Duration::from_secs_f64(self.backoff);
         cfg.fetch.max_body_bytes = self.max_bytes;
         cfg.fetch.max_redirects = self.max_redirects;
+        cfg.fetch.max_inflight_bytes = self.max_inflight_mib << 20;
+        cfg.fetch.allow_url_credentials = self.allow_url_credentials;
         if let Some(ua) = &self.user_agent {
             cfg.fetch.user_agent = ua.clone();
         }

@@ -11,8 +11,11 @@
 //! - `/redirect/<n>/<path>`: `n` redirects, then the image; `/redirect-to/<url>`: one redirect to
 //!   `<url>` (percent-encoded);
 //! - `/noai/<path>`: the image with `X-Robots-Tag: noai`; `/huge`: announces 100 MB.
+//! - `/hang`: reads the request and never answers; `/endless`: a body without length that never
+//!   ends (64 KiB every 10 ms); `/huge-header`: a 1 MiB response head.
 //!
-//! Every request's path is recorded, so a test can check what was (not) fetched.
+//! Every request's path and head are recorded, so a test can check what was (not) fetched and
+//! which headers were sent.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -26,6 +29,7 @@ use tokio::net::{TcpListener, TcpStream};
 pub struct FaultServer {
     pub addr: SocketAddr,
     requests: Arc<Mutex<Vec<String>>>,
+    heads: Arc<Mutex<Vec<String>>>,
     _task: tokio::task::JoinHandle<()>,
 }
 
@@ -35,22 +39,25 @@ impl FaultServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let requests: Arc<Mutex<Vec<String>>> = Default::default();
+        let heads: Arc<Mutex<Vec<String>>> = Default::default();
         let counters: Arc<Mutex<HashMap<String, u32>>> = Default::default();
-        let reqs = requests.clone();
+        let (reqs, hds) = (requests.clone(), heads.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((sock, _)) = listener.accept().await else {
                     break;
                 };
-                let (root, reqs, counters) = (root.clone(), reqs.clone(), counters.clone());
+                let (root, reqs, hds, counters) =
+                    (root.clone(), reqs.clone(), hds.clone(), counters.clone());
                 tokio::spawn(async move {
-                    let _ = serve(sock, &root, &reqs, &counters, delay).await;
+                    let _ = serve(sock, &root, &reqs, &hds, &counters, delay).await;
                 });
             }
         });
         FaultServer {
             addr,
             requests,
+            heads,
             _task: task,
         }
     }
@@ -62,6 +69,11 @@ impl FaultServer {
     /// Paths requested so far.
     pub fn requests(&self) -> Vec<String> {
         self.requests.lock().unwrap().clone()
+    }
+
+    /// Request heads (request line and headers) received so far.
+    pub fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
     }
 }
 
@@ -124,6 +136,7 @@ async fn serve(
     mut sock: TcpStream,
     root: &std::path::Path,
     reqs: &Mutex<Vec<String>>,
+    heads: &Mutex<Vec<String>>,
     counters: &Mutex<HashMap<String, u32>>,
     delay: Duration,
 ) -> std::io::Result<()> {
@@ -139,6 +152,7 @@ async fn serve(
     let text = String::from_utf8_lossy(&buf);
     let path = text.split_whitespace().nth(1).unwrap_or("/").to_string();
     reqs.lock().unwrap().push(path.clone());
+    heads.lock().unwrap().push(text.to_string());
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
@@ -310,6 +324,28 @@ async fn serve(
             let head = "HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 100000000\r\nConnection: close\r\n\r\n";
             sock.write_all(head.as_bytes()).await?;
             sock.write_all(&[0xff; 65536]).await?;
+            sock.shutdown().await
+        }
+        ("hang", _) => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok(())
+        }
+        ("endless", _) => {
+            let head = "HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nConnection: close\r\n\r\n";
+            sock.write_all(head.as_bytes()).await?;
+            let block = vec![0xffu8; 64 << 10];
+            loop {
+                sock.write_all(&block).await?;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        ("huge-header", _) => {
+            let mut head = String::from("HTTP/1.1 200 OK\r\n");
+            for i in 0..16384 {
+                head.push_str(&format!("X-Filler-{i}: {}\r\n", "x".repeat(48)));
+            }
+            head.push_str("Content-Length: 0\r\nConnection: close\r\n\r\n");
+            sock.write_all(head.as_bytes()).await?;
             sock.shutdown().await
         }
         _ => respond(&mut sock, "404 Not Found", &[], b"unknown route").await,

@@ -120,6 +120,7 @@ async fn real_images_and_faults() {
         ),
         (u("/noai/pillow/flower.jpg"), None, "dropped", "robots_noai"),
         (u("/huge"), None, "failed", "too_large"),
+        (u("/huge-header"), None, "failed", "header_too_large"),
         (
             u("/img/pillow/decompression_bomb.gif"),
             None,
@@ -219,7 +220,7 @@ async fn real_images_and_faults() {
         (Some(128), Some(128))
     );
     // Duplicates point at the first copy.
-    for dup in [26, 27] {
+    for dup in [27, 28] {
         let of = rows[dup]["duplicate_of"].as_str().unwrap_or_default();
         assert!(
             of.ends_with("-0000000000"),
@@ -246,8 +247,9 @@ async fn real_images_and_faults() {
             .count(),
         2
     );
-    // A non-retryable status is asked for once.
+    // A non-retryable status, or a response head too large to read, is asked for once.
     assert_eq!(requests.iter().filter(|r| *r == "/status/404").count(), 1);
+    assert_eq!(requests.iter().filter(|r| *r == "/huge-header").count(), 1);
     assert_eq!(requests.iter().filter(|r| *r == "/status/500").count(), 3);
 
     // The stored images are real JPEGs of the right sizes.
@@ -604,5 +606,175 @@ async fn s3_input_catalog_and_webdataset() {
         second["stats"]["failed_by_kind"]["http_404"], 1,
         "{}",
         second["stats"]
+    );
+}
+
+/// Wall time of one `llamagen ingest` run with `args`.
+async fn timed_run(args: &[&str]) -> f64 {
+    let t = std::time::Instant::now();
+    let (code, out, err) = run(args).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    t.elapsed().as_secs_f64()
+}
+
+/// Issue 21: a URL that never answers delays only itself. Eight such URLs spread through a unit
+/// of 120 good images add one deadline (2 s) to the run, not one deadline each: downloads are
+/// handled as they finish, not in input order (in input order they added about 16 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_urls_delay_only_themselves() {
+    let server = FaultServer::start(workspace().join("data/images"), Duration::ZERO).await;
+    let imgs = ["pillow/hopper.jpg", "skimage/coffee.png", "skimage/chelsea.png"];
+    let good: Vec<String> = (0..120)
+        .map(|i| server.url(&format!("/img/{}?n={i}", imgs[i % imgs.len()])))
+        .collect();
+    let mut with_hangs = Vec::new();
+    for (i, u) in good.iter().enumerate() {
+        if i % 15 == 0 {
+            with_hangs.push(server.url(&format!("/hang?n={i}")));
+        }
+        with_hangs.push(u.clone());
+    }
+    assert_eq!(with_hangs.len(), 128);
+    let dir = tempfile::tempdir().unwrap();
+    let extra = [
+        "--allow-cidr",
+        "127.0.0.0/8",
+        "--unit-rows",
+        "1000",
+        "--concurrency",
+        "8",
+        "--per-host",
+        "16",
+        "--retries",
+        "0",
+        "--timeout",
+        "2",
+    ];
+    let mut times = Vec::new();
+    for (name, urls) in [("good", &good), ("hangs", &with_hangs)] {
+        let list = dir.path().join(format!("{name}.jsonl"));
+        write_list(&list, &urls.iter().map(|u| (u.clone(), None)).collect::<Vec<_>>());
+        let (list_s, root) = (
+            list.display().to_string(),
+            dir.path().join(name).display().to_string(),
+        );
+        let mut args = vec![
+            "ingest",
+            "--input",
+            &list_s,
+            "--root",
+            &root,
+            "--image-size",
+            "64,128",
+        ];
+        args.extend(extra);
+        times.push(timed_run(&args).await);
+        let rows = sql_rows(
+            &root,
+            "SELECT status, error_kind, count(*) AS n FROM samples GROUP BY 1, 2 ORDER BY 1, 2",
+        )
+        .await;
+        let count = |status: &str, kind: Option<&str>| {
+            rows.iter()
+                .find(|r| r["status"] == status && r["error_kind"].as_str() == kind)
+                .map_or(0, |r| r["n"].as_i64().unwrap())
+        };
+        // Every good row came through (the same picture under new URLs is a content duplicate).
+        assert_eq!(count("ok", None) + count("dropped", None), 120, "{rows:?}");
+        assert_eq!(count("ok", None), 3, "{rows:?}");
+        if name == "hangs" {
+            assert_eq!(count("failed", Some("timeout")), 8, "{rows:?}");
+        }
+    }
+    let added = times[1] - times[0];
+    eprintln!("without hangs {:.2} s, with 8 hangs {:.2} s", times[0], times[1]);
+    assert!(
+        added < 7.0,
+        "8 never-answering URLs added {added:.1} s to a {:.1} s run (one 2 s deadline expected)",
+        times[0]
+    );
+}
+
+/// Peak resident memory of a child process, sampled from /proc while it runs (MB).
+async fn peak_rss_mb(args: &[&str]) -> (i32, f64, String) {
+    let mut child = tokio::process::Command::new(llamagen())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = format!("/proc/{}/status", child.id().unwrap());
+    let mut peak = 0f64;
+    let out = loop {
+        if let Ok(s) = std::fs::read_to_string(&status) {
+            for l in s.lines() {
+                if let Some(v) = l.strip_prefix("VmHWM:") {
+                    let kb: f64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0.0);
+                    peak = peak.max(kb / 1024.0);
+                }
+            }
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut err = String::new();
+    use tokio::io::AsyncReadExt;
+    child.stderr.take().unwrap().read_to_string(&mut err).await.unwrap();
+    (out.code().unwrap_or(-1), peak, err)
+}
+
+/// Issue 22: bodies in memory are bounded by `--max-inflight-mib`, not by
+/// `--concurrency × --max-bytes` (48 endless bodies with an 8 MiB limit held about 400 MB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_memory_is_bounded_by_the_inflight_budget() {
+    let server = FaultServer::start(workspace().join("data/images"), Duration::ZERO).await;
+    let urls: Vec<(String, Option<i64>)> = (0..48)
+        .map(|i| (server.url(&format!("/endless?n={i}")), None))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("endless.jsonl");
+    write_list(&list, &urls);
+    let root = dir.path().join("cat").display().to_string();
+    let list_s = list.display().to_string();
+    let args = [
+        "ingest",
+        "--input",
+        &list_s,
+        "--root",
+        &root,
+        "--allow-cidr",
+        "127.0.0.0/8",
+        "--concurrency",
+        "48",
+        "--per-host",
+        "48",
+        "--retries",
+        "0",
+        "--timeout",
+        "8",
+        "--max-bytes",
+        &(8u64 << 20).to_string(),
+        "--max-inflight-mib",
+        "16",
+    ];
+    let (code, peak, err) = peak_rss_mb(&args).await;
+    assert_eq!(code, 0, "{err}");
+    let rows = sql_rows(
+        &root,
+        "SELECT error_kind, count(*) AS n FROM samples GROUP BY 1",
+    )
+    .await;
+    let n: i64 = rows.iter().map(|r| r["n"].as_i64().unwrap()).sum();
+    assert_eq!(n, 48, "{rows:?}");
+    assert!(
+        rows.iter()
+            .all(|r| r["error_kind"] == "too_large" || r["error_kind"] == "timeout"),
+        "{rows:?}"
+    );
+    assert!(
+        peak < 200.0,
+        "peak RSS {peak:.0} MB with a 16 MiB in-flight budget (48 × 8 MiB = 384 MiB unbounded)"
     );
 }

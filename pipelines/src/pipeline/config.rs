@@ -111,6 +111,11 @@ pub struct IngestSection {
     pub max_bytes: u64,
     /// Redirect hops followed. Default 5.
     pub max_redirects: usize,
+    /// Body bytes held in memory at once over all downloads, MiB. Default 256.
+    pub max_inflight_mib: u64,
+    /// Send `user:pass@` credentials found in URLs as Basic auth. Default false (stripped before
+    /// the request; never stored either way).
+    pub allow_url_credentials: bool,
     /// User-Agent header (default: llamagen's).
     pub user_agent: Option<String>,
     /// Honour X-Robots-Tag noai/noimageai/noindex/noimageindex. Default true.
@@ -149,6 +154,8 @@ impl Default for IngestSection {
             backoff_s: 0.5,
             max_bytes: 32 << 20,
             max_redirects: 5,
+            max_inflight_mib: 256,
+            allow_url_credentials: false,
             user_agent: None,
             respect_robots: true,
             allow_cidrs: Vec::new(),

@@ -187,6 +187,8 @@ fn ingest_config(
     c.fetch.backoff = Duration::from_secs_f64(s.backoff_s);
     c.fetch.max_body_bytes = s.max_bytes;
     c.fetch.max_redirects = s.max_redirects;
+    c.fetch.max_inflight_bytes = s.max_inflight_mib << 20;
+    c.fetch.allow_url_credentials = s.allow_url_credentials;
     if let Some(ua) = &s.user_agent {
         c.fetch.user_agent = ua.clone();
     }

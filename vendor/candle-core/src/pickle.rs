@@ -224,6 +224,9 @@ impl Object {
                 class_name,
             } if module_name == "torch._tensor" && class_name == "_rebuild_from_type_v2" => {
                 let mut args = args.tuple()?;
+                if args.len() < 2 {
+                    crate::bail!("_rebuild_from_type_v2 of {name:?} has {} arguments", args.len())
+                }
                 let callable = args.remove(0);
                 let args = args.remove(1);
                 (callable, args)
@@ -233,6 +236,9 @@ impl Object {
                 class_name,
             } if module_name == "torch._utils" && class_name == "_rebuild_parameter" => {
                 let mut args = args.tuple()?;
+                if args.is_empty() {
+                    crate::bail!("_rebuild_parameter of {name:?} has no arguments")
+                }
                 args.remove(0).reduce()?
             }
             _ => (callable, args),
@@ -292,10 +298,45 @@ impl<T: TryFrom<Object, Error = Object>> TryFrom<Object> for Vec<T> {
     }
 }
 
+/// Most objects the memo may copy over one unpickling (`BINGET`/`BINPUT` deep-clone what they
+/// copy). Real checkpoints copy a few per tensor; a pickle that doubles a list through the memo
+/// would otherwise reach gigabytes from a few hundred bytes.
+pub const MAX_MEMO_COPIED_OBJECTS: usize = 1 << 22;
+
+/// Objects in `obj`, counted up to `limit` (iteratively: nesting may be deep).
+fn count_objects(obj: &Object, limit: usize) -> usize {
+    let mut n = 0;
+    let mut todo = vec![obj];
+    while let Some(o) = todo.pop() {
+        n += 1;
+        if n > limit {
+            break;
+        }
+        match o {
+            Object::Tuple(v) | Object::List(v) => todo.extend(v.iter()),
+            Object::Dict(kv) => {
+                for (k, v) in kv {
+                    todo.push(k);
+                    todo.push(v);
+                }
+            }
+            Object::Reduce { callable, args } | Object::Build { callable, args } => {
+                todo.push(callable);
+                todo.push(args);
+            }
+            Object::PersistentLoad(o) => todo.push(o),
+            _ => {}
+        }
+    }
+    n
+}
+
 #[derive(Debug)]
 pub struct Stack {
     stack: Vec<Object>,
     memo: HashMap<u32, Object>,
+    /// Objects copied by memo operations so far (bounded by [`MAX_MEMO_COPIED_OBJECTS`]).
+    memo_copied: usize,
 }
 
 impl Stack {
@@ -303,7 +344,21 @@ impl Stack {
         Self {
             stack: Vec::with_capacity(512),
             memo: HashMap::new(),
+            memo_copied: 0,
         }
+    }
+
+    /// Accounts for a memo copy of `obj`; fails once the copies exceed the bound.
+    fn charge_copy(copied: &mut usize, obj: &Object) -> Result<()> {
+        let left = MAX_MEMO_COPIED_OBJECTS.saturating_sub(*copied);
+        *copied += count_objects(obj, left);
+        if *copied > MAX_MEMO_COPIED_OBJECTS {
+            crate::bail!(
+                "the pickle copies more than {MAX_MEMO_COPIED_OBJECTS} objects through its memo \
+                 (not a checkpoint: refusing to expand it)"
+            )
+        }
+        Ok(())
     }
 
     pub fn stack(&self) -> &[Object] {
@@ -387,18 +442,24 @@ impl Stack {
         }
     }
 
-    fn memo_get(&self, id: u32) -> Result<Object> {
+    fn memo_get(&mut self, id: u32) -> Result<Object> {
         match self.memo.get(&id) {
             None => crate::bail!("missing object in memo {id}"),
             Some(obj) => {
                 // Maybe we should use refcounting rather than doing potential large clones here.
+                Self::charge_copy(&mut self.memo_copied, obj)?;
                 Ok(obj.clone())
             }
         }
     }
 
     fn memo_put(&mut self, id: u32) -> Result<()> {
-        let obj = self.last()?.clone();
+        let obj = match self.stack.last() {
+            None => crate::bail!("unexpected empty stack"),
+            Some(obj) => obj,
+        };
+        Self::charge_copy(&mut self.memo_copied, obj)?;
+        let obj = obj.clone();
         self.memo.insert(id, obj);
         Ok(())
     }
@@ -481,8 +542,13 @@ impl Stack {
             }
             OpCode::BinUnicode => {
                 let len = r.read_u32::<LittleEndian>()?;
-                let mut data = vec![0u8; len as usize];
-                r.read_exact(&mut data)?;
+                // Read what is there rather than allocate what the length claims.
+                let mut data = Vec::new();
+                let mut limited = std::io::Read::take(&mut *r, len as u64);
+                std::io::Read::read_to_end(&mut limited, &mut data)?;
+                if data.len() != len as usize {
+                    crate::bail!("string of {len} bytes cut short after {}", data.len())
+                }
                 let data = String::from_utf8(data).map_err(E::wrap)?;
                 self.push(Object::Unicode(data))
             }
@@ -603,6 +669,9 @@ impl Stack {
             }
             OpCode::Long1 => {
                 let n_bytes = r.read_u8()?;
+                if n_bytes > 8 {
+                    crate::bail!("LONG1 of {n_bytes} bytes does not fit 64 bits")
+                }
                 let mut v = 0;
                 // Decode the next n bytes in little endian
                 for i in 0..n_bytes {
@@ -623,14 +692,39 @@ impl From<Object> for E {
 
 // https://github.com/pytorch/pytorch/blob/4eac43d046ded0f0a5a5fa8db03eb40f45bf656e/torch/_utils.py#L198
 // Arguments: storage, storage_offset, size, stride, requires_grad, backward_hooks
+//
+// Every declared number is checked here (counts non-negative, products without overflow, the
+// tensor inside its storage), so that a hostile file gives an error, never a panic or an
+// allocation of what it merely declares; `PthTensors::get` then checks the bytes are in the file.
 fn rebuild_args(args: Object) -> Result<(Layout, DType, String, usize)> {
     let mut args = args.tuple()?;
+    if args.len() < 4 {
+        crate::bail!("_rebuild_tensor_v2 takes 4 or more arguments, got {}", args.len())
+    }
     let stride = Vec::<usize>::try_from(args.remove(3))?;
     let size = Vec::<usize>::try_from(args.remove(2))?;
-    let offset = args.remove(1).int_or_long()? as usize;
+    let offset = args.remove(1).int_or_long()?;
     let storage = args.remove(0).persistent_load()?;
     let mut storage = storage.tuple()?;
-    let storage_size = storage.remove(4).int_or_long()? as usize;
+    if storage.len() < 5 {
+        crate::bail!("a tensor storage has {} fields, not 5", storage.len())
+    }
+    let storage_size = storage.remove(4).int_or_long()?;
+    let (Ok(offset), Ok(storage_size)) = (usize::try_from(offset), usize::try_from(storage_size))
+    else {
+        crate::bail!("negative tensor offset {offset} or storage size {storage_size}")
+    };
+    if stride.len() != size.len() {
+        crate::bail!("tensor of shape {size:?} has strides {stride:?}")
+    }
+    let Some(elems) = size.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) else {
+        crate::bail!("tensor shape {size:?} overflows")
+    };
+    if offset.checked_add(elems).is_none_or(|end| end > storage_size) {
+        crate::bail!(
+            "tensor of shape {size:?} at offset {offset} does not fit its storage of {storage_size} elements"
+        )
+    }
     let path = storage.remove(2).unicode()?;
     let (_module_name, class_name) = storage.remove(1).class()?;
     let dtype = match class_name.as_str() {
@@ -644,11 +738,13 @@ fn rebuild_args(args: Object) -> Result<(Layout, DType, String, usize)> {
             crate::bail!("unsupported storage type {other}")
         }
     };
-    let layout = Layout::new(
-        crate::Shape::from(size),
-        stride,
-        offset * dtype.size_in_bytes(),
-    );
+    let (Some(_), Some(offset_bytes)) = (
+        storage_size.checked_mul(dtype.size_in_bytes()),
+        offset.checked_mul(dtype.size_in_bytes()),
+    ) else {
+        crate::bail!("tensor storage of {storage_size} elements overflows")
+    };
+    let layout = Layout::new(crate::Shape::from(size), stride, offset_bytes);
     Ok((layout, dtype, path, storage_size))
 }
 
@@ -728,10 +824,16 @@ pub fn read_pth_tensor_info<P: AsRef<std::path::Path>>(
         // NOTE: We are assuming that the `obj` is state_dict by this stage.
         if let Object::Dict(key_values) = obj {
             for (name, value) in key_values.into_iter() {
+                let shown = format!("{name:?}");
                 match value.into_tensor_info(name, &dir_name) {
                     Ok(Some(tensor_info)) => tensor_infos.push(tensor_info),
                     Ok(None) => {}
-                    Err(err) => eprintln!("skipping: {err:?}"),
+                    // Storage types this reader has no dtype for are skipped, as upstream does;
+                    // a malformed tensor is an error naming it.
+                    Err(err) if err.to_string().contains("unsupported storage type") => {
+                        eprintln!("skipping: {err:?}")
+                    }
+                    Err(err) => crate::bail!("tensor {shown}: {err}"),
                 }
             }
         }
@@ -771,7 +873,26 @@ impl PthTensors {
         // We hope that the file has not changed since first reading it.
         let zip_reader = std::io::BufReader::new(std::fs::File::open(&self.path)?);
         let mut zip = zip::ZipArchive::new(zip_reader)?;
+        let file_len = std::fs::metadata(&self.path)?.len();
         let mut reader = zip.by_name(&tensor_info.path)?;
+        // The bytes the tensor needs must be in the file before anything is allocated: a stored
+        // entry (what torch.save writes) holds its bytes as they are; a compressed one can
+        // expand at most 1032:1 (deflate's limit).
+        let needed = (tensor_info.layout.shape().elem_count() as u64)
+            .saturating_mul(tensor_info.dtype.size_in_bytes() as u64)
+            .saturating_add(tensor_info.layout.start_offset() as u64);
+        let on_disk = reader.compressed_size().min(file_len);
+        let available = match reader.compression() {
+            zip::CompressionMethod::Stored => reader.size().min(on_disk),
+            _ => reader.size().min(on_disk.saturating_mul(1032)),
+        };
+        if needed > available {
+            crate::bail!(
+                "tensor {name:?} of shape {:?} needs {needed} bytes but its entry {} holds {available}",
+                tensor_info.layout.dims(),
+                tensor_info.path
+            )
+        }
         let is_fortran_contiguous = tensor_info.layout.is_fortran_contiguous();
         let rank = tensor_info.layout.shape().rank();
 
