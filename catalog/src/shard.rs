@@ -263,6 +263,36 @@ fn parquet_err(path: &std::path::Path, source: parquet::errors::ParquetError) ->
 
 /// Decodes a whole shard held in memory, checking its size, hash and schema version against the
 /// log entry. `name` is used in errors. `projection` selects columns by name (all if None).
+/// Fails unless every column of `found` is the sample schema's (name, type with nested field
+/// names, nullability), in order.
+fn check_sample_fields(name: &str, found: &arrow::datatypes::Schema) -> Result<()> {
+    let expected = sample_schema();
+    let bad = |reason: String| CatalogError::CorruptShard {
+        path: name.to_string(),
+        reason: format!("does not have the sample schema: {reason}"),
+    };
+    if found.fields().len() != expected.fields().len() {
+        return Err(bad(format!(
+            "{} columns, the schema has {}",
+            found.fields().len(),
+            expected.fields().len()
+        )));
+    }
+    for (f, e) in found.fields().iter().zip(expected.fields()) {
+        if !e.contains(f) {
+            return Err(bad(format!(
+                "column {:?} is {} {:?}, the schema has {} {:?}",
+                f.name(),
+                if f.is_nullable() { "nullable" } else { "required" },
+                f.data_type(),
+                e.name(),
+                e.data_type()
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub fn decode_shard(
     name: &str,
     entry: &ShardEntry,
@@ -291,6 +321,9 @@ pub fn decode_shard(
         name,
         builder.metadata().file_metadata().key_value_metadata(),
     )?;
+    // The whole file must have the sample schema, whatever is projected: `verify` reads one
+    // column and must reject what a full read rejects.
+    check_sample_fields(name, builder.schema())?;
     let builder = match projection {
         Some(cols) => {
             let schema = builder.schema().clone();

@@ -439,3 +439,54 @@ fn hostile_checkpoints_give_errors_not_aborts() {
         .unwrap();
     assert!(hwm_kb < 4 << 20, "peak RSS {} MB", hwm_kb >> 10);
 }
+
+/// Also reported: `verify` accepted a shard that the reader rejects (a list column whose element
+/// is named `element`, as pyarrow writes it, where the sample schema says `item`): verify read
+/// one column only. The shard here is a committed shard rewritten by pyarrow and committed with
+/// its true size and SHA-256.
+#[test]
+fn verify_rejects_what_the_reader_rejects() {
+    let (_dir, root_path, root) = catalog();
+    let data = root_path.join("samples/data");
+    let shard = std::fs::read_dir(&data)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "parquet"))
+        .unwrap();
+    let renamed = data.join("part-00000000-0000-7000-8000-000000000001.parquet");
+    let script = "import sys, pyarrow.parquet as pq\n\
+                  t = pq.read_table(sys.argv[1])\n\
+                  pq.write_table(t, sys.argv[2], use_compliant_nested_type=True)\n";
+    let out = std::process::Command::new(llamagen_tests::python())
+        .args(["-c", script])
+        .arg(&shard)
+        .arg(&renamed)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bytes = std::fs::read(&renamed).unwrap();
+    use sha2::Digest;
+    let sha = hex::encode(sha2::Sha256::digest(&bytes));
+    let rel = |p: &std::path::Path| format!("data/{}", p.file_name().unwrap().to_str().unwrap());
+    let log = root_path.join("samples/_delta_log");
+    let next = (0..)
+        .map(|v| log.join(format!("{v:020}.json")))
+        .find(|p| !p.exists())
+        .unwrap();
+    let add = serde_json::json!({"add": {
+        "path": rel(&renamed), "partitionValues": {}, "size": bytes.len(),
+        "modificationTime": 0, "dataChange": true, "stats": "{\"numRecords\":10000}",
+        "tags": {"llamagen.sha256": sha, "llamagen.stage": "import"}}});
+    let remove = serde_json::json!({"remove": {
+        "path": rel(&shard), "deletionTimestamp": 0, "dataChange": true}});
+    std::fs::write(&next, format!("{add}\n{remove}\n")).unwrap();
+    let (code, out, err) = run_llamagen(&["catalog", "verify", "--root", &root], &[]);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        (out.contains("does not have the sample schema") || err.contains("does not have the sample schema"))
+            && (out.contains(renamed.file_name().unwrap().to_str().unwrap())
+                || err.contains(renamed.file_name().unwrap().to_str().unwrap())),
+        "{out}\n{err}"
+    );
+}
