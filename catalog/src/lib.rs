@@ -21,6 +21,7 @@ pub mod source;
 pub mod sql;
 pub mod stage;
 pub mod storage;
+pub mod worker;
 
 pub use arrow;
 pub use datafusion;

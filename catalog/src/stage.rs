@@ -23,7 +23,6 @@ use std::future::Future;
 use std::time::Instant;
 
 use arrow::array::{Array, AsArray, RecordBatch};
-use sha2::{Digest, Sha256};
 
 use crate::counters::StageCounters;
 use crate::dataset::{Dataset, ShardEntry, Transaction};
@@ -73,11 +72,7 @@ impl From<(usize, usize)> for ShardSelection {
 
 /// Whether a shard belongs to worker `index` of `count`.
 pub fn shard_in_partition(entry: &ShardEntry, (index, count): (usize, usize)) -> bool {
-    if count <= 1 {
-        return true;
-    }
-    let h = Sha256::digest(entry.path.as_bytes());
-    (u64::from_be_bytes(h[..8].try_into().expect("8 bytes")) % count as u64) as usize == index
+    crate::worker::in_share(&entry.path, (index, count))
 }
 
 /// Rewrites the shards of `ds` that `stage` has not processed, through `f`, batch by batch.

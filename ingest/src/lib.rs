@@ -332,13 +332,8 @@ pub async fn run(
 
 /// Whether a unit belongs to worker `index` of `count` (by hash of its id, so the split does not
 /// depend on the order of the inputs).
-pub fn in_partition(unit_id: &str, (index, count): (usize, usize)) -> bool {
-    if count <= 1 {
-        return true;
-    }
-    let h = Sha256::digest(unit_id.as_bytes());
-    let v = u64::from_be_bytes(h[..8].try_into().expect("8 bytes"));
-    (v % count as u64) as usize == index
+pub fn in_partition(unit_id: &str, share: (usize, usize)) -> bool {
+    llamagen_catalog::worker::in_share(unit_id, share)
 }
 
 struct UnitContext {

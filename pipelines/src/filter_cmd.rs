@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use llamagen_catalog::{StageCounters, runs};
@@ -76,9 +76,10 @@ struct ScoreArgs {
     /// Execution provider: cpu or cuda.
     #[arg(long, default_value = "cpu")]
     provider: Provider,
-    /// This worker's share of the shards, as INDEX/COUNT (e.g. 0/4).
-    #[arg(long, default_value = "0/1")]
-    worker: String,
+    /// This worker's share of the shards, as INDEX/COUNT (e.g. 0/4). Default: JOB_COMPLETION_INDEX
+    /// with WORKERS, or SLURM_ARRAY_TASK_ID with SLURM_ARRAY_TASK_COUNT, else 0/1 (all shards).
+    #[arg(long)]
+    worker: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -97,20 +98,14 @@ struct ApplyArgs {
     /// With --dry-run: also write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// This worker's share of the shards, as INDEX/COUNT.
-    #[arg(long, default_value = "0/1")]
-    worker: String,
+    /// This worker's share of the shards, as INDEX/COUNT. Default: JOB_COMPLETION_INDEX with
+    /// WORKERS, or SLURM_ARRAY_TASK_ID with SLURM_ARRAY_TASK_COUNT, else 0/1 (all shards).
+    #[arg(long)]
+    worker: Option<String>,
 }
 
-fn parse_worker(s: &str) -> Result<(usize, usize)> {
-    let (a, b) = s
-        .split_once('/')
-        .with_context(|| format!("--worker {s:?}: want INDEX/COUNT"))?;
-    let (a, b): (usize, usize) = (a.parse()?, b.parse()?);
-    if b == 0 || a >= b {
-        bail!("--worker {s:?}: INDEX must be below COUNT");
-    }
-    Ok((a, b))
+fn parse_worker(flag: &Option<String>) -> Result<(usize, usize)> {
+    crate::ingest_cmd::worker_partition(flag.as_deref())
 }
 
 fn bar(msg: &str) -> ProgressBar {

@@ -112,31 +112,7 @@ pub struct IngestArgs {
 
 /// INDEX/COUNT from the flag, or from a Kubernetes Indexed Job / Slurm array environment.
 pub fn worker_partition(flag: Option<&str>) -> Result<(usize, usize)> {
-    let parse = |s: &str| -> Result<(usize, usize)> {
-        let (i, n) = s
-            .split_once('/')
-            .with_context(|| format!("--worker {s:?}: expected INDEX/COUNT"))?;
-        let (i, n): (usize, usize) = (i.trim().parse()?, n.trim().parse()?);
-        if n == 0 || i >= n {
-            bail!("worker index {i} must be below the worker count {n}");
-        }
-        Ok((i, n))
-    };
-    if let Some(f) = flag {
-        return parse(f);
-    }
-    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    if let (Some(i), Some(n)) = (env("JOB_COMPLETION_INDEX"), env("WORKERS")) {
-        return parse(&format!("{i}/{n}"));
-    }
-    if let (Some(i), Some(n)) = (env("SLURM_ARRAY_TASK_ID"), env("SLURM_ARRAY_TASK_COUNT")) {
-        let min = env("SLURM_ARRAY_TASK_MIN")
-            .and_then(|m| m.parse::<usize>().ok())
-            .unwrap_or(0);
-        let i: usize = i.parse()?;
-        return parse(&format!("{}/{n}", i.saturating_sub(min)));
-    }
-    Ok((0, 1))
+    Ok(llamagen_catalog::worker::worker_share(flag)?)
 }
 
 impl IngestArgs {

@@ -19,9 +19,10 @@ use crate::catalog_cmd::RootArgs;
 pub struct TextArgs {
     #[command(flatten)]
     pub root: RootArgs,
-    /// This worker's share of the shards, as INDEX/COUNT (default 0/1: all shards).
-    #[arg(long, default_value = "0/1")]
-    pub worker: String,
+    /// This worker's share of the shards, as INDEX/COUNT. Default: JOB_COMPLETION_INDEX with
+    /// WORKERS, or SLURM_ARRAY_TASK_ID with SLURM_ARRAY_TASK_COUNT, else 0/1 (all shards).
+    #[arg(long)]
+    pub worker: Option<String>,
     #[command(subcommand)]
     pub command: TextCommand,
 }
@@ -75,16 +76,6 @@ pub enum TextCommand {
     },
 }
 
-fn partition(s: &str) -> Result<(usize, usize)> {
-    let (a, b) = s
-        .split_once('/')
-        .context("--worker must be INDEX/COUNT, e.g. 0/4")?;
-    let (i, n): (usize, usize) = (a.parse()?, b.parse()?);
-    if n == 0 || i >= n {
-        bail!("--worker {s}: INDEX must be below COUNT");
-    }
-    Ok((i, n))
-}
 
 fn bar(shards: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(shards).with_style(
@@ -99,7 +90,7 @@ fn bar(shards: u64, what: &str) -> ProgressBar {
 pub async fn run(args: TextArgs) -> Result<std::process::ExitCode> {
     let cat = args.root.open().await?;
     let ds = cat.dataset(&args.root.dataset);
-    let part = partition(&args.worker)?;
+    let part = crate::ingest_cmd::worker_partition(args.worker.as_deref())?;
     let shards = ds.snapshot().await?.shards.len() as u64;
     let mut run = runs::RunRecord::start(std::env::args().collect::<Vec<_>>().join(" "));
     runs::record_run(cat.storage(), &run).await?;

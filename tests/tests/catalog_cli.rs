@@ -311,3 +311,46 @@ fn gc_cleans_what_a_crashed_writer_left() {
     let (_, out, _) = sql(&root, "SELECT count(*) AS n FROM samples", "csv");
     assert_eq!(out, "n\n10000\n");
 }
+
+/// Issue 23: every command reads its share from `--worker` or from an Indexed Job's
+/// `JOB_COMPLETION_INDEX`/`WORKERS` (earlier, `text` and `filter` took every shard in every pod).
+/// Two pods of a two-pod Job split the ten shards of a catalog between them, each shard once.
+#[test]
+fn indexed_job_pods_split_a_stage_between_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("cat").display().to_string();
+    let laion = llamagen_tests::workspace()
+        .join("data/laion_meta/img2dataset_test_10000.parquet")
+        .display()
+        .to_string();
+    let (code, _, err) = llamagen_tests::run_llamagen(
+        &["catalog", "import", &laion, "--root", &root, "--shard-rows", "1000"],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let caps = dir.path().join("caps.jsonl");
+    std::fs::write(&caps, "{\"key\":\"none\",\"long_caption\":\"x\"}\n").unwrap();
+    let mut rewritten = Vec::new();
+    for pod in ["0", "1"] {
+        let (code, out, err) = llamagen_tests::run_llamagen(
+            &["text", "--root", &root, "captions", "--captions", caps.to_str().unwrap()],
+            &[
+                ("JOB_COMPLETION_INDEX", pod.to_string()),
+                ("WORKERS", "2".to_string()),
+            ],
+        );
+        assert_eq!(code, 0, "{err}");
+        let report: serde_json::Value =
+            serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
+        rewritten.push(report["shards"]["shards_rewritten"].as_u64().unwrap());
+    }
+    assert!(rewritten.iter().all(|&n| n > 0 && n < 10), "{rewritten:?}");
+    assert_eq!(rewritten.iter().sum::<u64>(), 10, "{rewritten:?}");
+    // A pod index without the pod count is an error, not "all shards".
+    let (code, _, err) = llamagen_tests::run_llamagen(
+        &["text", "--root", &root, "captions", "--captions", caps.to_str().unwrap()],
+        &[("JOB_COMPLETION_INDEX", "0".to_string())],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("WORKERS"), "{err}");
+}
