@@ -27,7 +27,7 @@ def head(status: str, length: int, ctype: str = "image/jpeg") -> bytes:
 async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         request = await reader.readuntil(b"\r\n\r\n")
-        path = request.split(b" ", 2)[1].decode()
+        path = request.split(b" ", 2)[1].decode().split("?")[0]
         route, _, rest = path.lstrip("/").partition("/")
         if route == "status":
             code = int(rest or "500")

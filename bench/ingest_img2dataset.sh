@@ -154,7 +154,7 @@ def kind(text):
 ours = collections.defaultdict(collections.Counter)
 for line in open(sys.argv[1]):
     r = json.loads(line)
-    ours[kind(r["text"])][r["error_kind"] or r["status"]] += 1
+    ours[kind(r.get("text"))][r.get("error_kind") or r["status"]] += 1
 theirs = collections.defaultdict(collections.Counter)
 for f in glob.glob(sys.argv[2] + "/*.parquet"):
     t = pq.read_table(f, columns=["caption", "status", "error_message"]).to_pylist()

@@ -16,9 +16,10 @@
 //!   (`duplicate_content`; the lowest source row is kept, see `process_unit`). Deduplication across
 //!   units is a query away (`GROUP BY url`).
 //!
-//! Scheduling: a unit's downloads run [`FetchConfig::concurrency`] at a time and are handled in the
-//! order they *finish*, so a URL that takes the whole deadline delays only itself, never the rows
-//! behind it. Rows are keyed, so their order inside a shard carries no meaning; each written batch
+//! Scheduling: downloads run [`FetchConfig::concurrency`] at a time and are handled in the order
+//! they *finish*, so a URL that takes the whole deadline delays only itself, never the rows behind
+//! it; and [`IngestConfig::units_in_flight`] units run at once, so the last slow downloads of a unit
+//! do not hold back the next one. Units still commit whole, each on its own. Rows are keyed, so their order inside a shard carries no meaning; each written batch
 //! is sorted by source row. Memory stays bounded: at most twice `concurrency` rows are in flight and
 //! [`WRITE_ROWS`] finished rows wait for the writer.
 //! - `partition = (index, count)` keeps only the units whose ordinal is ≡ index (mod count), so
@@ -117,6 +118,8 @@ pub struct IngestConfig {
     pub reduced_decode: bool,
     /// Rows per work unit (commit); default 10,000.
     pub unit_rows: usize,
+    /// Units processed at once (default 2): a unit's slowest downloads overlap the next unit's.
+    pub units_in_flight: usize,
     /// Work on the units whose ordinal ≡ index (mod count) only; default (0, 1).
     pub partition: (usize, usize),
     /// Threads for decoding and resizing (default: available cores).
@@ -145,6 +148,7 @@ impl Default for IngestConfig {
             },
             reduced_decode: true,
             unit_rows: 10_000,
+            units_in_flight: 2,
             partition: (0, 1),
             cpu_workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             fetch: FetchConfig::default(),
@@ -265,6 +269,7 @@ pub async fn run(
         counters: StageCounters::new("ingest"),
         ..Default::default()
     };
+    let mut running = futures::stream::FuturesUnordered::new();
     for input in inputs {
         let name = source_name(input);
         let done = ds.snapshot().await?.units;
@@ -310,24 +315,41 @@ pub async fn run(
                     progress.rows_done(take as u64, 0);
                     continue;
                 }
-                match process_unit(&ds, &ctx, unit, &unit_id, progress).await {
-                    Ok(c) => {
-                        report.counters.merge(&c);
-                        report.units_committed += 1;
-                    }
-                    Err(IngestError::Catalog(CatalogError::UnitAlreadyCommitted { .. })) => {
-                        report.units_skipped += 1;
-                    }
-                    Err(e) => return Err(e),
+                // A unit's last downloads may wait out the deadline; the next units start
+                // meanwhile (all share the fetcher's limits), so the wait is not paid per unit.
+                while running.len() >= cfg.units_in_flight.max(1) {
+                    let done = running.next().await.expect("a unit is running");
+                    settle(done, &mut report)?;
                 }
+                running.push(process_unit(&ds, &ctx, unit, unit_id, progress));
             }
             if end {
                 break;
             }
         }
     }
+    while let Some(done) = running.next().await {
+        settle(done, &mut report)?;
+    }
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Adds a finished unit's outcome to the report; a unit another worker committed first counts as
+/// skipped.
+fn settle(done: Result<StageCounters>, report: &mut IngestReport) -> Result<()> {
+    match done {
+        Ok(c) => {
+            report.counters.merge(&c);
+            report.units_committed += 1;
+            Ok(())
+        }
+        Err(IngestError::Catalog(CatalogError::UnitAlreadyCommitted { .. })) => {
+            report.units_skipped += 1;
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Whether a unit belongs to worker `index` of `count` (by hash of its id, so the split does not
@@ -357,9 +379,10 @@ async fn process_unit(
     ds: &llamagen_catalog::Dataset,
     ctx: &UnitContext,
     unit: RecordBatch,
-    unit_id: &str,
+    unit_id: String,
     progress: &dyn Progress,
 ) -> Result<StageCounters> {
+    let unit_id = unit_id.as_str();
     let cfg = &ctx.cfg;
     let n = unit.num_rows();
     let keys = unit

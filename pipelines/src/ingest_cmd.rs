@@ -40,6 +40,9 @@ pub struct IngestArgs {
     /// Rows per work unit (one commit each; the granularity of resume).
     #[arg(long, default_value_t = 10_000)]
     pub unit_rows: usize,
+    /// Units processed at once: a unit's slowest downloads overlap the next unit's work.
+    #[arg(long, default_value_t = 2)]
+    pub units_in_flight: usize,
     /// This worker's share of the work, as INDEX/COUNT (e.g. 3/8). Default: JOB_COMPLETION_INDEX
     /// or SLURM_ARRAY_TASK_ID with WORKERS / SLURM_ARRAY_TASK_COUNT, else 0/1.
     #[arg(long)]
@@ -130,6 +133,7 @@ impl IngestArgs {
         };
         cfg.reduced_decode = !self.full_decode;
         cfg.unit_rows = self.unit_rows;
+        cfg.units_in_flight = self.units_in_flight;
         cfg.partition = worker_partition(self.worker.as_deref())?;
         if let Some(n) = self.cpu_workers {
             cfg.cpu_workers = n;

@@ -95,6 +95,8 @@ pub struct IngestSection {
     pub quality: u8,
     /// Rows per work unit (one commit each; the granularity of resume). Default 10,000.
     pub unit_rows: usize,
+    /// Units processed at once (a unit's slowest downloads overlap the next unit's). Default 2.
+    pub units_in_flight: usize,
     /// Downloads in flight. Default 64.
     pub concurrency: usize,
     /// Downloads in flight per host. Default 8.
@@ -146,6 +148,7 @@ impl Default for IngestSection {
             format: "jpeg".into(),
             quality: 95,
             unit_rows: 10_000,
+            units_in_flight: 2,
             concurrency: 64,
             per_host: 8,
             connect_timeout_s: 10.0,
@@ -481,8 +484,8 @@ impl PipelineConfig {
         if !matches!(i.format.as_str(), "jpeg" | "jpg" | "png" | "webp") {
             bail!("[ingest] format = {:?}: use jpeg, png or webp", i.format);
         }
-        if i.unit_rows == 0 || i.concurrency == 0 || i.per_host == 0 {
-            bail!("[ingest] unit_rows, concurrency and per_host must be positive");
+        if i.unit_rows == 0 || i.units_in_flight == 0 || i.concurrency == 0 || i.per_host == 0 {
+            bail!("[ingest] unit_rows, units_in_flight, concurrency and per_host must be positive");
         }
         for c in &i.allow_cidrs {
             c.parse::<ipnet::IpNet>()

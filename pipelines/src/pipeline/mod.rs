@@ -175,6 +175,7 @@ fn ingest_config(
     };
     c.reduced_decode = s.reduced_decode;
     c.unit_rows = s.unit_rows;
+    c.units_in_flight = s.units_in_flight;
     c.partition = partition;
     if let Some(n) = s.cpu_workers {
         c.cpu_workers = n;
