@@ -2,9 +2,14 @@
 //!
 //! Invariants:
 //! - A caption file is JSON lines or Parquet. A record names its sample by `key`, `url` or
-//!   `image_path` and carries its caption in `long_caption`, `caption` or `text` (a string, or a
-//!   list of strings whose first non-blank entry is used, as in LlamaGen's
-//!   `{"image_path": …, "text": [...]}` files). Field names can be overridden.
+//!   `image_path` and carries its caption in `long_caption`, `caption` or `text`: a string, or a
+//!   list of strings. LlamaGen's t2i files (`{"image_path": …, "text": [blip, llava,
+//!   llava_first]}`) hold three captions; [`CaptionFileOptions::list_entry`] picks one by index,
+//!   as the official `extract_t5_feature.py --caption-key` does (default here: the LLaVA caption,
+//!   index 1, the long caption LlamaGen's stage II trains on; the official script defaults to
+//!   `blip`). A record whose list is too short, or whose chosen entry is blank, is skipped as
+//!   `blank_caption`; with `list_entry = None` the first non-blank entry is used. Field names can
+//!   be overridden.
 //! - An image path joins on its file stem (`00001/000012345.jpg` → `000012345`), compared with
 //!   the sample key.
 //! - A record that cannot be used (bad JSON, not UTF-8, no join field, blank caption) is counted
@@ -63,6 +68,26 @@ pub struct CaptionFileOptions {
     /// Record field holding the caption. Default: the first of `long_caption`, `caption`,
     /// `text` that the record has.
     pub text_field: Option<String>,
+    /// Which entry of a list-valued caption to use (see [`CaptionKey`]); `None`: the first
+    /// non-blank one. Default `Some(1)` (LlamaGen's `llava`).
+    pub list_entry: Option<usize>,
+}
+
+/// LlamaGen's names for the entries of a t2i caption list (`--caption-key` of the official
+/// `language/extract_t5_feature.py`).
+pub struct CaptionKey;
+
+impl CaptionKey {
+    /// `blip`, `llava`, `llava_first`, an index, or `first` (the first non-blank entry).
+    pub fn parse(s: &str) -> Option<Option<usize>> {
+        match s {
+            "blip" => Some(Some(0)),
+            "llava" => Some(Some(1)),
+            "llava_first" => Some(Some(2)),
+            "first" => Some(None),
+            n => n.parse().ok().map(Some),
+        }
+    }
 }
 
 impl Default for CaptionFileOptions {
@@ -71,6 +96,7 @@ impl Default for CaptionFileOptions {
             join: JoinOn::Key,
             join_field: None,
             text_field: None,
+            list_entry: Some(1),
         }
     }
 }
@@ -176,11 +202,10 @@ impl CaptionIndex {
             };
             let caption = match text {
                 Some(serde_json::Value::String(s)) => Some(s.clone()),
-                Some(serde_json::Value::Array(a)) => a
-                    .iter()
-                    .filter_map(|v| v.as_str())
-                    .find(|s| !s.trim().is_empty())
-                    .map(str::to_string),
+                Some(serde_json::Value::Array(a)) => {
+                    let entries: Vec<&str> = a.iter().map(|v| v.as_str().unwrap_or("")).collect();
+                    pick(&entries, opts.list_entry).map(str::to_string)
+                }
                 Some(serde_json::Value::Null) | None => None,
                 Some(_) => {
                     return Err(EncodeError::CaptionFile {
@@ -225,7 +250,7 @@ impl CaptionIndex {
                     .ok_or_else(|| err(format!("no caption column (one of {TEXT_FIELDS:?})")))?,
             };
             let keys = string_column(&batch, &join_field).map_err(err)?;
-            let texts = caption_column(&batch, &text_field).map_err(err)?;
+            let texts = caption_column(&batch, &text_field, opts.list_entry).map_err(err)?;
             for (k, t) in keys.into_iter().zip(texts) {
                 self.records += 1;
                 let Some(k) = k else {
@@ -266,9 +291,18 @@ fn string_column(
         .collect())
 }
 
+/// The chosen entry of a caption list (see [`CaptionFileOptions::list_entry`]).
+fn pick<'a>(entries: &[&'a str], entry: Option<usize>) -> Option<&'a str> {
+    match entry {
+        Some(i) => entries.get(i).copied(),
+        None => entries.iter().copied().find(|s| !s.trim().is_empty()),
+    }
+}
+
 fn caption_column(
     batch: &RecordBatch,
     name: &str,
+    entry: Option<usize>,
 ) -> std::result::Result<Vec<Option<String>>, String> {
     let c = batch
         .column_by_name(name)
@@ -292,11 +326,10 @@ fn caption_column(
                     }
                     let v = l.value(i);
                     let s = v.as_string::<i32>();
-                    (0..s.len())
-                        .filter(|&j| !s.is_null(j))
-                        .map(|j| s.value(j))
-                        .find(|t| !t.trim().is_empty())
-                        .map(str::to_string)
+                    let entries: Vec<&str> = (0..s.len())
+                        .map(|j| if s.is_null(j) { "" } else { s.value(j) })
+                        .collect();
+                    pick(&entries, entry).map(str::to_string)
                 })
                 .collect())
         }
@@ -359,6 +392,39 @@ mod tests {
         );
         assert_eq!(join_value(JoinOn::ImagePath, "abc"), "abc");
         assert_eq!(join_value(JoinOn::Url, "http://x/a.jpg"), "http://x/a.jpg");
+    }
+
+    /// LlamaGen's t2i lists are `[blip, llava, llava_first]`; the key picks one, as
+    /// `extract_t5_feature.py --caption-key` does.
+    #[test]
+    fn caption_keys_pick_list_entries() {
+        let dir = std::env::temp_dir().join(format!("caption-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("t2i.jsonl");
+        std::fs::write(
+            &f,
+            "{\"image_path\": \"0/a.jpg\", \"text\": [\"B\", \"L\", \"F\"]}\n\
+             {\"image_path\": \"0/b.jpg\", \"text\": [\"B only\"]}\n",
+        )
+        .unwrap();
+        for (key, a, b) in [
+            ("blip", Some("B"), Some("B only")),
+            ("llava", Some("L"), None),
+            ("llava_first", Some("F"), None),
+            ("first", Some("B"), Some("B only")),
+        ] {
+            let opts = CaptionFileOptions {
+                join: JoinOn::ImagePath,
+                list_entry: CaptionKey::parse(key).unwrap(),
+                ..Default::default()
+            };
+            let index = CaptionIndex::read(&[f.as_path()], &opts).unwrap();
+            assert_eq!(index.lookup("a", None), a, "{key}");
+            assert_eq!(index.lookup("b", None), b, "{key}");
+        }
+        assert_eq!(CaptionFileOptions::default().list_entry, Some(1));
+        assert!(CaptionKey::parse("t5").is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

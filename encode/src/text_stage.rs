@@ -482,8 +482,21 @@ pub async fn run_t5(
         move |batch| {
             let (encoder, counters) = (encoder.clone(), c2.clone());
             async move {
-                let mut c = counters.lock().expect("counters");
-                embed_batch(&batch, &encoder, dtype, &mut c).map_err(|e| stage_error(T5_STAGE, e))
+                // The encoder computes for seconds per batch: on a blocking thread, so the
+                // runtime's workers stay free for the lease renewer and the shard I/O.
+                let res = tokio::task::spawn_blocking(move || {
+                    let mut local = StageCounters::new(T5_STAGE);
+                    let out = embed_batch(&batch, &encoder, dtype, &mut local);
+                    (out, local)
+                })
+                .await;
+                let (out, local) = res.map_err(|e| {
+                    llamagen_catalog::CatalogError::InvalidArgument(format!(
+                        "t5 stage: encoding task failed: {e}"
+                    ))
+                })?;
+                counters.lock().expect("counters").merge(&local);
+                out.map_err(|e| stage_error(T5_STAGE, e))
             }
         },
         |e, rows| on_shard(e, rows),

@@ -119,13 +119,14 @@ async fn captions_then_t5_features() -> Result<()> {
     let f = dir.path().join("long.jsonl");
     let mut body = Vec::new();
     body.extend_from_slice(
-        br#"{"image_path": "00000/k1.jpg", "text": ["A full shot of St. Louis, Missouri. The bridge is rusted."]}"#,
+        br#"{"image_path": "00000/k1.jpg", "text": ["a bridge over a river", "A full shot of St. Louis, Missouri. The bridge is rusted.", "A full shot of St. Louis, Missouri."]}"#,
     );
     body.extend_from_slice(b"\n{not json\n");
     body.extend_from_slice(b"{\"image_path\": \"00000/k3.jpg\", \"text\": \"caf\xff\"}\n");
-    body.extend_from_slice(br#"{"image_path": "00000/k4.jpg", "text": ["   "]}"#);
+    // The LLaVA entry (index 1) is blank: skipped, though the BLIP one is not.
+    body.extend_from_slice(br#"{"image_path": "00000/k4.jpg", "text": ["a dog", "   ", "x"]}"#);
     body.extend_from_slice(b"\n");
-    body.extend_from_slice(br#"{"image_path": "00001/k5.png", "text": ["<b>&amp;</b> ###"]}"#);
+    body.extend_from_slice(br#"{"image_path": "00001/k5.png", "text": ["blip", "<b>&amp;</b> ###", "x"]}"#);
     body.extend_from_slice(b"\n");
     std::fs::write(&f, body)?;
     let index = CaptionIndex::read(

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use llamagen_catalog::runs;
-use llamagen_encode::captions::{CaptionFileOptions, CaptionIndex, Fallback, JoinOn};
+use llamagen_encode::captions::{CaptionFileOptions, CaptionIndex, CaptionKey, Fallback, JoinOn};
 use llamagen_encode::text_encoder::{
     ModelPaths, StoreDtype, TextEncoder, TextEncoderConfig, device_and_dtype,
 };
@@ -44,6 +44,10 @@ pub enum TextCommand {
         /// Record field with the caption (default: long_caption, caption or text).
         #[arg(long)]
         text_field: Option<String>,
+        /// Which entry of a list-valued caption (LlamaGen's t2i `text: [blip, llava,
+        /// llava_first]`): blip, llava, llava_first, an index, or first (first non-blank).
+        #[arg(long, default_value = "llava")]
+        caption_key: String,
         /// Fallback texts in order, comma-separated: top_caption, text (empty: none).
         #[arg(long, default_value = "top_caption,text")]
         fallback: String,
@@ -100,8 +104,12 @@ pub async fn run(args: TextArgs) -> Result<std::process::ExitCode> {
             join,
             join_field,
             text_field,
+            caption_key,
             fallback,
         } => {
+            let list_entry = CaptionKey::parse(&caption_key).with_context(|| {
+                format!("--caption-key {caption_key:?}: use blip, llava, llava_first, first or an index")
+            })?;
             let join = JoinOn::parse(&join)
                 .with_context(|| format!("--join {join:?}: use key, url or image_path"))?;
             let fallbacks = fallback
@@ -119,6 +127,7 @@ pub async fn run(args: TextArgs) -> Result<std::process::ExitCode> {
                     join,
                     join_field,
                     text_field,
+                    list_entry,
                 },
             )?;
             eprintln!(

@@ -227,9 +227,17 @@ pub struct CaptionsSection {
     pub join: String,
     pub join_field: Option<String>,
     pub text_field: Option<String>,
+    /// Entry of a list-valued caption (LlamaGen's t2i `text: [blip, llava, llava_first]`):
+    /// `blip`, `llava`, `llava_first`, an index, or `first` (first non-blank). Default `llava`.
+    #[serde(default = "default_caption_key")]
+    pub caption_key: String,
     /// Texts used when a sample has no long caption, in order. Default `["top_caption", "text"]`.
     #[serde(default = "default_fallback")]
     pub fallback: Vec<String>,
+}
+
+fn default_caption_key() -> String {
+    "llava".into()
 }
 
 fn default_join() -> String {
@@ -528,6 +536,12 @@ impl PipelineConfig {
             }
             if !matches!(c.join.as_str(), "key" | "url" | "image_path") {
                 bail!("[captions] join = {:?}: use key, url or image_path", c.join);
+            }
+            if llamagen_encode::captions::CaptionKey::parse(&c.caption_key).is_none() {
+                bail!(
+                    "[captions] caption_key = {:?}: use blip, llava, llava_first, first or an index",
+                    c.caption_key
+                );
             }
             for f in &c.fallback {
                 if !matches!(f.as_str(), "top_caption" | "text") {

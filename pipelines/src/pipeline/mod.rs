@@ -536,7 +536,9 @@ async fn run_inner(
     };
     let captions = match &cfg.captions {
         Some(c) => {
-            use llamagen_encode::captions::{CaptionFileOptions, CaptionIndex, Fallback, JoinOn};
+            use llamagen_encode::captions::{
+                CaptionFileOptions, CaptionIndex, CaptionKey, Fallback, JoinOn,
+            };
             let join =
                 JoinOn::parse(&c.join).with_context(|| format!("[captions] join {:?}", c.join))?;
             let fallbacks = c
@@ -551,6 +553,9 @@ async fn run_inner(
                     join,
                     join_field: c.join_field.clone(),
                     text_field: c.text_field.clone(),
+                    list_entry: CaptionKey::parse(&c.caption_key).with_context(|| {
+                        format!("[captions] caption_key {:?}: use blip, llava, llava_first, first or an index", c.caption_key)
+                    })?,
                 },
             )?;
             Some((Arc::new(index), fallbacks))
