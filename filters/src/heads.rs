@@ -66,9 +66,48 @@ fn ck(path: &str, message: impl Into<String>) -> FilterError {
 }
 
 /// Runs the pickle of a torch state dict; returns (name, tensor metadata) pairs.
+/// Most objects the memo may copy over one unpickling (each `BINPUT`/`BINGET` deep-copies): a
+/// head copies a handful; a pickle doubling a list through its memo would exhaust memory.
+const MAX_MEMO_COPIED: usize = 1 << 20;
+
+/// Objects in `v`, counted up to `limit` (iteratively: nesting may be deep).
+fn count_objects(v: &Pk, limit: usize) -> usize {
+    let mut n = 0;
+    let mut todo = vec![v];
+    while let Some(v) = todo.pop() {
+        n += 1;
+        if n > limit {
+            break;
+        }
+        match v {
+            Pk::Tuple(x) | Pk::List(x) => todo.extend(x.iter()),
+            Pk::Dict(kv) => {
+                for (k, v) in kv {
+                    todo.push(k);
+                    todo.push(v);
+                }
+            }
+            Pk::Persistent(v) => todo.push(v),
+            _ => {}
+        }
+    }
+    n
+}
+
 fn unpickle(path: &str, b: &[u8]) -> Result<Vec<(String, Pk)>> {
     let mut st: Vec<Pk> = Vec::new();
     let mut memo: HashMap<u32, Pk> = HashMap::new();
+    let mut copied = 0usize;
+    let mut charge = |v: &Pk| -> Result<()> {
+        copied += count_objects(v, MAX_MEMO_COPIED.saturating_sub(copied));
+        if copied > MAX_MEMO_COPIED {
+            return Err(ck(
+                path,
+                format!("the pickle copies more than {MAX_MEMO_COPIED} objects through its memo"),
+            ));
+        }
+        Ok(())
+    };
     let mut i = 0usize;
     let take = |i: &mut usize, n: usize| -> Result<&[u8]> {
         let s = b
@@ -121,17 +160,15 @@ fn unpickle(path: &str, b: &[u8]) -> Result<Vec<(String, Pk)>> {
                 let n = take(&mut i, 1)?[0] as usize;
                 st.push(Pk::Str(String::from_utf8_lossy(take(&mut i, n)?).into()));
             }
-            b'q' => {
-                let k = take(&mut i, 1)?[0] as u32;
-                memo.insert(k, st.last().cloned().ok_or_else(|| ck(path, "empty"))?);
-            }
-            b'r' => {
-                let k = u32::from_le_bytes(take(&mut i, 4)?.try_into().expect("4"));
-                memo.insert(k, st.last().cloned().ok_or_else(|| ck(path, "empty"))?);
-            }
-            0x94 => {
-                let k = memo.len() as u32;
-                memo.insert(k, st.last().cloned().ok_or_else(|| ck(path, "empty"))?);
+            b'q' | b'r' | 0x94 => {
+                let k = match op {
+                    b'q' => take(&mut i, 1)?[0] as u32,
+                    b'r' => u32::from_le_bytes(take(&mut i, 4)?.try_into().expect("4")),
+                    _ => memo.len() as u32,
+                };
+                let v = st.last().ok_or_else(|| ck(path, "empty"))?;
+                charge(v)?;
+                memo.insert(k, v.clone());
             }
             b'h' | b'j' => {
                 let k = if op == b'h' {
@@ -139,11 +176,11 @@ fn unpickle(path: &str, b: &[u8]) -> Result<Vec<(String, Pk)>> {
                 } else {
                     u32::from_le_bytes(take(&mut i, 4)?.try_into().expect("4"))
                 };
-                st.push(
-                    memo.get(&k)
-                        .cloned()
-                        .ok_or_else(|| ck(path, format!("pickle memo {k} unset")))?,
-                );
+                let v = memo
+                    .get(&k)
+                    .ok_or_else(|| ck(path, format!("pickle memo {k} unset")))?;
+                charge(v)?;
+                st.push(v.clone());
             }
             b'K' => st.push(Pk::Int(take(&mut i, 1)?[0] as i64)),
             b'M' => st.push(Pk::Int(
@@ -289,10 +326,12 @@ fn tensor_of(path: &str, args: &[Pk]) -> Result<Pk> {
     let (Some(Pk::Global(class)), Some(Pk::Str(key))) = (pid.get(1), pid.get(2)) else {
         return Err(ck(path, "unexpected storage id"));
     };
+    let offset = usize::try_from(*offset)
+        .map_err(|_| ck(path, format!("negative tensor offset {offset}")))?;
     Ok(Pk::Tensor {
         key: key.clone(),
         class: class.clone(),
-        offset: *offset as usize,
+        offset,
         shape: ints(path, shape)?,
         stride: ints(path, stride)?,
     })
@@ -332,22 +371,30 @@ pub fn read_state_dict(path: &str, bytes: &[u8]) -> Result<Vec<(String, StateTen
                 format!("{name} is {class}, only float32 is supported"),
             ));
         }
-        // Contiguous row-major strides.
+        // Contiguous row-major strides; declared sizes checked before anything is allocated.
+        let Some(n) = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) else {
+            return Err(ck(path, format!("{name}: shape {shape:?} overflows")));
+        };
+        let Some(end) = offset.checked_add(n).and_then(|e| e.checked_mul(4)) else {
+            return Err(ck(path, format!("{name}: offset {offset} + {n} elements overflows")));
+        };
+        if stride.len() != shape.len() {
+            return Err(ck(path, format!("{name}: shape {shape:?} with strides {stride:?}")));
+        }
         let mut expect = 1usize;
         for (d, s) in shape.iter().zip(&stride).rev() {
             if *d > 1 && *s != expect {
                 return Err(ck(path, format!("{name} is not contiguous")));
             }
-            expect *= d;
+            expect = expect.saturating_mul(*d);
         }
         let mut raw = Vec::new();
         zip.by_name(&format!("{prefix}data/{key}"))
             .map_err(|e| ck(path, format!("storage {key} of {name}: {e}")))?
             .read_to_end(&mut raw)
             .map_err(|e| ck(path, e.to_string()))?;
-        let n: usize = shape.iter().product();
         let bytes = raw
-            .get(offset * 4..(offset + n) * 4)
+            .get(offset * 4..end)
             .ok_or_else(|| ck(path, format!("storage {key} too short for {name}")))?;
         let data = bytes
             .chunks_exact(4)
@@ -603,6 +650,25 @@ impl Head {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 300-byte pickle that doubles a tuple through its memo 40 times (2^40 objects if
+    /// expanded) is refused with an error naming the file.
+    #[test]
+    fn memo_bombs_are_refused() {
+        let mut p = vec![0x80, 2, b']', b'r', 0, 0, 0, 0];
+        for i in 0u32..40 {
+            let get = [&[b'j'][..], &i.to_le_bytes()].concat();
+            p.push(b'(');
+            p.extend_from_slice(&get);
+            p.extend_from_slice(&get);
+            p.push(b't');
+            p.push(b'r');
+            p.extend_from_slice(&(i + 1).to_le_bytes());
+        }
+        p.push(b'.');
+        let err = unpickle("bomb.pth", &p).unwrap_err().to_string();
+        assert!(err.contains("bomb.pth") && err.contains("memo"), "{err}");
+    }
 
     /// Deterministic values in [-1, 1].
     fn values(n: usize, seed: f32) -> Vec<f32> {
