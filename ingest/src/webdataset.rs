@@ -8,7 +8,8 @@
 //! <location>/<size>/<input name>-<first row, 10 digits>_stats.json
 //! ```
 //!
-//! Each tar holds, for every sample of the unit whose status is `ok` and in input order,
+//! Each tar holds, for every sample of the unit whose status is `ok` and in the order the shards
+//! receive them (input order within each written batch),
 //! `<key>.<jpg|png|webp>` (the stored centre crop), `<key>.txt` (the caption) and `<key>.json`
 //! (key, url, caption, original size, sha256, source and row, as img2dataset writes them). The
 //! stats file counts the unit's rows by status and error kind.
@@ -19,8 +20,8 @@
 //!   uncommitted unit, which the re-run replaces with the same samples. So every committed unit
 //!   has its tars, and no tar holds a sample that is not in the catalog.
 //! - Tars are built in local scratch files as samples arrive (memory stays flat whatever the
-//!   unit size) and are plain POSIX ustar archives, readable by `tar`, Python's `tarfile` and
-//!   the `webdataset` package. For a local location the scratch files live in its `_tmp/`
+//!   unit size) by the `tar` crate: GNU headers, with GNU long-name entries for member names over
+//!   100 bytes, readable by `tar`, Python's `tarfile` and the `webdataset` package. For a local location the scratch files live in its `_tmp/`
 //!   folder (a killed run may leave `*.tar.partial` files there; nothing reads them and they
 //!   can be deleted).
 //! - Units committed by a run without a webdataset location get no tars later.
@@ -56,7 +57,7 @@ pub fn shard_base(size: u32, unit_id: &str) -> String {
 pub struct UnitTars {
     storage: Arc<dyn Storage>,
     unit_id: String,
-    tars: Vec<(u32, PathBuf, BufWriter<std::fs::File>)>,
+    tars: Vec<(u32, PathBuf, tar::Builder<BufWriter<std::fs::File>>)>,
     /// Every scratch file, removed on drop if still there (stored ones have been moved).
     scratch: Vec<PathBuf>,
     samples: u64,
@@ -79,7 +80,7 @@ impl UnitTars {
                 uuid_like()
             ));
             let f = std::fs::File::create(&path).map_err(|e| io_err(&path, e))?;
-            tars.push((s, path, BufWriter::with_capacity(1 << 20, f)));
+            tars.push((s, path, tar::Builder::new(BufWriter::with_capacity(1 << 20, f))));
         }
         Ok(UnitTars {
             storage,
@@ -121,11 +122,11 @@ impl UnitTars {
     /// stored tar paths. `stats` is written as each size's `_stats.json`.
     pub async fn finish(mut self, stats: &serde_json::Value) -> Result<Vec<String>> {
         let mut stored = Vec::new();
-        for (size, path, mut w) in std::mem::take(&mut self.tars) {
-            // Two zero blocks end a tar archive.
-            w.write_all(&[0u8; 1024]).map_err(|e| io_err(&path, e))?;
-            w.flush().map_err(|e| io_err(&path, e))?;
-            drop(w);
+        for (size, path, w) in std::mem::take(&mut self.tars) {
+            // `into_inner` writes the two zero blocks that end a tar archive.
+            let mut f = w.into_inner().map_err(|e| io_err(&path, e))?;
+            f.flush().map_err(|e| io_err(&path, e))?;
+            drop(f);
             let base = shard_base(size, &self.unit_id);
             let mut st = stats.clone();
             st["samples_in_tar"] = self.samples.into();
@@ -161,39 +162,22 @@ fn uuid_like() -> String {
     format!("{:016x}", rand::rng().random::<u64>())
 }
 
-/// Writes one regular-file entry (POSIX ustar header, data, padding to 512 bytes).
-fn write_entry(w: &mut impl Write, name: &str, data: &[u8], mtime: u64) -> std::io::Result<()> {
-    if name.len() > 100 {
-        return Err(std::io::Error::other(format!(
-            "tar member name {name:?} is longer than 100 bytes"
-        )));
-    }
-    let mut h = [0u8; 512];
-    h[..name.len()].copy_from_slice(name.as_bytes());
-    let octal = |h: &mut [u8; 512], at: usize, width: usize, v: u64| {
-        let s = format!("{v:0w$o}", w = width - 1);
-        h[at..at + width - 1].copy_from_slice(s.as_bytes());
-        h[at + width - 1] = 0;
-    };
-    octal(&mut h, 100, 8, 0o644); // mode
-    octal(&mut h, 108, 8, 0); // uid
-    octal(&mut h, 116, 8, 0); // gid
-    octal(&mut h, 124, 12, data.len() as u64); // size (< 8 GiB: checked by the body limit)
-    octal(&mut h, 136, 12, mtime);
-    h[148..156].fill(b' '); // checksum counts as spaces while it is computed
-    h[156] = b'0'; // regular file
-    h[257..263].copy_from_slice(b"ustar\0");
-    h[263..265].copy_from_slice(b"00");
-    let sum: u32 = h.iter().map(|&b| b as u32).sum();
-    let s = format!("{sum:06o}");
-    h[148..154].copy_from_slice(s.as_bytes());
-    h[154] = 0;
-    h[155] = b' ';
-    w.write_all(&h)?;
-    w.write_all(data)?;
-    let pad = (512 - data.len() % 512) % 512;
-    w.write_all(&[0u8; 512][..pad])?;
-    Ok(())
+/// Writes one regular-file entry (GNU header; a GNU long-name entry first when `name` is longer
+/// than 100 bytes).
+fn write_entry<W: Write>(
+    w: &mut tar::Builder<W>,
+    name: &str,
+    data: &[u8],
+    mtime: u64,
+) -> std::io::Result<()> {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_size(data.len() as u64);
+    h.set_mtime(mtime);
+    w.append_data(&mut h, name, data)
 }
 
 #[cfg(test)]
@@ -212,21 +196,33 @@ mod tests {
         );
     }
 
+    /// Names of any length come back whole (GNU long names), with their data and mtime.
     #[test]
-    fn entries_are_ustar_with_valid_checksums() {
-        let mut buf = Vec::new();
-        write_entry(&mut buf, "abc.txt", b"hello", 1_700_000_000).unwrap();
-        assert_eq!(buf.len(), 1024);
-        assert_eq!(&buf[..7], b"abc.txt");
-        assert_eq!(&buf[257..263], b"ustar\0");
-        assert_eq!(&buf[124..135], b"00000000005");
-        // The checksum field holds the sum of the header with the field read as spaces.
-        let mut h = buf[..512].to_vec();
-        let stored = u32::from_str_radix(std::str::from_utf8(&h[148..154]).unwrap(), 8).unwrap();
-        h[148..156].fill(b' ');
-        assert_eq!(stored, h.iter().map(|&b| b as u32).sum::<u32>());
-        assert_eq!(&buf[512..517], b"hello");
-        assert!(buf[517..].iter().all(|&b| b == 0));
-        assert!(write_entry(&mut buf, &"x".repeat(101), b"", 0).is_err());
+    fn entries_with_long_names_read_back() {
+        let long = format!("{}.jpg", "k".repeat(150));
+        let mut b = tar::Builder::new(Vec::new());
+        write_entry(&mut b, "abc.txt", b"hello", 1_700_000_000).unwrap();
+        write_entry(&mut b, &long, b"\xff\xd8data", 1_700_000_001).unwrap();
+        let buf = b.into_inner().unwrap();
+        let mut a = tar::Archive::new(std::io::Cursor::new(buf));
+        let got: Vec<(String, Vec<u8>, u64)> = a
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let name = e.path().unwrap().to_string_lossy().into_owned();
+                let mtime = e.header().mtime().unwrap();
+                let mut data = Vec::new();
+                std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+                (name, data, mtime)
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("abc.txt".to_string(), b"hello".to_vec(), 1_700_000_000),
+                (long, b"\xff\xd8data".to_vec(), 1_700_000_001),
+            ]
+        );
     }
 }

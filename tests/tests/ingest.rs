@@ -778,3 +778,40 @@ async fn download_memory_is_bounded_by_the_inflight_budget() {
         "peak RSS {peak:.0} MB with a 16 MiB in-flight budget (48 × 8 MiB = 384 MiB unbounded)"
     );
 }
+
+/// Issue 23: member names over 100 bytes were a hard error of the hand-written ustar writer.
+/// Samples with 150-byte keys go into a unit's tars and come back whole through Python's tarfile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webdataset_tars_hold_long_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let loc = dir.path().join("wds").display().to_string();
+    let storage = llamagen_catalog::storage::open(&loc, &Default::default())
+        .await
+        .unwrap();
+    let mut tars =
+        llamagen_ingest::webdataset::UnitTars::create(storage, "ingest:list.jsonl:0", &[64])
+            .unwrap();
+    let jpeg = std::fs::read(workspace().join("data/images/pillow/hopper.jpg")).unwrap();
+    let keys: Vec<String> = (0..3).map(|i| format!("{i}-{}", "k".repeat(150))).collect();
+    for k in &keys {
+        let json = serde_json::json!({"key": k, "caption": "c", "url": "http://127.0.0.1:1/x",
+            "original_width": 1, "sha256": "0".repeat(64)});
+        tars.add(k, &[(64, &jpeg)], "c", &json, 1_700_000_000).unwrap();
+    }
+    tars.finish(&serde_json::json!({"successes": 3})).await.unwrap();
+    let wds = read_webdataset(&loc, &[]);
+    let shard = &wds["64/list.jsonl-0000000000.tar"];
+    let names: Vec<&str> = shard["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m[0].as_str().unwrap())
+        .collect();
+    let expected: Vec<String> = keys
+        .iter()
+        .flat_map(|k| [format!("{k}.jpg"), format!("{k}.txt"), format!("{k}.json")])
+        .collect();
+    assert_eq!(names, expected);
+    assert_eq!(shard["members"][0][1], jpeg.len());
+    assert_eq!(shard["json"][2]["key"], keys[2].as_str());
+}
