@@ -159,7 +159,8 @@ theirs = collections.defaultdict(collections.Counter)
 for f in glob.glob(sys.argv[2] + "/*.parquet"):
     t = pq.read_table(f, columns=["caption", "status", "error_message"]).to_pylist()
     for r in t:
-        err = (r["error_message"] or r["status"] or "")[:40]
+        # Messages carry byte counts and addresses: keep their first clause.
+        err = (r["error_message"] or r["status"] or "").split("(")[0].strip()[:40]
         theirs[kind(r["caption"])][err] += 1
 print(f"  {'rows':<11} {'n':>5}  {'llamagen':<40} img2dataset")
 for k in sorted(set(ours) | set(theirs), key=lambda k: (k != "good", k)):
