@@ -77,21 +77,28 @@ fn filter_cases_match_reference() -> Result<()> {
     let m = manifest()?;
     let io = tensors("sample_io.safetensors")?;
     let logits = get(&io, "filter.logits")?.squeeze(1)?.to_vec2::<f32>()?;
-    for (i, case) in m["configs"]["sampling"]["filter_cases"]
+    let cases = m["configs"]["sampling"]["filter_cases"]
         .as_array()
-        .context("filter_cases")?
-        .iter()
-        .enumerate()
-    {
+        .context("filter_cases")?;
+    // Every case of the reference run is compared, every row and every probability of it.
+    assert!(!cases.is_empty() && !logits.is_empty());
+    assert!(
+        get(&io, &format!("filter.case{}.probs", cases.len())).is_err(),
+        "the fixture has more cases than its manifest lists"
+    );
+    for (i, case) in cases.iter().enumerate() {
         let reference = get(&io, &format!("filter.case{i}.probs"))?.to_vec2::<f32>()?;
+        assert_eq!(reference.len(), logits.len(), "case {i}: rows");
         let mut worst = 0f32;
         for (row, want) in logits.iter().zip(&reference) {
+            assert_eq!(row.len(), want.len(), "case {i}: vocabulary");
             let got = filtered_probs(
                 row,
                 case["temperature"].as_f64().unwrap() as f32,
                 case["top_k"].as_u64().unwrap() as usize,
                 case["top_p"].as_f64().unwrap() as f32,
             );
+            assert_eq!(got.len(), want.len(), "case {i}: probabilities");
             for (g, w) in got.iter().zip(want) {
                 assert_eq!(*g == 0.0, *w == 0.0, "case {i}: kept set differs");
                 worst = worst.max((g - w).abs());
