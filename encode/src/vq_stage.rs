@@ -8,7 +8,9 @@
 //!   Ingest stores `center_crop_arr(original, size)`, and `center_crop_arr` of that at the same
 //!   size is the identity, so the codes are those of the official extraction on the original
 //!   image. A row without that rendition is never encoded from another size (that would change
-//!   the pixels): it becomes `failed` with `error_kind` `missing_image_size`. A rendition that does
+//!   the pixels): it becomes `failed` with `error_kind` `missing_image_size`, or `dropped` when
+//!   ingest recorded it as `below_image_size_<size>` (too small for that size: LlamaGen's t2i
+//!   dataset makes it an invalid sample, `valid = 0`). A rendition that does
 //!   not decode makes the row `failed` with `image_decode_error`; the shard goes on.
 //! - `vq_codes` holds, per row, the centre grids first (in the configured order of sizes), then
 //!   each ten-crop set in TenCrop order (see [`llamagen_catalog::schema::vq_code_fields`]).
@@ -194,6 +196,18 @@ pub fn vq_batch(
     let old_codes = batch
         .column_by_name(col::VQ_CODES)
         .and_then(|c| c.as_list_opt::<i32>());
+    let reasons = batch
+        .column_by_name(col::REJECT_REASONS)
+        .and_then(|c| c.as_list_opt::<i32>());
+    // Whether ingest recorded row `i` as too small for `size` (LlamaGen's invalid sample).
+    let below = |i: usize, size: u32| -> bool {
+        let want = format!("below_image_size_{size}");
+        reasons.filter(|r| !r.is_null(i)).is_some_and(|r| {
+            let v = r.value(i);
+            let v = v.as_string::<i32>();
+            (0..v.len()).any(|j| !v.is_null(j) && v.value(j) == want)
+        })
+    };
 
     // Per row: the images of every view, or the reason it cannot be encoded.
     let mut st: Vec<String> = (0..n).map(|i| status.value(i).to_string()).collect();
@@ -236,6 +250,12 @@ pub fn vq_batch(
                         } => augment::ten_crop_arr(&img, *image_size, *crop_range)?,
                     };
                     per_view.push(imgs);
+                }
+                Ok(None) if below(i, size) => {
+                    // Too small for this size: an invalid sample in LlamaGen's t2i dataset.
+                    counters.drop_reason(&format!("below_image_size_{size}"));
+                    st[i] = "dropped".into();
+                    continue 'rows;
                 }
                 Ok(None) => {
                     counters.error_kind("missing_image_size");

@@ -22,6 +22,10 @@
 //! do not hold back the next one. Units still commit whole, each on its own. Rows are keyed, so their order inside a shard carries no meaning; each written batch
 //! is sorted by source row. Memory stays bounded: at most twice `concurrency` rows are in flight and
 //! [`WRITE_ROWS`] finished rows wait for the writer.
+//! - Small images follow LlamaGen's t2i dataset, which makes an image whose shorter side is below
+//!   `image_size` an invalid sample: no crop is stored for a size the original's shorter side does
+//!   not reach, the row records `below_image_size_<size>` in `reject_reasons`, and a row with no
+//!   size left is `dropped`. [`IngestConfig::upscale_small`] upscales instead.
 //! - `partition = (index, count)` keeps only the units whose ordinal is ≡ index (mod count), so
 //!   N workers on N machines produce, together, the dataset one worker would.
 
@@ -116,6 +120,10 @@ pub struct IngestConfig {
     pub format: OutputFormat,
     /// Decode large JPEGs at 1/2, 1/4 or 1/8 scale in the DCT domain (default true).
     pub reduced_decode: bool,
+    /// Upscale images whose shorter side is below a target size (default false: as LlamaGen's
+    /// t2i dataset, which makes such an image an invalid sample, no crop of that size is stored
+    /// and the row records `below_image_size_<size>`; a row with no size left is dropped).
+    pub upscale_small: bool,
     /// Rows per work unit (commit); default 10,000.
     pub unit_rows: usize,
     /// Units processed at once (default 2): a unit's slowest downloads overlap the next unit's.
@@ -147,6 +155,7 @@ impl Default for IngestConfig {
                 full_chroma: false,
             },
             reduced_decode: true,
+            upscale_small: false,
             unit_rows: 10_000,
             units_in_flight: 2,
             partition: (0, 1),
@@ -563,7 +572,12 @@ async fn process_unit(
                         counters.drop_reason(r);
                     }
                 }
-                _ => {}
+                _ => {
+                    // An ok row without some sizes (`below_image_size_<size>`).
+                    for r in &o.reasons {
+                        counters.add_extra(&format!("ok, {r}"), 1);
+                    }
+                }
             }
             counters.add_extra("bytes downloaded", o.bytes.unwrap_or(0) as u64);
             if let (Some(t), "ok") = (tars.as_mut(), o.status) {
@@ -654,27 +668,49 @@ async fn fetch_and_process(ctx: &UnitContext, url: String) -> Outcome {
     o
 }
 
-/// Decodes, crops to every target size and encodes one downloaded image.
+/// Decodes, crops to every target size (upscaling an image smaller than a size; `ingest` itself
+/// follows [`IngestConfig::upscale_small`]) and encodes one downloaded image.
 pub fn process_image_bytes(
     data: &[u8],
     cfg: &IngestConfig,
 ) -> Result<(Decoded, Vec<(u32, Bytes)>), DecodeFailure> {
     let max_size = *cfg.sizes.iter().max().expect("sizes checked");
     let decoded = decode::decode_rgb(data, &cfg.decode, cfg.reduced_decode.then_some(max_size))?;
-    // LlamaGen's center_crop_arr, byte-exact with PIL (see llamagen_encode::augment).
-    let crops = llamagen_encode::augment::center_crop_arr_multi(&decoded.rgb, &cfg.sizes)
-        .map_err(|e| DecodeFailure::Corrupt(format!("resizing to {:?}: {e}", cfg.sizes)))?;
-    let mut out = Vec::with_capacity(cfg.sizes.len());
-    for (&s, crop) in cfg.sizes.iter().zip(&crops) {
-        out.push((s, encode_image(crop, cfg.format)?));
-    }
+    let out = crop_and_encode(&decoded, &cfg.sizes, cfg.format)?;
     Ok((decoded, out))
 }
 
+/// Centre crops of `decoded` at `sizes`, encoded.
+fn crop_and_encode(
+    decoded: &Decoded,
+    sizes: &[u32],
+    format: OutputFormat,
+) -> Result<Vec<(u32, Bytes)>, DecodeFailure> {
+    // LlamaGen's center_crop_arr, byte-exact with PIL (see llamagen_encode::augment).
+    let crops = llamagen_encode::augment::center_crop_arr_multi(&decoded.rgb, sizes)
+        .map_err(|e| DecodeFailure::Corrupt(format!("resizing to {sizes:?}: {e}")))?;
+    sizes
+        .iter()
+        .zip(&crops)
+        .map(|(&s, crop)| Ok((s, encode_image(crop, format)?)))
+        .collect()
+}
+
+/// One downloaded image's outcome: its crops at the sizes its shorter side reaches (all sizes
+/// with [`IngestConfig::upscale_small`]), `below_image_size_<size>` for the others, and
+/// `dropped` when no size is left.
 fn process_image(data: &[u8], cfg: &IngestConfig) -> Result<Outcome, DecodeFailure> {
-    let (decoded, images) = process_image_bytes(data, cfg)?;
+    let max_size = *cfg.sizes.iter().max().expect("sizes checked");
+    let decoded = decode::decode_rgb(data, &cfg.decode, cfg.reduced_decode.then_some(max_size))?;
+    let short = decoded.orig_width.min(decoded.orig_height);
+    let (keep, small): (Vec<u32>, Vec<u32>) = cfg
+        .sizes
+        .iter()
+        .partition(|&&s| cfg.upscale_small || short >= s);
+    let images = crop_and_encode(&decoded, &keep, cfg.format)?;
     Ok(Outcome {
-        status: "ok",
+        status: if keep.is_empty() { "dropped" } else { "ok" },
+        reasons: small.iter().map(|s| format!("below_image_size_{s}")).collect(),
         format: Some(decoded.format),
         orig: Some((decoded.orig_width as i32, decoded.orig_height as i32)),
         images: images

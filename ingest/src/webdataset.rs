@@ -60,7 +60,8 @@ pub struct UnitTars {
     tars: Vec<(u32, PathBuf, tar::Builder<BufWriter<std::fs::File>>)>,
     /// Every scratch file, removed on drop if still there (stored ones have been moved).
     scratch: Vec<PathBuf>,
-    samples: u64,
+    /// Samples written to each size's tar (a sample lacks the sizes it was too small for).
+    samples: std::collections::BTreeMap<u32, u64>,
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> IngestError {
@@ -87,7 +88,7 @@ impl UnitTars {
             unit_id: unit_id.to_string(),
             scratch: tars.iter().map(|t| t.1.clone()).collect(),
             tars,
-            samples: 0,
+            samples: Default::default(),
         })
     }
 
@@ -113,8 +114,8 @@ impl UnitTars {
             write_entry(w, &format!("{key}.txt"), caption.as_bytes(), mtime)
                 .map_err(|e| io_err(path, e))?;
             write_entry(w, &format!("{key}.json"), &json, mtime).map_err(|e| io_err(path, e))?;
+            *self.samples.entry(*size).or_default() += 1;
         }
-        self.samples += 1;
         Ok(())
     }
 
@@ -129,7 +130,10 @@ impl UnitTars {
             drop(f);
             let base = shard_base(size, &self.unit_id);
             let mut st = stats.clone();
-            st["samples_in_tar"] = self.samples.into();
+            // Per size, as img2dataset (one run per size) counts them.
+            let n = self.samples.get(&size).copied().unwrap_or(0);
+            st["samples_in_tar"] = n.into();
+            st["successes"] = n.into();
             st["size"] = size.into();
             self.storage
                 .put(

@@ -104,6 +104,11 @@ pub struct IngestArgs {
     /// image is at least 4x the largest target size).
     #[arg(long)]
     pub full_decode: bool,
+    /// Upscale images whose shorter side is below an --image-size (default: as LlamaGen's t2i
+    /// dataset, no crop of that size; the row records below_image_size_<size>, and is dropped
+    /// when no size is left).
+    #[arg(long)]
+    pub upscale_small_images: bool,
     /// Threads for decoding and resizing (default: available cores).
     #[arg(long)]
     pub cpu_workers: Option<usize>,
@@ -132,6 +137,7 @@ impl IngestArgs {
             other => bail!("--format {other:?}: use jpeg, png or webp"),
         };
         cfg.reduced_decode = !self.full_decode;
+        cfg.upscale_small = self.upscale_small_images;
         cfg.unit_rows = self.unit_rows;
         cfg.units_in_flight = self.units_in_flight;
         cfg.partition = worker_partition(self.worker.as_deref())?;

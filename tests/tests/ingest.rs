@@ -87,9 +87,21 @@ async fn real_images_and_faults() {
         (u("/img/pillow/hopper.webp"), None, "ok", ""),
         (u("/img/pillow/hopper.gif"), None, "ok", ""),
         (u("/img/pillow/hopper.bmp"), None, "ok", ""),
-        (u("/img/skimage/multipage.tif"), None, "ok", ""),
+        // 10x15 px: below both sizes, an invalid sample as in LlamaGen's t2i dataset.
+        (
+            u("/img/skimage/multipage.tif"),
+            None,
+            "dropped",
+            "below_image_size_64",
+        ),
         (u("/img/pillow/hopper_orientation_6.jpg"), None, "ok", ""),
-        (u("/img/pillow/pil_sample_cmyk.jpg"), None, "ok", ""),
+        // 100x100 px: stored at 64 px only.
+        (
+            u("/img/pillow/pil_sample_cmyk.jpg"),
+            None,
+            "ok",
+            "below_image_size_128",
+        ),
         (u("/img/pillow/hopper_16bit_qtables.jpg"), None, "ok", ""),
         (u("/status/404"), None, "failed", "http_404"),
         (u("/status/403"), None, "failed", "http_403"),
@@ -202,6 +214,12 @@ async fn real_images_and_faults() {
                     .any(|r| r == what),
                 "{url}: {row}"
             ),
+            _ if !what.is_empty() => {
+                let images = row["images"].as_array().unwrap();
+                assert_eq!(images.len(), 1, "{url}");
+                assert_eq!(images[0]["size"], 64);
+                assert_eq!(row["reject_reasons"], serde_json::json!([what]), "{url}");
+            }
             _ => {
                 let images = row["images"].as_array().unwrap();
                 assert_eq!(images.len(), 2, "{url}");
@@ -265,7 +283,8 @@ async fn real_images_and_faults() {
     ])
     .await;
     assert_eq!(code, 0);
-    assert_eq!(out, format!("n\n{}\n", by_status["ok"]));
+    // (every ok row but the 100 px one, which has no 128 px crop)
+    assert_eq!(out, format!("n\n{}\n", by_status["ok"] - 1));
 
     // Running again does nothing new: every unit is committed.
     let (code, out, _) = run(&args).await;
@@ -563,7 +582,8 @@ async fn s3_input_catalog_and_webdataset() {
         &[
             "catalog",
             "sql",
-            "SELECT key, status, error_kind, source, text, width FROM samples ORDER BY source_row",
+            "SELECT key, status, error_kind, source, text, width, reject_reasons FROM samples \
+             ORDER BY source_row",
             "--root",
             "s3://out/catalog",
             "--format",
@@ -598,7 +618,14 @@ async fn s3_input_catalog_and_webdataset() {
         wds.as_object().unwrap().keys()
     );
     assert_eq!(wds_keys(&wds, 64), ok);
-    assert_eq!(wds_keys(&wds, 128), ok);
+    // The 123 px wide picture has no 128 px crop (LlamaGen's invalid sample at that size).
+    let ok128: Vec<String> = got
+        .iter()
+        .filter(|r| r["status"] == "ok" && r["reject_reasons"].is_null())
+        .map(|r| r["key"].as_str().unwrap().to_string())
+        .collect();
+    assert!(ok128.len() < ok.len() && !ok128.is_empty(), "{ok128:?}");
+    assert_eq!(wds_keys(&wds, 128), ok128);
     let second = &wds["64/part-00000.parquet-0000000005.tar"];
     assert_eq!(second["stats"]["count"], 5);
     assert_eq!(second["stats"]["successes"], 4);

@@ -132,6 +132,9 @@ pub struct IngestSection {
     pub min_similarity: Option<f64>,
     /// Decode large JPEGs in the DCT domain at a reduced size. Default true.
     pub reduced_decode: bool,
+    /// Upscale images whose shorter side is below an image size. Default false: as LlamaGen's
+    /// t2i dataset, no crop of that size (`below_image_size_<size>`; dropped if no size is left).
+    pub upscale_small: bool,
     /// Threads decoding and resizing (default: available cores).
     pub cpu_workers: Option<usize>,
     /// Keep JPEG chroma at full resolution (4:4:4) instead of 4:2:0. Default false.
@@ -167,6 +170,7 @@ impl Default for IngestSection {
             max_pwatermark: None,
             min_similarity: None,
             reduced_decode: true,
+            upscale_small: false,
             cpu_workers: None,
             webdataset: None,
             jpeg_444: false,

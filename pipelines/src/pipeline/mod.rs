@@ -174,6 +174,7 @@ fn ingest_config(
         },
     };
     c.reduced_decode = s.reduced_decode;
+    c.upscale_small = s.upscale_small;
     c.unit_rows = s.unit_rows;
     c.units_in_flight = s.units_in_flight;
     c.partition = partition;
