@@ -283,7 +283,11 @@ fn check_sample_fields(name: &str, found: &arrow::datatypes::Schema) -> Result<(
             return Err(bad(format!(
                 "column {:?} is {} {:?}, the schema has {} {:?}",
                 f.name(),
-                if f.is_nullable() { "nullable" } else { "required" },
+                if f.is_nullable() {
+                    "nullable"
+                } else {
+                    "required"
+                },
                 f.data_type(),
                 e.name(),
                 e.data_type()

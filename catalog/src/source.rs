@@ -432,7 +432,10 @@ mod tests {
     fn url_credentials_are_stripped() {
         for (raw, clean) in [
             ("http://user:pass@host/x.jpg", "http://host/x.jpg"),
-            ("https://u@h.example:8080/a@b.jpg", "https://h.example:8080/a@b.jpg"),
+            (
+                "https://u@h.example:8080/a@b.jpg",
+                "https://h.example:8080/a@b.jpg",
+            ),
             ("http://a:b@c@host?q=@", "http://host?q=@"),
             ("http://:secret@host#x", "http://host#x"),
             ("http://host/path@x", "http://host/path@x"),

@@ -31,7 +31,9 @@ pub fn in_share(id: &str, (index, count): (usize, usize)) -> bool {
 /// Parses `INDEX/COUNT`.
 pub fn parse_share(s: &str) -> Result<(usize, usize)> {
     let bad = |why: &str| CatalogError::InvalidArgument(format!("worker share {s:?}: {why}"));
-    let (i, n) = s.split_once('/').ok_or_else(|| bad("expected INDEX/COUNT, e.g. 3/8"))?;
+    let (i, n) = s
+        .split_once('/')
+        .ok_or_else(|| bad("expected INDEX/COUNT, e.g. 3/8"))?;
     let i: usize = i.trim().parse().map_err(|_| bad("INDEX is not a number"))?;
     let n: usize = n.trim().parse().map_err(|_| bad("COUNT is not a number"))?;
     if n == 0 || i >= n {
@@ -87,7 +89,9 @@ mod tests {
 
     fn from(flag: Option<&str>, vars: &[(&str, &str)]) -> Result<(usize, usize)> {
         worker_share_from(flag, |k| {
-            vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
         })
     }
 
@@ -112,7 +116,9 @@ mod tests {
 
     #[test]
     fn shares_split_work_evenly_and_completely() {
-        let ids: Vec<String> = (0..4000).map(|i| format!("ingest:list.parquet:{i}")).collect();
+        let ids: Vec<String> = (0..4000)
+            .map(|i| format!("ingest:list.parquet:{i}"))
+            .collect();
         let mut per = [0usize; 4];
         for id in &ids {
             let owners: Vec<usize> = (0..4).filter(|&w| in_share(id, (w, 4))).collect();

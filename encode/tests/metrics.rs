@@ -99,23 +99,29 @@ fn real_images_match_scikit_image() -> Result<()> {
     let fixture = root.join("encode/tests/fixtures/ssim/expected.json");
     let cases: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(fixture)?)?;
     ensure!(cases.len() == 4, "{} cases", cases.len());
-    let load = |path: &serde_json::Value, c: &serde_json::Value| -> Result<(Vec<f32>, usize, usize)> {
-        let img = image::open(root.join(path.as_str().unwrap()))?.to_rgb8();
-        let c: Vec<usize> = c
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as usize)
-            .collect();
-        let (y, x, h, w) = (c[0], c[1], c[2], c[3]);
-        let mut out = Vec::with_capacity(h * w * 3);
-        for yy in y..y + h {
-            for xx in x..x + w {
-                out.extend(img.get_pixel(xx as u32, yy as u32).0.iter().map(|&v| v as f32));
+    let load =
+        |path: &serde_json::Value, c: &serde_json::Value| -> Result<(Vec<f32>, usize, usize)> {
+            let img = image::open(root.join(path.as_str().unwrap()))?.to_rgb8();
+            let c: Vec<usize> = c
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as usize)
+                .collect();
+            let (y, x, h, w) = (c[0], c[1], c[2], c[3]);
+            let mut out = Vec::with_capacity(h * w * 3);
+            for yy in y..y + h {
+                for xx in x..x + w {
+                    out.extend(
+                        img.get_pixel(xx as u32, yy as u32)
+                            .0
+                            .iter()
+                            .map(|&v| v as f32),
+                    );
+                }
             }
-        }
-        Ok((out, h, w))
-    };
+            Ok((out, h, w))
+        };
     for (i, case) in cases.iter().enumerate() {
         let (a, h, w) = load(&case["a"], &case["a_crop"])?;
         let (mut b, _, _) = load(&case["b"], &case["b_crop"])?;
@@ -127,10 +133,16 @@ fn real_images_match_scikit_image() -> Result<()> {
         let range = case["data_range"].as_f64().unwrap();
         let s = metrics::ssim(&a, &b, h, w, 3, range)?;
         let want = case["ssim"].as_f64().unwrap();
-        ensure!((s - want).abs() < 1e-9, "case {i}: ssim {s} vs scikit-image {want}");
+        ensure!(
+            (s - want).abs() < 1e-9,
+            "case {i}: ssim {s} vs scikit-image {want}"
+        );
         let p = metrics::psnr(&a, &b, range)?;
         let want = case["psnr"].as_f64().unwrap();
-        ensure!((p - want).abs() < 1e-6, "case {i}: psnr {p} vs scikit-image {want}");
+        ensure!(
+            (p - want).abs() < 1e-6,
+            "case {i}: psnr {p} vs scikit-image {want}"
+        );
     }
     Ok(())
 }

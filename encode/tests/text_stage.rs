@@ -126,7 +126,9 @@ async fn captions_then_t5_features() -> Result<()> {
     // The LLaVA entry (index 1) is blank: skipped, though the BLIP one is not.
     body.extend_from_slice(br#"{"image_path": "00000/k4.jpg", "text": ["a dog", "   ", "x"]}"#);
     body.extend_from_slice(b"\n");
-    body.extend_from_slice(br#"{"image_path": "00001/k5.png", "text": ["blip", "<b>&amp;</b> ###", "x"]}"#);
+    body.extend_from_slice(
+        br#"{"image_path": "00001/k5.png", "text": ["blip", "<b>&amp;</b> ###", "x"]}"#,
+    );
     body.extend_from_slice(b"\n");
     std::fs::write(&f, body)?;
     let index = CaptionIndex::read(

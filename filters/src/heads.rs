@@ -376,10 +376,16 @@ pub fn read_state_dict(path: &str, bytes: &[u8]) -> Result<Vec<(String, StateTen
             return Err(ck(path, format!("{name}: shape {shape:?} overflows")));
         };
         let Some(end) = offset.checked_add(n).and_then(|e| e.checked_mul(4)) else {
-            return Err(ck(path, format!("{name}: offset {offset} + {n} elements overflows")));
+            return Err(ck(
+                path,
+                format!("{name}: offset {offset} + {n} elements overflows"),
+            ));
         };
         if stride.len() != shape.len() {
-            return Err(ck(path, format!("{name}: shape {shape:?} with strides {stride:?}")));
+            return Err(ck(
+                path,
+                format!("{name}: shape {shape:?} with strides {stride:?}"),
+            ));
         }
         let mut expect = 1usize;
         for (d, s) in shape.iter().zip(&stride).rev() {

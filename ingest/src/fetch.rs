@@ -578,7 +578,8 @@ impl Fetcher {
                 body: body.freeze(),
                 http_status: status.as_u16(),
                 content_type,
-                final_url: llamagen_catalog::source::strip_url_credentials(url.as_str()).into_owned(),
+                final_url: llamagen_catalog::source::strip_url_credentials(url.as_str())
+                    .into_owned(),
                 attempts: 1,
                 _budget: Some(Arc::new(reservation)),
             });

@@ -710,7 +710,10 @@ fn process_image(data: &[u8], cfg: &IngestConfig) -> Result<Outcome, DecodeFailu
     let images = crop_and_encode(&decoded, &keep, cfg.format)?;
     Ok(Outcome {
         status: if keep.is_empty() { "dropped" } else { "ok" },
-        reasons: small.iter().map(|s| format!("below_image_size_{s}")).collect(),
+        reasons: small
+            .iter()
+            .map(|s| format!("below_image_size_{s}"))
+            .collect(),
         format: Some(decoded.format),
         orig: Some((decoded.orig_width as i32, decoded.orig_height as i32)),
         images: images

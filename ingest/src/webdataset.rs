@@ -81,7 +81,11 @@ impl UnitTars {
                 uuid_like()
             ));
             let f = std::fs::File::create(&path).map_err(|e| io_err(&path, e))?;
-            tars.push((s, path, tar::Builder::new(BufWriter::with_capacity(1 << 20, f))));
+            tars.push((
+                s,
+                path,
+                tar::Builder::new(BufWriter::with_capacity(1 << 20, f)),
+            ));
         }
         Ok(UnitTars {
             storage,

@@ -80,7 +80,6 @@ pub enum TextCommand {
     },
 }
 
-
 fn bar(shards: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(shards).with_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} shards, {elapsed} ({eta} left)")
@@ -108,7 +107,9 @@ pub async fn run(args: TextArgs) -> Result<std::process::ExitCode> {
             fallback,
         } => {
             let list_entry = CaptionKey::parse(&caption_key).with_context(|| {
-                format!("--caption-key {caption_key:?}: use blip, llava, llava_first, first or an index")
+                format!(
+                    "--caption-key {caption_key:?}: use blip, llava, llava_first, first or an index"
+                )
             })?;
             let join = JoinOn::parse(&join)
                 .with_context(|| format!("--join {join:?}: use key, url or image_path"))?;

@@ -324,7 +324,15 @@ fn indexed_job_pods_split_a_stage_between_them() {
         .display()
         .to_string();
     let (code, _, err) = llamagen_tests::run_llamagen(
-        &["catalog", "import", &laion, "--root", &root, "--shard-rows", "1000"],
+        &[
+            "catalog",
+            "import",
+            &laion,
+            "--root",
+            &root,
+            "--shard-rows",
+            "1000",
+        ],
         &[],
     );
     assert_eq!(code, 0, "{err}");
@@ -333,7 +341,14 @@ fn indexed_job_pods_split_a_stage_between_them() {
     let mut rewritten = Vec::new();
     for pod in ["0", "1"] {
         let (code, out, err) = llamagen_tests::run_llamagen(
-            &["text", "--root", &root, "captions", "--captions", caps.to_str().unwrap()],
+            &[
+                "text",
+                "--root",
+                &root,
+                "captions",
+                "--captions",
+                caps.to_str().unwrap(),
+            ],
             &[
                 ("JOB_COMPLETION_INDEX", pod.to_string()),
                 ("WORKERS", "2".to_string()),
@@ -348,7 +363,14 @@ fn indexed_job_pods_split_a_stage_between_them() {
     assert_eq!(rewritten.iter().sum::<u64>(), 10, "{rewritten:?}");
     // A pod index without the pod count is an error, not "all shards".
     let (code, _, err) = llamagen_tests::run_llamagen(
-        &["text", "--root", &root, "captions", "--captions", caps.to_str().unwrap()],
+        &[
+            "text",
+            "--root",
+            &root,
+            "captions",
+            "--captions",
+            caps.to_str().unwrap(),
+        ],
         &[("JOB_COMPLETION_INDEX", "0".to_string())],
     );
     assert_ne!(code, 0);

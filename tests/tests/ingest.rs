@@ -650,7 +650,11 @@ async fn timed_run(args: &[&str]) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_urls_delay_only_themselves() {
     let server = FaultServer::start(workspace().join("data/images"), Duration::ZERO).await;
-    let imgs = ["pillow/hopper.jpg", "skimage/coffee.png", "skimage/chelsea.png"];
+    let imgs = [
+        "pillow/hopper.jpg",
+        "skimage/coffee.png",
+        "skimage/chelsea.png",
+    ];
     let good: Vec<String> = (0..120)
         .map(|i| server.url(&format!("/img/{}?n={i}", imgs[i % imgs.len()])))
         .collect();
@@ -680,7 +684,10 @@ async fn slow_urls_delay_only_themselves() {
     let mut times = Vec::new();
     for (name, urls) in [("good", &good), ("hangs", &with_hangs)] {
         let list = dir.path().join(format!("{name}.jsonl"));
-        write_list(&list, &urls.iter().map(|u| (u.clone(), None)).collect::<Vec<_>>());
+        write_list(
+            &list,
+            &urls.iter().map(|u| (u.clone(), None)).collect::<Vec<_>>(),
+        );
         let (list_s, root) = (
             list.display().to_string(),
             dir.path().join(name).display().to_string(),
@@ -714,7 +721,10 @@ async fn slow_urls_delay_only_themselves() {
         }
     }
     let added = times[1] - times[0];
-    eprintln!("without hangs {:.2} s, with 8 hangs {:.2} s", times[0], times[1]);
+    eprintln!(
+        "without hangs {:.2} s, with 8 hangs {:.2} s",
+        times[0], times[1]
+    );
     assert!(
         added < 7.0,
         "8 never-answering URLs added {added:.1} s to a {:.1} s run (one 2 s deadline expected)",
@@ -736,7 +746,12 @@ async fn peak_rss_mb(args: &[&str]) -> (i32, f64, String) {
         if let Ok(s) = std::fs::read_to_string(&status) {
             for l in s.lines() {
                 if let Some(v) = l.strip_prefix("VmHWM:") {
-                    let kb: f64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0.0);
+                    let kb: f64 = v
+                        .trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse()
+                        .unwrap_or(0.0);
                     peak = peak.max(kb / 1024.0);
                 }
             }
@@ -748,7 +763,13 @@ async fn peak_rss_mb(args: &[&str]) -> (i32, f64, String) {
     };
     let mut err = String::new();
     use tokio::io::AsyncReadExt;
-    child.stderr.take().unwrap().read_to_string(&mut err).await.unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .await
+        .unwrap();
     (out.code().unwrap_or(-1), peak, err)
 }
 
@@ -823,9 +844,12 @@ async fn webdataset_tars_hold_long_keys() {
     for k in &keys {
         let json = serde_json::json!({"key": k, "caption": "c", "url": "http://127.0.0.1:1/x",
             "original_width": 1, "sha256": "0".repeat(64)});
-        tars.add(k, &[(64, &jpeg)], "c", &json, 1_700_000_000).unwrap();
+        tars.add(k, &[(64, &jpeg)], "c", &json, 1_700_000_000)
+            .unwrap();
     }
-    tars.finish(&serde_json::json!({"successes": 3})).await.unwrap();
+    tars.finish(&serde_json::json!({"successes": 3}))
+        .await
+        .unwrap();
     let wds = read_webdataset(&loc, &[]);
     let shard = &wds["64/list.jsonl-0000000000.tar"];
     let names: Vec<&str> = shard["members"]
@@ -841,4 +865,44 @@ async fn webdataset_tars_hold_long_keys() {
     assert_eq!(names, expected);
     assert_eq!(shard["members"][0][1], jpeg.len());
     assert_eq!(shard["json"][2]["key"], keys[2].as_str());
+}
+
+/// `--upscale-small-images` keeps a 10x15 px picture at every size (the default drops it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_images_upscale_on_request() {
+    let server = FaultServer::start(workspace().join("data/images"), Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("small.jsonl");
+    write_list(&list, &[(server.url("/img/skimage/multipage.tif"), None)]);
+    let list_s = list.display().to_string();
+    for (name, flag) in [
+        ("default", None),
+        ("upscaled", Some("--upscale-small-images")),
+    ] {
+        let root = dir.path().join(name).display().to_string();
+        let mut args = base_args(&list_s, &root);
+        args.extend(["--allow-cidr", "127.0.0.0/8"]);
+        args.extend(flag);
+        let (code, out, err) = run(&args).await;
+        assert_eq!(code, 0, "{out}\n{err}");
+        let rows = rows_of(&root).await;
+        let sizes: Vec<i64> = rows[0]["images"]
+            .as_array()
+            .map(|a| a.iter().map(|i| i["size"].as_i64().unwrap()).collect())
+            .unwrap_or_default();
+        match flag {
+            None => {
+                assert_eq!(rows[0]["status"], "dropped", "{}", rows[0]);
+                assert_eq!(
+                    rows[0]["reject_reasons"],
+                    serde_json::json!(["below_image_size_64", "below_image_size_128"])
+                );
+                assert!(sizes.is_empty());
+            }
+            Some(_) => {
+                assert_eq!(rows[0]["status"], "ok", "{}", rows[0]);
+                assert_eq!(sizes, vec![64, 128]);
+            }
+        }
+    }
 }

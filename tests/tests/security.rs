@@ -286,11 +286,9 @@ fn catalog_sql_runs_under_a_memory_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn url_credentials_are_not_sent_or_stored() {
     use llamagen_tests::http::FaultServer;
-    let server = FaultServer::start(workspace().join("data/images"), std::time::Duration::ZERO)
-        .await;
-    let with_creds = |path: &str| {
-        format!("http://alice:s3cr3tpw@{}{path}", server.addr)
-    };
+    let server =
+        FaultServer::start(workspace().join("data/images"), std::time::Duration::ZERO).await;
+    let with_creds = |path: &str| format!("http://alice:s3cr3tpw@{}{path}", server.addr);
     let dir = tempfile::tempdir().unwrap();
     let list = dir.path().join("list.jsonl");
     let lines: Vec<String> = ["/img/pillow/hopper.jpg", "/reset", "/status/404"]
@@ -320,7 +318,10 @@ async fn url_credentials_are_not_sent_or_stored() {
         }
         let (code, out, err) = run_llamagen(&args, &[]);
         assert_eq!(code, 0, "{err}");
-        assert!(!out.contains("s3cr3tpw") && !err.contains("s3cr3tpw"), "{out}{err}");
+        assert!(
+            !out.contains("s3cr3tpw") && !err.contains("s3cr3tpw"),
+            "{out}{err}"
+        );
         let heads = server.heads()[before..].to_vec();
         assert_eq!(heads.len(), 3, "{heads:?}");
         let sent = heads
@@ -341,8 +342,10 @@ async fn url_credentials_are_not_sent_or_stored() {
             &[],
         );
         assert_eq!(code, 0, "{err}");
-        let rows: Vec<serde_json::Value> =
-            out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let rows: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(rows.len(), 3);
         assert_eq!(rows[0]["status"], "ok", "{out}");
         assert_eq!(
@@ -391,7 +394,11 @@ fn hostile_checkpoints_give_errors_not_aborts() {
         .arg(dir.path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let dev = candle_core::Device::Cpu;
     for (file, expect) in [
         ("huge_tensor.pt", "needs 68719476736 bytes"),
@@ -464,7 +471,11 @@ fn verify_rejects_what_the_reader_rejects() {
         .arg(&renamed)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let bytes = std::fs::read(&renamed).unwrap();
     use sha2::Digest;
     let sha = hex::encode(sha2::Sha256::digest(&bytes));
@@ -484,7 +495,8 @@ fn verify_rejects_what_the_reader_rejects() {
     let (code, out, err) = run_llamagen(&["catalog", "verify", "--root", &root], &[]);
     assert_ne!(code, 0, "{out}");
     assert!(
-        (out.contains("does not have the sample schema") || err.contains("does not have the sample schema"))
+        (out.contains("does not have the sample schema")
+            || err.contains("does not have the sample schema"))
             && (out.contains(renamed.file_name().unwrap().to_str().unwrap())
                 || err.contains(renamed.file_name().unwrap().to_str().unwrap())),
         "{out}\n{err}"
