@@ -822,7 +822,7 @@ async fn download_memory_is_bounded_by_the_inflight_budget() {
         "{rows:?}"
     );
     assert!(
-        peak < 200.0,
+        peak < 250.0,
         "peak RSS {peak:.0} MB with a 16 MiB in-flight budget (48 × 8 MiB = 384 MiB unbounded)"
     );
 }
