@@ -291,7 +291,7 @@ async fn url_credentials_are_not_sent_or_stored() {
     let with_creds = |path: &str| format!("http://alice:s3cr3tpw@{}{path}", server.addr);
     let dir = tempfile::tempdir().unwrap();
     let list = dir.path().join("list.jsonl");
-    let lines: Vec<String> = ["/img/pillow/hopper.jpg", "/reset", "/status/404"]
+    let lines: Vec<String> = ["/img/matplotlib/grace_hopper.jpg", "/reset", "/status/404"]
         .iter()
         .map(|p| serde_json::json!({"URL": with_creds(p), "TEXT": "x"}).to_string())
         .collect();
@@ -350,7 +350,7 @@ async fn url_credentials_are_not_sent_or_stored() {
         assert_eq!(rows[0]["status"], "ok", "{out}");
         assert_eq!(
             rows[0]["url"],
-            format!("http://{}/img/pillow/hopper.jpg", server.addr)
+            format!("http://{}/img/matplotlib/grace_hopper.jpg", server.addr)
         );
         assert_eq!(rows[1]["error_kind"], "connection_reset", "{out}");
         assert!(!out.contains("s3cr3tpw") && !out.contains("alice"), "{out}");
