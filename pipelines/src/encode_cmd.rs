@@ -77,7 +77,7 @@ pub async fn run(args: EncodeArgs) -> Result<ExitCode> {
         weights_sha256: crate::pipeline::sha256_file(&args.checkpoint)?,
     };
     let stage = cfg.stage_name();
-    let partition = crate::ingest_cmd::worker_partition(args.worker.as_deref())?;
+    let partition = llamagen_catalog::worker::worker_share(args.worker.as_deref())?;
     let cat = args.root.open().await?;
     let ds = cat.dataset(&args.root.dataset);
     let shards = ds.snapshot().await?.shards.len() as u64;

@@ -104,10 +104,6 @@ struct ApplyArgs {
     worker: Option<String>,
 }
 
-fn parse_worker(flag: &Option<String>) -> Result<(usize, usize)> {
-    crate::ingest_cmd::worker_partition(flag.as_deref())
-}
-
 fn bar(msg: &str) -> ProgressBar {
     let b = ProgressBar::new_spinner().with_style(
         ProgressStyle::with_template("{spinner} {msg} {pos} rows [{elapsed_precise}, {per_sec}]")
@@ -125,7 +121,7 @@ pub async fn run(args: FilterArgs) -> Result<ExitCode> {
 }
 
 async fn score(a: ScoreArgs) -> Result<ExitCode> {
-    let partition = parse_worker(&a.worker)?;
+    let partition = llamagen_catalog::worker::worker_share(a.worker.as_deref())?;
     let cfg = ScorerConfig {
         clip_image: a.clip_image,
         clip_text: a.clip_text,
@@ -185,7 +181,7 @@ async fn score(a: ScoreArgs) -> Result<ExitCode> {
 }
 
 async fn apply(a: ApplyArgs) -> Result<ExitCode> {
-    let partition = parse_worker(&a.worker)?;
+    let partition = llamagen_catalog::worker::worker_share(a.worker.as_deref())?;
     let text = std::fs::read_to_string(&a.thresholds)
         .with_context(|| format!("reading {}", a.thresholds.display()))?;
     let t = Thresholds::from_toml(&a.thresholds.display().to_string(), &text)?;

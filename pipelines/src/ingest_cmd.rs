@@ -118,11 +118,6 @@ pub struct IngestArgs {
     pub webdataset: Option<String>,
 }
 
-/// INDEX/COUNT from the flag, or from a Kubernetes Indexed Job / Slurm array environment.
-pub fn worker_partition(flag: Option<&str>) -> Result<(usize, usize)> {
-    Ok(llamagen_catalog::worker::worker_share(flag)?)
-}
-
 impl IngestArgs {
     pub fn config(&self) -> Result<IngestConfig> {
         let mut cfg = IngestConfig::default();
@@ -140,7 +135,7 @@ impl IngestArgs {
         cfg.upscale_small = self.upscale_small_images;
         cfg.unit_rows = self.unit_rows;
         cfg.units_in_flight = self.units_in_flight;
-        cfg.partition = worker_partition(self.worker.as_deref())?;
+        cfg.partition = llamagen_catalog::worker::worker_share(self.worker.as_deref())?;
         if let Some(n) = self.cpu_workers {
             cfg.cpu_workers = n;
         }

@@ -93,7 +93,7 @@ fn bar(shards: u64, what: &str) -> ProgressBar {
 pub async fn run(args: TextArgs) -> Result<std::process::ExitCode> {
     let cat = args.root.open().await?;
     let ds = cat.dataset(&args.root.dataset);
-    let part = crate::ingest_cmd::worker_partition(args.worker.as_deref())?;
+    let part = llamagen_catalog::worker::worker_share(args.worker.as_deref())?;
     let shards = ds.snapshot().await?.shards.len() as u64;
     let mut run = runs::RunRecord::start(std::env::args().collect::<Vec<_>>().join(" "));
     runs::record_run(cat.storage(), &run).await?;

@@ -295,8 +295,8 @@ pub fn write_standin_vq(path: &Path, args: &llamagen_encode::ModelArgs, seed: u6
 /// Runs a config; returns the report (its `exit_code` says how it ended).
 pub async fn run(opts: &RunOptions) -> Result<RunReport> {
     let cfg = load_config(opts).map_err(|e| anyhow!(ConfigError(e)))?;
-    let partition = crate::ingest_cmd::worker_partition(opts.worker.as_deref())
-        .map_err(|e| anyhow!(ConfigError(e)))?;
+    let partition = llamagen_catalog::worker::worker_share(opts.worker.as_deref())
+        .map_err(|e| anyhow!(ConfigError(e.into())))?;
     let started = Instant::now();
     let cat = Catalog::open(&cfg.output.root, &storage_options(&cfg))
         .await
