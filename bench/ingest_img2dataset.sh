@@ -14,7 +14,8 @@
 # Both run with a 5 s timeout and no retries. img2dataset runs as its README suggests for one
 # machine: resize_mode=center_crop, output_format=parquet, 2 processes x 32 threads, shards of
 # N/4 rows so both processes work. llamagen runs `llamagen ingest` with 64 downloads in flight
-# (no per-host limit below that, as img2dataset has none) and units of N/4 rows.
+# (no per-host limit below that, as img2dataset has none), units of N/4 rows, and
+# --upscale-small-images, since img2dataset upscales pictures smaller than the target size.
 # Needs: nginx (installed with apt-get when missing and running as root), PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -119,7 +120,7 @@ for S in $SIZES; do
   I2D_OK=$($PY -c "import glob, json, sys; print(sum(json.load(open(f))['successes'] for f in glob.glob(sys.argv[1] + '/*_stats.json')))" "$WORK/i2d")
   $PY bench/proctree.py "$WORK/ours-$S.json" -- \
     "$BIN" ingest --input "$CORPUS/list.parquet" --root "$WORK/ours" --image-size "$S" \
-    --allow-cidr 127.0.0.0/8 --unit-rows "$SHARD" --concurrency 64 --per-host 64 \
+    --allow-cidr 127.0.0.0/8 --unit-rows "$SHARD" --concurrency 64 --per-host 64 --upscale-small-images \
     --timeout 5 --retries 0 >"$WORK/ours-$S.log" 2>&1 || { tail -20 "$WORK/ours-$S.log"; exit 1; }
   "$BIN" catalog sql "SELECT text, status, error_kind FROM samples" --root "$WORK/ours" \
     --format json >"$WORK/ours-$S-rows.json"
