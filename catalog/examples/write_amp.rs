@@ -109,7 +109,7 @@ async fn main() -> anyhow::Result<()> {
         });
         w.write(&batch).await?;
         let add = w.finish().await?;
-        ingest_bytes += add.iter().map(|s| s.bytes).sum::<u64>();
+        ingest_bytes += add.iter().map(|s| s.total_bytes()).sum::<u64>();
         ds.commit(Transaction {
             operation: "ingest".into(),
             add,
@@ -261,19 +261,25 @@ async fn main() -> anyhow::Result<()> {
     let final_snapshot = ds.snapshot().await?;
     written.push(("vq".into(), final_snapshot.bytes()));
 
+    // Every file of the dataset's table and of its column-group tables.
     let storage = cat.storage();
-    let data: u64 = storage
-        .list("samples/data/")
-        .await?
-        .iter()
-        .map(|o| o.size)
-        .sum();
-    let log: u64 = storage
-        .list("samples/_delta_log/")
-        .await?
-        .iter()
-        .map(|o| o.size)
-        .sum();
+    let mut data = 0u64;
+    let mut log = 0u64;
+    let tables = std::iter::once("samples".to_string()).chain(
+        llamagen_catalog::schema::COLUMN_GROUPS
+            .iter()
+            .map(|(g, _)| llamagen_catalog::columns::table_name("samples", g)),
+    );
+    for t in tables {
+        for (dir, total) in [("data", &mut data), ("_delta_log", &mut log)] {
+            *total += storage
+                .list(&format!("{t}/{dir}/"))
+                .await?
+                .iter()
+                .map(|o| o.size)
+                .sum::<u64>();
+        }
+    }
     let fin = final_snapshot.bytes();
     println!(
         "{}",

@@ -64,8 +64,11 @@ use object_store::prefix::PrefixStore;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::columns::{self, ColumnFiles};
 use crate::error::{CatalogError, Result};
-use crate::schema::{SCHEMA_VERSION, sample_schema};
+use crate::schema::{
+    COLUMN_GROUPS, SCHEMA_VERSION, col, group_columns, group_schema, sample_schema,
+};
 use crate::shard::{ShardWriter, ShardWriterOptions, decode_shard};
 use crate::storage::{Storage, join};
 
@@ -81,6 +84,7 @@ const TAG_SHA256: &str = "llamagen.sha256";
 const TAG_STAGE: &str = "llamagen.stage";
 const TAG_APPLIED: &str = "llamagen.applied";
 const TAG_UNITS: &str = "llamagen.units";
+const TAG_COLUMNS: &str = "llamagen.columns";
 const INFO_TXN_ID: &str = "llamagen.txnId";
 const INFO_OPERATION: &str = "llamagen.operation";
 const INFO_RUN_ID: &str = "llamagen.runId";
@@ -103,6 +107,16 @@ pub struct ShardEntry {
     /// The work units whose rows this shard holds (carried over by rewrites).
     #[serde(default)]
     pub units: Vec<String>,
+    /// Its column files, by column group (see [`crate::columns`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub columns: ColumnFiles,
+}
+
+impl ShardEntry {
+    /// Bytes of the base file and every column file.
+    pub fn total_bytes(&self) -> u64 {
+        self.bytes + self.columns.values().map(|c| c.bytes).sum::<u64>()
+    }
 }
 
 /// A version of a dataset: the shards that make it up and the work units done so far.
@@ -121,8 +135,9 @@ impl Snapshot {
         self.shards.iter().map(|s| s.rows).sum()
     }
 
+    /// Bytes of every shard's base file and column files.
     pub fn bytes(&self) -> u64 {
-        self.shards.iter().map(|s| s.bytes).sum()
+        self.shards.iter().map(|s| s.total_bytes()).sum()
     }
 }
 
@@ -156,6 +171,9 @@ pub struct GcReport {
     pub expired_log_entries: usize,
     pub temp_files: Vec<String>,
     pub aborted_uploads: Vec<String>,
+    /// Column files added to / removed from column-group tables to match the dataset.
+    pub column_entries_added: u64,
+    pub column_entries_removed: u64,
 }
 
 /// One table version, as `history` shows it.
@@ -200,6 +218,10 @@ pub struct Dataset {
     /// How many times a commit re-reads and retries after losing a race (default 64).
     pub max_commit_attempts: u32,
     state: Arc<tokio::sync::Mutex<Option<State>>>,
+    /// None for a dataset; the group for the table of one of its column groups.
+    group: Option<&'static str>,
+    /// Handles on the dataset's column-group tables, made on first use.
+    group_tables: Arc<std::sync::Mutex<BTreeMap<&'static str, Dataset>>>,
 }
 
 impl std::fmt::Debug for Dataset {
@@ -208,6 +230,21 @@ impl std::fmt::Debug for Dataset {
             .field("root", &self.storage.root())
             .field("name", &self.name)
             .finish()
+    }
+}
+
+/// The entry of a column file in its group's table.
+fn column_entry(shard: &ShardEntry, file: &columns::ColumnFile) -> ShardEntry {
+    ShardEntry {
+        path: file.path.clone(),
+        rows: shard.rows,
+        bytes: file.bytes,
+        sha256: file.sha256.clone(),
+        stage: shard.stage.clone(),
+        created_at: shard.created_at,
+        applied: Vec::new(),
+        units: Vec::new(),
+        columns: ColumnFiles::new(),
     }
 }
 
@@ -264,6 +301,34 @@ impl Dataset {
             name: name.to_string(),
             max_commit_attempts: 64,
             state: Arc::new(tokio::sync::Mutex::new(None)),
+            group: None,
+            group_tables: Arc::default(),
+        }
+    }
+
+    /// The table of this dataset's column group `group` (see [`crate::columns`]).
+    pub fn group_table(&self, group: &str) -> Result<Dataset> {
+        let (g, _) = COLUMN_GROUPS
+            .iter()
+            .find(|(g, _)| *g == group)
+            .ok_or_else(|| CatalogError::InvalidArgument(format!("no column group {group:?}")))?;
+        let mut tables = self.group_tables.lock().expect("not poisoned");
+        Ok(tables
+            .entry(g)
+            .or_insert_with(|| {
+                let mut t = Dataset::new(self.storage.clone(), &columns::table_name(&self.name, g));
+                t.group = Some(g);
+                t.max_commit_attempts = self.max_commit_attempts;
+                t
+            })
+            .clone())
+    }
+
+    /// The schema of the table's files: the sample schema, or a column group's.
+    fn file_schema(&self) -> arrow::datatypes::SchemaRef {
+        match self.group {
+            None => sample_schema(),
+            Some(g) => group_schema(g),
         }
     }
 
@@ -446,6 +511,25 @@ impl Dataset {
                 .unwrap_or_default(),
             applied: list(TAG_APPLIED)?,
             units: list(TAG_UNITS)?,
+            columns: match tag(TAG_COLUMNS) {
+                None => ColumnFiles::new(),
+                Some(s) => {
+                    let files: ColumnFiles = serde_json::from_str(&s)
+                        .map_err(|e| bad(format!("tag {TAG_COLUMNS}: {e}")))?;
+                    for (g, f) in &files {
+                        if group_columns(g).is_none() {
+                            return Err(bad(format!("tag {TAG_COLUMNS}: no column group {g:?}")));
+                        }
+                        if !confined(&f.path) {
+                            return Err(bad(format!(
+                                "tag {TAG_COLUMNS}: column file {} leaves its table's folder",
+                                f.path
+                            )));
+                        }
+                    }
+                    files
+                }
+            },
         })
     }
 
@@ -463,6 +547,12 @@ impl Dataset {
             tags.insert(
                 TAG_UNITS.to_string(),
                 Some(serde_json::to_string(&entry.units).expect("strings serialise")),
+            );
+        }
+        if !entry.columns.is_empty() {
+            tags.insert(
+                TAG_COLUMNS.to_string(),
+                Some(serde_json::to_string(&entry.columns).expect("column files serialise")),
             );
         }
         Add {
@@ -611,16 +701,23 @@ impl Dataset {
     /// go on with the table it made.
     async fn create(&self, st: &State) -> Result<()> {
         use deltalake::kernel::engine::arrow_conversion::TryIntoKernel as _;
-        let schema: deltalake::kernel::StructType = sample_schema()
-            .as_ref()
-            .try_into_kernel()
-            .map_err(|e| self.delta_err(DeltaTableError::from(e)))?;
+        let schema: deltalake::kernel::StructType =
+            self.file_schema()
+                .as_ref()
+                .try_into_kernel()
+                .map_err(|e| self.delta_err(DeltaTableError::from(e)))?;
         let now = Utc::now().timestamp_millis();
         let protocol = serde_json::json!({"minReaderVersion": 1, "minWriterVersion": 2});
         let metadata = serde_json::json!({
             "id": uuid::Uuid::new_v4().to_string(),
             "name": self.name,
-            "description": "llamagen samples (the sample schema: llamagen-catalog's schema.rs)",
+            "description": match self.group {
+                None => "llamagen samples (the sample schema: llamagen-catalog's schema.rs)".to_string(),
+                Some(g) => format!(
+                    "llamagen column group {g:?} of dataset {:?}: join on key (llamagen-catalog's columns.rs)",
+                    self.name.trim_end_matches(&format!(".{g}"))
+                ),
+            },
             "format": {"provider": "parquet", "options": {}},
             "schemaString": serde_json::to_string(&schema).expect("a schema serialises"),
             "partitionColumns": [],
@@ -795,8 +892,75 @@ impl Dataset {
         ShardWriter::new(self.storage.clone(), &self.name, opts)
     }
 
-    /// Commits a transaction (see the protocol above).
+    /// Commits a transaction (see the protocol above), then records the column files it adds
+    /// and replaces in the column-group tables (see [`crate::columns`]).
     pub async fn commit(&self, txn: Transaction) -> Result<Committed> {
+        let (committed, replaced) = self.commit_inner(&txn, false).await?;
+        if self.group.is_none() {
+            self.sync_groups(&txn, &replaced).await;
+        }
+        Ok(committed)
+    }
+
+    /// Records the column files a committed transaction added and replaced in their groups'
+    /// tables. A failure leaves the group table behind the dataset, which `gc` repairs
+    /// (columns invariant 3), so it is reported, not returned: the rows are committed.
+    async fn sync_groups(&self, txn: &Transaction, replaced: &[ShardEntry]) {
+        for (g, _) in COLUMN_GROUPS {
+            // Column files carried over from a replaced shard are in the table already.
+            let had: BTreeSet<&String> = replaced
+                .iter()
+                .filter_map(|e| e.columns.get(*g).map(|f| &f.path))
+                .collect();
+            let add: Vec<ShardEntry> = txn
+                .add
+                .iter()
+                .filter_map(|e| e.columns.get(*g).map(|f| column_entry(e, f)))
+                .filter(|a| !had.contains(&a.path))
+                .collect();
+            let kept: BTreeSet<&String> = txn
+                .add
+                .iter()
+                .filter_map(|e| e.columns.get(*g).map(|f| &f.path))
+                .collect();
+            let remove: Vec<String> = had
+                .iter()
+                .filter(|p| !kept.contains(**p))
+                .map(|p| (*p).clone())
+                .collect();
+            if add.is_empty() && remove.is_empty() {
+                continue;
+            }
+            let result = async {
+                let table = self.group_table(g)?;
+                let t = Transaction {
+                    operation: txn.operation.clone(),
+                    run_id: txn.run_id.clone(),
+                    add,
+                    remove,
+                    units: Vec::new(),
+                };
+                table.commit_inner(&t, true).await
+            }
+            .await;
+            if let Err(e) = result {
+                eprintln!(
+                    "warning: recording column files in {}: {e} (the rows are committed; \
+                     `llamagen catalog gc` brings the group table up to date)",
+                    columns::table_name(&self.location(), g)
+                );
+            }
+        }
+    }
+
+    /// Commits a transaction; returns the version and the entries of the shards it removed.
+    /// `lenient`: removals of shards no longer in the table are dropped instead of failing (the
+    /// column-group tables, where a repair may have removed them first).
+    async fn commit_inner(
+        &self,
+        txn: &Transaction,
+        lenient: bool,
+    ) -> Result<(Committed, Vec<ShardEntry>)> {
         let txn_id = uuid::Uuid::new_v4().to_string();
         let mut slot = self.state.lock().await;
         let mut attempt = 0u32;
@@ -818,20 +982,34 @@ impl Dataset {
                     });
                 }
             }
-            if let Some(gone) = txn.remove.iter().find(|r| !st.shards.contains_key(*r)) {
+            let remove: Vec<&String> = txn
+                .remove
+                .iter()
+                .filter(|r| !lenient || st.shards.contains_key(*r))
+                .collect();
+            if let Some(gone) = remove.iter().find(|r| !st.shards.contains_key(**r)) {
                 // The added shards are left to the caller, who may commit them without the
                 // shard that is gone (see crate::stage).
                 return Err(CatalogError::ShardGone {
                     dataset: self.name.clone(),
-                    path: gone.clone(),
+                    path: (*gone).clone(),
                 });
             }
+            let replaced: Vec<ShardEntry> = remove.iter().map(|r| st.shards[*r].clone()).collect();
+            if lenient && txn.add.is_empty() && replaced.is_empty() {
+                return Ok((
+                    Committed {
+                        version: base,
+                        retries: attempt - 1,
+                    },
+                    replaced,
+                ));
+            }
             let now = Utc::now().timestamp_millis();
-            let mut actions = Vec::with_capacity(txn.add.len() + txn.remove.len());
-            for r in &txn.remove {
-                let old = &st.shards[r];
+            let mut actions = Vec::with_capacity(txn.add.len() + remove.len());
+            for old in &replaced {
                 actions.push(Action::Remove(Remove {
-                    path: r.clone(),
+                    path: old.path.clone(),
                     data_change: true,
                     deletion_timestamp: Some(now),
                     extended_file_metadata: Some(true),
@@ -850,7 +1028,7 @@ impl Dataset {
                 }
                 actions.push(Action::Add(Self::add_of_entry(&a)));
             }
-            let operation = if txn.remove.is_empty() {
+            let operation = if remove.is_empty() {
                 DeltaOperation::Write {
                     mode: SaveMode::Append,
                     partition_by: None,
@@ -897,19 +1075,25 @@ impl Dataset {
                     if version % CHECKPOINT_INTERVAL == 0 {
                         self.checkpoint(st, version).await;
                     }
-                    return Ok(Committed {
-                        version,
-                        retries: attempt - 1,
-                    });
+                    return Ok((
+                        Committed {
+                            version,
+                            retries: attempt - 1,
+                        },
+                        replaced,
+                    ));
                 }
                 Err(TransactionError::VersionAlreadyExists(_)) => {
                     // Invariant 5: an ambiguous earlier attempt of ours may have won.
                     if self.committed_by(st, version, &txn_id).await? {
                         self.advance(st, base).await?;
-                        return Ok(Committed {
-                            version,
-                            retries: attempt - 1,
-                        });
+                        return Ok((
+                            Committed {
+                                version,
+                                retries: attempt - 1,
+                            },
+                            replaced,
+                        ));
                     }
                     if attempt >= self.max_commit_attempts {
                         return Err(CatalogError::CommitConflict {
@@ -973,10 +1157,14 @@ impl Dataset {
         }
     }
 
-    /// Best-effort removal of shards that will never be committed.
-    async fn discard(&self, shards: &[ShardEntry]) {
+    /// Best-effort removal of shards (base and column files) that will never be committed.
+    pub async fn discard(&self, shards: &[ShardEntry]) {
         for s in shards {
             let _ = self.storage.delete(&self.shard_path(s)).await;
+            for (g, f) in &s.columns {
+                let path = join(&columns::table_name(&self.name, g), &f.path);
+                let _ = self.storage.delete(&path).await;
+            }
         }
     }
 
@@ -995,8 +1183,54 @@ impl Dataset {
         }
         let path = self.shard_path(entry);
         let data = self.storage.get(&path).await?;
-        let name = format!("{}/{}", self.storage.root().trim_end_matches('/'), path);
-        decode_shard(&name, entry, data, projection)
+        let root = self.storage.root();
+        let name = format!("{}/{}", root.trim_end_matches('/'), path);
+        if let Some(g) = self.group {
+            let logged = (entry.bytes, entry.sha256.as_str());
+            return crate::shard::decode_file(&name, logged, data, projection, &group_schema(g));
+        }
+        let groups: Vec<&str> = columns::groups_of_projection(projection)
+            .into_iter()
+            .filter(|g| entry.columns.contains_key(*g))
+            .collect();
+        if groups.is_empty() {
+            return decode_shard(&name, entry, data, projection);
+        }
+        // The keys check each column file row for row (columns invariant 1).
+        let with_key = projection.map(|p| {
+            let mut v = p.to_vec();
+            if !v.contains(&col::KEY) {
+                v.insert(0, col::KEY);
+            }
+            v
+        });
+        let mut batches = decode_shard(&name, entry, data, with_key.as_deref())?;
+        for g in groups {
+            let file = &entry.columns[g];
+            let gpath = join(&columns::table_name(&self.name, g), &file.path);
+            let gname = format!("{}/{gpath}", root.trim_end_matches('/'));
+            let cols: Vec<&str> = std::iter::once(col::KEY)
+                .chain(
+                    group_columns(g)
+                        .expect("a group")
+                        .iter()
+                        .copied()
+                        .filter(|c| projection.is_none_or(|p| p.contains(c))),
+                )
+                .collect();
+            let gdata = self.storage.get(&gpath).await?;
+            let logged = (file.bytes, file.sha256.as_str());
+            let part =
+                crate::shard::decode_file(&gname, logged, gdata, Some(&cols), &group_schema(g))?;
+            batches = columns::attach(batches, g, &part, &gname)?;
+        }
+        if with_key.is_some() && projection.is_some_and(|p| !p.contains(&col::KEY)) {
+            for b in &mut batches {
+                let i = b.schema().index_of(col::KEY)?;
+                b.remove_column(i);
+            }
+        }
+        Ok(batches)
     }
 
     /// Checks every committed shard: present, right size, right SHA-256, readable Parquet of the
@@ -1005,7 +1239,15 @@ impl Dataset {
         let snap = self.snapshot().await?;
         let problems = futures::stream::iter(snap.shards.iter())
             .map(|e| async move {
-                match self.read_shard(e, Some(&["key"])).await {
+                // The key and one column of each group: every file of the shard is checked.
+                let cols: Vec<&str> = std::iter::once(col::KEY)
+                    .chain(
+                        e.columns
+                            .keys()
+                            .filter_map(|g| group_columns(g).and_then(|c| c.first().copied())),
+                    )
+                    .collect();
+                match self.read_shard(e, Some(&cols)).await {
                     Ok(_) => None,
                     Err(err) => Some(VerifyProblem {
                         path: self.shard_path(e),
@@ -1025,7 +1267,74 @@ impl Dataset {
     /// temporary files, both only once older than `grace`; log entries older than `grace` that
     /// the latest checkpoint makes unnecessary. With `dry_run`, only reports. Refuses a folder
     /// that is not a table, so a wrong `--dataset` deletes nothing.
+    ///
+    /// A dataset's column-group tables are collected with it: first each is brought to exactly
+    /// the column files the latest version names (columns invariant 3; not in a dry run), then
+    /// column files named by neither are removed like shards.
     pub async fn gc(&self, grace: Duration, dry_run: bool) -> Result<GcReport> {
+        let mut report = self
+            .gc_files(grace, dry_run, &BTreeSet::new(), true)
+            .await?;
+        if self.group.is_some() {
+            return Ok(report);
+        }
+        let snap = self.snapshot().await?;
+        for (g, _) in COLUMN_GROUPS {
+            let named: BTreeMap<String, ShardEntry> = snap
+                .shards
+                .iter()
+                .filter_map(|e| {
+                    e.columns
+                        .get(*g)
+                        .map(|f| (f.path.clone(), column_entry(e, f)))
+                })
+                .collect();
+            let table = self.group_table(g)?;
+            if !dry_run {
+                let live = table.snapshot().await?;
+                let live: BTreeSet<&String> = live.shards.iter().map(|e| &e.path).collect();
+                let txn = Transaction {
+                    operation: "gc".into(),
+                    run_id: None,
+                    add: named
+                        .values()
+                        .filter(|e| !live.contains(&e.path))
+                        .cloned()
+                        .collect(),
+                    remove: live
+                        .iter()
+                        .filter(|p| !named.contains_key(**p))
+                        .map(|p| (*p).clone())
+                        .collect(),
+                    units: Vec::new(),
+                };
+                report.column_entries_added += txn.add.len() as u64;
+                report.column_entries_removed += txn.remove.len() as u64;
+                if !txn.add.is_empty() || !txn.remove.is_empty() {
+                    table.commit_inner(&txn, true).await?;
+                }
+            }
+            if !table.exists().await? {
+                continue;
+            }
+            let referenced = named.keys().map(|p| join(table.name(), p)).collect();
+            let r = table.gc_files(grace, dry_run, &referenced, false).await?;
+            report.orphan_shards.extend(r.orphan_shards);
+            report.orphan_bytes += r.orphan_bytes;
+            report.expired_log_entries += r.expired_log_entries;
+        }
+        Ok(report)
+    }
+
+    /// [`Dataset::gc`] of this table's own files; `also_referenced` (storage paths) are kept as
+    /// if the latest version named them; `sweep_scratch`: also temporary files and uploads.
+    async fn gc_files(
+        &self,
+        grace: Duration,
+        dry_run: bool,
+        also_referenced: &BTreeSet<String>,
+        sweep_scratch: bool,
+    ) -> Result<GcReport> {
         let (referenced, log_store) = {
             let mut slot = self.state.lock().await;
             let st = self.refresh(&mut slot).await?;
@@ -1035,8 +1344,9 @@ impl Dataset {
                     root: self.storage.root(),
                 });
             }
-            let referenced: BTreeSet<String> =
+            let mut referenced: BTreeSet<String> =
                 st.shards.values().map(|s| self.shard_path(s)).collect();
+            referenced.extend(also_referenced.iter().cloned());
             (referenced, st.log_store.clone())
         };
         let cutoff =
@@ -1050,16 +1360,18 @@ impl Dataset {
                 report.orphan_shards.push(o.path);
             }
         }
-        for o in self
-            .storage
-            .list(&format!("{}/", crate::storage::local_tmp_dir()))
-            .await?
-        {
-            if o.last_modified < cutoff {
-                report.temp_files.push(o.path);
+        if sweep_scratch {
+            for o in self
+                .storage
+                .list(&format!("{}/", crate::storage::local_tmp_dir()))
+                .await?
+            {
+                if o.last_modified < cutoff {
+                    report.temp_files.push(o.path);
+                }
             }
+            report.aborted_uploads = self.storage.abort_stale_uploads(cutoff, dry_run).await?;
         }
-        report.aborted_uploads = self.storage.abort_stale_uploads(cutoff, dry_run).await?;
         if !dry_run {
             for p in report.orphan_shards.iter().chain(&report.temp_files) {
                 self.storage.delete(p).await?;

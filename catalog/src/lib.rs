@@ -10,6 +10,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod columns;
 pub mod counters;
 pub mod dataset;
 pub mod error;

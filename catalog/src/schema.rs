@@ -83,6 +83,54 @@ pub mod col {
 /// Columns holding bulk data: never read unless a query projects them.
 pub const WIDE_COLUMNS: &[&str] = &[col::IMAGES, col::VQ_CODES, col::T5_LONG, col::T5_SHORT];
 
+/// The wide columns by column group: each group is stored once, apart from the rest of the row
+/// (see [`crate::columns`]). Every wide column is in exactly one group.
+pub const COLUMN_GROUPS: &[(&str, &[&str])] = &[
+    ("images", &[col::IMAGES]),
+    ("t5", &[col::T5_LONG, col::T5_SHORT]),
+    ("vq", &[col::VQ_CODES]),
+];
+
+/// The group of a wide column (None for every other column).
+pub fn group_of(column: &str) -> Option<&'static str> {
+    COLUMN_GROUPS
+        .iter()
+        .find(|(_, cols)| cols.contains(&column))
+        .map(|(g, _)| *g)
+}
+
+/// The columns of group `group` (None for a name that is not a group).
+pub fn group_columns(group: &str) -> Option<&'static [&'static str]> {
+    COLUMN_GROUPS
+        .iter()
+        .find(|(g, _)| *g == group)
+        .map(|(_, cols)| *cols)
+}
+
+/// The schema of a column file of `group`: `key`, then the group's columns as the sample schema
+/// has them, with the same schema-version metadata. Panics on a name that is not a group.
+pub fn group_schema(group: &str) -> SchemaRef {
+    static SCHEMAS: OnceLock<HashMap<&'static str, SchemaRef>> = OnceLock::new();
+    SCHEMAS
+        .get_or_init(|| {
+            let sample = sample_schema();
+            COLUMN_GROUPS
+                .iter()
+                .map(|(g, cols)| {
+                    let fields: Vec<Field> = std::iter::once(col::KEY)
+                        .chain(cols.iter().copied())
+                        .map(|c| sample.field_with_name(c).expect("a sample column").clone())
+                        .collect();
+                    let schema = Schema::new_with_metadata(fields, sample.metadata().clone());
+                    (*g, Arc::new(schema))
+                })
+                .collect()
+        })
+        .get(group)
+        .unwrap_or_else(|| panic!("{group:?} is not a column group"))
+        .clone()
+}
+
 /// Where a sample stands. Stored as its lower-case name in `status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Status {

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
+use arrow::datatypes::{Schema, SchemaRef};
 use bytes::Bytes;
 use chrono::Utc;
 use parquet::arrow::ArrowWriter;
@@ -24,9 +25,10 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use sha2::{Digest, Sha256};
 
+use crate::columns;
 use crate::dataset::{DATA_DIR, ShardEntry};
 use crate::error::{CatalogError, Result};
-use crate::schema::{self, SCHEMA_VERSION, SCHEMA_VERSION_KEY, sample_schema};
+use crate::schema::{self, SCHEMA_VERSION, SCHEMA_VERSION_KEY, group_schema, sample_schema};
 use crate::storage::Storage;
 
 /// How shards are cut and encoded.
@@ -90,9 +92,69 @@ pub struct ShardWriter {
 }
 
 struct OpenShard {
+    base: OpenFile,
+    /// One column file per column group the shard's rows carry (see [`crate::columns`]).
+    groups: Vec<(&'static str, OpenFile)>,
+    rows: usize,
+}
+
+/// A Parquet file being written to local scratch space.
+struct OpenFile {
     local: PathBuf,
     writer: ArrowWriter<HashingFile>,
-    rows: usize,
+}
+
+impl OpenFile {
+    fn create(dir: &std::path::Path, schema: SchemaRef, opts: &ShardWriterOptions) -> Result<Self> {
+        let local = dir.join(format!("shard-{}.parquet.tmp", uuid::Uuid::now_v7()));
+        let file = std::fs::File::create(&local).map_err(|e| CatalogError::io(&local, e))?;
+        let sink = HashingFile {
+            file: std::io::BufWriter::with_capacity(1 << 20, file),
+            hasher: Sha256::new(),
+            bytes: 0,
+        };
+        let writer = ArrowWriter::try_new(sink, schema, Some(writer_properties(opts)))
+            .map_err(|e| parquet_err(&local, e))?;
+        Ok(OpenFile { local, writer })
+    }
+
+    fn write(&mut self, batch: &RecordBatch, row_group_bytes: usize) -> Result<()> {
+        self.writer
+            .write(batch)
+            .map_err(|e| parquet_err(&self.local, e))?;
+        if self.writer.in_progress_size() >= row_group_bytes {
+            self.writer
+                .flush()
+                .map_err(|e| parquet_err(&self.local, e))?;
+        }
+        Ok(())
+    }
+
+    fn size(&self) -> u64 {
+        self.writer.bytes_written() as u64 + self.writer.in_progress_size() as u64
+    }
+
+    /// Closes the file and stores it at `full` (a storage path); returns its SHA-256 and size.
+    async fn store(self, storage: &dyn Storage, full: &str) -> Result<(String, u64)> {
+        let local = self.local.clone();
+        let result = async {
+            let mut sink = self
+                .writer
+                .into_inner()
+                .map_err(|e| parquet_err(&local, e))?;
+            sink.flush().map_err(|e| CatalogError::io(&local, e))?;
+            sink.file
+                .get_ref()
+                .sync_all()
+                .map_err(|e| CatalogError::io(&local, e))?;
+            let sha256 = hex::encode(sink.hasher.finalize());
+            storage.put_file(full, &local).await?;
+            Ok((sha256, sink.bytes))
+        }
+        .await;
+        let _ = std::fs::remove_file(&local);
+        result
+    }
 }
 
 /// A file writer that hashes and counts what passes through it.
@@ -148,28 +210,36 @@ impl ShardWriter {
         self.open.as_ref().map_or(0, |o| o.rows)
     }
 
-    /// Appends a batch holding any subset of the sample columns (see [`schema::conform`]).
+    /// Appends a batch holding any subset of the sample columns (see [`schema::conform`]). The
+    /// column groups of the batch's wide columns go to column files (see [`crate::columns`]); a
+    /// batch with other groups than the open shard's starts a new shard.
     pub async fn write(&mut self, batch: &RecordBatch) -> Result<()> {
+        let groups = columns::groups_in(&batch.schema());
         let batch = schema::conform(batch)?;
+        if self
+            .open
+            .as_ref()
+            .is_some_and(|o| o.groups.iter().map(|g| g.0).ne(groups.iter().copied()))
+        {
+            self.close_shard().await?;
+        }
         let mut offset = 0;
         while offset < batch.num_rows() {
             if self.open.is_none() {
-                self.open = Some(self.open_shard()?);
+                self.open = Some(self.open_shard(&groups)?);
             }
             let open = self.open.as_mut().expect("just opened");
             let room = self.opts.max_rows.saturating_sub(open.rows).max(1);
             let n = room.min(batch.num_rows() - offset);
             let part = batch.slice(offset, n);
-            let local = open.local.clone();
-            open.writer
-                .write(&part)
-                .map_err(|e| parquet_err(&local, e))?;
+            open.base
+                .write(&columns::base_part(&part)?, self.opts.row_group_bytes)?;
+            for (g, file) in &mut open.groups {
+                file.write(&columns::group_part(&part, g)?, self.opts.row_group_bytes)?;
+            }
             open.rows += n;
             offset += n;
-            if open.writer.in_progress_size() >= self.opts.row_group_bytes {
-                open.writer.flush().map_err(|e| parquet_err(&local, e))?;
-            }
-            let size = open.writer.bytes_written() as u64 + open.writer.in_progress_size() as u64;
+            let size = open.base.size() + open.groups.iter().map(|g| g.1.size()).sum::<u64>();
             if open.rows >= self.opts.max_rows || size >= self.opts.target_bytes {
                 self.close_shard().await?;
             }
@@ -183,22 +253,15 @@ impl ShardWriter {
         Ok(std::mem::take(&mut self.done))
     }
 
-    fn open_shard(&self) -> Result<OpenShard> {
+    fn open_shard(&self, groups: &[&'static str]) -> Result<OpenShard> {
         let dir = self.storage.scratch_dir();
         std::fs::create_dir_all(&dir).map_err(|e| CatalogError::io(&dir, e))?;
-        let local = dir.join(format!("shard-{}.parquet.tmp", uuid::Uuid::now_v7()));
-        let file = std::fs::File::create(&local).map_err(|e| CatalogError::io(&local, e))?;
-        let sink = HashingFile {
-            file: std::io::BufWriter::with_capacity(1 << 20, file),
-            hasher: Sha256::new(),
-            bytes: 0,
-        };
-        let writer =
-            ArrowWriter::try_new(sink, sample_schema(), Some(writer_properties(&self.opts)))
-                .map_err(|e| parquet_err(&local, e))?;
         Ok(OpenShard {
-            local,
-            writer,
+            base: OpenFile::create(&dir, sample_schema(), &self.opts)?,
+            groups: groups
+                .iter()
+                .map(|g| Ok((*g, OpenFile::create(&dir, group_schema(g), &self.opts)?)))
+                .collect::<Result<_>>()?,
             rows: 0,
         })
     }
@@ -207,32 +270,54 @@ impl ShardWriter {
         let Some(open) = self.open.take() else {
             return Ok(());
         };
+        let discard = |open: OpenShard| {
+            let _ = std::fs::remove_file(&open.base.local);
+            for (_, f) in &open.groups {
+                let _ = std::fs::remove_file(&f.local);
+            }
+        };
         if let Err(e) = crate::dataset::check_name(&self.dataset_dir) {
-            let _ = std::fs::remove_file(&open.local);
+            discard(open);
             return Err(e);
         }
         if open.rows == 0 {
-            let _ = std::fs::remove_file(&open.local);
+            discard(open);
             return Ok(());
         }
-        let local = open.local.clone();
-        let mut sink = open
-            .writer
-            .into_inner()
-            .map_err(|e| parquet_err(&local, e))?;
-        sink.flush().map_err(|e| CatalogError::io(&local, e))?;
-        sink.file
-            .get_ref()
-            .sync_all()
-            .map_err(|e| CatalogError::io(&local, e))?;
-        let sha256 = hex::encode(sink.hasher.finalize());
-        let bytes = sink.bytes;
+        let OpenShard { base, groups, rows } = open;
+        let mut files = columns::ColumnFiles::new();
+        let mut pending = groups.into_iter();
+        while let Some((g, file)) = pending.next() {
+            let rel = format!("{DATA_DIR}/part-{}.parquet", uuid::Uuid::now_v7());
+            let table = columns::table_name(&self.dataset_dir, g);
+            let stored = file
+                .store(self.storage.as_ref(), &crate::storage::join(&table, &rel))
+                .await;
+            let (sha256, bytes) = match stored {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&base.local);
+                    for (_, f) in pending {
+                        let _ = std::fs::remove_file(&f.local);
+                    }
+                    return Err(e);
+                }
+            };
+            files.insert(
+                g.to_string(),
+                columns::ColumnFile {
+                    path: rel,
+                    bytes,
+                    sha256,
+                },
+            );
+        }
         let rel = format!("{DATA_DIR}/part-{}.parquet", uuid::Uuid::now_v7());
         let full = crate::storage::join(&self.dataset_dir, &rel);
-        self.storage.put_file(&full, &local).await?;
+        let (sha256, bytes) = base.store(self.storage.as_ref(), &full).await?;
         self.done.push(ShardEntry {
             path: rel,
-            rows: open.rows as u64,
+            rows: rows as u64,
             bytes,
             sha256,
             stage: self.opts.stage.clone(),
@@ -241,6 +326,7 @@ impl ShardWriter {
                 .expect("now is representable"),
             applied: self.opts.applied.clone(),
             units: Vec::new(),
+            columns: files,
         });
         Ok(())
     }
@@ -249,7 +335,10 @@ impl ShardWriter {
 impl Drop for ShardWriter {
     fn drop(&mut self) {
         if let Some(open) = self.open.take() {
-            let _ = std::fs::remove_file(&open.local);
+            let _ = std::fs::remove_file(&open.base.local);
+            for (_, f) in &open.groups {
+                let _ = std::fs::remove_file(&f.local);
+            }
         }
     }
 }
@@ -261,15 +350,17 @@ fn parquet_err(path: &std::path::Path, source: parquet::errors::ParquetError) ->
     }
 }
 
-/// Decodes a whole shard held in memory, checking its size, hash and schema version against the
-/// log entry. `name` is used in errors. `projection` selects columns by name (all if None).
-/// Fails unless every column of `found` is the sample schema's (name, type with nested field
-/// names, nullability), in order.
-fn check_sample_fields(name: &str, found: &arrow::datatypes::Schema) -> Result<()> {
-    let expected = sample_schema();
+/// Fails unless every column of `found` is `expected`'s (name, type with nested field names,
+/// nullability), in order.
+fn check_fields(name: &str, found: &Schema, expected: &Schema) -> Result<()> {
+    let what = if expected.fields().len() == sample_schema().fields().len() {
+        "the sample schema"
+    } else {
+        "its column group's schema"
+    };
     let bad = |reason: String| CatalogError::CorruptShard {
         path: name.to_string(),
-        reason: format!("does not have the sample schema: {reason}"),
+        reason: format!("does not have {what}: {reason}"),
     };
     if found.fields().len() != expected.fields().len() {
         return Err(bad(format!(
@@ -297,23 +388,43 @@ fn check_sample_fields(name: &str, found: &arrow::datatypes::Schema) -> Result<(
     Ok(())
 }
 
+/// Decodes a whole shard's base file held in memory, checking its size, hash and schema against
+/// the log entry. `name` is used in errors. `projection` selects columns by name (all if None).
 pub fn decode_shard(
     name: &str,
     entry: &ShardEntry,
     data: Bytes,
     projection: Option<&[&str]>,
 ) -> Result<Vec<RecordBatch>> {
-    if data.len() as u64 != entry.bytes {
+    decode_file(
+        name,
+        (entry.bytes, &entry.sha256),
+        data,
+        projection,
+        &sample_schema(),
+    )
+}
+
+/// Decodes a whole Parquet file of schema `expected` held in memory, checking its size and hash
+/// (`logged`, as the table log has them) and its schema version. `name` is used in errors.
+pub fn decode_file(
+    name: &str,
+    logged: (u64, &str),
+    data: Bytes,
+    projection: Option<&[&str]>,
+    expected: &SchemaRef,
+) -> Result<Vec<RecordBatch>> {
+    if data.len() as u64 != logged.0 {
         return Err(CatalogError::CorruptShard {
             path: name.to_string(),
-            reason: format!("{} bytes, the table log says {}", data.len(), entry.bytes),
+            reason: format!("{} bytes, the table log says {}", data.len(), logged.0),
         });
     }
     let sha = hex::encode(Sha256::digest(&data));
-    if sha != entry.sha256 {
+    if sha != logged.1 {
         return Err(CatalogError::CorruptShard {
             path: name.to_string(),
-            reason: format!("content SHA-256 {sha}, the table log says {}", entry.sha256),
+            reason: format!("content SHA-256 {sha}, the table log says {}", logged.1),
         });
     }
     let builder =
@@ -325,9 +436,9 @@ pub fn decode_shard(
         name,
         builder.metadata().file_metadata().key_value_metadata(),
     )?;
-    // The whole file must have the sample schema, whatever is projected: `verify` reads one
-    // column and must reject what a full read rejects.
-    check_sample_fields(name, builder.schema())?;
+    // The whole file must have the schema, whatever is projected: `verify` reads one column
+    // and must reject what a full read rejects.
+    check_fields(name, builder.schema(), expected)?;
     let builder = match projection {
         Some(cols) => {
             let schema = builder.schema().clone();
@@ -337,6 +448,8 @@ pub fn decode_shard(
                     CatalogError::InvalidArgument(format!("no column {c:?} in the sample schema"))
                 })?);
             }
+            idx.sort_unstable();
+            idx.dedup();
             let mask = parquet::arrow::ProjectionMask::roots(builder.parquet_schema(), idx);
             builder.with_projection(mask)
         }
@@ -356,10 +469,10 @@ pub fn decode_shard(
                 return Ok(b);
             }
             // Whole rows come back under the canonical schema (with its metadata).
-            b.with_schema(sample_schema())
+            b.with_schema(expected.clone())
                 .map_err(|e| CatalogError::CorruptShard {
                     path: name.to_string(),
-                    reason: format!("does not have the sample schema: {e}"),
+                    reason: format!("does not have the expected schema: {e}"),
                 })
         })
         .collect()

@@ -1,8 +1,11 @@
 //! SQL over a catalog root with DataFusion.
 //!
 //! Tables registered by [`session`]:
-//! - `samples`: the committed shards of the `samples` dataset (latest table version only);
-//! - `shards`: one row per committed shard (dataset, path, rows, bytes, sha256, stage, created_at);
+//! - `samples`: the committed shards of the `samples` dataset (latest table version only), with
+//!   the wide columns of its column groups (see [`crate::columns`]) read from their column files
+//!   only by queries that project them;
+//! - `shards`: one row per committed shard (dataset, path, rows, bytes, column_bytes, sha256,
+//!   stage, created_at);
 //! - `runs`: one row per recorded run (see [`crate::runs`]);
 //! - `history` (on request, [`SessionOptions::history`]): one row per table version.
 //!
@@ -31,10 +34,18 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use futures::StreamExt;
 use parquet::file::metadata::ParquetMetaDataReader;
 
-use crate::dataset::{Dataset, Snapshot};
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::datasource::TableType;
+use datafusion::execution::TaskContext;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
+use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream};
+
+use crate::dataset::{Dataset, ShardEntry, Snapshot};
 use crate::error::{CatalogError, Result};
 use crate::runs::list_runs;
-use crate::schema::sample_schema;
+use crate::schema::{group_of, sample_schema};
 use crate::shard::check_schema_version;
 use crate::storage::{Storage, join};
 
@@ -180,8 +191,167 @@ pub async fn register_snapshot(
     let config = ListingTableConfig::new_with_multi_paths(urls)
         .with_listing_options(options)
         .with_schema(schema);
-    ctx.register_table(table, Arc::new(ListingTable::try_new(config)?))?;
+    let base = Arc::new(ListingTable::try_new(config)?);
+    if snap.shards.iter().all(|s| s.columns.is_empty()) {
+        ctx.register_table(table, base)?;
+    } else {
+        ctx.register_table(
+            table,
+            Arc::new(SamplesTable {
+                base,
+                ds: ds.clone(),
+                shards: Arc::new(snap.shards.clone()),
+            }),
+        )?;
+    }
     Ok(())
+}
+
+/// A dataset with column groups: its base files for queries that project no wide column, and
+/// its shards read whole through [`Dataset::read_shard`] (base and column files, keys checked)
+/// for those that do.
+#[derive(Debug)]
+struct SamplesTable {
+    base: Arc<ListingTable>,
+    ds: Dataset,
+    shards: Arc<Vec<ShardEntry>>,
+}
+
+#[async_trait::async_trait]
+impl TableProvider for SamplesTable {
+    fn schema(&self) -> SchemaRef {
+        self.base.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
+        // The shard-by-shard path does not filter: every filter is applied again above the scan.
+        Ok(self
+            .base
+            .supports_filters_pushdown(filters)?
+            .into_iter()
+            .map(|p| match p {
+                TableProviderFilterPushDown::Exact => TableProviderFilterPushDown::Inexact,
+                other => other,
+            })
+            .collect())
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        let schema = self.schema();
+        let names: Vec<String> = match projection {
+            Some(p) => p.iter().map(|&i| schema.field(i).name().clone()).collect(),
+            None => schema.fields().iter().map(|f| f.name().clone()).collect(),
+        };
+        if !names.iter().any(|n| group_of(n).is_some()) {
+            return self.base.scan(state, projection, filters, limit).await;
+        }
+        // The partitions yield the projected columns only.
+        let schema = match projection {
+            Some(p) => Arc::new(schema.project(p)?),
+            None => schema,
+        };
+        let parts = state
+            .config()
+            .target_partitions()
+            .clamp(1, self.shards.len().max(1));
+        let partitions = (0..parts)
+            .map(|p| {
+                Arc::new(ShardStream {
+                    ds: self.ds.clone(),
+                    shards: self.shards.iter().skip(p).step_by(parts).cloned().collect(),
+                    columns: names.clone(),
+                    schema: schema.clone(),
+                }) as Arc<dyn PartitionStream>
+            })
+            .collect();
+        Ok(Arc::new(StreamingTableExec::try_new(
+            schema,
+            partitions,
+            None,
+            Vec::new(),
+            false,
+            limit,
+        )?))
+    }
+}
+
+/// Some shards of a dataset, read whole (the projected columns) under the projected schema.
+#[derive(Debug)]
+struct ShardStream {
+    ds: Dataset,
+    shards: Vec<ShardEntry>,
+    columns: Vec<String>,
+    schema: SchemaRef,
+}
+
+impl PartitionStream for ShardStream {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let ds = self.ds.clone();
+        let columns = self.columns.clone();
+        let schema = self.schema.clone();
+        let stream = futures::stream::iter(self.shards.clone())
+            .then(move |entry| {
+                let (ds, columns, schema) = (ds.clone(), columns.clone(), schema.clone());
+                async move {
+                    let cols: Vec<&str> = columns.iter().map(String::as_str).collect();
+                    let batches = ds
+                        .read_shard(&entry, Some(&cols))
+                        .await
+                        .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
+                    batches
+                        .iter()
+                        .map(|b| widen(b, &schema))
+                        .collect::<datafusion::error::Result<Vec<_>>>()
+                }
+            })
+            .flat_map(|r| {
+                futures::stream::iter(match r {
+                    Ok(batches) => batches.into_iter().map(Ok).collect::<Vec<_>>(),
+                    Err(e) => vec![Err(e)],
+                })
+            });
+        Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), stream))
+    }
+}
+
+/// `batch` (the columns of `schema`, read from shards) under `schema`: its columns cast to the
+/// schema's types (view types).
+fn widen(batch: &RecordBatch, schema: &SchemaRef) -> datafusion::error::Result<RecordBatch> {
+    let cols = schema
+        .fields()
+        .iter()
+        .map(|f| match batch.column_by_name(f.name()) {
+            Some(c) if c.data_type() == f.data_type() => Ok(c.clone()),
+            Some(c) => Ok(arrow::compute::cast(c, f.data_type())?),
+            None => Err(datafusion::error::DataFusionError::Internal(format!(
+                "column {} was not read",
+                f.name()
+            ))),
+        })
+        .collect::<datafusion::error::Result<Vec<_>>>()?;
+    let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
+    Ok(RecordBatch::try_new_with_options(
+        schema.clone(),
+        cols,
+        &options,
+    )?)
 }
 
 /// Top-level `Utf8`/`Binary` columns as `Utf8View`/`BinaryView`, as DataFusion reads them.
@@ -311,6 +481,7 @@ fn shards_table(ds: &Dataset, snap: &Snapshot) -> Result<MemTable> {
         Field::new("path", DataType::Utf8, false),
         Field::new("rows", DataType::UInt64, false),
         Field::new("bytes", DataType::UInt64, false),
+        Field::new("column_bytes", DataType::UInt64, false),
         Field::new("sha256", DataType::Utf8, false),
         Field::new("stage", DataType::Utf8, false),
         ts_field("created_at"),
@@ -328,6 +499,9 @@ fn shards_table(ds: &Dataset, snap: &Snapshot) -> Result<MemTable> {
         )),
         Arc::new(UInt64Array::from_iter_values(
             snap.shards.iter().map(|s| s.bytes),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            snap.shards.iter().map(|s| s.total_bytes() - s.bytes),
         )),
         Arc::new(StringArray::from_iter_values(
             snap.shards.iter().map(|s| s.sha256.as_str()),

@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use arrow::array::{Array, AsArray, RecordBatch};
 
+use crate::columns;
 use crate::counters::StageCounters;
 use crate::dataset::{Dataset, ShardEntry, Transaction};
 use crate::error::{CatalogError, Result};
@@ -127,21 +128,43 @@ where
                 applied.push(entry.stage.clone());
             }
             applied.push(stage.to_string());
+            // One new shard per old one, so the column files carried over stay row for row
+            // with it (columns invariant 4).
             let mut w = ds.writer(ShardWriterOptions {
                 stage: stage.to_string(),
                 applied,
+                max_rows: usize::MAX,
+                target_bytes: u64::MAX,
                 ..writer.clone()
             });
             let mut rows = 0u64;
             for b in batches {
                 let out = f(b.clone()).await?;
-                let merged = overlay(&b, &out)?;
+                // Wide columns the stage did not set stay in their column files.
+                let kept = columns::without_wide(&b, &columns::groups_in(&out.schema()))?;
+                let merged = overlay(&kept, &out)?;
                 rows += merged.num_rows() as u64;
                 w.write(&merged).await?;
             }
             let mut add = w.finish().await?;
+            if add.len() > 1 {
+                ds.discard(&add).await;
+                return Err(CatalogError::SchemaMismatch(format!(
+                    "stage {stage} set different wide columns in different batches of shard {}",
+                    entry.path
+                )));
+            }
             for a in &mut add {
                 a.units = entry.units.clone();
+                for (g, file) in &entry.columns {
+                    a.columns.entry(g.clone()).or_insert_with(|| file.clone());
+                }
+            }
+            if add.is_empty() && entry.rows > 0 {
+                return Err(CatalogError::SchemaMismatch(format!(
+                    "stage {stage} wrote no rows for shard {} ({} rows)",
+                    entry.path, entry.rows
+                )));
             }
             Ok((add, rows))
         }
@@ -204,10 +227,16 @@ async fn commit_group(
                     .iter()
                     .position(|p| p.0.path == path)
                     .expect("the gone shard is one of the group's");
-                let (_, add, _) = group.pairs.remove(i);
-                for a in &add {
-                    let _ = ds.storage().delete(&ds.shard_path(a)).await;
-                }
+                let (old, add, _) = group.pairs.remove(i);
+                // Column files carried over from the old shard are not this rewrite's to delete.
+                let own: Vec<ShardEntry> = add
+                    .into_iter()
+                    .map(|mut a| {
+                        a.columns.retain(|g, f| old.columns.get(g) != Some(f));
+                        a
+                    })
+                    .collect();
+                ds.discard(&own).await;
                 report.shards_lost_race += 1;
             }
             Err(e) => return Err(e),

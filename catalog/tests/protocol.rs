@@ -8,7 +8,7 @@ use llamagen_catalog::arrow::array::{
     StringArray, StructArray,
 };
 use llamagen_catalog::arrow::buffer::OffsetBuffer;
-use llamagen_catalog::arrow::datatypes::{DataType, Field};
+use llamagen_catalog::arrow::datatypes::{DataType, Field, Int64Type};
 use llamagen_catalog::schema::image_fields;
 use llamagen_catalog::storage::{LocalStorage, MemoryStorage, Storage};
 use llamagen_catalog::{Catalog, CatalogError, Dataset, ShardWriterOptions, Transaction, sql};
@@ -444,8 +444,11 @@ async fn wide_columns_are_not_read_unless_projected() {
     let mut w = ds.writer(ShardWriterOptions::default());
     w.write(&b).await.unwrap();
     let add = w.finish().await.unwrap();
-    let file_bytes = add[0].bytes;
-    assert!(file_bytes > 6_000_000, "{file_bytes}");
+    // The images are in the shard's column file of group "images", not in its base file.
+    let base_bytes = add[0].bytes;
+    assert!(base_bytes < 64 * 1024, "{base_bytes}");
+    let column_bytes = add[0].columns["images"].bytes;
+    assert!(column_bytes > 6_000_000, "{column_bytes}");
     ds.commit(Transaction {
         operation: "t".into(),
         add,
@@ -479,12 +482,26 @@ async fn wide_columns_are_not_read_unless_projected() {
         "SELECT status, count(*) FROM samples GROUP BY status",
     )
     .await;
-    let wide = scanned(storage, "SELECT max(images[1]['data']) FROM samples").await;
     assert!(
         narrow > 0 && narrow < 64 * 1024,
         "narrow query scanned {narrow} bytes"
     );
-    assert!(wide > 6_000_000, "wide query scanned only {wide} bytes");
+    // A query that projects a wide column reads it from the column file.
+    let ctx = sql::session(storage).await.unwrap();
+    let (_, out) = sql::query(
+        &ctx,
+        "SELECT max(images[1]['data']) AS m, count(images) AS n FROM samples",
+    )
+    .await
+    .unwrap();
+    let m = out[0].column(0);
+    let m = llamagen_catalog::arrow::compute::cast(m, &DataType::Binary).unwrap();
+    assert_eq!(
+        m.as_binary::<i32>().value(0),
+        blobs.iter().max().unwrap().as_slice()
+    );
+    let count = llamagen_catalog::arrow::compute::cast(out[0].column(1), &DataType::Int64).unwrap();
+    assert_eq!(count.as_primitive::<Int64Type>().value(0), n as i64);
 }
 
 #[tokio::test]
@@ -758,4 +775,232 @@ async fn checkpoints_keep_cold_reads_exact() {
     assert!(before.shards.iter().any(|s| s.path == first.path));
     assert_eq!(before.shards.len(), 104);
     assert_eq!(count(storage, "SELECT count(*) FROM samples").await, 208);
+}
+
+/// A `t5_long` column of `n` feature matrices, every byte `fill`.
+fn t5_column(n: usize, fill: u8) -> ArrayRef {
+    Arc::new(StructArray::new(
+        llamagen_catalog::schema::embedding_fields(),
+        vec![
+            Arc::new(Int32Array::from(vec![2; n])) as ArrayRef,
+            Arc::new(Int32Array::from(vec![4; n])),
+            Arc::new(StringArray::from(vec!["f16"; n])),
+            Arc::new(BinaryArray::from_iter_values(
+                (0..n).map(|_| vec![fill; 16]),
+            )),
+        ],
+        None,
+    ))
+}
+
+/// The live file paths of a dataset's column-group table.
+async fn group_files(ds: &Dataset, group: &str) -> Vec<String> {
+    let t = ds.group_table(group).unwrap();
+    t.snapshot()
+        .await
+        .unwrap()
+        .shards
+        .into_iter()
+        .map(|s| s.path)
+        .collect()
+}
+
+#[tokio::test]
+async fn column_groups_are_written_once_and_gc_repairs_their_tables() {
+    use llamagen_catalog::stage::{map_shards, map_shards_where};
+    let dir = tempfile::tempdir().unwrap();
+    let storage: Arc<dyn Storage> = Arc::new(LocalStorage::new(dir.path()).unwrap());
+    let ds = Catalog::from_storage(storage.clone()).samples();
+    write_and_commit(&ds, "a", 10, None).await.unwrap();
+    let set_t5 = |fill: u8| {
+        move |b: RecordBatch| async move {
+            Ok(RecordBatch::try_from_iter(vec![
+                ("key", b.column_by_name("key").unwrap().clone()),
+                ("t5_long", t5_column(b.num_rows(), fill)),
+            ])?)
+        }
+    };
+    map_shards(
+        &ds,
+        "t5",
+        (0, 1),
+        ShardWriterOptions::default(),
+        set_t5(1),
+        |_, _| {},
+    )
+    .await
+    .unwrap();
+    let first = ds.snapshot().await.unwrap().shards[0].columns["t5"].clone();
+    assert_eq!(group_files(&ds, "t5").await, vec![first.path.clone()]);
+
+    // A later stage copies the narrow base file only; the column file is carried over.
+    let score = |b: RecordBatch| async move {
+        Ok(RecordBatch::try_from_iter(vec![
+            ("key", b.column_by_name("key").unwrap().clone()),
+            (
+                "score_nsfw",
+                Arc::new(Float32Array::from(vec![0.5f32; b.num_rows()])) as ArrayRef,
+            ),
+        ])?)
+    };
+    map_shards(
+        &ds,
+        "score",
+        (0, 1),
+        ShardWriterOptions::default(),
+        score,
+        |_, _| {},
+    )
+    .await
+    .unwrap();
+    let snap = ds.snapshot().await.unwrap();
+    assert_eq!(snap.shards[0].columns["t5"], first);
+    let back = ds.read_shard(&snap.shards[0], None).await.unwrap();
+    let t5 = back[0].column_by_name("t5_long").unwrap().as_struct();
+    assert_eq!(t5.column(3).as_binary::<i32>().value(9), &[1u8; 16]);
+    assert_eq!(
+        back[0]
+            .column_by_name("score_nsfw")
+            .unwrap()
+            .as_primitive::<llamagen_catalog::arrow::datatypes::Float32Type>()
+            .value(0),
+        0.5
+    );
+    assert_eq!(
+        count(storage.clone(), "SELECT count(t5_long) FROM samples").await,
+        10
+    );
+
+    // Setting the group again writes a new column file and replaces the old in the group table.
+    map_shards_where(
+        &ds,
+        "t5",
+        (0, 1),
+        ShardWriterOptions::default(),
+        |_| true,
+        set_t5(2),
+        |_, _| {},
+    )
+    .await
+    .unwrap();
+    let second = ds.snapshot().await.unwrap().shards[0].columns["t5"].clone();
+    assert_ne!(second, first);
+    assert_eq!(group_files(&ds, "t5").await, vec![second.path.clone()]);
+    let ctx = sql::session(storage.clone()).await.unwrap();
+    let (_, out) = sql::query(&ctx, "SELECT min(t5_long['data']) AS d FROM samples")
+        .await
+        .unwrap();
+    let d = llamagen_catalog::arrow::compute::cast(out[0].column(0), &DataType::Binary).unwrap();
+    assert_eq!(d.as_binary::<i32>().value(0), &[2u8; 16]);
+
+    // A group table that lags its dataset (a writer killed between the two commits), and a
+    // column file nobody committed: gc brings the table back and deletes only the orphans.
+    ds.group_table("t5")
+        .unwrap()
+        .commit(Transaction {
+            operation: "lag".into(),
+            remove: vec![second.path.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(group_files(&ds, "t5").await.is_empty());
+    let mut w = ds.writer(ShardWriterOptions::default());
+    let mut orphan = rows("orphan", 3);
+    orphan = RecordBatch::try_from_iter(
+        orphan
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .zip(orphan.columns().iter().cloned())
+            .chain([("t5_long".to_string(), t5_column(3, 9))]),
+    )
+    .unwrap();
+    w.write(&orphan).await.unwrap();
+    let orphan = w.finish().await.unwrap();
+    let orphan_file = format!("samples.t5/{}", orphan[0].columns["t5"].path);
+    let r = ds.gc(Duration::ZERO, false).await.unwrap();
+    assert_eq!(r.column_entries_added, 1);
+    assert_eq!(group_files(&ds, "t5").await, vec![second.path.clone()]);
+    assert!(
+        r.orphan_shards.contains(&orphan_file),
+        "{:?}",
+        r.orphan_shards
+    );
+    assert!(
+        r.orphan_shards
+            .contains(&format!("samples.t5/{}", first.path)),
+        "{:?}",
+        r.orphan_shards
+    );
+    assert!(storage.get(&orphan_file).await.is_err());
+    assert!(
+        storage
+            .get(&format!("samples.t5/{}", second.path))
+            .await
+            .is_ok()
+    );
+    let snap = ds.snapshot().await.unwrap();
+    assert!(ds.verify().await.unwrap().is_empty());
+    let back = ds
+        .read_shard(&snap.shards[0], Some(&["t5_long"]))
+        .await
+        .unwrap();
+    assert_eq!(back[0].num_columns(), 1);
+    assert_eq!(
+        back[0]
+            .column(0)
+            .as_struct()
+            .column(3)
+            .as_binary::<i32>()
+            .value(0),
+        &[2u8; 16]
+    );
+}
+
+#[tokio::test]
+async fn a_column_file_that_does_not_match_its_base_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage: Arc<dyn Storage> = Arc::new(LocalStorage::new(dir.path()).unwrap());
+    let ds = Catalog::from_storage(storage.clone()).samples();
+    let with_t5 = |prefix: &str| {
+        let b = rows(prefix, 4);
+        RecordBatch::try_from_iter(
+            b.schema()
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .zip(b.columns().iter().cloned())
+                .chain([("t5_long".to_string(), t5_column(4, 1))]),
+        )
+        .unwrap()
+    };
+    let mut w = ds.writer(ShardWriterOptions::default());
+    w.write(&with_t5("a")).await.unwrap();
+    let mut a = w.finish().await.unwrap();
+    let mut w = ds.writer(ShardWriterOptions::default());
+    w.write(&with_t5("b")).await.unwrap();
+    let b = w.finish().await.unwrap();
+    // Shard a naming shard b's column file: same rows, other keys.
+    a[0].columns = b[0].columns.clone();
+    ds.commit(Transaction {
+        operation: "t".into(),
+        add: a,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let snap = ds.snapshot().await.unwrap();
+    let e = ds
+        .read_shard(&snap.shards[0], None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("samples.t5/data/part-") && e.contains("row 0 has key \"b-00000\""),
+        "{e}"
+    );
+    let problems = ds.verify().await.unwrap();
+    assert_eq!(problems.len(), 1, "{problems:?}");
 }

@@ -165,7 +165,16 @@ async fn pyarrow_reads_back_identical_values() {
     let mut w = ds.writer(ShardWriterOptions::default());
     w.write(&batch).await.unwrap();
     let add = w.finish().await.unwrap();
-    let path = local.path_of(&ds.shard_path(&add[0]));
+    // A shard is its base file and one column file per group it carries (images, t5, vq).
+    assert_eq!(
+        add[0].columns.keys().collect::<Vec<_>>(),
+        vec!["images", "t5", "vq"]
+    );
+    let mut paths = vec![local.path_of(&ds.shard_path(&add[0]))];
+    for (g, f) in &add[0].columns {
+        let table = llamagen_catalog::columns::table_name(ds.name(), g);
+        paths.push(local.path_of(&format!("{table}/{}", f.path)));
+    }
     ds.commit(Transaction {
         operation: "t".into(),
         add,
@@ -174,7 +183,7 @@ async fn pyarrow_reads_back_identical_values() {
     .await
     .unwrap();
 
-    let (head, rows) = dump("dump_shard.py", &path);
+    let (head, rows) = dump("dump_shard.py", &paths);
     assert_eq!(head["schema_version"], "2");
     let names: Vec<String> = sample_schema()
         .fields()
@@ -222,7 +231,7 @@ async fn pyarrow_reads_back_identical_values() {
     .await
     .unwrap();
     assert_eq!(r.shards_rewritten, 1);
-    let (head, rows) = dump("dump_delta.py", &dir.path().join("samples"));
+    let (head, rows) = dump("dump_delta.py", &[dir.path().join("samples")]);
     let versions = ds.versions().await.unwrap();
     assert_eq!(versions, vec![0, 1, 2]);
     assert_eq!(head["versions"], json!(versions));
@@ -232,6 +241,8 @@ async fn pyarrow_reads_back_identical_values() {
         json!(["CREATE TABLE", "WRITE", "UPDATE"])
     );
     assert_eq!(head["stages"], json!([Value::Null, "t", "label"]));
+    // The column files were written once, by the first commit: the stage pass carried them over.
+    assert_eq!(head["groups"], json!({"images": 1, "t5": 1, "vq": 1}));
     assert_eq!(head["schema_version"], "2");
     assert_eq!(head["columns"], json!(names));
     assert_eq!(rows.len(), n);
@@ -241,15 +252,15 @@ async fn pyarrow_reads_back_identical_values() {
     check_rows(&rows, &expect);
 }
 
-/// Runs `tests/python/<script> <path>`; returns its first JSON line and the rows after it.
-fn dump(script: &str, path: &std::path::Path) -> (Value, Vec<Value>) {
+/// Runs `tests/python/<script> <paths>`; returns its first JSON line and the rows after it.
+fn dump(script: &str, paths: &[std::path::PathBuf]) -> (Value, Vec<Value>) {
     let out = Command::new(llamagen_tests::python())
         .arg(
             llamagen_tests::workspace()
                 .join("tests/python")
                 .join(script),
         )
-        .arg(path)
+        .args(paths)
         .output()
         .unwrap();
     assert!(
