@@ -107,6 +107,15 @@ pub enum CatalogError {
 
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+
+    /// An error of another library or stage, kept whole (a stage's own error type is recovered by
+    /// `downcast`).
+    #[error("{context}: {source}")]
+    External {
+        context: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
 }
 
 pub type Result<T, E = CatalogError> = std::result::Result<T, E>;

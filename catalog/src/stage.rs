@@ -1,4 +1,16 @@
-//! Stages that add columns to existing samples: copy-on-write shard rewrites.
+//! Stages that add columns to existing samples: one contract for all of them ([`Stage`], run by
+//! [`run_stage`]) over copy-on-write shard rewrites ([`map_shards`]).
+//!
+//! The stage contract:
+//! - A stage has a name, recorded in each shard it processed ([`ShardEntry::applied`]); it says
+//!   which shards need it (by default: those that do not list its name); it maps a batch of whole
+//!   sample rows to the columns it sets for them, adding what it did to the stage counters. That
+//!   is all a stage knows: which shards a run selects (worker share, required earlier stages),
+//!   commits, progress and counters' bookkeeping are the runner's.
+//! - Its batch function runs on a blocking thread (stages compute for seconds per batch), so the
+//!   runtime stays free for I/O, lease renewals and progress.
+//! - Its errors come back from [`run_stage`] as [`CatalogError::External`] holding the stage's own
+//!   error, which the stage's crate recovers with `downcast`.
 //!
 //! Rules of [`map_shards`]:
 //! - A stage named `s` rewrites each committed shard that does not list `s` in its
@@ -20,6 +32,7 @@
 //!   order) holding the columns it sets; columns it does not return are carried over unchanged.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Instant;
 
 use arrow::array::{Array, AsArray, RecordBatch};
@@ -318,4 +331,83 @@ pub fn count_rows(counters: &mut StageCounters, batch: &RecordBatch) {
             }
         }
     }
+}
+
+/// The error type a stage's batch function returns.
+pub type StageError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// One stage of the pipeline (see the module's stage contract).
+pub trait Stage: Send + Sync + 'static {
+    /// The name recorded in the shards it processed.
+    fn name(&self) -> String;
+
+    /// Whether `entry` needs this stage (default: it does not list the stage yet).
+    fn needs(&self, entry: &ShardEntry) -> bool {
+        let name = self.name();
+        !entry.applied.iter().any(|s| *s == name)
+    }
+
+    /// The columns this stage sets for `batch` (whole rows): a batch of the same rows, in the same
+    /// order, with `key` and the columns it sets; what it did goes into `counters`.
+    fn process(
+        &self,
+        batch: &RecordBatch,
+        counters: &mut StageCounters,
+    ) -> std::result::Result<RecordBatch, StageError>;
+}
+
+/// What a [`run_stage`] run did: the shards and rows, and the stage's counters.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StageRun {
+    pub stage: String,
+    pub map: MapReport,
+    pub counters: StageCounters,
+}
+
+/// Runs `stage` over the selected shards of `ds` that need it (see the stage contract).
+/// `on_shard` is told after each commit.
+pub async fn run_stage(
+    ds: &Dataset,
+    stage: Arc<dyn Stage>,
+    selection: impl Into<ShardSelection>,
+    writer: ShardWriterOptions,
+    on_shard: impl FnMut(&ShardEntry, u64),
+) -> Result<StageRun> {
+    let name = stage.name();
+    let counters = Arc::new(std::sync::Mutex::new(StageCounters::new(&name)));
+    let needs = {
+        let stage = stage.clone();
+        move |e: &ShardEntry| stage.needs(e)
+    };
+    let run = {
+        let counters = counters.clone();
+        let name = name.clone();
+        move |batch: RecordBatch| {
+            let (stage, counters, name) = (stage.clone(), counters.clone(), name.clone());
+            async move {
+                let done = tokio::task::spawn_blocking(move || {
+                    let mut local = StageCounters::new(&name);
+                    let out = stage.process(&batch, &mut local);
+                    (out, local)
+                })
+                .await;
+                let (out, local) = done.map_err(|e| CatalogError::External {
+                    context: "stage task".into(),
+                    source: Box::new(e),
+                })?;
+                counters.lock().expect("counters").merge(&local);
+                out.map_err(|source| CatalogError::External {
+                    context: format!("stage {}", local.stage),
+                    source,
+                })
+            }
+        }
+    };
+    let map = map_shards_where(ds, &name, selection, writer, needs, run, on_shard).await?;
+    let counters = counters.lock().expect("counters").clone();
+    Ok(StageRun {
+        stage: name,
+        map,
+        counters,
+    })
 }

@@ -98,3 +98,21 @@ impl EncodeError {
         }
     }
 }
+
+impl EncodeError {
+    /// A stage run's error: the stage's own error where the catalog's runner carried one.
+    pub fn from_catalog(e: llamagen_catalog::CatalogError) -> Self {
+        match e {
+            llamagen_catalog::CatalogError::External { context, source } => {
+                match source.downcast::<EncodeError>() {
+                    Ok(own) => *own,
+                    Err(source) => EncodeError::Catalog(llamagen_catalog::CatalogError::External {
+                        context,
+                        source,
+                    }),
+                }
+            }
+            e => EncodeError::Catalog(e),
+        }
+    }
+}

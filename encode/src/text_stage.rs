@@ -422,15 +422,64 @@ pub fn embed_batch(
     ])
 }
 
-/// What a stage run did: shards and rows, and the stage counters.
-#[derive(Debug, serde::Serialize)]
-pub struct StageRun {
-    pub map: llamagen_catalog::stage::MapReport,
-    pub counters: StageCounters,
+pub use llamagen_catalog::stage::StageRun;
+use llamagen_catalog::stage::{Stage, StageError};
+
+/// The `captions` stage: [`caption_batch`] under the catalog's stage contract.
+pub struct CaptionsStage {
+    pub index: Arc<CaptionIndex>,
+    pub fallbacks: Vec<Fallback>,
 }
 
-fn stage_error(stage: &str, e: EncodeError) -> llamagen_catalog::CatalogError {
-    llamagen_catalog::CatalogError::InvalidArgument(format!("{stage} stage: {e}"))
+impl Stage for CaptionsStage {
+    fn name(&self) -> String {
+        CAPTIONS_STAGE.into()
+    }
+
+    fn process(
+        &self,
+        batch: &RecordBatch,
+        counters: &mut StageCounters,
+    ) -> std::result::Result<RecordBatch, StageError> {
+        Ok(caption_batch(
+            batch,
+            &self.index,
+            &self.fallbacks,
+            counters,
+        )?)
+    }
+}
+
+/// The `t5` stage: [`embed_batch`] under the catalog's stage contract.
+pub struct T5Stage {
+    pub encoder: Arc<TextEncoder>,
+    pub dtype: StoreDtype,
+}
+
+impl Stage for T5Stage {
+    fn name(&self) -> String {
+        T5_STAGE.into()
+    }
+
+    fn process(
+        &self,
+        batch: &RecordBatch,
+        counters: &mut StageCounters,
+    ) -> std::result::Result<RecordBatch, StageError> {
+        Ok(embed_batch(batch, &self.encoder, self.dtype, counters)?)
+    }
+}
+
+/// Runs an encode stage with the catalog's runner; its own errors come back as they were.
+pub async fn run(
+    ds: &llamagen_catalog::Dataset,
+    stage: Arc<dyn Stage>,
+    selection: impl Into<llamagen_catalog::stage::ShardSelection>,
+    on_shard: impl FnMut(&llamagen_catalog::ShardEntry, u64),
+) -> Result<StageRun> {
+    llamagen_catalog::stage::run_stage(ds, stage, selection, Default::default(), on_shard)
+        .await
+        .map_err(EncodeError::from_catalog)
 }
 
 /// Runs the `captions` stage over the shards of `ds` not yet processed by it.
@@ -439,69 +488,31 @@ pub async fn run_captions(
     index: Arc<CaptionIndex>,
     fallbacks: Vec<Fallback>,
     partition: impl Into<llamagen_catalog::stage::ShardSelection>,
-    mut on_shard: impl FnMut(&llamagen_catalog::ShardEntry, u64),
+    on_shard: impl FnMut(&llamagen_catalog::ShardEntry, u64),
 ) -> Result<StageRun> {
-    let counters = Arc::new(std::sync::Mutex::new(StageCounters::new(CAPTIONS_STAGE)));
-    let c2 = counters.clone();
-    let fallbacks = Arc::new(fallbacks);
-    let map = llamagen_catalog::stage::map_shards(
+    run(
         ds,
-        CAPTIONS_STAGE,
+        Arc::new(CaptionsStage { index, fallbacks }),
         partition,
-        Default::default(),
-        move |batch| {
-            let (index, fallbacks, counters) = (index.clone(), fallbacks.clone(), c2.clone());
-            async move {
-                let mut c = counters.lock().expect("counters");
-                caption_batch(&batch, &index, &fallbacks, &mut c)
-                    .map_err(|e| stage_error(CAPTIONS_STAGE, e))
-            }
-        },
-        |e, rows| on_shard(e, rows),
+        on_shard,
     )
-    .await?;
-    let counters = counters.lock().expect("counters").clone();
-    Ok(StageRun { map, counters })
+    .await
 }
 
-/// Runs the `t5` stage over the shards of `ds` not yet processed by it.
+/// Runs the `t5` stage over the shards of `ds` not yet processed by it. The encoder computes
+/// for seconds per batch, on a blocking thread (the stage contract).
 pub async fn run_t5(
     ds: &llamagen_catalog::Dataset,
     encoder: Arc<TextEncoder>,
     dtype: StoreDtype,
     partition: impl Into<llamagen_catalog::stage::ShardSelection>,
-    mut on_shard: impl FnMut(&llamagen_catalog::ShardEntry, u64),
+    on_shard: impl FnMut(&llamagen_catalog::ShardEntry, u64),
 ) -> Result<StageRun> {
-    let counters = Arc::new(std::sync::Mutex::new(StageCounters::new(T5_STAGE)));
-    let c2 = counters.clone();
-    let map = llamagen_catalog::stage::map_shards(
+    run(
         ds,
-        T5_STAGE,
+        Arc::new(T5Stage { encoder, dtype }),
         partition,
-        Default::default(),
-        move |batch| {
-            let (encoder, counters) = (encoder.clone(), c2.clone());
-            async move {
-                // The encoder computes for seconds per batch: on a blocking thread, so the
-                // runtime's workers stay free for the lease renewer and the shard I/O.
-                let res = tokio::task::spawn_blocking(move || {
-                    let mut local = StageCounters::new(T5_STAGE);
-                    let out = embed_batch(&batch, &encoder, dtype, &mut local);
-                    (out, local)
-                })
-                .await;
-                let (out, local) = res.map_err(|e| {
-                    llamagen_catalog::CatalogError::InvalidArgument(format!(
-                        "t5 stage: encoding task failed: {e}"
-                    ))
-                })?;
-                counters.lock().expect("counters").merge(&local);
-                out.map_err(|e| stage_error(T5_STAGE, e))
-            }
-        },
-        |e, rows| on_shard(e, rows),
+        on_shard,
     )
-    .await?;
-    let counters = counters.lock().expect("counters").clone();
-    Ok(StageRun { map, counters })
+    .await
 }

@@ -480,6 +480,34 @@ pub fn vq_batch(
     .map_err(|e| bad(format!("building the output batch: {e}")))
 }
 
+/// The `vq` stage: [`vq_batch`] under the catalog's stage contract.
+pub struct VqStage {
+    pub model: Arc<VqModel>,
+    pub cfg: VqStageConfig,
+}
+
+impl VqStage {
+    /// Checks that `cfg` fits `model`.
+    pub fn new(model: Arc<VqModel>, cfg: VqStageConfig) -> Result<Self> {
+        cfg.check(&model)?;
+        Ok(VqStage { model, cfg })
+    }
+}
+
+impl llamagen_catalog::stage::Stage for VqStage {
+    fn name(&self) -> String {
+        self.cfg.stage_name()
+    }
+
+    fn process(
+        &self,
+        batch: &RecordBatch,
+        counters: &mut StageCounters,
+    ) -> std::result::Result<RecordBatch, llamagen_catalog::stage::StageError> {
+        Ok(vq_batch(batch, &self.model, &self.cfg, counters)?)
+    }
+}
+
 /// Runs the `vq` stage over the selected shards of `ds` not yet encoded with these weights and
 /// views. Encoding runs on blocking threads (candle uses every core for one batch).
 pub async fn run_vq(
@@ -487,60 +515,8 @@ pub async fn run_vq(
     model: Arc<VqModel>,
     cfg: VqStageConfig,
     selection: impl Into<llamagen_catalog::stage::ShardSelection>,
-    mut on_shard: impl FnMut(&llamagen_catalog::ShardEntry, u64),
+    on_shard: impl FnMut(&llamagen_catalog::ShardEntry, u64),
 ) -> Result<crate::text_stage::StageRun> {
-    let stage = cfg.stage_name();
-    cfg.check(&model)?;
-    let counters = Arc::new(std::sync::Mutex::new(StageCounters::new(&stage)));
-    let c2 = counters.clone();
-    let cfg = Arc::new(cfg);
-    // The stage's own error, kept while the catalog carries a generic one.
-    let failure: Arc<std::sync::Mutex<Option<EncodeError>>> = Default::default();
-    let f2 = failure.clone();
-    let map = llamagen_catalog::stage::map_shards(
-        ds,
-        &stage,
-        selection,
-        Default::default(),
-        move |batch| {
-            let (model, cfg, counters, failure) =
-                (model.clone(), cfg.clone(), c2.clone(), f2.clone());
-            async move {
-                let res = tokio::task::spawn_blocking(move || {
-                    let mut local = StageCounters::new(&cfg.stage_name());
-                    let out = vq_batch(&batch, &model, &cfg, &mut local);
-                    (out, local)
-                })
-                .await;
-                let (out, local) = match res {
-                    Ok(v) => v,
-                    Err(e) => {
-                        return Err(llamagen_catalog::CatalogError::InvalidArgument(format!(
-                            "vq stage: encoding task failed: {e}"
-                        )));
-                    }
-                };
-                counters.lock().expect("counters").merge(&local);
-                out.map_err(|e| {
-                    let msg = format!("vq stage: {e}");
-                    *failure.lock().expect("failure") = Some(e);
-                    llamagen_catalog::CatalogError::InvalidArgument(msg)
-                })
-            }
-        },
-        |e, rows| on_shard(e, rows),
-    )
-    .await;
-    let map = match map {
-        Ok(m) => m,
-        Err(e) => {
-            return Err(failure
-                .lock()
-                .expect("failure")
-                .take()
-                .unwrap_or(EncodeError::Catalog(e)));
-        }
-    };
-    let counters = counters.lock().expect("counters").clone();
-    Ok(crate::text_stage::StageRun { map, counters })
+    let stage = Arc::new(VqStage::new(model, cfg)?);
+    crate::text_stage::run(ds, stage, selection, on_shard).await
 }

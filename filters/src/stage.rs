@@ -23,7 +23,7 @@ use llamagen_catalog::arrow::datatypes::{
     DataType, Field, Float32Type, Int32Type, Int64Type, Schema,
 };
 use llamagen_catalog::schema::{col, provenance_fields};
-use llamagen_catalog::stage::{MapReport, map_shards, map_shards_where};
+use llamagen_catalog::stage::{MapReport, Stage, StageError, run_stage};
 use llamagen_catalog::{Dataset, ShardEntry, ShardWriterOptions, StageCounters};
 use sha2::{Digest, Sha256};
 
@@ -37,26 +37,6 @@ pub const PROVENANCE_STAGE: &str = "filters";
 pub const SCORE_STAGE_PREFIX: &str = "filters-score-";
 /// Prefix of the verdict stage's name.
 pub const APPLY_STAGE_PREFIX: &str = "filters-apply-";
-
-/// Carries a stage's own error through the catalog's `map_shards`, which speaks `CatalogError`.
-#[derive(Clone, Default)]
-struct Stash(Arc<std::sync::Mutex<Option<FilterError>>>);
-
-impl Stash {
-    fn put(&self, e: FilterError) -> llamagen_catalog::CatalogError {
-        let msg = e.to_string();
-        *self.0.lock().expect("stash") = Some(e);
-        llamagen_catalog::CatalogError::InvalidArgument(msg)
-    }
-
-    fn take_or(&self, e: llamagen_catalog::CatalogError) -> FilterError {
-        self.0
-            .lock()
-            .expect("stash")
-            .take()
-            .unwrap_or(FilterError::Catalog(e))
-    }
-}
 
 /// Name of the scoring stage for `scorer`'s models.
 pub fn score_stage_name(scorer: &Scorer) -> String {
@@ -298,6 +278,97 @@ pub struct ScoreReport {
     pub timings: Timings,
 }
 
+/// The scoring stage: [`score_batch`] under the catalog's stage contract, adding up the scorer's
+/// timings.
+pub struct ScoreStage {
+    pub scorer: Arc<Scorer>,
+    timings: std::sync::Mutex<Timings>,
+}
+
+impl ScoreStage {
+    pub fn new(scorer: Arc<Scorer>) -> Result<Self> {
+        if scorer.is_empty() {
+            return Err(FilterError::Config(
+                "no scorer configured: give CLIP, ViT-L/14 or watermark models".into(),
+            ));
+        }
+        Ok(ScoreStage {
+            scorer,
+            timings: Default::default(),
+        })
+    }
+
+    /// The scorer's timings over every batch so far.
+    pub fn timings(&self) -> Timings {
+        self.timings.lock().expect("timings").clone()
+    }
+}
+
+impl Stage for ScoreStage {
+    fn name(&self) -> String {
+        score_stage_name(&self.scorer)
+    }
+
+    fn process(
+        &self,
+        batch: &RecordBatch,
+        counters: &mut StageCounters,
+    ) -> std::result::Result<RecordBatch, StageError> {
+        let rows = batch.num_rows() as u64;
+        let (out, t, errors) = score_batch(&self.scorer, batch)?;
+        counters.received += rows;
+        counters.written += rows;
+        for (k, v) in errors {
+            *counters.errors.entry(k).or_default() += v;
+        }
+        counters.add_extra("images_scored", t.images);
+        self.timings.lock().expect("timings").add(&t);
+        Ok(out)
+    }
+}
+
+/// The verdict stage: [`apply_batch`] with thresholds `t`, on every shard that needs it
+/// ([`needs_apply`]).
+pub struct ApplyStage {
+    pub thresholds: Thresholds,
+}
+
+impl Stage for ApplyStage {
+    fn name(&self) -> String {
+        apply_stage_name(&self.thresholds)
+    }
+
+    fn needs(&self, entry: &ShardEntry) -> bool {
+        needs_apply(entry, &self.name())
+    }
+
+    fn process(
+        &self,
+        batch: &RecordBatch,
+        counters: &mut StageCounters,
+    ) -> std::result::Result<RecordBatch, StageError> {
+        Ok(apply_batch(&self.thresholds, batch, counters)?)
+    }
+}
+
+impl FilterError {
+    /// A stage run's error: the stage's own error where the catalog's runner carried one.
+    pub fn from_catalog(e: llamagen_catalog::CatalogError) -> Self {
+        match e {
+            llamagen_catalog::CatalogError::External { context, source } => {
+                match source.downcast::<FilterError>() {
+                    Ok(own) => *own,
+                    Err(source) => FilterError::Catalog(llamagen_catalog::CatalogError::External {
+                        context,
+                        source,
+                    }),
+                }
+            }
+            e => FilterError::Catalog(e),
+        }
+    }
+}
+
 /// Scores every shard of `ds` not yet scored by these models (see the module invariants).
 /// `on_shard(rows)` is called after each committed shard.
 pub async fn score_catalog(
@@ -306,64 +377,24 @@ pub async fn score_catalog(
     partition: impl Into<llamagen_catalog::stage::ShardSelection>,
     mut on_shard: impl FnMut(u64),
 ) -> Result<ScoreReport> {
-    if scorer.is_empty() {
-        return Err(FilterError::Config(
-            "no scorer configured: give CLIP, ViT-L/14 or watermark models".into(),
-        ));
-    }
-    let stage = score_stage_name(&scorer);
-    let acc = Arc::new(std::sync::Mutex::new((
-        StageCounters::new(&stage),
-        Timings::default(),
-    )));
-    let stash = Stash::default();
-    let map = {
-        let acc = acc.clone();
-        let stash_in = stash.clone();
-        map_shards(
-            ds,
-            &stage,
-            partition,
-            ShardWriterOptions::default(),
-            move |batch| {
-                let scorer = scorer.clone();
-                let acc = acc.clone();
-                let stash = stash_in.clone();
-                async move {
-                    let rows = batch.num_rows() as u64;
-                    let res = tokio::task::spawn_blocking(move || score_batch(&scorer, &batch))
-                        .await
-                        .unwrap_or_else(|e| {
-                            Err(FilterError::Config(format!("scoring task panicked: {e}")))
-                        });
-                    let (out, t, errors) = match res {
-                        Ok(v) => v,
-                        Err(e) => return Err(stash.put(e)),
-                    };
-                    let mut g = acc.lock().expect("counters");
-                    g.0.received += rows;
-                    g.0.written += rows;
-                    for (k, v) in errors {
-                        *g.0.errors.entry(k).or_default() += v;
-                    }
-                    g.0.add_extra("images_scored", t.images);
-                    g.1.add(&t);
-                    Ok(out)
-                }
-            },
-            |_e: &ShardEntry, rows| on_shard(rows),
-        )
-        .await
-        .map_err(|e| stash.take_or(e))?
-    };
-    let (mut counters, timings) = acc.lock().expect("counters").clone();
-    counters.add_extra("shards_rewritten", map.shards_rewritten);
-    counters.add_extra("shards_skipped", map.shards_skipped);
+    let stage = Arc::new(ScoreStage::new(scorer)?);
+    let run = run_stage(
+        ds,
+        stage.clone(),
+        partition,
+        ShardWriterOptions::default(),
+        |_e: &ShardEntry, rows| on_shard(rows),
+    )
+    .await
+    .map_err(FilterError::from_catalog)?;
+    let mut counters = run.counters;
+    counters.add_extra("shards_rewritten", run.map.shards_rewritten);
+    counters.add_extra("shards_skipped", run.map.shards_skipped);
     Ok(ScoreReport {
-        stage,
-        map,
+        stage: run.stage,
+        map: run.map,
         counters,
-        timings,
+        timings: stage.timings(),
     })
 }
 
@@ -544,34 +575,17 @@ pub async fn apply_catalog(
     partition: impl Into<llamagen_catalog::stage::ShardSelection>,
     mut on_shard: impl FnMut(u64),
 ) -> Result<(String, MapReport, StageCounters)> {
-    let stage = apply_stage_name(t);
-    let counters = Arc::new(std::sync::Mutex::new(StageCounters::new(&stage)));
-    let stash = Stash::default();
-    let map = {
-        let counters = counters.clone();
-        let stash_in = stash.clone();
-        let t = t.clone();
-        let st = stage.clone();
-        map_shards_where(
-            ds,
-            &stage,
-            partition,
-            ShardWriterOptions::default(),
-            move |e: &ShardEntry| needs_apply(e, &st),
-            move |batch| {
-                let counters = counters.clone();
-                let t = t.clone();
-                let stash = stash_in.clone();
-                async move {
-                    let mut c = counters.lock().expect("counters");
-                    apply_batch(&t, &batch, &mut c).map_err(|e| stash.put(e))
-                }
-            },
-            |_e: &ShardEntry, rows| on_shard(rows),
-        )
-        .await
-        .map_err(|e| stash.take_or(e))?
-    };
-    let c = counters.lock().expect("counters").clone();
-    Ok((stage, map, c))
+    let stage = Arc::new(ApplyStage {
+        thresholds: t.clone(),
+    });
+    let run = run_stage(
+        ds,
+        stage,
+        partition,
+        ShardWriterOptions::default(),
+        |_e: &ShardEntry, rows| on_shard(rows),
+    )
+    .await
+    .map_err(FilterError::from_catalog)?;
+    Ok((run.stage, run.map, run.counters))
 }

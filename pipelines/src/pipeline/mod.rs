@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use llamagen_catalog::lease::Lease;
-use llamagen_catalog::stage::ShardSelection;
+use llamagen_catalog::stage::{ShardSelection, Stage, run_stage};
 use llamagen_catalog::storage::S3Config;
 use llamagen_catalog::{Catalog, CatalogError, StageCounters, StorageOptions, runs};
 use llamagen_ingest::{IngestConfig, OutputFormat, PreFilter, Progress};
@@ -625,119 +625,54 @@ async fn run_inner(
         None => None,
     };
 
-    // 3. The shard stages: this worker's share first, then (with several workers) a sweep.
-    let score_name = scorer
-        .as_ref()
-        .map(|s| llamagen_filters::stage::score_stage_name(s));
-    let thresholds = cfg.filters.as_ref().and_then(|f| f.thresholds.clone());
-    let apply_name = thresholds
-        .as_ref()
-        .map(llamagen_filters::stage::apply_stage_name);
+    // 3. The shard stages, in order, each with the earlier stages whose columns it reads: this
+    // worker's share first, then (with several workers) a sweep.
+    let mut stages: Vec<(&str, Arc<dyn Stage>, Vec<String>)> = Vec::new();
+    let mut filtered: Vec<String> = Vec::new();
+    if let Some(scorer) = scorer {
+        let s = Arc::new(llamagen_filters::stage::ScoreStage::new(scorer)?);
+        stages.push(("filters: score", s.clone(), Vec::new()));
+        filtered.push(s.name());
+    }
+    if let Some(th) = cfg.filters.as_ref().and_then(|f| f.thresholds.clone()) {
+        let s = Arc::new(llamagen_filters::stage::ApplyStage { thresholds: th });
+        stages.push(("filters: apply", s.clone(), filtered.clone()));
+        filtered.push(s.name());
+    }
+    let mut captioned = filtered.clone();
+    if let Some((index, fallbacks)) = captions {
+        let s = llamagen_encode::text_stage::CaptionsStage { index, fallbacks };
+        stages.push(("captions", Arc::new(s), filtered.clone()));
+        captioned.push(llamagen_encode::text_stage::CAPTIONS_STAGE.into());
+    }
+    if let Some((encoder, dtype)) = t5 {
+        let s = llamagen_encode::text_stage::T5Stage { encoder, dtype };
+        stages.push(("t5", Arc::new(s), captioned));
+    }
+    if let Some((model, scfg)) = vq {
+        let s = llamagen_encode::vq_stage::VqStage::new(model, scfg)?;
+        stages.push(("vq", Arc::new(s), filtered.clone()));
+    }
     let passes: &[(&'static str, (usize, usize))] = if partition.1 > 1 {
         &[("share", partition), ("sweep", (0, 1))]
     } else {
         &[("all", (0, 1))]
     };
     for &(pass, part) in passes {
-        let mut requires: Vec<String> = Vec::new();
-        let sel = |requires: &Vec<String>| ShardSelection {
-            partition: part,
-            requires: requires.clone(),
-        };
-        if let (Some(scorer), Some(name)) = (&scorer, &score_name) {
+        for (label, stage, requires) in &stages {
             let t = Instant::now();
-            let pb = spinner("filters: score");
-            let pb2 = pb.clone();
-            let r = llamagen_filters::stage::score_catalog(
-                ds,
-                scorer.clone(),
-                sel(&requires),
-                move |rows| {
-                    pb2.inc(rows);
-                    pb2.set_message(format!("{} rows", pb2.position()));
-                },
-            )
+            let pb = spinner(label);
+            let selection = ShardSelection {
+                partition: part,
+                requires: requires.clone(),
+            };
+            let r = run_stage(ds, stage.clone(), selection, Default::default(), |_, _| {
+                pb.inc(1)
+            })
             .await
-            .context("filters: score")?;
+            .with_context(|| label.to_string())?;
             pb.finish_and_clear();
-            push(report, name, pass, &r.map, r.counters.clone(), t);
-            requires.push(name.clone());
-            check_lease()?;
-        }
-        if let (Some(th), Some(name)) = (&thresholds, &apply_name) {
-            let t = Instant::now();
-            let pb = spinner("filters: apply");
-            let (stage, map, counters) =
-                llamagen_filters::stage::apply_catalog(ds, th, sel(&requires), |_| pb.inc(1))
-                    .await
-                    .context("filters: apply")?;
-            pb.finish_and_clear();
-            push(report, &stage, pass, &map, counters, t);
-            requires.push(name.clone());
-            check_lease()?;
-        }
-        let mut text_requires = requires.clone();
-        if let Some((index, fallbacks)) = &captions {
-            let t = Instant::now();
-            let pb = spinner("captions");
-            let r = llamagen_encode::text_stage::run_captions(
-                ds,
-                index.clone(),
-                fallbacks.clone(),
-                sel(&text_requires),
-                |_, _| pb.inc(1),
-            )
-            .await
-            .context("captions")?;
-            pb.finish_and_clear();
-            push(
-                report,
-                llamagen_encode::text_stage::CAPTIONS_STAGE,
-                pass,
-                &r.map,
-                r.counters,
-                t,
-            );
-            text_requires.push(llamagen_encode::text_stage::CAPTIONS_STAGE.into());
-            check_lease()?;
-        }
-        if let Some((enc, store)) = &t5 {
-            let t = Instant::now();
-            let pb = spinner("t5");
-            let r = llamagen_encode::text_stage::run_t5(
-                ds,
-                enc.clone(),
-                *store,
-                sel(&text_requires),
-                |_, _| pb.inc(1),
-            )
-            .await
-            .context("t5")?;
-            pb.finish_and_clear();
-            push(
-                report,
-                llamagen_encode::text_stage::T5_STAGE,
-                pass,
-                &r.map,
-                r.counters,
-                t,
-            );
-            check_lease()?;
-        }
-        if let Some((model, scfg)) = &vq {
-            let t = Instant::now();
-            let pb = spinner("vq");
-            let r = llamagen_encode::vq_stage::run_vq(
-                ds,
-                model.clone(),
-                scfg.clone(),
-                sel(&requires),
-                |_, _| pb.inc(1),
-            )
-            .await
-            .context("vq")?;
-            pb.finish_and_clear();
-            push(report, &scfg.stage_name(), pass, &r.map, r.counters, t);
+            push(report, &r.stage, pass, &r.map, r.counters, t);
             check_lease()?;
         }
     }
