@@ -11,11 +11,11 @@
 //!
 //! [`SessionOptions::version`] shows `samples` and `shards` as of an earlier table version.
 //!
-//! Before a dataset is registered, each listed shard is checked to exist with the size the table log gives
-//! and to end in a readable Parquet footer of the right schema version, so a missing, truncated or
-//! corrupt file is reported by name instead of failing somewhere inside a query.
+//! Opening a session reads the table log and nothing else: the files, their sizes and row counts
+//! come from the log, so its cost does not grow with the number of shards, and `count(*)` is
+//! answered from the log's row counts. A missing, truncated or corrupt shard fails the query that
+//! reads it, with an error naming the file; `llamagen catalog verify` checks every file.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::sync::Arc;
 
@@ -23,20 +23,17 @@ use arrow::array::{
     ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray, UInt64Array,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use bytes::Bytes;
 use datafusion::datasource::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
-use datafusion::datasource::listing::{
-    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
-};
+use datafusion::datasource::listing::ListingTableUrl;
 use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use futures::StreamExt;
-use parquet::file::metadata::ParquetMetaDataReader;
 
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::datasource::TableType;
 use datafusion::execution::TaskContext;
+use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
@@ -46,7 +43,6 @@ use crate::dataset::{Dataset, ShardEntry, Snapshot};
 use crate::error::{CatalogError, Result};
 use crate::runs::list_runs;
 use crate::schema::{group_of, sample_schema};
-use crate::shard::check_schema_version;
 use crate::storage::{Storage, join};
 
 /// The dataset that the `samples` table shows.
@@ -165,13 +161,15 @@ pub async fn register_snapshot(
         ctx.register_table(table, Arc::new(empty))?;
         return Ok(());
     }
-    check_shards(ds, snap).await?;
     let (url, _) = ds.storage().object_store()?;
-    let mut urls = Vec::with_capacity(snap.shards.len());
+    let mut files = Vec::with_capacity(snap.shards.len());
+    let mut store_url = None;
     for s in &snap.shards {
-        let u = format!("{url}{}", join(ds.name(), &s.path));
-        urls.push(ListingTableUrl::parse(&u)?);
+        let u = ListingTableUrl::parse(format!("{url}{}", join(ds.name(), &s.path)))?;
+        store_url.get_or_insert_with(|| u.object_store());
+        files.push((u.prefix().clone(), s.bytes, s.rows));
     }
+    let store_url = store_url.expect("at least one shard");
     // DataFusion reads Parquet strings and binaries as view arrays by default; the table schema
     // must say so too, or every string would be read as a view and then copied into a plain array.
     let schema = if ctx
@@ -186,41 +184,81 @@ pub async fn register_snapshot(
     } else {
         schema
     };
-    let options =
-        ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
-    let config = ListingTableConfig::new_with_multi_paths(urls)
-        .with_listing_options(options)
-        .with_schema(schema);
-    let base = Arc::new(ListingTable::try_new(config)?);
-    if snap.shards.iter().all(|s| s.columns.is_empty()) {
-        ctx.register_table(table, base)?;
-    } else {
-        ctx.register_table(
-            table,
-            Arc::new(SamplesTable {
-                base,
-                ds: ds.clone(),
-                shards: Arc::new(snap.shards.clone()),
-            }),
-        )?;
-    }
+    ctx.register_table(
+        table,
+        Arc::new(SamplesTable {
+            schema,
+            store_url,
+            files,
+            ds: ds.clone(),
+            shards: Arc::new(snap.shards.clone()),
+        }),
+    )?;
     Ok(())
 }
 
-/// A dataset with column groups: its base files for queries that project no wide column, and
-/// its shards read whole through [`Dataset::read_shard`] (base and column files, keys checked)
-/// for those that do.
+/// A dataset version as a table. Its files, sizes and row counts come from the table log, so
+/// opening it and planning a query list and read nothing, and `count(*)` reads nothing at all.
+/// Queries that project no wide column scan the base files with DataFusion's Parquet reader
+/// (whose errors name the file: a missing or truncated shard fails the query that reads it, and
+/// `llamagen catalog verify` checks them all); those that do read the shards whole through
+/// [`Dataset::read_shard`] (base and column files, keys checked; see [`crate::columns`]).
 #[derive(Debug)]
 struct SamplesTable {
-    base: Arc<ListingTable>,
+    schema: SchemaRef,
+    store_url: ObjectStoreUrl,
+    /// Each shard's base file: object store path, bytes, rows.
+    files: Vec<(object_store::path::Path, u64, u64)>,
     ds: Dataset,
     shards: Arc<Vec<ShardEntry>>,
+}
+
+impl SamplesTable {
+    /// A scan of the base files.
+    async fn scan_base(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        use datafusion::common::stats::{Precision, Statistics};
+        use datafusion::datasource::file_format::FileFormat;
+        use datafusion::datasource::listing::PartitionedFile;
+        use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder};
+        let format = ParquetFormat::default().with_options(state.table_options().parquet.clone());
+        let source = format.file_source(self.schema.clone().into());
+        let parts = state
+            .config()
+            .target_partitions()
+            .clamp(1, self.files.len().max(1));
+        let mut groups: Vec<Vec<PartitionedFile>> = vec![Vec::new(); parts];
+        for (i, (path, bytes, rows)) in self.files.iter().enumerate() {
+            let stats = Statistics::new_unknown(&self.schema)
+                .with_num_rows(Precision::Exact(*rows as usize))
+                .with_total_byte_size(Precision::Inexact(*bytes as usize));
+            groups[i % parts].push(
+                PartitionedFile::new(path.to_string(), *bytes).with_statistics(Arc::new(stats)),
+            );
+        }
+        let rows: u64 = self.files.iter().map(|f| f.2).sum();
+        let bytes: u64 = self.files.iter().map(|f| f.1).sum();
+        let stats = Statistics::new_unknown(&self.schema)
+            .with_num_rows(Precision::Exact(rows as usize))
+            .with_total_byte_size(Precision::Inexact(bytes as usize));
+        let config = FileScanConfigBuilder::new(self.store_url.clone(), source)
+            .with_file_groups(groups.into_iter().map(FileGroup::new).collect())
+            .with_statistics(stats)
+            .with_projection_indices(projection.cloned())?
+            .with_limit(limit)
+            .build();
+        format.create_physical_plan(state, config).await
+    }
 }
 
 #[async_trait::async_trait]
 impl TableProvider for SamplesTable {
     fn schema(&self) -> SchemaRef {
-        self.base.schema()
+        self.schema.clone()
     }
 
     fn table_type(&self) -> TableType {
@@ -231,16 +269,9 @@ impl TableProvider for SamplesTable {
         &self,
         filters: &[&Expr],
     ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
-        // The shard-by-shard path does not filter: every filter is applied again above the scan.
-        Ok(self
-            .base
-            .supports_filters_pushdown(filters)?
-            .into_iter()
-            .map(|p| match p {
-                TableProviderFilterPushDown::Exact => TableProviderFilterPushDown::Inexact,
-                other => other,
-            })
-            .collect())
+        // Filters stay above the scan; the physical optimizer pushes them into the Parquet
+        // reader (row-group and page pruning) where it can.
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
     }
 
     async fn scan(
@@ -255,8 +286,11 @@ impl TableProvider for SamplesTable {
             Some(p) => p.iter().map(|&i| schema.field(i).name().clone()).collect(),
             None => schema.fields().iter().map(|f| f.name().clone()).collect(),
         };
-        if !names.iter().any(|n| group_of(n).is_some()) {
-            return self.base.scan(state, projection, filters, limit).await;
+        let _ = filters;
+        if !names.iter().any(|n| group_of(n).is_some())
+            || self.shards.iter().all(|s| s.columns.is_empty())
+        {
+            return self.scan_base(state, projection, limit).await;
         }
         // The partitions yield the projected columns only.
         let schema = match projection {
@@ -370,100 +404,6 @@ fn with_view_types(schema: &Schema) -> Schema {
         })
         .collect();
     Schema::new_with_metadata(fields, schema.metadata().clone())
-}
-
-/// Checks that every shard of `snap` exists with its logged size and has a readable footer of
-/// this schema version. The first problem is returned as an error naming the file.
-pub async fn check_shards(ds: &Dataset, snap: &Snapshot) -> Result<()> {
-    let storage = ds.storage();
-    let root = storage.root();
-    let root = root.trim_end_matches('/');
-    let listed: HashMap<String, u64> = storage
-        .list(&format!("{}/", join(ds.name(), crate::dataset::DATA_DIR)))
-        .await?
-        .into_iter()
-        .map(|o| (o.path, o.size))
-        .collect();
-    for s in &snap.shards {
-        let path = ds.shard_path(s);
-        match listed.get(&path) {
-            None => {
-                return Err(CatalogError::CorruptShard {
-                    path: format!("{root}/{path}"),
-                    reason: format!("missing, but listed in table version {}", snap.version),
-                });
-            }
-            Some(&size) if size != s.bytes => {
-                return Err(CatalogError::CorruptShard {
-                    path: format!("{root}/{path}"),
-                    reason: format!(
-                        "{size} bytes, the table log says {} (truncated or overwritten)",
-                        s.bytes
-                    ),
-                });
-            }
-            Some(_) => {}
-        }
-    }
-    let mut checks = futures::stream::iter(snap.shards.iter())
-        .map(|s| async move {
-            let path = ds.shard_path(s);
-            let name = format!("{root}/{path}");
-            check_footer(storage.as_ref(), &path, s.bytes)
-                .await
-                .map_err(|reason| match reason {
-                    FooterProblem::Corrupt(reason) => CatalogError::CorruptShard {
-                        path: name.clone(),
-                        reason,
-                    },
-                    FooterProblem::Other(e) => e,
-                })
-                .and_then(|kv| check_schema_version(&name, kv.as_ref()))
-        })
-        .buffer_unordered(16);
-    while let Some(r) = checks.next().await {
-        r?;
-    }
-    Ok(())
-}
-
-enum FooterProblem {
-    Corrupt(String),
-    Other(CatalogError),
-}
-
-async fn check_footer(
-    storage: &dyn Storage,
-    path: &str,
-    size: u64,
-) -> std::result::Result<Option<Vec<parquet::file::metadata::KeyValue>>, FooterProblem> {
-    if size < 12 {
-        return Err(FooterProblem::Corrupt(format!(
-            "{size} bytes is too small for a Parquet file"
-        )));
-    }
-    let tail: Bytes = storage
-        .get_range(path, size - 8, size)
-        .await
-        .map_err(FooterProblem::Other)?;
-    if &tail[4..] != b"PAR1" {
-        return Err(FooterProblem::Corrupt(
-            "no Parquet magic at the end (truncated or not Parquet)".into(),
-        ));
-    }
-    let len = u32::from_le_bytes(tail[..4].try_into().expect("4 bytes")) as u64;
-    if len + 12 > size {
-        return Err(FooterProblem::Corrupt(format!(
-            "footer length {len} exceeds the file size {size}"
-        )));
-    }
-    let meta = storage
-        .get_range(path, size - 8 - len, size - 8)
-        .await
-        .map_err(FooterProblem::Other)?;
-    let md = ParquetMetaDataReader::decode_metadata(&meta)
-        .map_err(|e| FooterProblem::Corrupt(format!("unreadable footer: {e}")))?;
-    Ok(md.file_metadata().key_value_metadata().cloned())
 }
 
 fn ts_field(name: &str) -> Field {
