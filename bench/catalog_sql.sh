@@ -44,6 +44,6 @@ for q in dict.fromkeys(r["query"] for r in ours):
     assert ra == rb, f"result rows differ: {ra} vs {rb} for {q}"
     print(f"{q[:100]:<100} {a:>9.4f} {b:>9.4f} {a / b:>6.2f}")
 opens = [r["open_s"] for r in ours]
-print(f"llamagen session open (table log + footer checks), median: {statistics.median(opens):.4f} s")
+print(f"llamagen session open (reads the table log only), median: {statistics.median(opens):.4f} s")
 PYEOF
 rm -f "$ours" "$theirs"
