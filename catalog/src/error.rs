@@ -121,6 +121,18 @@ pub enum CatalogError {
 pub type Result<T, E = CatalogError> = std::result::Result<T, E>;
 
 impl CatalogError {
+    /// The error of type `E` this error carries (a stage's own error, as
+    /// [`crate::stage::run_stage`] returns it), or this error back.
+    pub fn into_external<E: std::error::Error + 'static>(self) -> std::result::Result<E, Self> {
+        match self {
+            CatalogError::External { context, source } => match source.downcast::<E>() {
+                Ok(own) => Ok(*own),
+                Err(source) => Err(CatalogError::External { context, source }),
+            },
+            e => Err(e),
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         CatalogError::Io {
             path: path.into(),

@@ -97,22 +97,10 @@ impl EncodeError {
             source,
         }
     }
-}
 
-impl EncodeError {
     /// A stage run's error: the stage's own error where the catalog's runner carried one.
     pub fn from_catalog(e: llamagen_catalog::CatalogError) -> Self {
-        match e {
-            llamagen_catalog::CatalogError::External { context, source } => {
-                match source.downcast::<EncodeError>() {
-                    Ok(own) => *own,
-                    Err(source) => EncodeError::Catalog(llamagen_catalog::CatalogError::External {
-                        context,
-                        source,
-                    }),
-                }
-            }
-            e => EncodeError::Catalog(e),
-        }
+        e.into_external::<EncodeError>()
+            .unwrap_or_else(EncodeError::Catalog)
     }
 }

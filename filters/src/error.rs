@@ -53,3 +53,11 @@ pub enum FilterError {
 }
 
 pub type Result<T, E = FilterError> = std::result::Result<T, E>;
+
+impl FilterError {
+    /// A stage run's error: the stage's own error where the catalog's runner carried one.
+    pub fn from_catalog(e: llamagen_catalog::CatalogError) -> Self {
+        e.into_external::<FilterError>()
+            .unwrap_or_else(FilterError::Catalog)
+    }
+}

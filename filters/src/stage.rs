@@ -351,24 +351,6 @@ impl Stage for ApplyStage {
     }
 }
 
-impl FilterError {
-    /// A stage run's error: the stage's own error where the catalog's runner carried one.
-    pub fn from_catalog(e: llamagen_catalog::CatalogError) -> Self {
-        match e {
-            llamagen_catalog::CatalogError::External { context, source } => {
-                match source.downcast::<FilterError>() {
-                    Ok(own) => *own,
-                    Err(source) => FilterError::Catalog(llamagen_catalog::CatalogError::External {
-                        context,
-                        source,
-                    }),
-                }
-            }
-            e => FilterError::Catalog(e),
-        }
-    }
-}
-
 /// Scores every shard of `ds` not yet scored by these models (see the module invariants).
 /// `on_shard(rows)` is called after each committed shard.
 pub async fn score_catalog(
