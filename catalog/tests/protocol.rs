@@ -793,6 +793,20 @@ fn t5_column(n: usize, fill: u8) -> ArrayRef {
     ))
 }
 
+/// [`rows`] with a `t5_long` column, every byte `fill`.
+fn rows_with_t5(prefix: &str, n: usize, fill: u8) -> RecordBatch {
+    let b = rows(prefix, n);
+    RecordBatch::try_from_iter(
+        b.schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .zip(b.columns().iter().cloned())
+            .chain([("t5_long".to_string(), t5_column(n, fill))]),
+    )
+    .unwrap()
+}
+
 /// The live file paths of a dataset's column-group table.
 async fn group_files(ds: &Dataset, group: &str) -> Vec<String> {
     let t = ds.group_table(group).unwrap();
@@ -906,18 +920,7 @@ async fn column_groups_are_written_once_and_gc_repairs_their_tables() {
         .unwrap();
     assert!(group_files(&ds, "t5").await.is_empty());
     let mut w = ds.writer(ShardWriterOptions::default());
-    let mut orphan = rows("orphan", 3);
-    orphan = RecordBatch::try_from_iter(
-        orphan
-            .schema()
-            .fields()
-            .iter()
-            .map(|f| f.name().clone())
-            .zip(orphan.columns().iter().cloned())
-            .chain([("t5_long".to_string(), t5_column(3, 9))]),
-    )
-    .unwrap();
-    w.write(&orphan).await.unwrap();
+    w.write(&rows_with_t5("orphan", 3, 9)).await.unwrap();
     let orphan = w.finish().await.unwrap();
     let orphan_file = format!("samples.t5/{}", orphan[0].columns["t5"].path);
     let r = ds.gc(Duration::ZERO, false).await.unwrap();
@@ -964,23 +967,11 @@ async fn a_column_file_that_does_not_match_its_base_file_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let storage: Arc<dyn Storage> = Arc::new(LocalStorage::new(dir.path()).unwrap());
     let ds = Catalog::from_storage(storage.clone()).samples();
-    let with_t5 = |prefix: &str| {
-        let b = rows(prefix, 4);
-        RecordBatch::try_from_iter(
-            b.schema()
-                .fields()
-                .iter()
-                .map(|f| f.name().clone())
-                .zip(b.columns().iter().cloned())
-                .chain([("t5_long".to_string(), t5_column(4, 1))]),
-        )
-        .unwrap()
-    };
     let mut w = ds.writer(ShardWriterOptions::default());
-    w.write(&with_t5("a")).await.unwrap();
+    w.write(&rows_with_t5("a", 4, 1)).await.unwrap();
     let mut a = w.finish().await.unwrap();
     let mut w = ds.writer(ShardWriterOptions::default());
-    w.write(&with_t5("b")).await.unwrap();
+    w.write(&rows_with_t5("b", 4, 1)).await.unwrap();
     let b = w.finish().await.unwrap();
     // Shard a naming shard b's column file: same rows, other keys.
     a[0].columns = b[0].columns.clone();
