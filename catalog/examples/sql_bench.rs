@@ -201,6 +201,12 @@ async fn query(root: &str, repeats: usize, queries: &[String]) -> anyhow::Result
             let batches = ctx.sql(q).await?.collect().await?;
             times.push(t.elapsed().as_secs_f64());
             rows = batches.iter().map(|b| b.num_rows()).sum::<usize>();
+            if std::env::var_os("SQL_BENCH_PRINT").is_some() {
+                eprintln!(
+                    "{}",
+                    llamagen_catalog::arrow::util::pretty::pretty_format_batches(&batches)?
+                );
+            }
         }
         println!(
             "{}",

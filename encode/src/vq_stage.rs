@@ -81,6 +81,26 @@ impl CodeView {
     }
 }
 
+/// `center:SIZE` or `tencrop:SIZE:CROP_RANGE`, as the command line writes a view.
+impl std::str::FromStr for CodeView {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || format!("view {s:?}: use center:SIZE or tencrop:SIZE:CROP_RANGE");
+        let parts: Vec<&str> = s.split(':').collect();
+        Ok(match parts.as_slice() {
+            ["center", size] => CodeView::Center {
+                image_size: size.parse().map_err(|_| bad())?,
+            },
+            ["tencrop", size, range] => CodeView::TenCrop {
+                image_size: size.parse().map_err(|_| bad())?,
+                crop_range: range.parse().map_err(|_| bad())?,
+            },
+            _ => return Err(bad()),
+        })
+    }
+}
+
 /// Settings of the `vq` stage.
 #[derive(Debug, Clone)]
 pub struct VqStageConfig {
@@ -506,17 +526,4 @@ impl llamagen_catalog::stage::Stage for VqStage {
     ) -> std::result::Result<RecordBatch, llamagen_catalog::stage::StageError> {
         Ok(vq_batch(batch, &self.model, &self.cfg, counters)?)
     }
-}
-
-/// Runs the `vq` stage over the selected shards of `ds` not yet encoded with these weights and
-/// views. Encoding runs on blocking threads (candle uses every core for one batch).
-pub async fn run_vq(
-    ds: &llamagen_catalog::Dataset,
-    model: Arc<VqModel>,
-    cfg: VqStageConfig,
-    selection: impl Into<llamagen_catalog::stage::ShardSelection>,
-    on_shard: impl FnMut(&llamagen_catalog::ShardEntry, u64),
-) -> Result<crate::text_stage::StageRun> {
-    let stage = Arc::new(VqStage::new(model, cfg)?);
-    crate::text_stage::run(ds, stage, selection, on_shard).await
 }

@@ -10,14 +10,12 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use llamagen_catalog::{StageCounters, runs};
-use llamagen_filters::model::ModelOptions;
 use llamagen_filters::report::DryRun;
 use llamagen_filters::rules::Thresholds;
-use llamagen_filters::runtime::Provider;
-use llamagen_filters::scorer::{CaptionField, Scorer, ScorerConfig};
 use llamagen_filters::stage::{self, VERDICT_COLUMNS};
 
 use crate::catalog_cmd::RootArgs;
+use crate::stages::ScoreConfig;
 
 #[derive(Args, Debug)]
 pub struct FilterArgs {
@@ -37,45 +35,8 @@ enum FilterCommand {
 struct ScoreArgs {
     #[command(flatten)]
     root: RootArgs,
-    /// CLIP ViT-B/32 image encoder (ONNX); with --clip-text gives score_clip_similarity.
-    #[arg(long)]
-    clip_image: Option<PathBuf>,
-    /// CLIP ViT-B/32 text encoder (ONNX).
-    #[arg(long)]
-    clip_text: Option<PathBuf>,
-    /// Caption the image is compared with: text (alt-text), top_caption or long_caption.
-    #[arg(long, default_value = "text")]
-    caption: CaptionField,
-    /// CLIP ViT-L/14 image encoder (ONNX) for the aesthetic and NSFW heads.
-    #[arg(long)]
-    clip_l14_image: Option<PathBuf>,
-    /// Aesthetic head (.pth LAION V1/V2 or .onnx); default: the bundled LAION-Aesthetics V2 head.
-    #[arg(long)]
-    aesthetic_head: Option<PathBuf>,
-    /// Do not compute score_aesthetic even with --clip-l14-image.
-    #[arg(long)]
-    no_aesthetic: bool,
-    /// NSFW head on the ViT-L/14 embedding (.onnx, [N,768] -> probability).
-    #[arg(long)]
-    nsfw_head: Option<PathBuf>,
-    /// LAION watermark classifier (ONNX, [N,3,256,256] -> 2 logits).
-    #[arg(long)]
-    watermark: Option<PathBuf>,
-    /// Softmax index meaning "watermark" (LAION's model: 0).
-    #[arg(long, default_value_t = 0)]
-    watermark_class_index: usize,
-    /// Rows per inference call (dynamic-batch models).
-    #[arg(long, default_value_t = 32)]
-    batch_size: usize,
-    /// ONNX Runtime intra-op threads (0 = one per core).
-    #[arg(long, default_value_t = 0)]
-    intra_threads: usize,
-    /// Threads decoding and preprocessing images (0 = one per core).
-    #[arg(long, default_value_t = 0)]
-    preprocess_threads: usize,
-    /// Execution provider: cpu or cuda.
-    #[arg(long, default_value = "cpu")]
-    provider: Provider,
+    #[command(flatten)]
+    config: ScoreConfig,
     /// This worker's share of the shards, as INDEX/COUNT (e.g. 0/4). Default: JOB_COMPLETION_INDEX
     /// with WORKERS, or SLURM_ARRAY_TASK_ID with SLURM_ARRAY_TASK_COUNT, else 0/1 (all shards).
     #[arg(long)]
@@ -122,25 +83,7 @@ pub async fn run(args: FilterArgs) -> Result<ExitCode> {
 
 async fn score(a: ScoreArgs) -> Result<ExitCode> {
     let partition = llamagen_catalog::worker::worker_share(a.worker.as_deref())?;
-    let cfg = ScorerConfig {
-        clip_image: a.clip_image,
-        clip_text: a.clip_text,
-        caption: a.caption,
-        clip_l14_image: a.clip_l14_image,
-        aesthetic_head: a.aesthetic_head,
-        no_aesthetic: a.no_aesthetic,
-        nsfw_head: a.nsfw_head,
-        watermark: a.watermark,
-        watermark_class_index: a.watermark_class_index,
-        model: ModelOptions {
-            intra_threads: a.intra_threads,
-            provider: a.provider,
-            batch_size: a.batch_size,
-        },
-        preprocess_threads: a.preprocess_threads,
-        ..ScorerConfig::new()
-    };
-    let scorer = tokio::task::spawn_blocking(move || Scorer::load(cfg)).await??;
+    let scorer = a.config.load().await?;
     for id in scorer.model_ids() {
         eprintln!(
             "{}: {} sha256 {} ({})",

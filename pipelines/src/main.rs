@@ -10,6 +10,7 @@ mod pipeline;
 mod pipeline_cmd;
 mod reconstruct_cmd;
 mod sample_cmd;
+mod stages;
 mod text_cmd;
 mod tokenizer_cmd;
 mod train_cmd;

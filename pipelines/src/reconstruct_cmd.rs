@@ -11,7 +11,7 @@ use image::RgbImage;
 use llamagen_encode::metrics::llamagen_reconstruction_metrics;
 use llamagen_encode::{VqModel, augment};
 
-use crate::pipeline::config::VqModelSpec;
+use crate::stages::VqModelSpec;
 
 #[derive(Args, Debug)]
 pub struct ReconstructArgs {

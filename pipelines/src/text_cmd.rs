@@ -1,19 +1,15 @@
 //! `llamagen text`: long/short captions and T5 caption features for the samples of a catalog.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use llamagen_catalog::runs;
-use llamagen_encode::captions::{CaptionFileOptions, CaptionIndex, CaptionKey, Fallback, JoinOn};
-use llamagen_encode::text_encoder::{
-    ModelPaths, StoreDtype, TextEncoder, TextEncoderConfig, device_and_dtype,
-};
 use llamagen_encode::text_stage::{self, StageRun};
 
 use crate::catalog_cmd::RootArgs;
+use crate::stages::{CaptionsConfig, T5Config};
 
 #[derive(Args, Debug)]
 pub struct TextArgs {
@@ -31,53 +27,10 @@ pub struct TextArgs {
 pub enum TextCommand {
     /// Attach long captions from caption files (JSONL, Parquet, LlamaGen jsonl), fall back to
     /// top_caption / alt-text, and derive first-sentence short captions.
-    Captions {
-        /// Caption files (.jsonl / .json lines, or .parquet).
-        #[arg(long = "captions", required = true, num_args = 1..)]
-        files: Vec<PathBuf>,
-        /// What records join on: key, url or image_path (file stem = sample key).
-        #[arg(long, default_value = "key")]
-        join: String,
-        /// Record field with the join value (default: key, url or image_path).
-        #[arg(long)]
-        join_field: Option<String>,
-        /// Record field with the caption (default: long_caption, caption or text).
-        #[arg(long)]
-        text_field: Option<String>,
-        /// Which entry of a list-valued caption (LlamaGen's t2i `text: [blip, llava,
-        /// llava_first]`): blip, llava, llava_first, an index, or first (first non-blank).
-        #[arg(long, default_value = "llava")]
-        caption_key: String,
-        /// Fallback texts in order, comma-separated: top_caption, text (empty: none).
-        #[arg(long, default_value = "top_caption,text")]
-        fallback: String,
-    },
+    Captions(CaptionsConfig),
     /// Encode long and short captions with a T5 encoder (FLAN-T5-XL for LlamaGen) and store the
     /// valid-token features.
-    Embed {
-        /// Model directory: config.json, model.safetensors or model.safetensors.index.json, and
-        /// tokenizer.json.
-        #[arg(long)]
-        model: PathBuf,
-        /// tokenizer.json (default: MODEL/tokenizer.json).
-        #[arg(long)]
-        tokenizer: Option<PathBuf>,
-        /// Model id recorded in provenance (default: the model directory name).
-        #[arg(long)]
-        model_id: Option<String>,
-        /// Storage dtype: bf16 or f16.
-        #[arg(long, default_value = "bf16")]
-        dtype: String,
-        /// Run on the first CUDA GPU (build with the `cuda` feature).
-        #[arg(long)]
-        cuda: bool,
-        /// Most tokens per caption, EOS included.
-        #[arg(long, default_value_t = 120)]
-        max_tokens: usize,
-        /// Padded tokens per forward pass.
-        #[arg(long, default_value_t = 4096)]
-        batch_tokens: usize,
-    },
+    Embed(T5Config),
 }
 
 fn bar(shards: u64, what: &str) -> ProgressBar {
@@ -98,39 +51,9 @@ pub async fn run(args: TextArgs) -> Result<std::process::ExitCode> {
     let mut run = runs::RunRecord::start(std::env::args().collect::<Vec<_>>().join(" "));
     runs::record_run(cat.storage(), &run).await?;
     let (result, extra): (StageRun, serde_json::Value) = match args.command {
-        TextCommand::Captions {
-            files,
-            join,
-            join_field,
-            text_field,
-            caption_key,
-            fallback,
-        } => {
-            let list_entry = CaptionKey::parse(&caption_key).with_context(|| {
-                format!(
-                    "--caption-key {caption_key:?}: use blip, llava, llava_first, first or an index"
-                )
-            })?;
-            let join = JoinOn::parse(&join)
-                .with_context(|| format!("--join {join:?}: use key, url or image_path"))?;
-            let fallbacks = fallback
-                .split(',')
-                .filter(|s| !s.trim().is_empty())
-                .map(|s| {
-                    Fallback::parse(s.trim())
-                        .with_context(|| format!("--fallback {s:?}: use top_caption or text"))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let paths: Vec<&std::path::Path> = files.iter().map(|p| p.as_path()).collect();
-            let index = CaptionIndex::read(
-                &paths,
-                &CaptionFileOptions {
-                    join,
-                    join_field,
-                    text_field,
-                    list_entry,
-                },
-            )?;
+        TextCommand::Captions(c) => {
+            let stage = c.build()?;
+            let index = &stage.index;
             eprintln!(
                 "caption files: {} records, {} captions, {} duplicates, skipped {:?}",
                 index.records,
@@ -145,9 +68,7 @@ pub async fn run(args: TextArgs) -> Result<std::process::ExitCode> {
                 "skipped": index.skipped,
             });
             let pb = bar(shards, "captions");
-            let r =
-                text_stage::run_captions(&ds, Arc::new(index), fallbacks, part, |_, _| pb.inc(1))
-                    .await?;
+            let r = text_stage::run(&ds, Arc::new(stage), part, |_, _| pb.inc(1)).await?;
             pb.finish();
             let c = &r.counters;
             let long = c.extra.get("caption_source_long").copied().unwrap_or(0);
@@ -158,43 +79,14 @@ pub async fn run(args: TextArgs) -> Result<std::process::ExitCode> {
             );
             (r, serde_json::json!({ "caption_files": files_report }))
         }
-        TextCommand::Embed {
-            model,
-            tokenizer,
-            model_id,
-            dtype,
-            cuda,
-            max_tokens,
-            batch_tokens,
-        } => {
-            let store = match dtype.as_str() {
-                "bf16" => StoreDtype::Bf16,
-                "f16" => StoreDtype::F16,
-                _ => bail!("--dtype {dtype:?}: use bf16 or f16"),
-            };
-            let mut paths = ModelPaths::in_dir(&model);
-            if let Some(t) = tokenizer {
-                paths.tokenizer = t;
-            }
-            let (device, compute) = device_and_dtype(cuda)?;
-            let mut enc = TextEncoder::load(
-                &paths,
-                &device,
-                compute,
-                TextEncoderConfig {
-                    max_tokens,
-                    batch_tokens,
-                    ..Default::default()
-                },
-            )?;
-            if let Some(id) = model_id {
-                enc.model_id = id;
-            }
+        TextCommand::Embed(t) => {
+            let stage = t.build()?;
+            let enc = &stage.encoder;
             let model_report = serde_json::json!({
                 "model": enc.model_id, "sha256": enc.weights_sha256, "dim": enc.dim(),
             });
             let pb = bar(shards, "t5");
-            let r = text_stage::run_t5(&ds, Arc::new(enc), store, part, |_, _| pb.inc(1)).await?;
+            let r = text_stage::run(&ds, Arc::new(stage), part, |_, _| pb.inc(1)).await?;
             pb.finish();
             (r, model_report)
         }

@@ -10,8 +10,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use llamagen_encode::vq_stage::CodeView;
-use llamagen_filters::rules::Thresholds;
+
+use crate::stages::{CaptionsConfig, ScoreConfig, T5Config, VqConfig};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -23,14 +23,15 @@ pub struct PipelineConfig {
     pub input: InputConfig,
     #[serde(default)]
     pub ingest: IngestSection,
-    /// Scores and thresholds; absent: no filter stage.
-    pub filters: Option<FiltersSection>,
-    /// Long and short captions; absent: no caption stage (t5 then encodes nothing useful).
-    pub captions: Option<CaptionsSection>,
-    /// T5 caption features; absent: none.
-    pub t5: Option<T5Section>,
-    /// VQ codes; absent: none.
-    pub vq: Option<VqSection>,
+    /// Scores and thresholds (the `llamagen filter score` flags, plus `thresholds`); absent: no
+    /// filter stage.
+    pub filters: Option<ScoreConfig>,
+    /// Long and short captions (the `llamagen text captions` flags); absent: no caption stage.
+    pub captions: Option<CaptionsConfig>,
+    /// T5 caption features (the `llamagen text embed` flags); absent: none.
+    pub t5: Option<T5Config>,
+    /// VQ codes (the `llamagen encode` flags); absent: none.
+    pub vq: Option<VqConfig>,
     #[serde(default)]
     pub lease: LeaseSection,
     #[serde(default)]
@@ -179,173 +180,6 @@ impl Default for IngestSection {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FiltersSection {
-    /// CLIP ViT-B/32 image and text encoders (ONNX): `score_clip_similarity`.
-    pub clip_image: Option<PathBuf>,
-    pub clip_text: Option<PathBuf>,
-    /// Caption compared with the image: `text`, `top_caption` or `long_caption`. Default `text`.
-    #[serde(default = "default_clip_caption")]
-    pub caption: String,
-    /// CLIP ViT-L/14 image encoder (ONNX) for the aesthetic and NSFW heads.
-    pub clip_l14_image: Option<PathBuf>,
-    /// Aesthetic head (.pth or .onnx); default the bundled LAION-Aesthetics V2 head.
-    pub aesthetic_head: Option<PathBuf>,
-    #[serde(default)]
-    pub no_aesthetic: bool,
-    /// NSFW head (.onnx) on the ViT-L/14 embedding.
-    pub nsfw_head: Option<PathBuf>,
-    /// LAION watermark classifier (ONNX).
-    pub watermark: Option<PathBuf>,
-    #[serde(default)]
-    pub watermark_class_index: usize,
-    /// Rows per inference call. Default 32.
-    #[serde(default = "default_batch")]
-    pub batch_size: usize,
-    /// ONNX Runtime intra-op threads (0: one per core).
-    #[serde(default)]
-    pub intra_threads: usize,
-    /// Threads preprocessing images (0: one per core).
-    #[serde(default)]
-    pub preprocess_threads: usize,
-    /// Keep/drop rules on the stored scores (the `llamagen filter apply` thresholds format);
-    /// absent: scores only, no verdicts.
-    pub thresholds: Option<Thresholds>,
-}
-
-fn default_clip_caption() -> String {
-    "text".into()
-}
-fn default_batch() -> usize {
-    32
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CaptionsSection {
-    /// Long-caption files (JSONL, Parquet, or LlamaGen's jsonl); may be empty (fallbacks only).
-    #[serde(default)]
-    pub files: Vec<PathBuf>,
-    /// Join on `key`, `url` or `image_path`. Default `key`.
-    #[serde(default = "default_join")]
-    pub join: String,
-    pub join_field: Option<String>,
-    pub text_field: Option<String>,
-    /// Entry of a list-valued caption (LlamaGen's t2i `text: [blip, llava, llava_first]`):
-    /// `blip`, `llava`, `llava_first`, an index, or `first` (first non-blank). Default `llava`.
-    #[serde(default = "default_caption_key")]
-    pub caption_key: String,
-    /// Texts used when a sample has no long caption, in order. Default `["top_caption", "text"]`.
-    #[serde(default = "default_fallback")]
-    pub fallback: Vec<String>,
-}
-
-fn default_caption_key() -> String {
-    "llava".into()
-}
-
-fn default_join() -> String {
-    "key".into()
-}
-fn default_fallback() -> Vec<String> {
-    vec!["top_caption".into(), "text".into()]
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct T5Section {
-    /// Hugging Face model directory (config.json, safetensors, tokenizer.json). Required.
-    pub model: PathBuf,
-    pub tokenizer: Option<PathBuf>,
-    pub model_id: Option<String>,
-    /// Stored dtype: `bf16` or `f16`. Default `bf16`.
-    #[serde(default = "default_dtype")]
-    pub dtype: String,
-    /// Tokens including EOS. Default 120.
-    #[serde(default = "default_max_tokens")]
-    pub max_tokens: usize,
-    /// Tokens per batch. Default 4096.
-    #[serde(default = "default_batch_tokens")]
-    pub batch_tokens: usize,
-    /// Run on CUDA (a `--features cuda` build). Default false.
-    #[serde(default)]
-    pub cuda: bool,
-}
-
-fn default_dtype() -> String {
-    "bf16".into()
-}
-fn default_max_tokens() -> usize {
-    120
-}
-fn default_batch_tokens() -> usize {
-    4096
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VqSection {
-    /// VQ weights: official `.pt` (its `model` dict) or safetensors with official keys. Required.
-    pub checkpoint: PathBuf,
-    /// Architecture: `vq16` (default), `vq8`, a JSON file of `ModelArgs` (as `llamagen sample
-    /// --vq-args` takes), or a table of `ModelArgs` fields.
-    #[serde(default = "default_vq_model")]
-    pub model: VqModelSpec,
-    /// Code sets per image. Default: one 256 px centre crop.
-    #[serde(default = "default_views")]
-    pub views: Vec<CodeView>,
-    /// Images per forward pass. Default 8.
-    #[serde(default = "default_vq_batch")]
-    pub batch_size: usize,
-    /// When set and `checkpoint` does not exist, write random stand-in weights there made from
-    /// this seed (demos and tests only: the codes mean nothing). Default: unset.
-    pub standin_seed: Option<u64>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum VqModelSpec {
-    Named(String),
-    Args(llamagen_encode::ModelArgs),
-}
-
-impl VqModelSpec {
-    pub fn args(&self) -> Result<llamagen_encode::ModelArgs> {
-        Ok(match self {
-            VqModelSpec::Named(n) => match n.as_str() {
-                "vq16" | "VQ-16" => llamagen_encode::ModelArgs::vq_16(),
-                "vq8" | "VQ-8" => llamagen_encode::ModelArgs::vq_8(),
-                path if path.ends_with(".json") => {
-                    let text = std::fs::read_to_string(path)
-                        .with_context(|| format!("[vq] model: reading {path}"))?;
-                    let a: llamagen_encode::ModelArgs = serde_json::from_str(&text)
-                        .with_context(|| format!("[vq] model: {path}"))?;
-                    a.validate()?;
-                    a
-                }
-                other => bail!(
-                    "[vq] model = {other:?}: use vq16, vq8, a .json file or a table of ModelArgs"
-                ),
-            },
-            VqModelSpec::Args(a) => {
-                a.validate()?;
-                a.clone()
-            }
-        })
-    }
-}
-
-fn default_vq_model() -> VqModelSpec {
-    VqModelSpec::Named("vq16".into())
-}
-fn default_views() -> Vec<CodeView> {
-    vec![CodeView::Center { image_size: 256 }]
-}
-fn default_vq_batch() -> usize {
-    8
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LeaseSection {
     /// Take a lease so two runs of the same dataset and worker never write at once. Default true.
@@ -446,39 +280,18 @@ impl PipelineConfig {
         for f in &mut self.input.files {
             *f = resolve_str(base, f);
         }
+        let r = |p: &Path| resolve(base, p);
         if let Some(f) = &mut self.filters {
-            for p in [
-                &mut f.clip_image,
-                &mut f.clip_text,
-                &mut f.clip_l14_image,
-                &mut f.aesthetic_head,
-                &mut f.nsfw_head,
-                &mut f.watermark,
-            ]
-            .into_iter()
-            .flatten()
-            {
-                *p = resolve(base, p);
-            }
+            f.resolve_paths(r);
         }
         if let Some(c) = &mut self.captions {
-            for p in &mut c.files {
-                *p = resolve(base, p);
-            }
+            c.resolve_paths(r);
         }
         if let Some(t) = &mut self.t5 {
-            t.model = resolve(base, &t.model);
-            if let Some(tk) = &mut t.tokenizer {
-                *tk = resolve(base, tk);
-            }
+            t.resolve_paths(r);
         }
         if let Some(v) = &mut self.vq {
-            v.checkpoint = resolve(base, &v.checkpoint);
-            if let VqModelSpec::Named(n) = &mut v.model
-                && n.ends_with(".json")
-            {
-                *n = resolve_str(base, n);
-            }
+            v.resolve_paths(r);
         }
     }
 
@@ -503,87 +316,22 @@ impl PipelineConfig {
             c.parse::<ipnet::IpNet>()
                 .with_context(|| format!("[ingest] allow_cidrs: {c:?} is not a CIDR"))?;
         }
-        let exists = |what: &str, p: &Path| -> Result<()> {
-            if !p.exists() {
-                bail!("{what}: {} does not exist", p.display());
-            }
-            Ok(())
-        };
         if let Some(f) = &self.filters {
-            f.caption
-                .parse::<llamagen_filters::scorer::CaptionField>()
-                .map_err(|e| anyhow::anyhow!("[filters] caption: {e}"))?;
-            for (k, p) in [
-                ("clip_image", &f.clip_image),
-                ("clip_text", &f.clip_text),
-                ("clip_l14_image", &f.clip_l14_image),
-                ("aesthetic_head", &f.aesthetic_head),
-                ("nsfw_head", &f.nsfw_head),
-                ("watermark", &f.watermark),
-            ] {
-                if let Some(p) = p {
-                    exists(&format!("[filters] {k}"), p)?;
-                }
-            }
-            if f.clip_image.is_some() != f.clip_text.is_some() {
-                bail!("[filters] clip_image and clip_text go together");
-            }
-            if f.clip_image.is_none() && f.clip_l14_image.is_none() && f.watermark.is_none() {
-                bail!(
-                    "[filters] configures no model (clip_image/clip_text, clip_l14_image or watermark)"
-                );
-            }
+            f.check().context("[filters]")?;
         }
         if let Some(c) = &self.captions {
-            for p in &c.files {
-                exists("[captions] files", p)?;
-            }
-            if !matches!(c.join.as_str(), "key" | "url" | "image_path") {
-                bail!("[captions] join = {:?}: use key, url or image_path", c.join);
-            }
-            if llamagen_encode::captions::CaptionKey::parse(&c.caption_key).is_none() {
-                bail!(
-                    "[captions] caption_key = {:?}: use blip, llava, llava_first, first or an index",
-                    c.caption_key
-                );
-            }
-            for f in &c.fallback {
-                if !matches!(f.as_str(), "top_caption" | "text") {
-                    bail!("[captions] fallback {f:?}: use top_caption or text");
-                }
-            }
+            c.check().context("[captions]")?;
         }
         if let Some(t) = &self.t5 {
-            exists("[t5] model", &t.model)?;
-            if let Some(tk) = &t.tokenizer {
-                exists("[t5] tokenizer", tk)?;
-            }
-            if !matches!(t.dtype.as_str(), "bf16" | "f16") {
-                bail!("[t5] dtype = {:?}: use bf16 or f16", t.dtype);
-            }
+            t.check().context("[t5]")?;
             if self.captions.is_none() {
                 bail!("[t5] needs [captions] (it encodes the long and short captions)");
             }
         }
         if let Some(v) = &self.vq {
-            let args = v.model.args()?;
-            if v.standin_seed.is_none() {
-                exists("[vq] checkpoint", &v.checkpoint)?;
-            }
-            if v.views.is_empty() || v.batch_size == 0 {
-                bail!("[vq] views must not be empty and batch_size must be positive");
-            }
-            let f = args.downsample_factor() as u32;
+            v.check().context("[vq]")?;
             for view in &v.views {
-                let (size, src) = match view {
-                    CodeView::Center { image_size } => (*image_size, *image_size),
-                    CodeView::TenCrop { image_size, .. } => (*image_size, view.source_size()),
-                };
-                if size == 0 || size % f != 0 {
-                    bail!(
-                        "[vq] view image_size {size} is not a multiple of the VQ's downsampling {f}"
-                    );
-                }
+                let src = view.source_size();
                 if !self.ingest.image_sizes.contains(&src) {
                     bail!(
                         "[vq] view {view:?} is computed from the stored {src} px image: add {src} to [ingest] image_sizes"

@@ -505,132 +505,14 @@ async fn run_inner(
         .extend(report.inputs_skipped_incremental.iter().cloned());
     check_lease()?;
 
-    // 2. Load the models of the enabled stages once.
-    let scorer = match &cfg.filters {
-        Some(f) => {
-            let sc = llamagen_filters::scorer::ScorerConfig {
-                clip_image: f.clip_image.clone(),
-                clip_text: f.clip_text.clone(),
-                caption: f
-                    .caption
-                    .parse()
-                    .map_err(|e| anyhow!("[filters] caption: {e}"))?,
-                clip_l14_image: f.clip_l14_image.clone(),
-                aesthetic_head: f.aesthetic_head.clone(),
-                no_aesthetic: f.no_aesthetic,
-                nsfw_head: f.nsfw_head.clone(),
-                watermark: f.watermark.clone(),
-                watermark_class_index: f.watermark_class_index,
-                model: llamagen_filters::model::ModelOptions {
-                    intra_threads: f.intra_threads,
-                    batch_size: f.batch_size,
-                    ..Default::default()
-                },
-                preprocess_threads: f.preprocess_threads,
-                ..llamagen_filters::scorer::ScorerConfig::new()
-            };
-            let s = tokio::task::spawn_blocking(move || llamagen_filters::scorer::Scorer::load(sc))
-                .await??;
-            Some(Arc::new(s))
-        }
-        None => None,
-    };
-    let captions = match &cfg.captions {
-        Some(c) => {
-            use llamagen_encode::captions::{
-                CaptionFileOptions, CaptionIndex, CaptionKey, Fallback, JoinOn,
-            };
-            let join =
-                JoinOn::parse(&c.join).with_context(|| format!("[captions] join {:?}", c.join))?;
-            let fallbacks = c
-                .fallback
-                .iter()
-                .map(|f| Fallback::parse(f).with_context(|| format!("[captions] fallback {f:?}")))
-                .collect::<Result<Vec<_>>>()?;
-            let paths: Vec<&Path> = c.files.iter().map(|p| p.as_path()).collect();
-            let index = CaptionIndex::read(
-                &paths,
-                &CaptionFileOptions {
-                    join,
-                    join_field: c.join_field.clone(),
-                    text_field: c.text_field.clone(),
-                    list_entry: CaptionKey::parse(&c.caption_key).with_context(|| {
-                        format!("[captions] caption_key {:?}: use blip, llava, llava_first, first or an index", c.caption_key)
-                    })?,
-                },
-            )?;
-            Some((Arc::new(index), fallbacks))
-        }
-        None => None,
-    };
-    let t5 = match &cfg.t5 {
-        Some(t) => {
-            use llamagen_encode::text_encoder::{
-                ModelPaths, StoreDtype, TextEncoder, TextEncoderConfig, device_and_dtype,
-            };
-            let mut paths = ModelPaths::in_dir(&t.model);
-            if let Some(tk) = &t.tokenizer {
-                paths.tokenizer = tk.clone();
-            }
-            let (device, compute) = device_and_dtype(t.cuda)?;
-            let mut enc = TextEncoder::load(
-                &paths,
-                &device,
-                compute,
-                TextEncoderConfig {
-                    max_tokens: t.max_tokens,
-                    batch_tokens: t.batch_tokens,
-                    ..Default::default()
-                },
-            )?;
-            if let Some(id) = &t.model_id {
-                enc.model_id = id.clone();
-            }
-            let store = if t.dtype == "f16" {
-                StoreDtype::F16
-            } else {
-                StoreDtype::Bf16
-            };
-            Some((Arc::new(enc), store))
-        }
-        None => None,
-    };
-    let vq = match &cfg.vq {
-        Some(v) => {
-            let args = v.model.args()?;
-            if let (Some(seed), false) = (v.standin_seed, v.checkpoint.exists()) {
-                eprintln!(
-                    "vq: writing STAND-IN random weights (seed {seed}) to {}: codes from them mean nothing",
-                    v.checkpoint.display()
-                );
-                write_standin_vq(&v.checkpoint, &args, seed)?;
-            }
-            let model = llamagen_encode::VqModel::from_file(
-                &v.checkpoint,
-                &args,
-                &candle_core::Device::Cpu,
-            )?;
-            let scfg = llamagen_encode::vq_stage::VqStageConfig {
-                views: v.views.clone(),
-                batch_size: v.batch_size,
-                model_id: v
-                    .checkpoint
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-                weights_sha256: sha256_file(&v.checkpoint)?,
-            };
-            Some((Arc::new(model), scfg))
-        }
-        None => None,
-    };
-
-    // 3. The shard stages, in order, each with the earlier stages whose columns it reads: this
-    // worker's share first, then (with several workers) a sweep.
+    // 2. The shard stages, in order, each built once from its config (models loaded here) and
+    // listed with the earlier stages whose columns it reads: this worker's share first, then
+    // (with several workers) a sweep.
     let mut stages: Vec<(&str, Arc<dyn Stage>, Vec<String>)> = Vec::new();
     let mut filtered: Vec<String> = Vec::new();
-    if let Some(scorer) = scorer {
-        let s = Arc::new(llamagen_filters::stage::ScoreStage::new(scorer)?);
+    if let Some(f) = &cfg.filters {
+        let scorer = f.load().await.context("[filters]")?;
+        let s = Arc::new(llamagen_filters::stage::ScoreStage::new(Arc::new(scorer))?);
         stages.push(("filters: score", s.clone(), Vec::new()));
         filtered.push(s.name());
     }
@@ -640,18 +522,16 @@ async fn run_inner(
         filtered.push(s.name());
     }
     let mut captioned = filtered.clone();
-    if let Some((index, fallbacks)) = captions {
-        let s = llamagen_encode::text_stage::CaptionsStage { index, fallbacks };
-        stages.push(("captions", Arc::new(s), filtered.clone()));
-        captioned.push(llamagen_encode::text_stage::CAPTIONS_STAGE.into());
+    if let Some(c) = &cfg.captions {
+        let s = Arc::new(c.build().context("[captions]")?);
+        stages.push(("captions", s.clone(), filtered.clone()));
+        captioned.push(s.name());
     }
-    if let Some((encoder, dtype)) = t5 {
-        let s = llamagen_encode::text_stage::T5Stage { encoder, dtype };
-        stages.push(("t5", Arc::new(s), captioned));
+    if let Some(t) = &cfg.t5 {
+        stages.push(("t5", Arc::new(t.build().context("[t5]")?), captioned));
     }
-    if let Some((model, scfg)) = vq {
-        let s = llamagen_encode::vq_stage::VqStage::new(model, scfg)?;
-        stages.push(("vq", Arc::new(s), filtered.clone()));
+    if let Some(v) = &cfg.vq {
+        stages.push(("vq", Arc::new(v.build().context("[vq]")?), filtered.clone()));
     }
     let passes: &[(&'static str, (usize, usize))] = if partition.1 > 1 {
         &[("share", partition), ("sweep", (0, 1))]
