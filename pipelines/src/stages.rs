@@ -1,14 +1,17 @@
-//! One config struct per shard stage, shared by its CLI command and the pipeline config.
+//! One config struct per stage, shared by its CLI command and the pipeline config.
 //!
-//! Each struct derives both `clap::Args` (flattened into `llamagen filter score`, `llamagen text
-//! captions`, `llamagen text embed`, `llamagen encode`) and `Deserialize` (the `[filters]`,
-//! `[captions]`, `[t5]` and `[vq]` tables of a pipeline config), so a flag and its config key have
-//! one name, one default and one check, and [`check`](ScoreConfig::check) and `build` turn either
-//! into the same stage. The defaults are written once as constants; a test compares the CLI's and
-//! the config's defaults field by field.
+//! Each struct derives both `clap::Args` (flattened into `llamagen ingest`, `llamagen filter
+//! score`, `llamagen text captions`, `llamagen text embed`, `llamagen encode`) and `Deserialize`
+//! (the `[ingest]`, `[filters]`, `[captions]`, `[t5]` and `[vq]` tables of a pipeline config), so
+//! a flag and its config key have one default and one check, and `build` turns either into the
+//! same stage. A key is its flag's name with `_` for `-`; where a flag reads better otherwise the
+//! field names it (`--timeout` sets `timeout_s`, `--ignore-robots` clears `respect_robots`). The
+//! defaults are written once, as constants; tests compare the CLI's and the config's field by
+//! field.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
@@ -22,6 +25,7 @@ use llamagen_filters::model::ModelOptions;
 use llamagen_filters::rules::Thresholds;
 use llamagen_filters::runtime::Provider;
 use llamagen_filters::scorer::{CaptionField, Scorer, ScorerConfig};
+use llamagen_ingest::{IngestConfig, OutputFormat, PreFilter};
 use serde::{Deserialize, Serialize};
 
 const SCORE_BATCH: usize = 32;
@@ -511,6 +515,266 @@ impl VqConfig {
     }
 }
 
+/// Downloading and storing images (`llamagen ingest`, the pipeline's `[ingest]`). The URL lists,
+/// their columns and the output are the command's own flags (`[input]` and `[output]` in a
+/// config).
+#[derive(Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestOptions {
+    /// Sizes of the stored centre crops (LlamaGen's stages: 256 and 512; a ten-crop VQ view needs
+    /// its crop size too, e.g. 281).
+    #[arg(long = "image-size", value_delimiter = ',', default_value = "256")]
+    #[serde(default = "image_sizes")]
+    pub image_sizes: Vec<u32>,
+    /// Stored image encoding: jpeg, png or webp (lossless).
+    #[arg(long, default_value = FORMAT)]
+    #[serde(default = "format")]
+    pub format: String,
+    /// JPEG quality.
+    #[arg(long, default_value_t = QUALITY)]
+    #[serde(default = "quality")]
+    pub quality: u8,
+    /// Keep JPEG chroma at full resolution (4:4:4) instead of 4:2:0 (PIL's and OpenCV's default).
+    #[arg(long)]
+    #[serde(default)]
+    pub jpeg_444: bool,
+    /// Rows per work unit (one commit each; the granularity of resume).
+    #[arg(long, default_value_t = UNIT_ROWS)]
+    #[serde(default = "unit_rows")]
+    pub unit_rows: usize,
+    /// Units processed at once: a unit's slowest downloads overlap the next unit's work.
+    #[arg(long, default_value_t = UNITS_IN_FLIGHT)]
+    #[serde(default = "units_in_flight")]
+    pub units_in_flight: usize,
+    /// Downloads in flight.
+    #[arg(long, default_value_t = CONCURRENCY)]
+    #[serde(default = "concurrency")]
+    pub concurrency: usize,
+    /// Downloads in flight per host.
+    #[arg(long, default_value_t = PER_HOST)]
+    #[serde(default = "per_host")]
+    pub per_host: usize,
+    /// Connect timeout, seconds.
+    #[arg(long = "connect-timeout", default_value_t = CONNECT_TIMEOUT_S)]
+    #[serde(default = "connect_timeout_s")]
+    pub connect_timeout_s: f64,
+    /// Deadline of one download attempt (headers and body), seconds.
+    #[arg(long = "timeout", default_value_t = TIMEOUT_S)]
+    #[serde(default = "timeout_s")]
+    pub timeout_s: f64,
+    /// Retries of transient failures (connect errors, resets, 429, 5xx).
+    #[arg(long, default_value_t = RETRIES)]
+    #[serde(default = "retries")]
+    pub retries: u32,
+    /// First retry backoff, seconds (doubles each retry, with jitter).
+    #[arg(long = "backoff", default_value_t = BACKOFF_S)]
+    #[serde(default = "backoff_s")]
+    pub backoff_s: f64,
+    /// Largest accepted body, bytes.
+    #[arg(long, default_value_t = MAX_BYTES)]
+    #[serde(default = "max_bytes")]
+    pub max_bytes: u64,
+    /// Redirect hops followed.
+    #[arg(long, default_value_t = MAX_REDIRECTS)]
+    #[serde(default = "max_redirects")]
+    pub max_redirects: usize,
+    /// Body bytes held in memory at once over all downloads, MiB (a download waits for room).
+    #[arg(long, default_value_t = MAX_INFLIGHT_MIB)]
+    #[serde(default = "max_inflight_mib")]
+    pub max_inflight_mib: u64,
+    /// Send `user:pass@` credentials found in URLs as Basic auth (default: stripped before the
+    /// request). They are never stored either way.
+    #[arg(long)]
+    #[serde(default)]
+    pub allow_url_credentials: bool,
+    /// User-Agent header (default: llamagen's).
+    #[arg(long)]
+    pub user_agent: Option<String>,
+    /// Honour X-Robots-Tag noai/noimageai/noindex/noimageindex (default; the flag
+    /// --ignore-robots turns it off).
+    #[arg(long = "ignore-robots", action = clap::ArgAction::SetFalse)]
+    #[serde(default = "yes")]
+    pub respect_robots: bool,
+    /// Allow downloads from these address ranges even though they are private or loopback
+    /// (CIDR, repeatable), e.g. 127.0.0.0/8 for a local mirror.
+    #[arg(long = "allow-cidr")]
+    #[serde(default)]
+    pub allow_cidrs: Vec<String>,
+    /// Drop rows whose metadata WIDTH is below this, before downloading.
+    #[arg(long)]
+    pub min_width: Option<i64>,
+    /// Drop rows whose metadata HEIGHT is below this, before downloading.
+    #[arg(long)]
+    pub min_height: Option<i64>,
+    /// Drop rows whose metadata pwatermark is above this, before downloading.
+    #[arg(long)]
+    pub max_pwatermark: Option<f64>,
+    /// Drop rows whose metadata similarity is below this, before downloading.
+    #[arg(long)]
+    pub min_similarity: Option<f64>,
+    /// Decode large JPEGs in the DCT domain at a reduced size when the image is at least 4x the
+    /// largest target size (default; the flag --full-decode turns it off).
+    #[arg(long = "full-decode", action = clap::ArgAction::SetFalse)]
+    #[serde(default = "yes")]
+    pub reduced_decode: bool,
+    /// Upscale images whose shorter side is below an image size (default: as LlamaGen's t2i
+    /// dataset, no crop of that size; the row records below_image_size_<size>, and is dropped
+    /// when no size is left).
+    #[arg(long = "upscale-small-images")]
+    #[serde(default)]
+    pub upscale_small: bool,
+    /// Threads for decoding and resizing (default: available cores).
+    #[arg(long)]
+    pub cpu_workers: Option<usize>,
+    /// Also write img2dataset's webdataset layout here (local directory or s3:// prefix): per
+    /// size, one tar of <key>.jpg/.txt/.json per work unit, plus its _stats.json.
+    #[arg(long)]
+    pub webdataset: Option<String>,
+}
+
+const FORMAT: &str = "jpeg";
+const QUALITY: u8 = 95;
+const UNIT_ROWS: usize = 10_000;
+const UNITS_IN_FLIGHT: usize = 2;
+const CONCURRENCY: usize = 64;
+const PER_HOST: usize = 8;
+const CONNECT_TIMEOUT_S: f64 = 10.0;
+const TIMEOUT_S: f64 = 30.0;
+const RETRIES: u32 = 2;
+const BACKOFF_S: f64 = 0.5;
+const MAX_BYTES: u64 = 32 << 20;
+const MAX_REDIRECTS: usize = 5;
+const MAX_INFLIGHT_MIB: u64 = 256;
+
+fn image_sizes() -> Vec<u32> {
+    vec![256]
+}
+fn format() -> String {
+    FORMAT.into()
+}
+fn quality() -> u8 {
+    QUALITY
+}
+fn unit_rows() -> usize {
+    UNIT_ROWS
+}
+fn units_in_flight() -> usize {
+    UNITS_IN_FLIGHT
+}
+fn concurrency() -> usize {
+    CONCURRENCY
+}
+fn per_host() -> usize {
+    PER_HOST
+}
+fn connect_timeout_s() -> f64 {
+    CONNECT_TIMEOUT_S
+}
+fn timeout_s() -> f64 {
+    TIMEOUT_S
+}
+fn retries() -> u32 {
+    RETRIES
+}
+fn backoff_s() -> f64 {
+    BACKOFF_S
+}
+fn max_bytes() -> u64 {
+    MAX_BYTES
+}
+fn max_redirects() -> usize {
+    MAX_REDIRECTS
+}
+fn max_inflight_mib() -> u64 {
+    MAX_INFLIGHT_MIB
+}
+fn yes() -> bool {
+    true
+}
+
+impl Default for IngestOptions {
+    fn default() -> Self {
+        toml::from_str("").expect("every ingest key has a default")
+    }
+}
+
+impl IngestOptions {
+    pub fn check(&self) -> Result<()> {
+        if self.image_sizes.is_empty() || self.image_sizes.contains(&0) {
+            bail!("image_sizes must be positive sizes");
+        }
+        if self.unit_rows == 0
+            || self.units_in_flight == 0
+            || self.concurrency == 0
+            || self.per_host == 0
+        {
+            bail!("unit_rows, units_in_flight, concurrency and per_host must be positive");
+        }
+        self.output_format()?;
+        for c in &self.allow_cidrs {
+            c.parse::<ipnet::IpNet>()
+                .with_context(|| format!("allow_cidrs: {c:?} is not a CIDR"))?;
+        }
+        Ok(())
+    }
+
+    fn output_format(&self) -> Result<OutputFormat> {
+        Ok(match self.format.as_str() {
+            "jpeg" | "jpg" => OutputFormat::Jpeg {
+                quality: self.quality,
+                full_chroma: self.jpeg_444,
+            },
+            "png" => OutputFormat::Png,
+            "webp" => OutputFormat::Webp,
+            other => bail!("format {other:?}: use jpeg, png or webp"),
+        })
+    }
+
+    /// The ingest config for the given input columns (output, dataset, worker share and run id
+    /// are the caller's).
+    pub fn build(&self, url_column: &str, caption_column: &str) -> Result<IngestConfig> {
+        self.check()?;
+        let mut c = IngestConfig::default();
+        c.sizes = self.image_sizes.clone();
+        c.format = self.output_format()?;
+        c.reduced_decode = self.reduced_decode;
+        c.upscale_small = self.upscale_small;
+        c.unit_rows = self.unit_rows;
+        c.units_in_flight = self.units_in_flight;
+        if let Some(n) = self.cpu_workers {
+            c.cpu_workers = n;
+        }
+        let f = &mut c.fetch;
+        f.concurrency = self.concurrency;
+        f.per_host = self.per_host;
+        f.connect_timeout = Duration::from_secs_f64(self.connect_timeout_s);
+        f.deadline = Duration::from_secs_f64(self.timeout_s);
+        f.max_retries = self.retries;
+        f.backoff = Duration::from_secs_f64(self.backoff_s);
+        f.max_body_bytes = self.max_bytes;
+        f.max_redirects = self.max_redirects;
+        f.max_inflight_bytes = self.max_inflight_mib << 20;
+        f.allow_url_credentials = self.allow_url_credentials;
+        if let Some(ua) = &self.user_agent {
+            f.user_agent = ua.clone();
+        }
+        f.respect_robots = self.respect_robots;
+        for a in &self.allow_cidrs {
+            f.allow_cidrs.push(a.parse()?);
+        }
+        c.prefilter = PreFilter {
+            min_width: self.min_width,
+            min_height: self.min_height,
+            max_pwatermark: self.max_pwatermark,
+            min_similarity: self.min_similarity,
+        };
+        c.source.url_column = url_column.to_string();
+        c.source.caption_column = caption_column.to_string();
+        c.webdataset = self.webdataset.clone();
+        Ok(c)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -543,6 +807,9 @@ mod tests {
         let b: VqConfig = toml::from_str("checkpoint = \"c\"").unwrap();
         assert_eq!(a, b);
         assert_eq!(a.views, [CodeView::Center { image_size: 256 }]);
+        let a: IngestOptions = cli(&[]);
+        assert_eq!(a, IngestOptions::default());
+        assert!(a.respect_robots && a.reduced_decode && a.image_sizes == [256]);
     }
 
     #[test]
@@ -587,6 +854,21 @@ mod tests {
         let b: ScoreConfig =
             toml::from_str("watermark = \"w\"\ncaption = \"top_caption\"\nprovider = \"cuda\"")
                 .unwrap();
+        assert_eq!(a, b);
+        let a: IngestOptions = cli(&[
+            "--image-size",
+            "256,512",
+            "--ignore-robots",
+            "--full-decode",
+            "--timeout",
+            "5",
+            "--allow-cidr",
+            "127.0.0.0/8",
+        ]);
+        let b: IngestOptions = toml::from_str(
+            "image_sizes = [256, 512]\nrespect_robots = false\nreduced_decode = false\ntimeout_s = 5.0\nallow_cidrs = [\"127.0.0.0/8\"]",
+        )
+        .unwrap();
         assert_eq!(a, b);
     }
 

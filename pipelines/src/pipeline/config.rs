@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::stages::{CaptionsConfig, ScoreConfig, T5Config, VqConfig};
+use crate::stages::{CaptionsConfig, IngestOptions, ScoreConfig, T5Config, VqConfig};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -21,8 +21,9 @@ pub struct PipelineConfig {
     pub output: OutputConfig,
     /// The URL lists (required).
     pub input: InputConfig,
+    /// Downloads and stored images (the `llamagen ingest` flags).
     #[serde(default)]
-    pub ingest: IngestSection,
+    pub ingest: IngestOptions,
     /// Scores and thresholds (the `llamagen filter score` flags, plus `thresholds`); absent: no
     /// filter stage.
     pub filters: Option<ScoreConfig>,
@@ -82,101 +83,6 @@ fn default_url() -> String {
 }
 fn default_caption() -> String {
     "TEXT".into()
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct IngestSection {
-    /// Sizes of the stored centre crops. Default `[256]` (LlamaGen's stages: 256 and 512; a
-    /// ten-crop VQ view needs its crop size too, e.g. 281).
-    pub image_sizes: Vec<u32>,
-    /// Stored encoding: `jpeg`, `png` or `webp` (lossless). Default `jpeg`.
-    pub format: String,
-    /// JPEG quality. Default 95.
-    pub quality: u8,
-    /// Rows per work unit (one commit each; the granularity of resume). Default 10,000.
-    pub unit_rows: usize,
-    /// Units processed at once (a unit's slowest downloads overlap the next unit's). Default 2.
-    pub units_in_flight: usize,
-    /// Downloads in flight. Default 64.
-    pub concurrency: usize,
-    /// Downloads in flight per host. Default 8.
-    pub per_host: usize,
-    /// Connect timeout, seconds. Default 10.
-    pub connect_timeout_s: f64,
-    /// Deadline of one download attempt, seconds. Default 30.
-    pub timeout_s: f64,
-    /// Retries of transient failures. Default 2.
-    pub retries: u32,
-    /// First retry backoff, seconds (doubling, with jitter). Default 0.5.
-    pub backoff_s: f64,
-    /// Largest accepted body, bytes. Default 32 MiB.
-    pub max_bytes: u64,
-    /// Redirect hops followed. Default 5.
-    pub max_redirects: usize,
-    /// Body bytes held in memory at once over all downloads, MiB. Default 256.
-    pub max_inflight_mib: u64,
-    /// Send `user:pass@` credentials found in URLs as Basic auth. Default false (stripped before
-    /// the request; never stored either way).
-    pub allow_url_credentials: bool,
-    /// User-Agent header (default: llamagen's).
-    pub user_agent: Option<String>,
-    /// Honour X-Robots-Tag noai/noimageai/noindex/noimageindex. Default true.
-    pub respect_robots: bool,
-    /// Address ranges allowed although private or loopback (CIDRs), e.g. `127.0.0.0/8` for a
-    /// local mirror. Default none.
-    pub allow_cidrs: Vec<String>,
-    /// Pre-download filter on metadata: rows below/above are recorded as dropped, never fetched.
-    pub min_width: Option<i64>,
-    pub min_height: Option<i64>,
-    pub max_pwatermark: Option<f64>,
-    pub min_similarity: Option<f64>,
-    /// Decode large JPEGs in the DCT domain at a reduced size. Default true.
-    pub reduced_decode: bool,
-    /// Upscale images whose shorter side is below an image size. Default false: as LlamaGen's
-    /// t2i dataset, no crop of that size (`below_image_size_<size>`; dropped if no size is left).
-    pub upscale_small: bool,
-    /// Threads decoding and resizing (default: available cores).
-    pub cpu_workers: Option<usize>,
-    /// Keep JPEG chroma at full resolution (4:4:4) instead of 4:2:0. Default false.
-    pub jpeg_444: bool,
-    /// Also write img2dataset's webdataset layout (tar shards, one folder per size) to this local
-    /// directory or `s3://` prefix. Default: none.
-    pub webdataset: Option<String>,
-}
-
-impl Default for IngestSection {
-    fn default() -> Self {
-        IngestSection {
-            image_sizes: vec![256],
-            format: "jpeg".into(),
-            quality: 95,
-            unit_rows: 10_000,
-            units_in_flight: 2,
-            concurrency: 64,
-            per_host: 8,
-            connect_timeout_s: 10.0,
-            timeout_s: 30.0,
-            retries: 2,
-            backoff_s: 0.5,
-            max_bytes: 32 << 20,
-            max_redirects: 5,
-            max_inflight_mib: 256,
-            allow_url_credentials: false,
-            user_agent: None,
-            respect_robots: true,
-            allow_cidrs: Vec::new(),
-            min_width: None,
-            min_height: None,
-            max_pwatermark: None,
-            min_similarity: None,
-            reduced_decode: true,
-            upscale_small: false,
-            cpu_workers: None,
-            webdataset: None,
-            jpeg_444: false,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -302,20 +208,7 @@ impl PipelineConfig {
         if self.input.files.is_empty() {
             bail!("[input] files is empty");
         }
-        let i = &self.ingest;
-        if i.image_sizes.is_empty() || i.image_sizes.contains(&0) {
-            bail!("[ingest] image_sizes must be positive sizes");
-        }
-        if !matches!(i.format.as_str(), "jpeg" | "jpg" | "png" | "webp") {
-            bail!("[ingest] format = {:?}: use jpeg, png or webp", i.format);
-        }
-        if i.unit_rows == 0 || i.units_in_flight == 0 || i.concurrency == 0 || i.per_host == 0 {
-            bail!("[ingest] unit_rows, units_in_flight, concurrency and per_host must be positive");
-        }
-        for c in &i.allow_cidrs {
-            c.parse::<ipnet::IpNet>()
-                .with_context(|| format!("[ingest] allow_cidrs: {c:?} is not a CIDR"))?;
-        }
+        self.ingest.check().context("[ingest]")?;
         if let Some(f) = &self.filters {
             f.check().context("[filters]")?;
         }

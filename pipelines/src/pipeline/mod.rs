@@ -36,7 +36,7 @@ use llamagen_catalog::lease::Lease;
 use llamagen_catalog::stage::{ShardSelection, Stage, run_stage};
 use llamagen_catalog::storage::S3Config;
 use llamagen_catalog::{Catalog, CatalogError, StageCounters, StorageOptions, runs};
-use llamagen_ingest::{IngestConfig, OutputFormat, PreFilter, Progress};
+use llamagen_ingest::{IngestConfig, Progress};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -162,54 +162,13 @@ fn ingest_config(
     partition: (usize, usize),
     run_id: &str,
 ) -> Result<IngestConfig> {
-    let s = &cfg.ingest;
-    let mut c = IngestConfig::default();
-    c.sizes = s.image_sizes.clone();
-    c.format = match s.format.as_str() {
-        "png" => OutputFormat::Png,
-        "webp" => OutputFormat::Webp,
-        _ => OutputFormat::Jpeg {
-            quality: s.quality,
-            full_chroma: s.jpeg_444,
-        },
-    };
-    c.reduced_decode = s.reduced_decode;
-    c.upscale_small = s.upscale_small;
-    c.unit_rows = s.unit_rows;
-    c.units_in_flight = s.units_in_flight;
+    let mut c = cfg
+        .ingest
+        .build(&cfg.input.url_column, &cfg.input.caption_column)?;
     c.partition = partition;
-    if let Some(n) = s.cpu_workers {
-        c.cpu_workers = n;
-    }
-    c.fetch.concurrency = s.concurrency;
-    c.fetch.per_host = s.per_host;
-    c.fetch.connect_timeout = Duration::from_secs_f64(s.connect_timeout_s);
-    c.fetch.deadline = Duration::from_secs_f64(s.timeout_s);
-    c.fetch.max_retries = s.retries;
-    c.fetch.backoff = Duration::from_secs_f64(s.backoff_s);
-    c.fetch.max_body_bytes = s.max_bytes;
-    c.fetch.max_redirects = s.max_redirects;
-    c.fetch.max_inflight_bytes = s.max_inflight_mib << 20;
-    c.fetch.allow_url_credentials = s.allow_url_credentials;
-    if let Some(ua) = &s.user_agent {
-        c.fetch.user_agent = ua.clone();
-    }
-    c.fetch.respect_robots = s.respect_robots;
-    for a in &s.allow_cidrs {
-        c.fetch.allow_cidrs.push(a.parse()?);
-    }
-    c.prefilter = PreFilter {
-        min_width: s.min_width,
-        min_height: s.min_height,
-        max_pwatermark: s.max_pwatermark,
-        min_similarity: s.min_similarity,
-    };
-    c.source.url_column = cfg.input.url_column.clone();
-    c.source.caption_column = cfg.input.caption_column.clone();
     c.storage = storage_options(cfg);
     c.dataset = cfg.output.dataset.clone();
     c.run_id = Some(run_id.to_string());
-    c.webdataset = s.webdataset.clone();
     Ok(c)
 }
 
