@@ -189,6 +189,39 @@ pub fn to_rgb_image(t: &Tensor) -> Result<RgbImage> {
         .ok_or_else(|| EncodeError::InvalidInput("image buffer size".into()))
 }
 
+/// torchvision's `make_grid(padding=2, pad_value=0)` over images of one size: `nrow` per row,
+/// 2 px black padding around and between them. `None` leaves its cell empty.
+pub fn make_grid(images: &[Option<RgbImage>], nrow: usize) -> Result<RgbImage> {
+    let first = images
+        .iter()
+        .flatten()
+        .next()
+        .ok_or_else(|| EncodeError::InvalidInput("no images for a grid".into()))?;
+    let (w, h) = (first.width(), first.height());
+    let pad = 2u32;
+    let nrow = nrow.clamp(1, images.len().max(1));
+    let rows = images.len().div_ceil(nrow) as u32;
+    let mut g = RgbImage::new(nrow as u32 * (w + pad) + pad, rows * (h + pad) + pad);
+    for (i, img) in images.iter().enumerate() {
+        let Some(img) = img else { continue };
+        if (img.width(), img.height()) != (w, h) {
+            return Err(EncodeError::InvalidInput(format!(
+                "grid images of different sizes: {}x{} and {w}x{h}",
+                img.width(),
+                img.height()
+            )));
+        }
+        let (x, y) = ((i % nrow) as u32, (i / nrow) as u32);
+        image::imageops::replace(
+            &mut g,
+            img,
+            (pad + x * (w + pad)) as i64,
+            (pad + y * (h + pad)) as i64,
+        );
+    }
+    Ok(g)
+}
+
 /// ToTensor then Normalize(0.5, 0.5): images of one size → (N, 3, H, W) float32 in [−1, 1].
 pub fn to_tensor(imgs: &[RgbImage], device: &Device) -> Result<Tensor> {
     let first = imgs

@@ -71,24 +71,16 @@ fn to_rgb(t: &Tensor) -> Result<RgbImage> {
     Ok(augment::to_rgb_image(t)?)
 }
 
-fn grid(rows: &[Vec<RgbImage>], size: u32) -> RgbImage {
-    let cols = rows.iter().map(|r| r.len()).max().unwrap_or(1) as u32;
-    let mut g = RgbImage::from_pixel(
-        cols * (size + 2),
-        rows.len() as u32 * (size + 2),
-        image::Rgb([255, 255, 255]),
-    );
-    for (r, row) in rows.iter().enumerate() {
-        for (c, img) in row.iter().enumerate() {
-            image::imageops::replace(
-                &mut g,
-                img,
-                (c as u32 * (size + 2)) as i64,
-                (r as u32 * (size + 2)) as i64,
-            );
-        }
+/// Rows of images (originals over reconstructions, or decoded codes) as one grid.
+fn grid(rows: Vec<Vec<RgbImage>>) -> Result<RgbImage> {
+    let cols = rows.iter().map(|r| r.len()).max().unwrap_or(1);
+    let mut cells = Vec::with_capacity(rows.len() * cols);
+    for row in rows {
+        let n = row.len();
+        cells.extend(row.into_iter().map(Some));
+        cells.extend((n..cols).map(|_| None));
     }
-    g
+    Ok(augment::make_grid(&cells, cols)?)
 }
 
 pub async fn run(a: ReconstructArgs) -> Result<()> {
@@ -192,7 +184,7 @@ pub async fn run(a: ReconstructArgs) -> Result<()> {
             bail!("no image decoded: {}", failed.join("; "));
         }
     }
-    let g = grid(&rows, a.image_size);
+    let g = grid(rows)?;
     g.save(&a.out)
         .with_context(|| format!("writing {}", a.out.display()))?;
     let usage = used.len() as f64 / args.codebook_size as f64;

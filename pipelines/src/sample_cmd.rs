@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
-use llamagen_encode::{ModelArgs, VqModel};
+use llamagen_encode::{ModelArgs, VqModel, augment};
 use llamagen_train::checkpoint::load_gpt;
 use llamagen_train::data::{DataConfig, caption_features, left_pad_captions};
 use llamagen_train::run::{RunConfig, parse_device};
@@ -131,35 +131,14 @@ fn read_npy(path: &Path) -> Result<(usize, usize, Vec<f32>)> {
     Ok((l, c, t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?))
 }
 
-/// Images `(B, 3, H, W)` in about [-1, 1] to one RGB grid, `nrow` per row, 2 px black padding
-/// (torchvision `save_image` conventions: clamp, then `x * 127.5 + 127.5` rounded).
+/// Images `(B, 3, H, W)` in about [-1, 1] to one RGB grid, `nrow` per row, as the official
+/// scripts' `save_image(..., nrow, normalize=True, value_range=(-1, 1))`.
 fn grid(images: &Tensor, nrow: usize) -> Result<image::RgbImage> {
-    let (b, _, h, w) = images.dims4()?;
-    let px = ((images.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?
-        .round()?
-        .to_dtype(DType::U8)?
-        .to_device(&Device::Cpu)?
-        .flatten_all()?
-        .to_vec1::<u8>()?;
-    let nrow = nrow.clamp(1, b.max(1));
-    let rows = b.div_ceil(nrow);
-    let pad = 2usize;
-    let (gw, gh) = (nrow * (w + pad) + pad, rows * (h + pad) + pad);
-    let mut img = image::RgbImage::new(gw as u32, gh as u32);
-    for i in 0..b {
-        let (ox, oy) = (pad + (i % nrow) * (w + pad), pad + (i / nrow) * (h + pad));
-        for y in 0..h {
-            for x in 0..w {
-                let at = |c: usize| px[((i * 3 + c) * h + y) * w + x];
-                img.put_pixel(
-                    (ox + x) as u32,
-                    (oy + y) as u32,
-                    image::Rgb([at(0), at(1), at(2)]),
-                );
-            }
-        }
-    }
-    Ok(img)
+    let images = images.to_device(&Device::Cpu)?;
+    let cells = (0..images.dim(0)?)
+        .map(|i| Ok(Some(augment::to_rgb_image(&images.get(i)?)?)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(augment::make_grid(&cells, nrow)?)
 }
 
 pub fn run(args: SampleArgs) -> Result<ExitCode> {

@@ -509,7 +509,7 @@ impl VqConfig {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
-            weights_sha256: crate::pipeline::sha256_file(&self.checkpoint)?,
+            weights_sha256: llamagen_encode::t5::sha256_file(&self.checkpoint)?,
         };
         VqStage::new(Arc::new(model), cfg).map_err(|e| anyhow!(e))
     }

@@ -38,7 +38,6 @@ use llamagen_catalog::storage::S3Config;
 use llamagen_catalog::{Catalog, CatalogError, StageCounters, StorageOptions, runs};
 use llamagen_ingest::{IngestConfig, Progress};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 pub use config::PipelineConfig;
 
@@ -195,21 +194,6 @@ impl Progress for IngestBar {
         self.bar.set_message(format!("{rows} rows, {ok} ok"));
     }
     fn message(&self, _msg: &str) {}
-}
-
-pub fn sha256_file(p: &Path) -> Result<String> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
 }
 
 /// Random stand-in VQ weights (demos and tests: the codes mean nothing), a pure function of
