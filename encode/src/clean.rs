@@ -9,18 +9,16 @@
 //!   quote/punctuation trims.
 //! - Character classes follow Python's `re` on `str`: `\s` includes U+001C–U+001F, `\w` is
 //!   letters, numbers and `_`.
-//! - Of `ftfy.fix_text`, every step except the mojibake repair (`fix_encoding`: re-decoding text
-//!   that was decoded with the wrong code page) is applied: HTML entities (when the text has no
-//!   `<`), C1 controls as windows-1252, Latin ligatures, full-width characters, curly quotes, line
-//!   breaks, terminal escapes, control characters and NFC.
+//! - `ftfy.fix_text`, `html.unescape` and `str.strip` are Python's (`llamagen_prep::text`, which
+//!   the CLIP tokenizer's cleaning uses too).
 
 use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use fancy_regex::Regex;
-use unicode_normalization::UnicodeNormalization;
+use llamagen_prep::text::{ftfy_fix_text, html_unescape, py_strip};
 
-use crate::html_text::{self, PY_S, cp1252};
+use crate::html_text::{self, PY_S};
 
 /// Python's `\w` on `str`.
 const PY_W: &str = r"[\p{L}\p{N}_]";
@@ -28,16 +26,6 @@ const PY_W: &str = r"[\p{L}\p{N}_]";
 /// LlamaGen's text preprocessing: [`clean_caption`] twice.
 pub fn text_preprocessing(caption: &str) -> String {
     clean_caption(&clean_caption(caption))
-}
-
-/// Python's `str.isspace()`.
-fn py_space(c: char) -> bool {
-    c.is_whitespace() || ('\x1c'..='\x1f').contains(&c)
-}
-
-/// Python's `str.strip()`.
-pub(crate) fn py_strip(s: &str) -> &str {
-    s.trim_matches(py_space)
 }
 
 /// `urllib.parse.unquote_plus` (UTF-8, invalid sequences replaced by U+FFFD).
@@ -206,8 +194,8 @@ pub fn clean_caption(caption: &str) -> String {
     if r.dash_us.find_iter(&c).count() > 3 {
         c = sub(&r.dash_us, c, " ");
     }
-    c = fix_text(&c);
-    c = py_strip(&html_text::unescape(&html_text::unescape(&c))).to_string();
+    c = ftfy_fix_text(&c);
+    c = py_strip(&html_unescape(&html_unescape(&c))).to_string();
     c = sub(&r.id1, c, "");
     c = sub(&r.id2, c, "");
     c = sub(&r.id3, c, "");
@@ -226,164 +214,6 @@ pub fn clean_caption(caption: &str) -> String {
     c = sub(&r.trail_punct, c, "");
     c = sub(&r.dotword, c, "");
     py_strip(&c).to_string()
-}
-
-/// `ftfy.fix_text` with its default configuration, except the mojibake repair (see the module
-/// invariants). Repeats until nothing changes, as ftfy does.
-pub fn fix_text(text: &str) -> String {
-    let mut t = text.to_string();
-    loop {
-        let orig = t.clone();
-        if !t.contains('<') {
-            t = ftfy_unescape_html(&t);
-        }
-        t = fix_c1_controls(&t);
-        t = fix_latin_ligatures(&t);
-        t = fix_character_width(&t);
-        t = uncurl_quotes(&t);
-        t = t
-            .replace("\r\n", "\n")
-            .replace(['\r', '\u{2028}', '\u{2029}', '\u{85}'], "\n");
-        t = remove_terminal_escapes(&t);
-        t = remove_control_chars(&t);
-        t = t.nfc().collect();
-        if t == orig {
-            return t;
-        }
-    }
-}
-
-fn ftfy_unescape_html(t: &str) -> String {
-    static RE: OnceLock<Regex> = OnceLock::new();
-    let re = RE.get_or_init(|| Regex::new(r"&#?[0-9A-Za-z]{1,24};").expect("regex"));
-    if !t.contains('&') {
-        return t.to_string();
-    }
-    let mut out = String::with_capacity(t.len());
-    let mut last = 0;
-    for m in re.find_iter(t).flatten() {
-        out.push_str(&t[last..m.start()]);
-        last = m.end();
-        let s = m.as_str();
-        let name = &s[1..];
-        let lower = name.to_lowercase();
-        let rep: Option<String> = if let Some(c) = entity_exact(name) {
-            Some(c.to_string())
-        } else if name != lower && name == name.to_uppercase() && !s.starts_with("&#") {
-            // ftfy also accepts an all-caps spelling of a lowercase entity, upper-casing its value,
-            // unless html.unescape already knows that spelling.
-            entity_exact(&lower).map(|c| c.to_uppercase())
-        } else if s.starts_with("&#") {
-            let u = html_text::unescape(s);
-            if u.contains(';') { None } else { Some(u) }
-        } else {
-            None
-        };
-        out.push_str(rep.as_deref().unwrap_or(s));
-    }
-    out.push_str(&t[last..]);
-    out
-}
-
-fn entity_exact(name_with_semicolon: &str) -> Option<&'static str> {
-    let h = crate::html_entities::HTML5;
-    h.binary_search_by(|(k, _)| (*k).cmp(name_with_semicolon))
-        .ok()
-        .map(|i| h[i].1)
-}
-
-fn fix_c1_controls(t: &str) -> String {
-    t.chars()
-        .map(|c| {
-            let u = c as u32;
-            if (0x80..=0x9f).contains(&u) {
-                cp1252(u as u8).unwrap_or(c)
-            } else {
-                c
-            }
-        })
-        .collect()
-}
-
-fn fix_latin_ligatures(t: &str) -> String {
-    let mut out = String::with_capacity(t.len());
-    for c in t.chars() {
-        match c {
-            'Ĳ' => out.push_str("IJ"),
-            'ĳ' => out.push_str("ij"),
-            'ŉ' => out.push_str("ʼn"),
-            'Ǳ' => out.push_str("DZ"),
-            'ǲ' => out.push_str("Dz"),
-            'ǳ' => out.push_str("dz"),
-            'Ǆ' => out.push_str("DŽ"),
-            'ǅ' => out.push_str("Dž"),
-            'ǆ' => out.push_str("dž"),
-            'Ǉ' => out.push_str("LJ"),
-            'ǈ' => out.push_str("Lj"),
-            'ǉ' => out.push_str("lj"),
-            'Ǌ' => out.push_str("NJ"),
-            'ǋ' => out.push_str("Nj"),
-            'ǌ' => out.push_str("nj"),
-            'ﬀ' => out.push_str("ff"),
-            'ﬁ' => out.push_str("fi"),
-            'ﬂ' => out.push_str("fl"),
-            'ﬃ' => out.push_str("ffi"),
-            'ﬄ' => out.push_str("ffl"),
-            'ﬅ' => out.push_str("ſt"),
-            'ﬆ' => out.push_str("st"),
-            _ => out.push(c),
-        }
-    }
-    out
-}
-
-fn fix_character_width(t: &str) -> String {
-    let mut out = String::with_capacity(t.len());
-    for c in t.chars() {
-        let u = c as u32;
-        if u == 0x3000 {
-            out.push(' ');
-        } else if (0xff01..0xfff0).contains(&u) {
-            out.extend(std::iter::once(c).nfkc());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-fn uncurl_quotes(t: &str) -> String {
-    t.chars()
-        .map(|c| match c {
-            '\u{02bc}' | '\u{2018}'..='\u{201b}' => '\'',
-            '\u{201c}'..='\u{201f}' => '"',
-            _ => c,
-        })
-        .collect()
-}
-
-fn remove_terminal_escapes(t: &str) -> String {
-    static RE: OnceLock<Regex> = OnceLock::new();
-    if !t.contains('\x1b') {
-        return t.to_string();
-    }
-    let re = RE.get_or_init(|| Regex::new(r"\x1b\[((?:\d|;)*)([a-zA-Z])").expect("regex"));
-    sub(re, t.to_string(), "")
-}
-
-fn remove_control_chars(t: &str) -> String {
-    t.chars()
-        .filter(|&c| {
-            let u = c as u32;
-            !((0x00..=0x08).contains(&u)
-                || u == 0x0b
-                || (0x0e..=0x1f).contains(&u)
-                || u == 0x7f
-                || (0x206a..=0x206f).contains(&u)
-                || u == 0xfeff
-                || (0xfff9..=0xfffc).contains(&u))
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -89,7 +89,7 @@ pub fn center_crop_codes(
     let crops = imgs
         .iter()
         .map(|img| augment::center_crop_arr(img, image_size))
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<std::result::Result<Vec<_>, _>>()?;
     encode_images(model, &crops, batch_size)
 }
 

@@ -557,6 +557,7 @@ fn augment_checks(dir: &Path, cfg: &AugmentConfig) -> Result<Vec<Check>> {
         );
 
         let ten = augment::ten_crop_arr(&input, cfg.image_size, cfg.crop_range)
+            .map_err(EncodeError::from)
             .and_then(|crops| augment::to_tensor(&crops, &Device::Cpu));
         checks.push(exact_floats(
             &format!("{prefix}.ten_crop"),
@@ -564,6 +565,7 @@ fn augment_checks(dir: &Path, cfg: &AugmentConfig) -> Result<Vec<Check>> {
             io.get(&format!("{case}.ten_crop")),
         ));
         let pair = augment::center_crop_and_flip(&input, cfg.image_size)
+            .map_err(EncodeError::from)
             .and_then(|p| augment::to_tensor(&p, &Device::Cpu));
         let (plain, flip) = match pair {
             Ok(t) => (

@@ -13,6 +13,9 @@ pub enum EncodeError {
         source: std::io::Error,
     },
 
+    #[error(transparent)]
+    Prep(#[from] llamagen_prep::PrepError),
+
     #[error("tensor operation failed: {0}")]
     Tensor(#[from] candle_core::Error),
 

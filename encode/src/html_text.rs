@@ -1,5 +1,5 @@
 //! The text of an HTML fragment as BeautifulSoup (`html.parser` builder, Python 3.11) returns it
-//! in `BeautifulSoup(s, "html.parser").text`, and Python's `html.unescape`.
+//! in `BeautifulSoup(s, "html.parser").text`.
 //!
 //! Rules (those of Python's `html.parser.HTMLParser` fed the whole string, then closed; and of
 //! BeautifulSoup's tree builder on top of it):
@@ -15,69 +15,13 @@ use std::sync::OnceLock;
 
 use fancy_regex::Regex;
 
-use crate::html_entities::HTML5;
+use llamagen_prep::text::html5_entity as entity;
 
 /// Python's `\s` in a `str` pattern (Unicode whitespace plus U+001C–U+001F).
 pub(crate) const PY_S: &str = r"[\s\x1c-\x1f]";
 
 fn re(cell: &'static OnceLock<Regex>, pat: &str) -> &'static Regex {
     cell.get_or_init(|| Regex::new(pat).expect("valid regex"))
-}
-
-fn entity(name: &str) -> Option<&'static str> {
-    HTML5
-        .binary_search_by(|(k, _)| (*k).cmp(name))
-        .ok()
-        .map(|i| HTML5[i].1)
-}
-
-/// Python's `html.unescape`.
-pub fn unescape(s: &str) -> String {
-    if !s.contains('&') {
-        return s.to_string();
-    }
-    static RE: OnceLock<Regex> = OnceLock::new();
-    let r = re(
-        &RE,
-        r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)",
-    );
-    let mut out = String::with_capacity(s.len());
-    let mut last = 0;
-    for m in r.captures_iter(s).flatten() {
-        let whole = m.get(0).expect("match");
-        out.push_str(&s[last..whole.start()]);
-        last = whole.end();
-        let g = m.get(1).expect("group").as_str();
-        if let Some(num) = g.strip_prefix('#') {
-            let num = num.trim_end_matches(';');
-            let v = if let Some(h) = num.strip_prefix(['x', 'X']) {
-                u64::from_str_radix(h, 16).unwrap_or(u64::MAX)
-            } else {
-                num.parse::<u64>().unwrap_or(u64::MAX)
-            };
-            out.push_str(&numeric_unescape(v));
-        } else if let Some(c) = entity(g) {
-            out.push_str(c);
-        } else {
-            // The longest known prefix (legacy entities without ';').
-            let mut done = false;
-            let idx: Vec<usize> = g.char_indices().map(|(i, _)| i).skip(2).collect();
-            for &x in idx.iter().rev() {
-                if let Some(c) = entity(&g[..x]) {
-                    out.push_str(c);
-                    out.push_str(&g[x..]);
-                    done = true;
-                    break;
-                }
-            }
-            if !done {
-                out.push('&');
-                out.push_str(g);
-            }
-        }
-    }
-    out.push_str(&s[last..]);
-    out
 }
 
 /// windows-1252 bytes 0x80–0x9F (None where the code page leaves the byte undefined).
@@ -117,42 +61,11 @@ const CP1252_HIGH: [Option<char>; 32] = [
 ];
 
 /// windows-1252 decoding of one byte, as Python's codec (undefined bytes fail).
-pub(crate) fn cp1252(b: u8) -> Option<char> {
+fn cp1252(b: u8) -> Option<char> {
     match b {
         0x80..=0x9f => CP1252_HIGH[(b - 0x80) as usize],
         _ => Some(b as char),
     }
-}
-
-fn numeric_unescape(v: u64) -> String {
-    // html._invalid_charrefs
-    if v == 0 {
-        return "\u{fffd}".into();
-    }
-    if v == 0x0d {
-        return "\r".into();
-    }
-    if (0x80..=0x9f).contains(&v) {
-        return match cp1252(v as u8) {
-            Some(c) => c.to_string(),
-            None => char::from_u32(v as u32).expect("C1").to_string(),
-        };
-    }
-    if (0xd800..=0xdfff).contains(&v) || v > 0x10ffff {
-        return "\u{fffd}".into();
-    }
-    let invalid = (0x1..=0x8).contains(&v)
-        || (0xe..=0x1f).contains(&v)
-        || (0x7f..=0x9f).contains(&v)
-        || (0xfdd0..=0xfdef).contains(&v)
-        || v == 0xb
-        || (v & 0xfffe) == 0xfffe;
-    if invalid {
-        return String::new();
-    }
-    char::from_u32(v as u32)
-        .map(String::from)
-        .unwrap_or_default()
 }
 
 /// Elements whose strings BeautifulSoup does not count as text.

@@ -27,7 +27,7 @@ use image::{ImageReader, Limits, RgbImage};
 use crate::error::{FilterError, Result};
 
 // Pillow-exact resampling, shared with the VQ preprocessing and ingest.
-pub use llamagen_encode::resample::{Filter, resize_window};
+pub use llamagen_prep::resample::{Filter, resize_window};
 
 /// CLIP's per-channel mean (RGB).
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];

@@ -686,8 +686,8 @@ fn crop_and_encode(
     sizes: &[u32],
     format: OutputFormat,
 ) -> Result<Vec<(u32, Bytes)>, DecodeFailure> {
-    // LlamaGen's center_crop_arr, byte-exact with PIL (see llamagen_encode::augment).
-    let crops = llamagen_encode::augment::center_crop_arr_multi(&decoded.rgb, sizes)
+    // LlamaGen's center_crop_arr, byte-exact with PIL (see llamagen_prep::pixels).
+    let crops = llamagen_prep::pixels::center_crop_arr_multi(&decoded.rgb, sizes)
         .map_err(|e| DecodeFailure::Corrupt(format!("resizing to {sizes:?}: {e}")))?;
     sizes
         .iter()

@@ -110,7 +110,7 @@ fn bombs_are_refused_before_allocation() {
 /// Reduced (DCT-domain) JPEG decoding stays close to the full decode after the centre crop.
 #[test]
 fn reduced_decode_is_within_tolerance() {
-    use llamagen_encode::augment::center_crop_arr;
+    use llamagen_prep::pixels::center_crop_arr;
     let mut checked = 0;
     for rel in [
         "images/skimage/chelsea.png",
