@@ -74,6 +74,11 @@ pub enum TrainError {
     #[error("VQ tokenizer: {0}")]
     Encode(#[from] llamagen_encode::EncodeError),
 
+    /// An image could not be read, resized or cropped.
+    #[cfg(feature = "catalog")]
+    #[error("image: {0}")]
+    Image(#[from] llamagen_prep::PrepError),
+
     /// Training data is unusable (no usable rows, malformed columns).
     #[error("training data: {0}")]
     Data(String),
