@@ -19,6 +19,8 @@ test: setup
 	cargo test --workspace --no-fail-fast
 	# The T5 parity again with the AMX products off: the float32 path of CPUs without AMX.
 	LLAMAGEN_AMX=0 cargo test -p llamagen-encode --test t5_parity
+	# The vendored candle-core is the published crate plus its two patches; its gradient tests pass.
+	./scripts/check-vendor.sh
 	# The `cuda` feature must keep compiling: nvcc from PyPI, a stub libcuda, no GPU needed.
 	./scripts/check-cuda.sh
 
