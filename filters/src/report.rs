@@ -29,6 +29,110 @@ pub struct Histogram {
     pub thresholds: Vec<(f64, String)>,
 }
 
+impl Histogram {
+    /// [`BINS`] equal bins of `vals` between their minimum and maximum (all zero when empty).
+    pub fn of(measure: &'static str, vals: &[f64], missing: u64) -> Histogram {
+        let (lo, hi) = vals
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
+                (a.min(v), b.max(v))
+            });
+        let mut counts = vec![0u64; BINS];
+        if !vals.is_empty() {
+            let span = (hi - lo).max(f64::MIN_POSITIVE);
+            for &v in vals {
+                let b = (((v - lo) / span) * BINS as f64) as usize;
+                counts[b.min(BINS - 1)] += 1;
+            }
+        }
+        Histogram {
+            measure,
+            min: if vals.is_empty() { 0.0 } else { lo },
+            max: if vals.is_empty() { 0.0 } else { hi },
+            counts,
+            values: vals.len() as u64,
+            missing,
+            thresholds: Vec::new(),
+        }
+    }
+
+    /// An SVG bar chart with its title, threshold lines in red and the range below.
+    pub fn to_svg(&self) -> String {
+        let (w, h, pad) = (600.0, 200.0, 30.0);
+        let mut s = String::new();
+        let peak = self.counts.iter().copied().max().unwrap_or(0).max(1) as f64;
+        let bw = (w - 2.0 * pad) / self.counts.len().max(1) as f64;
+        let _ = write!(
+            s,
+            "<h3>{} <small>({} values, {} missing)</small></h3>\
+             <svg width=\"{w}\" height=\"{}\" xmlns=\"http://www.w3.org/2000/svg\">",
+            esc(self.measure),
+            self.values,
+            self.missing,
+            h + 2.0 * pad
+        );
+        for (i, &c) in self.counts.iter().enumerate() {
+            let bh = (c as f64 / peak) * h;
+            let _ = write!(
+                s,
+                "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"#4a7ab5\"><title>{c}</title></rect>",
+                pad + i as f64 * bw,
+                pad + h - bh,
+                bw - 1.0
+            );
+        }
+        let span = (self.max - self.min).max(f64::MIN_POSITIVE);
+        for (t, label) in &self.thresholds {
+            let x = pad + ((t - self.min) / span).clamp(0.0, 1.0) * (w - 2.0 * pad);
+            let _ = write!(
+                s,
+                "<line x1=\"{x:.1}\" x2=\"{x:.1}\" y1=\"{pad}\" y2=\"{}\" stroke=\"red\" stroke-width=\"2\"/>\
+                 <text x=\"{:.1}\" y=\"{}\" fill=\"red\" font-size=\"12\">{}</text>",
+                pad + h,
+                x + 3.0,
+                pad - 5.0,
+                esc(label)
+            );
+        }
+        let _ = write!(
+            s,
+            "<text x=\"{pad}\" y=\"{}\" font-size=\"12\">{:.4}</text>\
+             <text x=\"{}\" y=\"{}\" font-size=\"12\" text-anchor=\"end\">{:.4}</text></svg>",
+            h + 2.0 * pad - 8.0,
+            self.min,
+            w - pad,
+            h + 2.0 * pad - 8.0,
+            self.max
+        );
+        s
+    }
+}
+
+/// Text for HTML element content and attribute values.
+pub fn esc(t: &str) -> String {
+    t.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A two-column HTML table of counts under an `<h2>` title.
+pub fn count_table(title: &str, what: &str, rows: &BTreeMap<String, u64>) -> String {
+    let mut s = format!(
+        "<h2>{}</h2><table><tr><th>{}</th><th>rows</th></tr>",
+        esc(title),
+        esc(what)
+    );
+    if rows.is_empty() {
+        s.push_str("<tr><td colspan=2>none</td></tr>");
+    }
+    for (k, v) in rows {
+        let _ = write!(s, "<tr><td>{}</td><td class=n>{v}</td></tr>", esc(k));
+    }
+    s.push_str("</table>");
+    s
+}
+
 /// Counts for one rule.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct RuleCount {
@@ -128,19 +232,6 @@ impl DryRun {
             if vals.is_empty() && !rules.contains_key(m) {
                 continue;
             }
-            let (lo, hi) = vals
-                .iter()
-                .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
-                    (a.min(v), b.max(v))
-                });
-            let mut counts = vec![0u64; BINS];
-            if !vals.is_empty() {
-                let span = (hi - lo).max(f64::MIN_POSITIVE);
-                for &v in vals {
-                    let b = (((v - lo) / span) * BINS as f64) as usize;
-                    counts[b.min(BINS - 1)] += 1;
-                }
-            }
             let mut thresholds = Vec::new();
             if let Some(b) = rules.get(m) {
                 let unit = |x: f64| {
@@ -165,13 +256,8 @@ impl DryRun {
                 }
             }
             histograms.push(Histogram {
-                measure: m.name(),
-                min: if vals.is_empty() { 0.0 } else { lo },
-                max: if vals.is_empty() { 0.0 } else { hi },
-                counts,
-                values: vals.len() as u64,
-                missing: *missing,
                 thresholds,
+                ..Histogram::of(m.name(), vals, *missing)
             });
         }
         DryRunReport {
@@ -242,11 +328,6 @@ impl DryRunReport {
     /// A standalone HTML page: one SVG bar chart per measure, thresholds as red lines, and the
     /// drop counts.
     pub fn to_html(&self) -> String {
-        let esc = |t: &str| {
-            t.replace('&', "&amp;")
-                .replace('<', "&lt;")
-                .replace('>', "&gt;")
-        };
         let mut s = String::new();
         let _ = write!(
             s,
@@ -274,60 +355,11 @@ impl DryRunReport {
                 c.only
             );
         }
-        let _ = write!(
-            s,
-            "</table><h2>Reasons</h2><table><tr><th>reason</th><th>rows</th></tr>"
-        );
-        for (r, n) in &self.reasons {
-            let _ = write!(s, "<tr><td>{}</td><td>{n}</td></tr>", esc(r));
-        }
-        let _ = write!(s, "</table><h2>Histograms</h2>");
-        let (w, h, pad) = (600.0, 200.0, 30.0);
+        s.push_str("</table>");
+        s.push_str(&count_table("Reasons", "reason", &self.reasons));
+        s.push_str("<h2>Histograms</h2>");
         for hist in &self.histograms {
-            let peak = hist.counts.iter().copied().max().unwrap_or(0).max(1) as f64;
-            let bw = (w - 2.0 * pad) / BINS as f64;
-            let _ = write!(
-                s,
-                "<h3>{} <small>({} values, {} missing)</small></h3>\
-                 <svg width=\"{w}\" height=\"{}\" xmlns=\"http://www.w3.org/2000/svg\">",
-                esc(hist.measure),
-                hist.values,
-                hist.missing,
-                h + 2.0 * pad
-            );
-            for (i, &c) in hist.counts.iter().enumerate() {
-                let bh = (c as f64 / peak) * h;
-                let _ = write!(
-                    s,
-                    "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"#4a7ab5\"><title>{c}</title></rect>",
-                    pad + i as f64 * bw,
-                    pad + h - bh,
-                    bw - 1.0
-                );
-            }
-            let span = (hist.max - hist.min).max(f64::MIN_POSITIVE);
-            for (t, label) in &hist.thresholds {
-                let x = pad + ((t - hist.min) / span).clamp(0.0, 1.0) * (w - 2.0 * pad);
-                let _ = write!(
-                    s,
-                    "<line x1=\"{x:.1}\" x2=\"{x:.1}\" y1=\"{pad}\" y2=\"{}\" stroke=\"red\" stroke-width=\"2\"/>\
-                     <text x=\"{:.1}\" y=\"{}\" fill=\"red\" font-size=\"12\">{}</text>",
-                    pad + h,
-                    x + 3.0,
-                    pad - 5.0,
-                    esc(label)
-                );
-            }
-            let _ = write!(
-                s,
-                "<text x=\"{pad}\" y=\"{}\" font-size=\"12\">{:.4}</text>\
-                 <text x=\"{}\" y=\"{}\" font-size=\"12\" text-anchor=\"end\">{:.4}</text></svg>",
-                h + 2.0 * pad - 8.0,
-                hist.min,
-                w - pad,
-                h + 2.0 * pad - 8.0,
-                hist.max
-            );
+            s.push_str(&hist.to_svg());
         }
         s.push_str("</body></html>\n");
         s

@@ -224,6 +224,7 @@ async fn pipeline_to_a_local_folder_then_rerun_does_nothing() {
     assert!(stages.iter().any(|s| s.starts_with("vq-")));
     let html = std::fs::read_to_string(r1["report_html"].as_str().unwrap()).unwrap();
     assert!(html.contains("Score histograms") && html.contains("data:image/jpeg;base64,"));
+    assert!(html.contains("<svg"), "a score histogram is drawn");
     let first = dataset(&root, &[]).await;
     check_complete(&first, n);
 

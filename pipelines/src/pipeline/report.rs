@@ -7,10 +7,12 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use anyhow::Result;
+use base64::Engine as _;
 use llamagen_catalog::arrow::array::{Array, AsArray, RecordBatch};
 use llamagen_catalog::arrow::datatypes::{Float32Type, Int32Type};
 use llamagen_catalog::schema::col;
 use llamagen_catalog::{Catalog, Dataset};
+use llamagen_filters::report::{Histogram, count_table, esc};
 
 use super::{PipelineConfig, RunReport};
 
@@ -20,35 +22,6 @@ const SCORES: [&str; 4] = [
     col::SCORE_WATERMARK,
     col::SCORE_NSFW,
 ];
-
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-fn base64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for c in data.chunks(3) {
-        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
-        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-        out.push(T[(n >> 18) as usize & 63] as char);
-        out.push(T[(n >> 12) as usize & 63] as char);
-        out.push(if c.len() > 1 {
-            T[(n >> 6) as usize & 63] as char
-        } else {
-            '='
-        });
-        out.push(if c.len() > 2 {
-            T[n as usize & 63] as char
-        } else {
-            '='
-        });
-    }
-    out
-}
 
 #[derive(Default)]
 struct Tally {
@@ -77,7 +50,7 @@ fn thumbnail(batch: &RecordBatch, i: usize) -> Option<String> {
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, 80)
         .encode_image(&t)
         .ok()?;
-    Some(base64(buf.get_ref()))
+    Some(base64::engine::general_purpose::STANDARD.encode(buf.get_ref()))
 }
 
 fn tally(t: &mut Tally, b: &RecordBatch, want_thumbs: usize) {
@@ -147,58 +120,6 @@ fn tally(t: &mut Tally, b: &RecordBatch, want_thumbs: usize) {
     }
 }
 
-fn histogram_svg(values: &[f32]) -> String {
-    const BINS: usize = 20;
-    let (lo, hi) = values
-        .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
-            (a.min(v), b.max(v))
-        });
-    let width = if hi > lo { hi - lo } else { 1.0 };
-    let mut counts = [0u64; BINS];
-    for &v in values {
-        let k = (((v - lo) / width) * BINS as f32) as usize;
-        counts[k.min(BINS - 1)] += 1;
-    }
-    let max = *counts.iter().max().unwrap_or(&1).max(&1);
-    let mut s =
-        String::from(r#"<svg width="420" height="130" xmlns="http://www.w3.org/2000/svg">"#);
-    for (k, &c) in counts.iter().enumerate() {
-        let h = 100.0 * c as f64 / max as f64;
-        let _ = write!(
-            s,
-            r##"<rect x="{}" y="{:.1}" width="19" height="{:.1}" fill="#4a7bd0"><title>{:.3}..{:.3}: {}</title></rect>"##,
-            10 + k * 20,
-            105.0 - h,
-            h,
-            lo + width * k as f32 / BINS as f32,
-            lo + width * (k + 1) as f32 / BINS as f32,
-            c
-        );
-    }
-    let _ = write!(
-        s,
-        r#"<text x="10" y="125" font-size="11">{lo:.3}</text><text x="360" y="125" font-size="11">{hi:.3}</text></svg>"#
-    );
-    s
-}
-
-fn table(title: &str, rows: &BTreeMap<String, u64>) -> String {
-    let mut s = format!(
-        "<h2>{}</h2><table><tr><th>value</th><th>rows</th></tr>",
-        esc(title)
-    );
-    if rows.is_empty() {
-        s.push_str("<tr><td colspan=2>none</td></tr>");
-    }
-    for (k, v) in rows {
-        let _ = write!(s, "<tr><td>{}</td><td class=n>{v}</td></tr>", esc(k));
-    }
-    s.push_str("</table>");
-    s
-}
-
-/// Builds the page from the committed dataset and the run report; returns its path.
 pub async fn write_html(
     cat: &Catalog,
     ds: &Dataset,
@@ -280,13 +201,13 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}td.n{{text-align:r
         );
     }
     h.push_str("</table>");
-    h.push_str(&table("Samples by status", &t.status));
+    h.push_str(&count_table("Samples by status", "value", &t.status));
     let mut ready = BTreeMap::new();
     ready.insert("with VQ codes".to_string(), t.with_codes);
     ready.insert("with T5 features (long caption)".to_string(), t.with_t5);
-    h.push_str(&table("Ready columns", &ready));
-    h.push_str(&table("Drop reasons (filters)", &t.reasons));
-    h.push_str(&table("Error kinds", &t.errors));
+    h.push_str(&count_table("Ready columns", "value", &ready));
+    h.push_str(&count_table("Drop reasons (filters)", "value", &t.reasons));
+    h.push_str(&count_table("Error kinds", "value", &t.errors));
     h.push_str("<h2>Score histograms</h2>");
     let mut any = false;
     for (name, v) in &t.scores {
@@ -294,12 +215,8 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}td.n{{text-align:r
             continue;
         }
         any = true;
-        let _ = write!(
-            h,
-            "<h3>{name} ({} values)</h3>{}",
-            v.len(),
-            histogram_svg(v)
-        );
+        let v: Vec<f64> = v.iter().map(|&x| x as f64).collect();
+        h.push_str(&Histogram::of(name, &v, 0).to_svg());
     }
     if !any {
         h.push_str("<p>no scores</p>");
@@ -330,22 +247,4 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}td.n{{text-align:r
         &cat.storage().root(),
         &path,
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn base64_matches_rfc4648_vectors() {
-        for (i, o) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ] {
-            assert_eq!(super::base64(i.as_bytes()), o);
-        }
-    }
 }
