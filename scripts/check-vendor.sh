@@ -10,10 +10,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION=0.11.1
 SHA256=d11c8be87cfbaef9ebb62fb3f850d1fc8e00cc1d11d393fdbe55a4d5c2cdb325
-# Outside the repository, or cargo would take the copy for a member of this workspace.
-WORK=${VENDOR_CHECK_DIR:-${TMPDIR:-/tmp}/llamagen-vendor-check}
-rm -rf "$WORK/candle-core-$VERSION" && mkdir -p "$WORK"
-CRATE="$WORK/candle-core-$VERSION.crate"
+# The crate is cached in target/; it is unpacked outside the repository (or cargo would take the
+# copy for a member of this workspace), in a directory of this run's own.
+CRATE="$PWD/target/vendor-check/candle-core-$VERSION.crate"
+mkdir -p "$(dirname "$CRATE")"
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
 if [ ! -f "$CRATE" ] || ! echo "$SHA256  $CRATE" | sha256sum -c --quiet - 2>/dev/null; then
   curl -sSfL --retry 3 -o "$CRATE" "https://static.crates.io/crates/candle-core/candle-core-$VERSION.crate"
 fi
@@ -29,7 +31,8 @@ s = open(p).read()
 s = re.sub(r'\[\[(?:example|bench)\]\]\n(?:[^\[\n][^\n]*\n)*', '', s)
 open(p, "w").write(s)
 PY
-(cd "$SRC" && patch -s -p1 < "$OLDPWD/vendor/candle-core-backprop.patch" && patch -s -p1 < "$OLDPWD/vendor/candle-core-pickle.patch")
+patch -s -d "$SRC" -p1 < vendor/candle-core-backprop.patch
+patch -s -d "$SRC" -p1 < vendor/candle-core-pickle.patch
 # The published lock file is used for the tests below but is not part of the vendored tree.
 if ! diff -r -x Cargo.lock -x target "$SRC" vendor/candle-core; then
   echo "vendor/candle-core differs from candle-core $VERSION + vendor/*.patch (diff above)" >&2

@@ -9,8 +9,8 @@
 //!   quote/punctuation trims.
 //! - Character classes follow Python's `re` on `str`: `\s` includes U+001C–U+001F, `\w` is
 //!   letters, numbers and `_`.
-//! - `ftfy.fix_text`, `html.unescape` and `str.strip` are Python's (`llamagen_prep::text`, which
-//!   the CLIP tokenizer's cleaning uses too).
+//! - `ftfy.fix_text` (all its default fixes except the mojibake repair), `html.unescape` and
+//!   `str.strip` are Python's (`llamagen_prep::text`, which the CLIP tokenizer's cleaning uses too).
 
 use std::borrow::Cow;
 use std::sync::OnceLock;

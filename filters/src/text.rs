@@ -2,7 +2,8 @@
 //! `ftfy.fix_text`, `html.unescape` twice, strip, whitespace collapse, lowercase.
 //!
 //! Invariants enforced here:
-//! - `ftfy.fix_text`, `html.unescape` and `str.strip` are Python's (`llamagen_prep::text`).
+//! - `ftfy.fix_text` (all its default fixes except the mojibake repair), `html.unescape` and
+//!   `str.strip` are Python's (`llamagen_prep::text`).
 //! - Whitespace is collapsed on Unicode `White_Space` (the `regex` module's `\s`); the outer strip
 //!   also removes U+001C..U+001F, as Python's `str.strip` does.
 

@@ -182,8 +182,9 @@ impl ScoreConfig {
 #[derive(Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CaptionsConfig {
-    /// Long-caption files (JSONL, Parquet, or LlamaGen's jsonl); none: fallbacks only.
-    #[arg(long = "captions", num_args = 1..)]
+    /// Long-caption files (JSONL, Parquet, or LlamaGen's jsonl). Required on the command line; a
+    /// config may list none (fallbacks only).
+    #[arg(long = "captions", num_args = 1.., required = true)]
     #[serde(default)]
     pub files: Vec<PathBuf>,
     /// What records join on: key, url or image_path (file stem = sample key).
@@ -335,8 +336,8 @@ impl T5Config {
         if let Some(t) = &self.tokenizer {
             exists("tokenizer", t)?;
         }
-        if self.max_tokens == 0 || self.batch_tokens < self.max_tokens {
-            bail!("max_tokens must be positive and batch_tokens at least max_tokens");
+        if self.max_tokens == 0 || self.batch_tokens == 0 {
+            bail!("max_tokens and batch_tokens must be positive");
         }
         self.store_dtype().map(|_| ())
     }
@@ -592,7 +593,11 @@ pub struct IngestOptions {
     pub user_agent: Option<String>,
     /// Honour X-Robots-Tag noai/noimageai/noindex/noimageindex (default; the flag
     /// --ignore-robots turns it off).
-    #[arg(long = "ignore-robots", action = clap::ArgAction::SetFalse)]
+    #[arg(
+        long = "ignore-robots",
+        action = clap::ArgAction::SetFalse,
+        help = "Ignore X-Robots-Tag noai/noimageai/noindex/noimageindex (honoured by default)"
+    )]
     #[serde(default = "yes")]
     pub respect_robots: bool,
     /// Allow downloads from these address ranges even though they are private or loopback
@@ -614,7 +619,11 @@ pub struct IngestOptions {
     pub min_similarity: Option<f64>,
     /// Decode large JPEGs in the DCT domain at a reduced size when the image is at least 4x the
     /// largest target size (default; the flag --full-decode turns it off).
-    #[arg(long = "full-decode", action = clap::ArgAction::SetFalse)]
+    #[arg(
+        long = "full-decode",
+        action = clap::ArgAction::SetFalse,
+        help = "Decode large JPEGs at full resolution (default: reduced DCT-domain decoding when the image is at least 4x the largest target size)"
+    )]
     #[serde(default = "yes")]
     pub reduced_decode: bool,
     /// Upscale images whose shorter side is below an image size (default: as LlamaGen's t2i
@@ -796,9 +805,17 @@ mod tests {
         let a: ScoreConfig = cli(&["--watermark", "w.onnx"]);
         let b: ScoreConfig = toml::from_str("watermark = \"w.onnx\"").unwrap();
         assert_eq!(a, b);
-        let a: CaptionsConfig = cli(&[]);
-        let b: CaptionsConfig = toml::from_str("").unwrap();
+        let a: CaptionsConfig = cli(&["--captions", "c.jsonl"]);
+        let b: CaptionsConfig = toml::from_str("files = [\"c.jsonl\"]").unwrap();
         assert_eq!(a, b);
+        // The command line needs caption files; a config may list none (fallbacks only).
+        assert!(Cli::<CaptionsConfig>::try_parse_from(["llamagen"]).is_err());
+        assert!(
+            toml::from_str::<CaptionsConfig>("")
+                .unwrap()
+                .files
+                .is_empty()
+        );
         assert_eq!(a.fallback, ["top_caption", "text"]);
         let a: T5Config = cli(&["--model", "m"]);
         let b: T5Config = toml::from_str("model = \"m\"").unwrap();
@@ -874,7 +891,8 @@ mod tests {
 
     #[test]
     fn one_check_refuses_bad_values_from_either_side() {
-        let c: CaptionsConfig = cli(&["--fallback", "alt"]);
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let c: CaptionsConfig = cli(&["--captions", file, "--fallback", "alt"]);
         let e = format!("{:#}", c.check().unwrap_err());
         assert!(e.contains("fallback \"alt\""), "{e}");
         let c: ScoreConfig = cli(&["--clip-image", "/nonexistent/clip.onnx"]);

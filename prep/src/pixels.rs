@@ -171,8 +171,12 @@ pub fn center_crop_and_flip(img: &RgbImage, image_size: u32) -> Result<[RgbImage
 }
 
 /// torchvision's `make_grid(padding=2, pad_value=0)` over images of one size: `nrow` per row,
-/// 2 px black padding around and between them. `None` leaves its cell empty.
+/// 2 px black padding around and between them; a single image comes back as it is, unpadded.
+/// `None` leaves its cell empty.
 pub fn make_grid(images: &[Option<RgbImage>], nrow: usize) -> Result<RgbImage> {
+    if let [Some(only)] = images {
+        return Ok(only.clone());
+    }
     let first = images
         .iter()
         .flatten()

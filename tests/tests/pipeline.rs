@@ -334,8 +334,8 @@ async fn pipeline_to_a_local_folder_then_rerun_does_nothing() {
     .await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("\"decoded\": 1"), "{out}");
-    // torchvision's make_grid layout: 2 px of padding around and between the images.
-    assert_eq!(image::image_dimensions(&png).unwrap(), (68, 68));
+    // torchvision's make_grid returns a single image unpadded.
+    assert_eq!(image::image_dimensions(&png).unwrap(), (64, 64));
 
     // Config errors exit 2 and name the key.
     std::fs::write(

@@ -120,6 +120,7 @@ fn tally(t: &mut Tally, b: &RecordBatch, want_thumbs: usize) {
     }
 }
 
+/// Builds the page from the committed dataset and the run report; returns its path.
 pub async fn write_html(
     cat: &Catalog,
     ds: &Dataset,
@@ -216,7 +217,8 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}td.n{{text-align:r
         }
         any = true;
         let v: Vec<f64> = v.iter().map(|&x| x as f64).collect();
-        h.push_str(&Histogram::of(name, &v, 0).to_svg());
+        let missing = total.saturating_sub(v.len() as u64);
+        h.push_str(&Histogram::of(name, &v, missing).to_svg());
     }
     if !any {
         h.push_str("<p>no scores</p>");
