@@ -5,16 +5,19 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
+# PyTorch lives in its own venv: only the checkpoint interop test needs it, and it is large.
+TORCH_VENV := .venv-torch
 OUT ?= out
 export LLAMAGEN_PYTHON := $(abspath $(PY))
+export LLAMAGEN_TORCH_PYTHON := $(abspath $(TORCH_VENV)/bin/python)
 
-.PHONY: run test setup bench-catalog bench-train clean
+.PHONY: run test setup setup-torch bench-catalog bench-train clean
 
 run: setup
 	cargo build -p llamagen-pipelines --bin llamagen
 	OUT=$(OUT) ./scripts/main-job.sh
 
-test: setup
+test: setup setup-torch
 	cargo build -p llamagen-pipelines --bin llamagen
 	cargo test --workspace --no-fail-fast
 	# The T5 parity again with the AMX products off: the float32 path of CPUs without AMX.
@@ -28,6 +31,14 @@ setup: $(VENV)/.ready
 	@command -v mold >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	  (apt-get install -y -q mold >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q mold >/dev/null 2>&1)) ; } || \
 	  echo "note: mold not installed; linking with the default linker"
+
+setup-torch: $(TORCH_VENV)/.ready
+
+$(TORCH_VENV)/.ready: requirements-torch.txt
+	python3 -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TORCH_VENV)/bin/python -m pip install -q -r requirements-torch.txt
+	touch $@
 
 $(VENV)/.ready: requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -44,4 +55,4 @@ bench-train: setup
 	./bench/train_step.sh
 
 clean:
-	rm -rf $(OUT) $(VENV)
+	rm -rf $(OUT) $(VENV) $(TORCH_VENV)

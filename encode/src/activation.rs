@@ -7,6 +7,8 @@
 //!   with `tanh(u) = 1 − 2/(e^{2u} + 1)` and the polynomial exponential of [`crate::norm`]
 //!   (absolute error below 1e-6 on the result's scale); otherwise candle's ops run.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use llamagen_kernels::f32_slice;
 use rayon::prelude::*;
@@ -22,18 +24,18 @@ fn gelu(x: f32) -> f32 {
 }
 
 /// `out[i] = gelu(a[i]) · b[i]` (or `gelu(a[i])` without `b`), with AVX2/FMA when available.
-fn gelu_into(out: &mut [f32], a: &[f32], b: Option<&[f32]>) {
+fn gelu_into(out: &mut [MaybeUninit<f32>], a: &[f32], b: Option<&[f32]>) {
     #[inline(always)]
-    fn body(out: &mut [f32], a: &[f32], b: Option<&[f32]>) {
+    fn body(out: &mut [MaybeUninit<f32>], a: &[f32], b: Option<&[f32]>) {
         match b {
             Some(b) => {
                 for ((o, &x), &g) in out.iter_mut().zip(a).zip(b) {
-                    *o = gelu(x) * g;
+                    o.write(gelu(x) * g);
                 }
             }
             None => {
                 for (o, &x) in out.iter_mut().zip(a) {
-                    *o = gelu(x);
+                    o.write(gelu(x));
                 }
             }
         }
@@ -41,7 +43,7 @@ fn gelu_into(out: &mut [f32], a: &[f32], b: Option<&[f32]>) {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2,fma")]
-        fn avx2(out: &mut [f32], a: &[f32], b: Option<&[f32]>) {
+        fn avx2(out: &mut [MaybeUninit<f32>], a: &[f32], b: Option<&[f32]>) {
             body(out, a, b)
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
@@ -88,13 +90,15 @@ impl CustomOp2 for GeluMul {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (a, b) = (f32_slice(s1, l1, "gelu")?, f32_slice(s2, l2, "gelu")?);
-        let mut out = llamagen_kernels::output_buffer(a.len());
+        let mut out = llamagen_kernels::uninit_buffer(a.len());
         const CHUNK: usize = 1 << 14;
         out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, o)| {
             let a = &a[i * CHUNK..i * CHUNK + o.len()];
             let b = self.gated.then(|| &b[i * CHUNK..i * CHUNK + o.len()]);
             gelu_into(o, a, b);
         });
+        // SAFETY: the chunks cover `out` and `gelu_into` writes each element of its chunk.
+        let out = unsafe { llamagen_kernels::assume_init(out) };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

@@ -24,6 +24,7 @@ pub use llamagen_kernels::sgemm;
 pub mod t5;
 pub mod text_encoder;
 pub mod text_stage;
+pub mod torch_save;
 pub mod vq;
 pub mod vq_stage;
 

@@ -5,8 +5,8 @@
 //! - A head always receives L2-normalised embeddings (the caller normalises; [`Head::score`]
 //!   checks the norms and refuses anything off by more than 1e-3).
 //! - `.pth` heads are read from the torch zip format (`*/data.pkl` + `*/data/<key>` storages,
-//!   float32 little-endian) with a pickle reader that understands only what `torch.save` writes for
-//!   a plain state dict; anything else is an error naming the file.
+//!   float32 little-endian) with candle's pickle reader, which runs no code; only a plain state
+//!   dict of contiguous float32 tensors is accepted, anything else is an error naming the file.
 //! - Layouts recognised: V1 (`weight`, `bias`: one Linear), V2 linear
 //!   (`layers.{0,2,4,6,7}`: Linear, Dropout, Linear, Dropout, Linear, Dropout, Linear, Linear; no
 //!   activations) and V2 ReLU (`layers.{0,3,6,9,11}`: ReLU after every Linear but the last).
@@ -34,30 +34,6 @@ pub struct StateTensor {
     pub data: Vec<f32>,
 }
 
-#[derive(Debug, Clone)]
-enum Pk {
-    None,
-    /// A boolean (`requires_grad`); its value does not matter for inference.
-    Bool,
-    Int(i64),
-    /// A float; its value does not matter for inference.
-    Float,
-    Str(String),
-    Tuple(Vec<Pk>),
-    List(Vec<Pk>),
-    Dict(Vec<(Pk, Pk)>),
-    Global(String),
-    Persistent(Box<Pk>),
-    Tensor {
-        key: String,
-        class: String,
-        offset: usize,
-        shape: Vec<usize>,
-        stride: Vec<usize>,
-    },
-    Mark,
-}
-
 fn ck(path: &str, message: impl Into<String>) -> FilterError {
     FilterError::Checkpoint {
         path: path.to_string(),
@@ -65,280 +41,14 @@ fn ck(path: &str, message: impl Into<String>) -> FilterError {
     }
 }
 
-/// Runs the pickle of a torch state dict; returns (name, tensor metadata) pairs.
-/// Most objects the memo may copy over one unpickling (each `BINPUT`/`BINGET` deep-copies): a
-/// head copies a handful; a pickle doubling a list through its memo would exhaust memory.
-const MAX_MEMO_COPIED: usize = 1 << 20;
-
-/// Objects in `v`, counted up to `limit` (iteratively: nesting may be deep).
-fn count_objects(v: &Pk, limit: usize) -> usize {
-    let mut n = 0;
-    let mut todo = vec![v];
-    while let Some(v) = todo.pop() {
-        n += 1;
-        if n > limit {
-            break;
-        }
-        match v {
-            Pk::Tuple(x) | Pk::List(x) => todo.extend(x.iter()),
-            Pk::Dict(kv) => {
-                for (k, v) in kv {
-                    todo.push(k);
-                    todo.push(v);
-                }
-            }
-            Pk::Persistent(v) => todo.push(v),
-            _ => {}
-        }
-    }
-    n
-}
-
-fn unpickle(path: &str, b: &[u8]) -> Result<Vec<(String, Pk)>> {
-    let mut st: Vec<Pk> = Vec::new();
-    let mut memo: HashMap<u32, Pk> = HashMap::new();
-    let mut copied = 0usize;
-    let mut charge = |v: &Pk| -> Result<()> {
-        copied += count_objects(v, MAX_MEMO_COPIED.saturating_sub(copied));
-        if copied > MAX_MEMO_COPIED {
-            return Err(ck(
-                path,
-                format!("the pickle copies more than {MAX_MEMO_COPIED} objects through its memo"),
-            ));
-        }
-        Ok(())
-    };
-    let mut i = 0usize;
-    let take = |i: &mut usize, n: usize| -> Result<&[u8]> {
-        let s = b
-            .get(*i..*i + n)
-            .ok_or_else(|| ck(path, "truncated pickle"))?;
-        *i += n;
-        Ok(s)
-    };
-    let pop_mark = |st: &mut Vec<Pk>| -> Result<Vec<Pk>> {
-        let m = st
-            .iter()
-            .rposition(|v| matches!(v, Pk::Mark))
-            .ok_or_else(|| ck(path, "pickle MARK missing"))?;
-        let items = st.split_off(m + 1);
-        st.pop();
-        Ok(items)
-    };
-    let pop = |st: &mut Vec<Pk>| st.pop().ok_or_else(|| ck(path, "pickle stack underflow"));
-    loop {
-        let op = *b.get(i).ok_or_else(|| ck(path, "pickle without STOP"))?;
-        i += 1;
-        match op {
-            0x80 => {
-                take(&mut i, 1)?;
-            }
-            0x95 => {
-                take(&mut i, 8)?;
-            }
-            b'}' => st.push(Pk::Dict(vec![])),
-            b']' => st.push(Pk::List(vec![])),
-            b')' => st.push(Pk::Tuple(vec![])),
-            b'(' => st.push(Pk::Mark),
-            b't' => {
-                let items = pop_mark(&mut st)?;
-                st.push(Pk::Tuple(items));
-            }
-            0x85..=0x87 => {
-                let n = (op - 0x84) as usize;
-                if st.len() < n {
-                    return Err(ck(path, "pickle stack underflow"));
-                }
-                let items = st.split_off(st.len() - n);
-                st.push(Pk::Tuple(items));
-            }
-            b'X' => {
-                let n = u32::from_le_bytes(take(&mut i, 4)?.try_into().expect("4")) as usize;
-                st.push(Pk::Str(String::from_utf8_lossy(take(&mut i, n)?).into()));
-            }
-            0x8c | b'U' => {
-                let n = take(&mut i, 1)?[0] as usize;
-                st.push(Pk::Str(String::from_utf8_lossy(take(&mut i, n)?).into()));
-            }
-            b'q' | b'r' | 0x94 => {
-                let k = match op {
-                    b'q' => take(&mut i, 1)?[0] as u32,
-                    b'r' => u32::from_le_bytes(take(&mut i, 4)?.try_into().expect("4")),
-                    _ => memo.len() as u32,
-                };
-                let v = st.last().ok_or_else(|| ck(path, "empty"))?;
-                charge(v)?;
-                memo.insert(k, v.clone());
-            }
-            b'h' | b'j' => {
-                let k = if op == b'h' {
-                    take(&mut i, 1)?[0] as u32
-                } else {
-                    u32::from_le_bytes(take(&mut i, 4)?.try_into().expect("4"))
-                };
-                let v = memo
-                    .get(&k)
-                    .ok_or_else(|| ck(path, format!("pickle memo {k} unset")))?;
-                charge(v)?;
-                st.push(v.clone());
-            }
-            b'K' => st.push(Pk::Int(take(&mut i, 1)?[0] as i64)),
-            b'M' => st.push(Pk::Int(
-                u16::from_le_bytes(take(&mut i, 2)?.try_into().expect("2")) as i64,
-            )),
-            b'J' => st.push(Pk::Int(
-                i32::from_le_bytes(take(&mut i, 4)?.try_into().expect("4")) as i64,
-            )),
-            0x8a => {
-                let n = take(&mut i, 1)?[0] as usize;
-                let bytes = take(&mut i, n)?;
-                if n > 8 {
-                    return Err(ck(path, "integer too large"));
-                }
-                let mut v: i64 = 0;
-                for (j, &x) in bytes.iter().enumerate() {
-                    v |= (x as i64) << (8 * j);
-                }
-                if n > 0 && n < 8 && bytes[n - 1] & 0x80 != 0 {
-                    v -= 1i64 << (8 * n);
-                }
-                st.push(Pk::Int(v));
-            }
-            b'G' => {
-                take(&mut i, 8)?;
-                st.push(Pk::Float);
-            }
-            0x88 | 0x89 => st.push(Pk::Bool),
-            b'N' => st.push(Pk::None),
-            b'c' => {
-                let rest = &b[i..];
-                let mut parts = rest.splitn(3, |&c| c == b'\n');
-                let module = parts.next().unwrap_or_default();
-                let name = parts.next().unwrap_or_default();
-                i += module.len() + name.len() + 2;
-                st.push(Pk::Global(format!(
-                    "{}.{}",
-                    String::from_utf8_lossy(module),
-                    String::from_utf8_lossy(name)
-                )));
-            }
-            b'Q' => {
-                let v = pop(&mut st)?;
-                st.push(Pk::Persistent(Box::new(v)));
-            }
-            b'R' => {
-                let args = pop(&mut st)?;
-                let f = pop(&mut st)?;
-                let Pk::Tuple(args) = args else {
-                    return Err(ck(path, "REDUCE without an argument tuple"));
-                };
-                let Pk::Global(f) = f else {
-                    return Err(ck(path, "REDUCE of a non-global"));
-                };
-                st.push(match f.as_str() {
-                    "collections.OrderedDict" => Pk::Dict(vec![]),
-                    "torch._utils._rebuild_tensor_v2" => tensor_of(path, &args)?,
-                    other => return Err(ck(path, format!("unsupported pickle callable {other}"))),
-                });
-            }
-            b'b' => {
-                // BUILD: sets attributes (e.g. `_metadata`) that inference does not need.
-                pop(&mut st)?;
-            }
-            b's' => {
-                let v = pop(&mut st)?;
-                let k = pop(&mut st)?;
-                match st.last_mut() {
-                    Some(Pk::Dict(d)) => d.push((k, v)),
-                    _ => return Err(ck(path, "SETITEM on a non-dict")),
-                }
-            }
-            b'u' => {
-                let items = pop_mark(&mut st)?;
-                match st.last_mut() {
-                    Some(Pk::Dict(d)) => {
-                        let mut it = items.into_iter();
-                        while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                            d.push((k, v));
-                        }
-                    }
-                    _ => return Err(ck(path, "SETITEMS on a non-dict")),
-                }
-            }
-            b'a' => {
-                let v = pop(&mut st)?;
-                match st.last_mut() {
-                    Some(Pk::List(l)) => l.push(v),
-                    _ => return Err(ck(path, "APPEND on a non-list")),
-                }
-            }
-            b'e' => {
-                let items = pop_mark(&mut st)?;
-                match st.last_mut() {
-                    Some(Pk::List(l)) => l.extend(items),
-                    _ => return Err(ck(path, "APPENDS on a non-list")),
-                }
-            }
-            b'.' => break,
-            other => {
-                return Err(ck(
-                    path,
-                    format!("unsupported pickle opcode 0x{other:02x} at byte {}", i - 1),
-                ));
-            }
-        }
-    }
-    let top = st.pop().ok_or_else(|| ck(path, "empty pickle"))?;
-    let Pk::Dict(items) = top else {
-        return Err(ck(path, "the checkpoint is not a state dict"));
-    };
-    items
-        .into_iter()
-        .map(|(k, v)| match k {
-            Pk::Str(k) => Ok((k, v)),
-            _ => Err(ck(path, "state dict key is not a string")),
-        })
-        .collect()
-}
-
-fn ints(path: &str, v: &Pk) -> Result<Vec<usize>> {
-    match v {
-        Pk::Tuple(t) => t
-            .iter()
-            .map(|x| match x {
-                Pk::Int(i) if *i >= 0 => Ok(*i as usize),
-                _ => Err(ck(path, "shape/stride entry is not a non-negative int")),
-            })
-            .collect(),
-        _ => Err(ck(path, "shape/stride is not a tuple")),
-    }
-}
-
-fn tensor_of(path: &str, args: &[Pk]) -> Result<Pk> {
-    let (Some(Pk::Persistent(pid)), Some(Pk::Int(offset)), Some(shape), Some(stride)) =
-        (args.first(), args.get(1), args.get(2), args.get(3))
-    else {
-        return Err(ck(path, "unexpected _rebuild_tensor_v2 arguments"));
-    };
-    let Pk::Tuple(pid) = pid.as_ref() else {
-        return Err(ck(path, "unexpected storage id"));
-    };
-    let (Some(Pk::Global(class)), Some(Pk::Str(key))) = (pid.get(1), pid.get(2)) else {
-        return Err(ck(path, "unexpected storage id"));
-    };
-    let offset = usize::try_from(*offset)
-        .map_err(|_| ck(path, format!("negative tensor offset {offset}")))?;
-    Ok(Pk::Tensor {
-        key: key.clone(),
-        class: class.clone(),
-        offset,
-        shape: ints(path, shape)?,
-        stride: ints(path, stride)?,
-    })
-}
-
 /// Reads a torch state dict of float32 tensors from `.pth` bytes (`path` names it in errors).
+///
+/// The pickle runs on candle's reader (hardened in `vendor/candle-core-pickle.patch`: no code
+/// runs, memo copies are bounded), the one pickle reader of the workspace. Its `PthTensors`
+/// opens files by path; the bundled head is bytes, so the storages are read here from the zip in
+/// memory, after checking that the entry holds every byte a tensor declares.
 pub fn read_state_dict(path: &str, bytes: &[u8]) -> Result<Vec<(String, StateTensor)>> {
+    use candle_core::pickle::{Object, Stack};
     let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
         .map_err(|e| ck(path, format!("not a torch zip checkpoint: {e}")))?;
     let pkl = zip
@@ -347,66 +57,72 @@ pub fn read_state_dict(path: &str, bytes: &[u8]) -> Result<Vec<(String, StateTen
         .find(|n| n.ends_with("/data.pkl") || n == "data.pkl")
         .map(|n| n.to_string())
         .ok_or_else(|| ck(path, "no data.pkl in the checkpoint"))?;
-    let prefix = pkl.trim_end_matches("data.pkl").to_string();
-    let mut buf = Vec::new();
-    zip.by_name(&pkl)
-        .map_err(|e| ck(path, e.to_string()))?
-        .read_to_end(&mut buf)
-        .map_err(|e| ck(path, e.to_string()))?;
+    let dir = pkl.trim_end_matches(".pkl").to_string();
+    let mut stack = Stack::empty();
+    {
+        let entry = zip.by_name(&pkl).map_err(|e| ck(path, e.to_string()))?;
+        stack
+            .read_loop(&mut std::io::BufReader::new(entry))
+            .map_err(|e| ck(path, format!("pickle: {e}")))?;
+    }
+    let obj = stack
+        .finalize()
+        .map_err(|e| ck(path, format!("pickle: {e}")))?;
+    let Object::Dict(entries) = obj else {
+        return Err(ck(path, "the pickle is not a state dict"));
+    };
     let mut out = Vec::new();
-    for (name, v) in unpickle(path, &buf)? {
-        let Pk::Tensor {
-            key,
-            class,
-            offset,
-            shape,
-            stride,
-        } = v
+    for (name, value) in entries {
+        let shown = match &name {
+            Object::Unicode(s) => s.clone(),
+            other => format!("{other:?}"),
+        };
+        // Entries that are not tensors (the `_metadata` an OrderedDict carries) are skipped,
+        // as candle's own reader skips them; the layouts below name every tensor they need.
+        let Some(info) = value
+            .into_tensor_info(name, Path::new(&dir))
+            .map_err(|e| ck(path, format!("{shown}: {e}")))?
         else {
-            return Err(ck(path, format!("{name} is not a tensor")));
+            continue;
         };
-        if class != "torch.FloatStorage" {
+        if info.dtype != candle_core::DType::F32 {
             return Err(ck(
                 path,
-                format!("{name} is {class}, only float32 is supported"),
+                format!("{shown} is {:?}, only float32 is supported", info.dtype),
             ));
         }
-        // Contiguous row-major strides; declared sizes checked before anything is allocated.
-        let Some(n) = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) else {
-            return Err(ck(path, format!("{name}: shape {shape:?} overflows")));
-        };
-        let Some(end) = offset.checked_add(n).and_then(|e| e.checked_mul(4)) else {
+        let layout = &info.layout;
+        if !layout.is_contiguous() {
+            return Err(ck(path, format!("{shown} is not contiguous")));
+        }
+        let shape = layout.dims().to_vec();
+        let n = layout.shape().elem_count();
+        let begin = layout.start_offset().saturating_mul(4);
+        let end = n.saturating_mul(4).saturating_add(begin);
+        let mut entry = zip
+            .by_name(&info.path)
+            .map_err(|e| ck(path, format!("storage of {shown}: {e}")))?;
+        // Declared sizes are checked against what the entry holds before anything is allocated.
+        if (entry.size() as usize) < end {
             return Err(ck(
                 path,
-                format!("{name}: offset {offset} + {n} elements overflows"),
-            ));
-        };
-        if stride.len() != shape.len() {
-            return Err(ck(
-                path,
-                format!("{name}: shape {shape:?} with strides {stride:?}"),
+                format!("storage {} too short for {shown}", info.path),
             ));
         }
-        let mut expect = 1usize;
-        for (d, s) in shape.iter().zip(&stride).rev() {
-            if *d > 1 && *s != expect {
-                return Err(ck(path, format!("{name} is not contiguous")));
-            }
-            expect = expect.saturating_mul(*d);
-        }
-        let mut raw = Vec::new();
-        zip.by_name(&format!("{prefix}data/{key}"))
-            .map_err(|e| ck(path, format!("storage {key} of {name}: {e}")))?
+        let mut raw = Vec::with_capacity(end);
+        entry
+            .by_ref()
+            .take(end as u64)
             .read_to_end(&mut raw)
             .map_err(|e| ck(path, e.to_string()))?;
         let bytes = raw
-            .get(offset * 4..end)
-            .ok_or_else(|| ck(path, format!("storage {key} too short for {name}")))?;
+            .get(begin..end)
+            .ok_or_else(|| ck(path, format!("storage {} too short for {shown}", info.path)))?;
         let data = bytes
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
             .collect();
-        out.push((name, StateTensor { shape, data }));
+        out.push((shown, StateTensor { shape, data }));
     }
     Ok(out)
 }
@@ -672,7 +388,12 @@ mod tests {
             p.extend_from_slice(&(i + 1).to_le_bytes());
         }
         p.push(b'.');
-        let err = unpickle("bomb.pth", &p).unwrap_err().to_string();
+        let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        zip.start_file("archive/data.pkl", zip::write::SimpleFileOptions::default())
+            .unwrap();
+        std::io::Write::write_all(&mut zip, &p).unwrap();
+        let bytes = zip.finish().unwrap().into_inner();
+        let err = read_state_dict("bomb.pth", &bytes).unwrap_err().to_string();
         assert!(err.contains("bomb.pth") && err.contains("memo"), "{err}");
     }
 

@@ -20,10 +20,11 @@
 //!   keeps each row's log-sum-exp. A forward that tracks nothing keeps nothing.
 
 use crate::sgemm::sgemm;
-use crate::{f32_slice, output_buffer};
+use crate::{assume_init, assume_init_mut, f32_slice, uninit_buffer};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape};
 use candle_core::{Tensor, bail};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use std::sync::Mutex;
 
 /// Rows per parallel task.
@@ -58,15 +59,16 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// `f(a[i], b[i])` for every element, in parallel chunks.
 fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
-    let mut y = output_buffer(a.len());
+    let mut y = uninit_buffer(a.len());
     y.par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
         .for_each(|(y, (a, b))| {
             for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
-                *y = f(a, b);
+                y.write(f(a, b));
             }
         });
-    y
+    // SAFETY: the chunks cover `y`, and every element was written above.
+    unsafe { assume_init(y) }
 }
 
 /// `C (+)= A·B` on the calling thread: `A` (`m×k`) and `B` (`k×n`) as pointer, row stride
@@ -651,19 +653,21 @@ impl Out {
 
 impl Attention {
     /// Rows `0..L` of one head: `src` row `t` at `t·stride`, rotated into `dst` (`L × D`).
-    fn rotate(&self, src: &[f32], stride: usize, dst: &mut [f32], rope: bool) {
+    fn rotate(&self, src: &[f32], stride: usize, dst: &mut [MaybeUninit<f32>], rope: bool) {
         let d = self.heads.head_dim;
         for (t, dst) in dst.chunks_mut(d).enumerate() {
             let x = &src[t * stride..][..d];
             let Some((cos, sin)) = self.rope.as_ref().filter(|_| rope) else {
-                dst.copy_from_slice(x);
+                for (o, &v) in dst.iter_mut().zip(x) {
+                    o.write(v);
+                }
                 continue;
             };
             let (c, s) = (&cos[t * d / 2..][..d / 2], &sin[t * d / 2..][..d / 2]);
             for i in 0..d / 2 {
                 let (x0, x1) = (x[2 * i], x[2 * i + 1]);
-                dst[2 * i] = x0 * c[i] - x1 * s[i];
-                dst[2 * i + 1] = x1 * c[i] + x0 * s[i];
+                dst[2 * i].write(x0 * c[i] - x1 * s[i]);
+                dst[2 * i + 1].write(x1 * c[i] + x0 * s[i]);
             }
         }
     }
@@ -714,21 +718,21 @@ impl CustomOp2 for Attention {
         let (ld, ll) = (l * d, l * l);
         // Heads in their own contiguous (L, D) blocks, queries and keys rotated.
         // Every buffer below is written whole before it is read.
-        let mut q = output_buffer(b * h * ld);
-        let mut k = output_buffer(b * hkv * ld);
-        let mut v = output_buffer(b * hkv * ld);
-        let split = |buf: &mut Vec<f32>, nh: usize, col0: usize, rope: bool| {
+        let split = |nh: usize, col0: usize, rope: bool| {
+            let mut buf = uninit_buffer(b * nh * ld);
             buf.par_chunks_mut(ld).enumerate().for_each(|(bh, dst)| {
                 let (bi, hi) = (bh / nh, bh % nh);
                 self.rotate(&qkv[bi * l * w + (col0 + hi) * d..], w, dst, rope);
             });
+            // SAFETY: the (L, D) chunks cover the buffer and `rotate` writes each whole.
+            unsafe { assume_init(buf) }
         };
-        split(&mut q, h, 0, true);
-        split(&mut k, hkv, h, true);
-        split(&mut v, hkv, h + hkv, false);
-        let mut p = output_buffer(b * h * ll);
-        let mut y = output_buffer(b * l * h * d);
-        let yp = Out(y.as_mut_ptr());
+        let q = split(h, 0, true);
+        let k = split(hkv, h, true);
+        let v = split(hkv, h + hkv, false);
+        let mut p = uninit_buffer(b * h * ll);
+        let mut y = uninit_buffer(b * l * h * d);
+        let yp = Out(y.as_mut_ptr().cast::<f32>());
         let r = h / hkv;
         p.par_chunks_mut(ll).enumerate().for_each(|(bh, p)| {
             let (bi, hi) = (bh / h, bh % h);
@@ -737,16 +741,18 @@ impl CustomOp2 for Attention {
             let (bs, hs) = self.bias_strides;
             let bias = &bias[bi * bs + hi * hs..][..ll];
             // SAFETY: the operands are the (L, D) and (L, L) blocks above; each task writes its
-            // own p block and its own head's columns of y.
-            unsafe {
+            // own p block (all of it: `mm` without accumulation stores every element of C) and
+            // its own head's columns of y.
+            let p = unsafe {
                 mm(
                     (l, l, d),
                     (qh.as_ptr(), d, 1),
                     (kg.as_ptr(), 1, d),
-                    (p.as_mut_ptr(), l),
+                    (p.as_mut_ptr().cast::<f32>(), l),
                     false,
                 );
-            }
+                assume_init_mut(p)
+            };
             for (row, bias) in p.chunks_mut(l).zip(bias.chunks(l)) {
                 let mut m = f32::NEG_INFINITY;
                 for (x, &bv) in row.iter_mut().zip(bias) {
@@ -773,6 +779,9 @@ impl CustomOp2 for Attention {
                 );
             }
         });
+        // SAFETY: every p block was written by its task's `mm`, and the heads' column blocks of
+        // the tasks' second `mm` cover y.
+        let (p, y) = unsafe { (assume_init(p), assume_init(y)) };
         if self.keep {
             *self.saved.lock().expect("attention state") = Some(Saved { q, k, v, p });
         }

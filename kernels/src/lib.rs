@@ -2,6 +2,8 @@
 //! `llamagen-train` (GPT linear layers and fused training ops): the stage crates build their
 //! candle ops on these.
 
+use std::mem::MaybeUninit;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result};
 
@@ -11,14 +13,35 @@ pub mod fused;
 pub mod linear;
 pub mod sgemm;
 
-/// A buffer of `n` floats for an op that writes every element before anything reads it (an
-/// output or a per-call intermediate), without first filling it with zeros.
-pub fn output_buffer(n: usize) -> Vec<f32> {
+/// A buffer of `n` uninitialised floats for an op that writes every element before anything
+/// reads it (an output or a per-call intermediate), so it is not first filled with zeros (the
+/// allocator reuses freed memory, see [`alloc`], so zeroing would be a `memset` of every output).
+/// Write it through [`MaybeUninit::write`] or a raw pointer, then take it with [`assume_init`].
+pub fn uninit_buffer(n: usize) -> Vec<MaybeUninit<f32>> {
     let mut v = Vec::with_capacity(n);
-    // SAFETY: f32 has no invalid bit patterns and every caller overwrites all `n` elements
-    // before reading any (the contract above), as candle's own CPU ops do with their outputs.
+    // SAFETY: the capacity is `n`, and `MaybeUninit<f32>` needs no initialisation.
     unsafe { v.set_len(n) };
     v
+}
+
+/// The floats of a buffer from [`uninit_buffer`], without copying.
+///
+/// # Safety
+/// Every element must have been written.
+pub unsafe fn assume_init(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`; the caller guarantees every element is
+    // initialised; pointer, length and capacity come from a live Vec that is not dropped.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity()) }
+}
+
+/// A written buffer from [`uninit_buffer`] viewed as floats.
+///
+/// # Safety
+/// Every element must have been written.
+pub unsafe fn assume_init_mut(v: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: as [`assume_init`].
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<f32>(), v.len()) }
 }
 
 /// The float32 elements of a contiguous CPU storage, or an error naming `op`.

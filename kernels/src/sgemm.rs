@@ -73,8 +73,10 @@ pub unsafe fn sgemm(
         }
         if k == 0 {
             if !accumulate {
+                // Raw writes: C may be uninitialised memory (`uninit_buffer`), which must not be
+                // seen through a `&mut [f32]`.
                 for i in 0..m {
-                    std::slice::from_raw_parts_mut(c.offset(i as isize * c_rs), n).fill(0.0);
+                    std::ptr::write_bytes(c.offset(i as isize * c_rs), 0, n);
                 }
             }
             return;

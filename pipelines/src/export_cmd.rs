@@ -1,5 +1,6 @@
 //! `llamagen export llamagen`: ready shards → the on-disk layout of the official LlamaGen PyTorch
-//! code, for teams training with it.
+//! code, for teams training with it. `llamagen export checkpoint`: a trained GPT or tokenizer →
+//! a `torch.save` checkpoint the official scripts load (see `llamagen_encode::torch_save`).
 //!
 //! Layout written under `--out` (only `ok` rows; files are named by sample key, or by a running
 //! index for c2i as `extract_codes_c2i.py` does):
@@ -52,6 +53,111 @@ enum ExportCommand {
         #[arg(long, default_value_t = 256)]
         image_size: i32,
     },
+    /// Write a model as a checkpoint the official PyTorch scripts load:
+    /// `torch.load(out, weights_only=True)["model"]` is the official state dict.
+    Checkpoint {
+        /// A GPT training checkpoint directory (`train_state.json`), a tokenizer training
+        /// checkpoint directory (`state.json`), both checked against their model config; or a
+        /// weights file (safetensors or torch), converted as it is.
+        #[arg(long)]
+        input: PathBuf,
+        /// Output file (`.pt`).
+        #[arg(long)]
+        out: PathBuf,
+        /// Output format: `torch` (the zip format of `torch.save`).
+        #[arg(long, default_value = "torch")]
+        format: String,
+    },
+}
+
+/// The tensors of `input` in state-dict order, and the step count where the input records one.
+fn checkpoint_tensors(input: &Path) -> Result<(Vec<(String, candle_core::Tensor)>, Option<u64>)> {
+    use llamagen_train::train::{MODEL_FILE, STATE_FILE, TrainState};
+    use llamagen_train::vq_train::{CKPT_MODEL, CKPT_STATE, CheckpointState};
+    let dev = candle_core::Device::Cpu;
+    let take = |mut sd: std::collections::HashMap<String, candle_core::Tensor>,
+                order: Vec<(String, Vec<usize>)>| {
+        order
+            .into_iter()
+            .map(|(n, _)| {
+                let t = sd.remove(&n).expect("validated");
+                (n, t)
+            })
+            .collect::<Vec<_>>()
+    };
+    if input.join(STATE_FILE).is_file() {
+        let sp = input.join(STATE_FILE);
+        let state: TrainState = serde_json::from_str(&std::fs::read_to_string(&sp)?)
+            .with_context(|| format!("reading {}", sp.display()))?;
+        let sd = llamagen_train::checkpoint::read_state_dict(&input.join(MODEL_FILE), &dev)?;
+        llamagen_train::checkpoint::validate_state_dict(&state.model, &sd)?;
+        let order = state.model.state_dict_shapes();
+        return Ok((take(sd.tensors, order), Some(state.step)));
+    }
+    if input.join(CKPT_STATE).is_file() {
+        let sp = input.join(CKPT_STATE);
+        let state: CheckpointState = serde_json::from_str(&std::fs::read_to_string(&sp)?)
+            .with_context(|| format!("reading {}", sp.display()))?;
+        let specs = llamagen_encode::vq::VqModel::tensor_specs(&state.config.model)?;
+        let file = input.join(CKPT_MODEL);
+        let mut sd = candle_core::safetensors::load(&file, &dev)
+            .with_context(|| format!("reading {}", file.display()))?;
+        for (name, shape) in &specs {
+            match sd.get(name) {
+                Some(t) if t.dims() == shape.as_slice() => {}
+                Some(t) => bail!(
+                    "{}: {name} has shape {:?}, the model's is {shape:?}",
+                    file.display(),
+                    t.dims()
+                ),
+                None => bail!("{}: {name} is missing", file.display()),
+            }
+        }
+        if let Some(extra) = sd.keys().find(|k| !specs.iter().any(|(n, _)| n == *k)) {
+            bail!("{}: {extra} is not part of the model", file.display());
+        }
+        let tensors = specs
+            .iter()
+            .map(|(n, _)| (n.clone(), sd.remove(n).expect("checked")))
+            .collect();
+        return Ok((tensors, Some(state.steps)));
+    }
+    if input.is_dir() {
+        bail!(
+            "{}: neither a GPT training checkpoint ({STATE_FILE}) nor a tokenizer checkpoint ({CKPT_STATE})",
+            input.display()
+        );
+    }
+    let sd = llamagen_train::checkpoint::read_state_dict(input, &dev)?;
+    let mut tensors: Vec<_> = sd.tensors.into_iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok((tensors, None))
+}
+
+fn export_checkpoint(input: &Path, out: &Path, format: &str) -> Result<ExitCode> {
+    if format != "torch" {
+        bail!("--format {format:?}: the only format is torch");
+    }
+    let (tensors, steps) = checkpoint_tensors(input)?;
+    let mut entries = vec![(
+        "model",
+        llamagen_encode::torch_save::TorchValue::StateDict(&tensors),
+    )];
+    if let Some(s) = steps {
+        entries.push((
+            "steps",
+            llamagen_encode::torch_save::TorchValue::Int(s as i64),
+        ));
+    }
+    llamagen_encode::torch_save::save_torch(out, &entries)?;
+    eprintln!(
+        "wrote {} ({} tensors{}) from {}",
+        out.display(),
+        tensors.len(),
+        steps.map(|s| format!(", step {s}")).unwrap_or_default(),
+        input.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Whether a sample key can be used as a file name inside the export folder: 1 to 200
@@ -220,12 +326,17 @@ fn stored_image(b: &RecordBatch, i: usize, size: i32) -> Option<(String, Vec<u8>
 }
 
 pub async fn run(args: ExportArgs) -> Result<ExitCode> {
-    let ExportCommand::Llamagen {
-        root,
-        out,
-        kind,
-        image_size,
-    } = args.command;
+    let (root, out, kind, image_size) = match args.command {
+        ExportCommand::Checkpoint { input, out, format } => {
+            return export_checkpoint(&input, &out, &format);
+        }
+        ExportCommand::Llamagen {
+            root,
+            out,
+            kind,
+            image_size,
+        } => (root, out, kind, image_size),
+    };
     if !matches!(kind.as_str(), "t2i" | "c2i") {
         bail!("--kind {kind:?}: use t2i or c2i");
     }

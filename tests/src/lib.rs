@@ -86,6 +86,20 @@ pub fn python() -> PathBuf {
     p
 }
 
+/// The Python with PyPI torch (`LLAMAGEN_TORCH_PYTHON`, default `.venv-torch/bin/python`), for
+/// the checkpoint interop tests.
+pub fn torch_python() -> PathBuf {
+    let p = std::env::var("LLAMAGEN_TORCH_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace().join(".venv-torch/bin/python"));
+    assert!(
+        p.exists(),
+        "{} not found: run `make setup-torch` (or `make test`), which creates the venv with PyPI torch",
+        p.display()
+    );
+    p
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -382,6 +382,45 @@ progress = false
     )
 }
 
+fn load_st(path: &Path) -> std::collections::HashMap<String, candle_core::Tensor> {
+    candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap()
+}
+
+fn train_state(ckpt: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(ckpt.join("train_state.json")).unwrap()).unwrap()
+}
+
+fn values(t: &candle_core::Tensor) -> Vec<f64> {
+    t.to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Elements where one AdamW step from moments `(m1, v1)` to `(m2, v2)` is not explained by a
+/// single gradient: `g = (m2 − b1·m1)/(1 − b1)` must satisfy `g² = (v2 − b2·v1)/(1 − b2)` to a
+/// relative 1e-3, plus a floor for the f32 rounding of the moments.
+fn adamw_identity_failures(
+    m1: &[f64],
+    v1: &[f64],
+    m2: &[f64],
+    v2: &[f64],
+    b1: f64,
+    b2: f64,
+) -> usize {
+    (0..m2.len())
+        .filter(|&i| {
+            let g = (m2[i] - b1 * m1[i]) / (1.0 - b1);
+            let (lhs, rhs) = (g * g, (v2[i] - b2 * v1[i]) / (1.0 - b2));
+            let m_scale = (m1[i].abs() + m2[i].abs()) / (1.0 - b1);
+            let floor = 1e-5 * ((v1[i] + v2[i]) / (1.0 - b2) + m_scale * m_scale) + 1e-30;
+            (lhs - rhs).abs() > 1e-3 * lhs.max(rhs) + floor
+        })
+        .count()
+}
+
 #[test]
 fn two_stage_t2i_initialises_stage_two_from_stage_one() {
     let tmp = tempfile::tempdir().unwrap();
@@ -408,40 +447,102 @@ fn two_stage_t2i_initialises_stage_two_from_stage_one() {
     let ck1 = s1.join("checkpoints/0000002");
     // Stage II at twice the resolution; lr 0 and no weight decay keep the loaded weights, so the
     // checkpoint after one step must hold stage I's weights exactly.
-    let s2 = tmp.path().join("stage2");
-    let text = t2i_config(&root, &s2, 128, 1, "lr = 0.0\nweight_decay = 0.0").replace(
-        "progress = false",
-        &format!("progress = false\ninit_from = \"{}\"", ck1.display()),
-    );
-    let c2 = write(&tmp.path().join("s2.toml"), &text);
-    assert!(llamagen(&["train", "--config", c2.to_str().unwrap()], &[]).0);
+    let stage2 = |name: &str, steps: u64, init_optimizer: bool| {
+        let dir = tmp.path().join(name);
+        let text = t2i_config(&root, &dir, 128, steps, "lr = 0.0\nweight_decay = 0.0").replace(
+            "progress = false",
+            &format!(
+                "progress = false\ninit_from = \"{}\"\ninit_optimizer = {init_optimizer}",
+                ck1.display()
+            ),
+        );
+        let cfg = write(&tmp.path().join(format!("{name}.toml")), &text);
+        let (ok, _, err) = llamagen(&["train", "--config", cfg.to_str().unwrap()], &[]);
+        (dir, ok, err)
+    };
+    let same_weights = |ck: &Path| {
+        let a = load_st(&ck1.join("model.safetensors"));
+        let b = load_st(&ck.join("model.safetensors"));
+        assert_eq!(a.len(), b.len());
+        for (k, t) in &a {
+            assert!(values(t) == values(&b[k]), "{k} differs after init_from");
+        }
+    };
+
+    // Weights only (init_optimizer = false): fresh AdamW, steps from 0.
+    let (s2, ok, err) = stage2("stage2", 1, false);
+    assert!(ok, "{err}");
     let ck2 = s2.join("checkpoints/0000001");
-    let st: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(ck2.join("train_state.json")).unwrap())
-            .unwrap();
+    let st = train_state(&ck2);
     assert_eq!(st["model"]["block_size"], 64, "stage II trains 8x8 grids");
-    let a =
-        candle_core::safetensors::load(ck1.join("model.safetensors"), &candle_core::Device::Cpu)
-            .unwrap();
-    let b =
-        candle_core::safetensors::load(ck2.join("model.safetensors"), &candle_core::Device::Cpu)
-            .unwrap();
-    assert_eq!(a.len(), b.len());
-    for (k, t) in &a {
-        let d = (t - &b[k])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(d, 0.0, "{k} differs after init_from");
-    }
+    assert_eq!(st["step"], 1);
+    same_weights(&ck2);
     // A stage II loss on 8x8 grids was logged.
     assert_eq!(losses(&s2).len(), 1);
+
+    // The default (init_optimizer = true), as the official --gpt-ckpt: AdamW moments and step
+    // restored, the step counter continues from stage I's 2, train.steps = 3 is the total.
+    let (s2b, ok, err) = stage2("stage2b", 3, true);
+    assert!(ok, "{err}");
+    assert!(err.contains("from step 2"), "{err}");
+    assert_eq!(checkpoint_steps(&s2b), ["0000003"]);
+    let ck2b = s2b.join("checkpoints/0000003");
+    let st = train_state(&ck2b);
+    assert_eq!(
+        (st["step"].as_u64(), st["model"]["block_size"].as_u64()),
+        (Some(3), Some(64))
+    );
+    assert_eq!(losses(&s2b).iter().map(|l| l.0).collect::<Vec<_>>(), [3]);
+    same_weights(&ck2b);
+    let o1 = load_st(&ck1.join("optimizer.safetensors"));
+    let o2 = load_st(&ck2b.join("optimizer.safetensors"));
+    assert_eq!(values(&o1["step"]), [2.0]);
+    assert_eq!(
+        values(&o2["step"]),
+        [3.0],
+        "AdamW's step continues from stage I's"
+    );
+    // m2 = b1·m1 + (1 − b1)·g and v2 = b2·v1 + (1 − b2)·g² for the one stage II gradient g:
+    // with the restored moments g from m must square to g² from v, for every parameter; with
+    // moments started from zero (a fresh AdamW) the identity breaks.
+    let (b1, b2) = (0.9, 0.95);
+    let (mut params, mut broken_from_zero) = (0, 0);
+    for (k, m2) in &o2 {
+        let Some(name) = k.strip_prefix("exp_avg.") else {
+            continue;
+        };
+        params += 1;
+        let v2 = values(&o2[&format!("exp_avg_sq.{name}")]);
+        let m1 = values(&o1[k]);
+        let v1 = values(&o1[&format!("exp_avg_sq.{name}")]);
+        let m2 = values(m2);
+        let bad = adamw_identity_failures(&m1, &v1, &m2, &v2, b1, b2);
+        assert_eq!(
+            bad,
+            0,
+            "{name}: {bad} of {} moments not continued",
+            m2.len()
+        );
+        let zeros = vec![0.0; m2.len()];
+        if adamw_identity_failures(&zeros, &zeros, &m2, &v2, b1, b2) > 0 {
+            broken_from_zero += 1;
+        }
+    }
+    assert!(params > 10, "{params} parameters");
+    assert!(
+        broken_from_zero > 0,
+        "the check tells restored moments from fresh ones"
+    );
+
+    // A stage I checkpoint at or past train.steps trains nothing: refused, naming both.
+    let (_, ok, err) = stage2("stage2c", 2, true);
+    assert!(!ok);
+    assert!(
+        err.contains("at step 2")
+            && err.contains("train.steps = 2")
+            && err.contains(&ck1.display().to_string()),
+        "{err}"
+    );
 
     // t2i sampling with CFG 7.5 from caption features in the catalog and from an .npy file.
     let vq = llamagen_tests::workspace().join("data/parity/vq_weights.safetensors");

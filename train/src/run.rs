@@ -18,6 +18,12 @@
 //!   `output_dir/metrics.jsonl` holds one JSON object per log interval (after a resume, lines past
 //!   the resumed step are dropped first) and `output_dir/loss.png` is redrawn from it at every
 //!   checkpoint and at the end.
+//! - `output.init_from` (stage II from stage I, when not resuming) loads the weights of a
+//!   checkpoint whose tensors have this model's shapes (its grid and dropouts may differ); with
+//!   `output.init_optimizer` (default) and a training checkpoint directory it also restores the
+//!   AdamW moments and step count and the run continues from that step, as the official
+//!   `--gpt-ckpt` does, but without rounding the step down to an epoch of the new data. A
+//!   checkpoint step >= `train.steps` is a config error (nothing would be trained).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -35,8 +41,8 @@ use crate::error::{Result, TrainError};
 use crate::gpt::Gpt;
 use crate::optim::{AdamW, AdamWConfig, LrSchedule};
 use crate::train::{
-    MODEL_FILE, STATE_FILE, load_training_checkpoint, save_training_checkpoint, step_rng,
-    train_step,
+    MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, TrainState, load_optimizer_state,
+    load_training_checkpoint, read_train_state, save_training_checkpoint, step_rng, train_step,
 };
 
 /// The `[model]` table.
@@ -268,9 +274,15 @@ pub struct OutputSection {
     /// there is none) or a checkpoint directory. Default: no resume.
     pub resume_from: Option<String>,
     /// Initialise the weights from a checkpoint (a training checkpoint directory or a weights
-    /// file, safetensors or torch) before step 0: stage II from stage I. The RoPE table is built
-    /// for this run's grid. Ignored when resuming.
+    /// file, safetensors or torch): stage II from stage I. Its tensors must have this model's
+    /// shapes; the RoPE table is built for this run's grid. Ignored when resuming.
     pub init_from: Option<PathBuf>,
+    /// With `init_from` a training checkpoint directory (`optimizer.safetensors` and
+    /// `train_state.json`), also restore its AdamW moments and step count and continue the
+    /// step counter from its step (the official `--gpt-ckpt`); `train.steps` is then the total
+    /// and must exceed that step. False, or a plain weights file: weights only, fresh AdamW,
+    /// step 0. Default true.
+    pub init_optimizer: bool,
 }
 
 impl Default for OutputSection {
@@ -282,6 +294,7 @@ impl Default for OutputSection {
             progress: true,
             resume_from: None,
             init_from: None,
+            init_optimizer: true,
         }
     }
 }
@@ -410,7 +423,8 @@ pub struct MetricsLine {
 pub struct RunSummary {
     /// Steps completed in total (including those before a resume).
     pub steps: u64,
-    /// Step the run started from (0, or the resumed checkpoint's).
+    /// Step the run started from (0, the resumed checkpoint's, or the `init_from` checkpoint's
+    /// when its optimiser state was restored).
     pub start_step: u64,
     /// The last checkpoint written.
     pub last_checkpoint: Option<PathBuf>,
@@ -455,11 +469,52 @@ fn write_metrics(path: &Path, lines: &[MetricsLine]) -> Result<()> {
     std::fs::write(path, text).map_err(|e| TrainError::io(path, e))
 }
 
+/// Whether `path` is a training checkpoint directory with optimiser state (what
+/// [`save_training_checkpoint`] writes), as opposed to a plain weights file or directory.
+pub fn is_training_checkpoint(path: &Path) -> bool {
+    path.join(OPTIMIZER_FILE).is_file() && path.join(STATE_FILE).is_file()
+}
+
+/// The state of the `init_from` checkpoint whose optimiser state and step a fresh run continues
+/// from (module invariants), or None when only its weights are loaded.
+fn init_from_state(cfg: &RunConfig) -> Result<Option<TrainState>> {
+    let Some(init) = &cfg.output.init_from else {
+        return Ok(None);
+    };
+    if !cfg.output.init_optimizer || !is_training_checkpoint(init) {
+        return Ok(None);
+    }
+    let state = read_train_state(init)?;
+    if state.step >= cfg.train.steps {
+        return Err(TrainError::InvalidConfig(format!(
+            "output.init_from checkpoint {} is at step {}, not below train.steps = {}: with \
+             output.init_optimizer = true the run continues from the checkpoint's step and \
+             train.steps is the total, so set train.steps above {} (or init_optimizer = false to \
+             load only the weights and start at step 0)",
+            init.display(),
+            state.step,
+            cfg.train.steps,
+            state.step
+        )));
+    }
+    Ok(Some(state))
+}
+
 /// Trains as `cfg` says (module invariants).
 pub fn run(cfg: &RunConfig) -> Result<RunSummary> {
     let gpt_cfg = cfg.model.gpt_config()?;
     let device = parse_device(&cfg.train.device)?;
     let out = &cfg.output.dir;
+    // Where to start.
+    let resume = match cfg.output.resume_from.as_deref() {
+        None => None,
+        Some("latest") => checkpoints(out)?.pop().map(|(_, p)| p),
+        Some(p) => Some(PathBuf::from(p)),
+    };
+    let init_state = match resume {
+        None => init_from_state(cfg)?,
+        Some(_) => None,
+    };
     std::fs::create_dir_all(out.join("checkpoints")).map_err(|e| TrainError::io(out, e))?;
     std::fs::write(
         out.join("config.toml"),
@@ -472,13 +527,8 @@ pub fn run(cfg: &RunConfig) -> Result<RunSummary> {
     let mut opt = AdamW::for_gpt(&varmap, &gpt_cfg, cfg.optim.adamw())?;
     let seed = cfg.train.seed;
 
-    // Where to start.
-    let resume = match cfg.output.resume_from.as_deref() {
-        None => None,
-        Some("latest") => checkpoints(out)?.pop().map(|(_, p)| p),
-        Some(p) => Some(PathBuf::from(p)),
-    };
     let mut last_checkpoint = None;
+    let mut init_note = String::new();
     let start_step = if let Some(ckpt) = &resume {
         let state = load_training_checkpoint(ckpt, &varmap, &gpt_cfg, &mut opt)?;
         if state.seed != seed {
@@ -498,10 +548,28 @@ pub fn run(cfg: &RunConfig) -> Result<RunSummary> {
             } else {
                 init.clone()
             };
+            // Shapes are checked tensor by tensor; the grid (block_size) and dropouts of the
+            // checkpoint's model may differ from this run's. Its seed is not checked: stage II
+            // may draw its data order and dropout from another seed.
             let sd = read_state_dict(&file, &device)?;
             load_into_varmap(&varmap, &gpt_cfg, &sd)?;
+            init_note = format!(", weights from {}", init.display());
+            if let Some(state) = &init_state {
+                load_optimizer_state(init, &mut opt)?;
+                if opt.step_count() != state.step {
+                    return Err(TrainError::UnreadableCheckpoint {
+                        path: init.join(OPTIMIZER_FILE),
+                        reason: format!(
+                            "optimizer step {} disagrees with step {} of {STATE_FILE}",
+                            opt.step_count(),
+                            state.step
+                        ),
+                    });
+                }
+                init_note.push_str(" with its AdamW state");
+            }
         }
-        0
+        init_state.as_ref().map_or(0, |s| s.step)
     };
 
     let metrics_path = out.join("metrics.jsonl");
@@ -537,7 +605,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunSummary> {
         }
     };
     say(format!(
-        "training {} {:?} ({} parameters, {}x{} codes) on {} rows of {} (version {}), from step {start_step}",
+        "training {} {:?} ({} parameters, {}x{} codes) on {} rows of {} (version {}), from step {start_step}{init_note}",
         cfg.model.size.as_deref().unwrap_or("custom"),
         gpt_cfg.model_type,
         gpt_cfg.num_parameters(),

@@ -185,6 +185,32 @@ pub fn save_training_checkpoint(
     Ok(fin)
 }
 
+/// Reads the [`TrainState`] (`train_state.json`) of a training checkpoint directory.
+pub fn read_train_state(ckpt: &std::path::Path) -> Result<TrainState> {
+    let sp = ckpt.join(STATE_FILE);
+    let text = std::fs::read_to_string(&sp).map_err(|e| TrainError::io(&sp, e))?;
+    serde_json::from_str(&text).map_err(|source| TrainError::Json { path: sp, source })
+}
+
+/// Restores the AdamW moments and step count of a training checkpoint directory
+/// (`optimizer.safetensors`) into `opt`; every moment must have its parameter's shape. The
+/// learning rate and the other hyper-parameters of `opt` are left as they are.
+pub fn load_optimizer_state(ckpt: &std::path::Path, opt: &mut AdamW) -> Result<()> {
+    let device = opt
+        .vars()
+        .first()
+        .map(|v| v.device().clone())
+        .unwrap_or(candle_core::Device::Cpu);
+    let op = ckpt.join(OPTIMIZER_FILE);
+    let ost = candle_core::safetensors::load(&op, &device).map_err(|e| {
+        TrainError::UnreadableCheckpoint {
+            path: op.clone(),
+            reason: e.to_string(),
+        }
+    })?;
+    opt.load_state(&ost, &op)
+}
+
 /// Restores weights (into the VarMap of a model built by
 /// [`crate::checkpoint::new_trainable`]) and optimiser state from a checkpoint written by
 /// [`save_training_checkpoint`], and returns its [`TrainState`]. The checkpoint's model
@@ -195,12 +221,7 @@ pub fn load_training_checkpoint(
     cfg: &crate::config::GptConfig,
     opt: &mut AdamW,
 ) -> Result<TrainState> {
-    let sp = ckpt.join(STATE_FILE);
-    let text = std::fs::read_to_string(&sp).map_err(|e| TrainError::io(&sp, e))?;
-    let state: TrainState = serde_json::from_str(&text).map_err(|source| TrainError::Json {
-        path: sp.clone(),
-        source,
-    })?;
+    let state = read_train_state(ckpt)?;
     if &state.model != cfg {
         return Err(TrainError::InvalidConfig(format!(
             "checkpoint {} was written for a different model configuration",
@@ -214,14 +235,7 @@ pub fn load_training_checkpoint(
         .unwrap_or(candle_core::Device::Cpu);
     let sd = crate::checkpoint::read_state_dict(&ckpt.join(MODEL_FILE), &device)?;
     crate::checkpoint::load_into_varmap(varmap, cfg, &sd)?;
-    let op = ckpt.join(OPTIMIZER_FILE);
-    let ost = candle_core::safetensors::load(&op, &device).map_err(|e| {
-        TrainError::UnreadableCheckpoint {
-            path: op.clone(),
-            reason: e.to_string(),
-        }
-    })?;
-    opt.load_state(&ost, &op)?;
+    load_optimizer_state(ckpt, opt)?;
     opt.set_lr(state.optimizer.lr);
     Ok(state)
 }

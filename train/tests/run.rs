@@ -26,6 +26,75 @@ fn the_example_configs_parse() -> Result<()> {
     }
     let s2 = RunConfig::from_file(&repo().join("configs/t2i_stage2.toml"))?;
     assert!(s2.output.init_from.is_some());
+    assert!(s2.output.init_optimizer);
+    Ok(())
+}
+
+/// The shipped stage I and stage II configs chain (on a synthetic catalog like the example's):
+/// stage II starts from the checkpoint its `init_from` names, at that step, with its AdamW
+/// state, and trains up to its `train.steps`.
+#[test]
+fn the_shipped_two_stage_configs_chain() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("tiny_t2i").display().to_string();
+    write_synthetic_catalog(
+        &root,
+        &SyntheticSpec {
+            image_sizes: vec![64, 128],
+            num_classes: None,
+            no_caption_every: 7,
+            ..SyntheticSpec::default()
+        },
+    )?;
+    let mut s1 = RunConfig::from_file(&repo().join("configs/t2i_stage1.toml"))?;
+    s1.data.root = root.clone();
+    s1.output.dir = dir.path().join("t2i_stage1");
+    s1.output.progress = false;
+    let r1 = run(&s1)?;
+    let ck1 = r1.last_checkpoint.expect("stage I checkpoint");
+
+    let mut s2 = RunConfig::from_file(&repo().join("configs/t2i_stage2.toml"))?;
+    let named = s2.output.init_from.clone().expect("init_from");
+    assert_eq!(
+        named.file_name(),
+        ck1.file_name(),
+        "stage II's init_from names stage I's last checkpoint"
+    );
+    s2.data.root = root;
+    s2.output.dir = dir.path().join("t2i_stage2");
+    s2.output.init_from = Some(ck1.clone());
+    s2.output.progress = false;
+    let r2 = run(&s2)?;
+    assert_eq!(r2.start_step, r1.steps);
+    assert!(s2.train.steps > r1.steps);
+    assert_eq!(r2.losses.len() as u64, s2.train.steps - r1.steps);
+    let last = r2.last_checkpoint.expect("stage II checkpoint");
+    assert_eq!(
+        last.file_name().unwrap().to_string_lossy(),
+        format!("{:07}", s2.train.steps)
+    );
+    let opt = candle_core::safetensors::load(
+        last.join("optimizer.safetensors"),
+        &candle_core::Device::Cpu,
+    )?;
+    let step = opt["step"].flatten_all()?.to_vec1::<f64>()?[0];
+    assert_eq!(step, s2.train.steps as f64, "AdamW's step continues");
+
+    // train.steps at or below the checkpoint's step is refused, naming both.
+    s2.train.steps = r1.steps;
+    s2.output.dir = dir.path().join("t2i_stage2_short");
+    let e = run(&s2).unwrap_err().to_string();
+    assert!(
+        e.contains(&format!("at step {}", r1.steps))
+            && e.contains(&format!("train.steps = {}", r1.steps))
+            && e.contains(&ck1.display().to_string()),
+        "{e}"
+    );
+    // Weights only: step 0, fresh AdamW.
+    s2.output.init_optimizer = false;
+    s2.train.steps = 2;
+    let r3 = run(&s2)?;
+    assert_eq!((r3.start_step, r3.losses.len()), (0, 2));
     Ok(())
 }
 
