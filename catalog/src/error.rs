@@ -23,6 +23,10 @@ pub enum CatalogError {
         message: String,
     },
 
+    /// Neither the configured credentials provider nor the standard AWS chain gave credentials.
+    #[error("AWS credentials for s3://{bucket} could not be resolved: {message}")]
+    S3Credentials { bucket: String, message: String },
+
     #[error("object store error: {0}")]
     ObjectStore(#[from] object_store::Error),
 

@@ -1,8 +1,14 @@
 //! The catalog on a real S3-compatible server (moto) on 127.0.0.1.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use llamagen_catalog::storage::aws_credential_types::Credentials;
+use llamagen_catalog::storage::aws_credential_types::credential_fn::provide_credentials_fn;
+use llamagen_catalog::storage::aws_credential_types::provider::SharedCredentialsProvider;
+use llamagen_catalog::storage::aws_credential_types::provider::error::CredentialsError;
 use llamagen_catalog::storage::{PutOutcome, S3Config, S3Storage, Storage};
 use llamagen_catalog::{Catalog, ShardWriterOptions, Transaction, sql};
 use llamagen_tests::{S3Server, run_llamagen, workspace};
@@ -133,6 +139,157 @@ async fn s3_concurrent_commits_and_sql() {
     .unwrap();
     let csv = batches_csv(&b);
     assert_eq!(csv.trim(), "n,m\n1200,1200");
+}
+
+/// Commits one shard of `rows` samples with keys `{tag}-{i}` to the `samples` dataset.
+async fn commit_rows(ds: &llamagen_catalog::Dataset, tag: &str, rows: usize) {
+    use llamagen_catalog::arrow::array::{ArrayRef, RecordBatch, StringArray};
+    let keys: Vec<String> = (0..rows).map(|r| format!("{tag}-{r}")).collect();
+    let b = RecordBatch::try_from_iter(vec![
+        ("key", Arc::new(StringArray::from(keys)) as ArrayRef),
+        ("status", Arc::new(StringArray::from(vec!["ok"; rows]))),
+    ])
+    .unwrap();
+    let mut w = ds.writer(ShardWriterOptions::default());
+    w.write(&b).await.unwrap();
+    let add = w.finish().await.unwrap();
+    ds.commit(Transaction {
+        operation: "test".into(),
+        add,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+/// Requests the server has logged so far.
+fn server_requests(server: &S3Server) -> usize {
+    let log = std::env::temp_dir().join(format!("moto-{}.log", server.port));
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(" HTTP/1."))
+        .count()
+}
+
+/// A credentials provider that counts its calls and hands out credentials valid for 1 s, or an
+/// error once `fail` is set.
+fn short_lived_credentials(fail: Arc<AtomicBool>) -> (SharedCredentialsProvider, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let p = provide_credentials_fn(move || {
+        let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+        let fail = fail.load(Ordering::SeqCst);
+        async move {
+            if fail {
+                return Err(CredentialsError::provider_error(
+                    "the token service is down",
+                ));
+            }
+            Ok(Credentials::new(
+                format!("short-lived-{n}"),
+                "secret",
+                Some(format!("session-{n}")),
+                Some(SystemTime::now() + Duration::from_secs(1)),
+                "test",
+            ))
+        }
+    });
+    (SharedCredentialsProvider::new(p), calls)
+}
+
+/// Writes three shards to `bucket/cat` with the test's static credentials.
+async fn three_shards(server: &S3Server, bucket: &str) {
+    server.create_bucket(bucket).await;
+    let s: Arc<dyn Storage> = Arc::new(storage(server, bucket, "cat", false).await);
+    let ds = Catalog::from_storage(s).samples();
+    for t in 0..3 {
+        commit_rows(&ds, &format!("t{t}"), 100).await;
+    }
+}
+
+async fn with_provider(
+    server: &S3Server,
+    bucket: &str,
+    p: SharedCredentialsProvider,
+) -> Result<S3Storage, llamagen_catalog::CatalogError> {
+    S3Storage::connect(S3Config {
+        bucket: bucket.into(),
+        prefix: "cat".into(),
+        credentials_provider: Some(p),
+        ..server.storage_options().s3
+    })
+    .await
+}
+
+const DISTINCT_KEYS: &str = "SELECT count(DISTINCT key) AS n FROM samples";
+
+/// DataFusion's object store resolves credentials again when they expire (they used to be
+/// resolved once at connect time, so long queries failed once STS/IRSA credentials expired), and
+/// not once per request.
+#[tokio::test]
+async fn s3_sql_refreshes_expiring_credentials() {
+    let server = S3Server::start();
+    three_shards(&server, "refresh").await;
+    let (p, calls) = short_lived_credentials(Arc::new(AtomicBool::new(false)));
+    let s: Arc<dyn Storage> = Arc::new(with_provider(&server, "refresh", p).await.unwrap());
+    let ctx = sql::session(s).await.unwrap();
+    let (calls0, requests0) = (calls.load(Ordering::SeqCst), server_requests(&server));
+    let (_, b) = sql::query(&ctx, DISTINCT_KEYS).await.unwrap();
+    assert_eq!(batches_csv(&b).trim(), "n\n300");
+    // Past the expiry of every credential handed out so far; the session's store is the same.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let calls1 = calls.load(Ordering::SeqCst);
+    let (_, b) = sql::query(&ctx, DISTINCT_KEYS).await.unwrap();
+    assert_eq!(batches_csv(&b).trim(), "n\n300");
+    let calls2 = calls.load(Ordering::SeqCst);
+    let requests = server_requests(&server) - requests0;
+    assert!(calls2 >= 2, "{calls2} calls");
+    assert!(
+        calls2 > calls1,
+        "expired credentials were not resolved again"
+    );
+    assert!(
+        calls2 - calls0 < requests,
+        "{} credential resolutions for {requests} requests",
+        calls2 - calls0
+    );
+}
+
+/// Credentials that cannot be resolved fail the connect, or a later query, with an error naming
+/// the bucket; no request goes out unsigned (the server would answer one).
+#[tokio::test]
+async fn s3_sql_fails_without_credentials_instead_of_going_unsigned() {
+    let server = S3Server::start();
+    three_shards(&server, "nocreds").await;
+    let (p, _) = short_lived_credentials(Arc::new(AtomicBool::new(true)));
+    let err = with_provider(&server, "nocreds", p)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("AWS credentials for s3://nocreds could not be resolved")
+            && err.contains("the token service is down"),
+        "{err}"
+    );
+
+    let fail = Arc::new(AtomicBool::new(false));
+    let (p, _) = short_lived_credentials(fail.clone());
+    let s: Arc<dyn Storage> = Arc::new(with_provider(&server, "nocreds", p).await.unwrap());
+    let ctx = sql::session(s).await.unwrap();
+    fail.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let before = server_requests(&server);
+    let err = match sql::query(&ctx, DISTINCT_KEYS).await {
+        Ok((_, b)) => panic!("query without credentials returned {}", batches_csv(&b)),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("AWS credentials for s3://nocreds could not be resolved")
+            && err.contains("the token service is down"),
+        "{err}"
+    );
+    assert_eq!(server_requests(&server), before, "a request went out");
 }
 
 fn batches_csv(b: &[llamagen_catalog::arrow::array::RecordBatch]) -> String {

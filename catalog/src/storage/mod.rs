@@ -24,6 +24,9 @@ use url::Url;
 
 use crate::error::{CatalogError, Result};
 
+/// The AWS credential types of [`S3Config::credentials_provider`] (`Credentials`,
+/// `provider::SharedCredentialsProvider`, `credential_fn::provide_credentials_fn`, ...).
+pub use aws_credential_types;
 pub use local::LocalStorage;
 pub use memory::MemoryStorage;
 pub use s3::{S3Config, S3Storage};

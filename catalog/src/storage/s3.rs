@@ -1,8 +1,15 @@
 //! S3 and S3-compatible servers through aws-sdk-s3.
 //!
-//! - Credentials come from the standard AWS chain (environment, profile files, web identity,
-//!   container and instance metadata); endpoint and region from [`S3Config`] or the standard
-//!   `AWS_ENDPOINT_URL(_S3)` / `AWS_REGION` variables.
+//! - Credentials: the SDK client and DataFusion's object store (SQL, Delta logs, URL lists) take
+//!   their credentials from one provider chain: [`S3Config::credentials_provider`] if set, else
+//!   [`S3Config::static_credentials`], else the standard AWS chain (environment, profile files,
+//!   web identity/IRSA, container and instance metadata). Both go through one cache that resolves
+//!   again before the credentials expire (see [`RefreshingCredentials`]), so long queries outlive
+//!   STS, IRSA and instance credentials. No request is ever sent unsigned: when credentials cannot
+//!   be resolved, [`S3Storage::connect`] fails with [`CatalogError::S3Credentials`], and a later
+//!   request fails with an error naming the bucket.
+//! - Endpoint and region come from [`S3Config`] or the standard `AWS_ENDPOINT_URL(_S3)` /
+//!   `AWS_REGION` variables.
 //! - Every request is retried by the SDK's standard retry mode (exponential backoff with jitter on
 //!   throttling, 5xx and connection errors), up to [`S3Config::max_attempts`].
 //! - Objects over [`S3Config::multipart_threshold`] are uploaded in parts; a failed upload is
@@ -12,21 +19,23 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use aws_config::BehaviorVersion;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
+use aws_credential_types::Credentials;
+use aws_credential_types::provider::error::CredentialsError;
+use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider, future};
 use aws_sdk_s3::Client;
-use aws_sdk_s3::config::ProvideCredentials;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use object_store::ObjectStore;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AwsCredential};
+use object_store::{CredentialProvider, ObjectStore};
 use url::Url;
 
 use super::{ObjectInfo, PutOutcome, Storage};
@@ -49,6 +58,10 @@ pub struct S3Config {
     /// Static credentials (access key id, secret key), e.g. for an on-premise server. Default:
     /// the standard AWS chain.
     pub static_credentials: Option<(String, String)>,
+    /// A credentials provider that replaces the standard AWS chain and `static_credentials`
+    /// (e.g. an application's own STS session). Its credentials are cached and resolved again
+    /// before they expire, like the chain's.
+    pub credentials_provider: Option<SharedCredentialsProvider>,
     /// Attempts per request, the first included (default 8).
     pub max_attempts: u32,
     /// Objects at least this large are uploaded in parts (default 16 MiB).
@@ -66,6 +79,7 @@ impl Default for S3Config {
             region: None,
             path_style: None,
             static_credentials: None,
+            credentials_provider: None,
             max_attempts: 8,
             multipart_threshold: 16 << 20,
             part_size: 8 << 20,
@@ -99,14 +113,15 @@ impl S3Config {
 pub struct S3Storage {
     client: Client,
     cfg: S3Config,
-    /// Resolved once at connect time from the SDK's chain, for DataFusion's object store.
-    credentials: Option<aws_sdk_s3::config::Credentials>,
+    /// The credentials of both the SDK client and DataFusion's object store.
+    credentials: RefreshingCredentials,
     endpoint: Option<String>,
     region: String,
 }
 
 impl S3Storage {
-    /// Builds a client from `cfg` and the standard AWS configuration chain.
+    /// Builds a client from `cfg` and the standard AWS configuration chain, and resolves
+    /// credentials once: none is an error ([`CatalogError::S3Credentials`]), not anonymous access.
     pub async fn connect(cfg: S3Config) -> Result<Self> {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .retry_config(
@@ -124,8 +139,10 @@ impl S3Storage {
         if let Some(region) = cfg.region.clone() {
             loader = loader.region(aws_config::Region::new(region));
         }
-        if let Some((id, secret)) = &cfg.static_credentials {
-            loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
+        if let Some(provider) = cfg.credentials_provider.clone() {
+            loader = loader.credentials_provider(provider);
+        } else if let Some((id, secret)) = &cfg.static_credentials {
+            loader = loader.credentials_provider(Credentials::new(
                 id.clone(),
                 secret.clone(),
                 None,
@@ -142,14 +159,26 @@ impl S3Storage {
             .region()
             .map(|r| r.to_string())
             .unwrap_or_else(|| "us-east-1".to_string());
+        let chain = sdk
+            .credentials_provider()
+            .ok_or_else(|| CatalogError::S3Credentials {
+                bucket: cfg.bucket.clone(),
+                message: "no credentials provider is configured".into(),
+            })?;
+        let credentials = RefreshingCredentials::new(&cfg.bucket, chain);
+        // Fail early and clearly rather than at the first request.
+        credentials
+            .credentials()
+            .await
+            .map_err(|e| CatalogError::S3Credentials {
+                bucket: cfg.bucket.clone(),
+                message: DisplayErrorContext(&e).to_string(),
+            })?;
         let s3cfg = aws_sdk_s3::config::Builder::from(&sdk)
             .region(aws_config::Region::new(region.clone()))
             .force_path_style(cfg.resolved_path_style())
+            .credentials_provider(credentials.clone())
             .build();
-        let credentials = match sdk.credentials_provider() {
-            Some(p) => p.provide_credentials().await.ok(),
-            None => None,
-        };
         Ok(S3Storage {
             client: Client::from_conf(s3cfg),
             cfg,
@@ -346,6 +375,129 @@ impl S3Storage {
     }
 }
 
+/// Credentials are resolved again once they are this close to their expiry (or half their
+/// lifetime, if that is shorter).
+const REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
+
+/// When credentials resolved at `fetched` and expiring at `expiry` are to be resolved again:
+/// [`REFRESH_MARGIN`] before expiry, or halfway through a shorter lifetime.
+fn refresh_at(fetched: SystemTime, expiry: SystemTime) -> SystemTime {
+    let lifetime = expiry.duration_since(fetched).unwrap_or_default();
+    expiry - REFRESH_MARGIN.min(lifetime / 2)
+}
+
+/// Resolved credentials, in the SDK's and the object store's form.
+struct Cached {
+    sdk: Credentials,
+    object_store: Arc<AwsCredential>,
+    /// None: the credentials do not expire.
+    refresh_at: Option<SystemTime>,
+}
+
+impl Cached {
+    fn fresh(&self, now: SystemTime) -> bool {
+        self.refresh_at.is_none_or(|t| now < t)
+    }
+
+    fn valid(&self, now: SystemTime) -> bool {
+        self.sdk.expiry().is_none_or(|t| now < t)
+    }
+}
+
+/// A bucket's credentials: a provider chain's, cached, and resolved again before they expire
+/// (credentials without an expiry are kept). One resolution runs at a time; concurrent callers
+/// wait for it. If resolving fails while the cached credentials are still valid, those are used
+/// (and resolving is tried again on the next call). Serves both the SDK client
+/// ([`ProvideCredentials`]) and DataFusion's object store ([`CredentialProvider`]).
+#[derive(Clone)]
+pub struct RefreshingCredentials(Arc<RefreshingInner>);
+
+struct RefreshingInner {
+    bucket: String,
+    provider: SharedCredentialsProvider,
+    cached: tokio::sync::Mutex<Option<Cached>>,
+}
+
+impl std::fmt::Debug for RefreshingCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RefreshingCredentials")
+            .field("bucket", &self.0.bucket)
+            .field("provider", &self.0.provider)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RefreshingCredentials {
+    pub fn new(bucket: &str, provider: SharedCredentialsProvider) -> Self {
+        RefreshingCredentials(Arc::new(RefreshingInner {
+            bucket: bucket.to_string(),
+            provider,
+            cached: tokio::sync::Mutex::new(None),
+        }))
+    }
+
+    async fn cached(&self) -> Result<(Credentials, Arc<AwsCredential>), CredentialsError> {
+        let mut cached = self.0.cached.lock().await;
+        if let Some(c) = cached.as_ref().filter(|c| c.fresh(SystemTime::now())) {
+            return Ok((c.sdk.clone(), c.object_store.clone()));
+        }
+        match self.0.provider.provide_credentials().await {
+            Ok(sdk) => {
+                let object_store = Arc::new(AwsCredential {
+                    key_id: sdk.access_key_id().to_string(),
+                    secret_key: sdk.secret_access_key().to_string(),
+                    token: sdk.session_token().map(str::to_string),
+                });
+                let refresh_at = sdk.expiry().map(|t| refresh_at(SystemTime::now(), t));
+                let c = cached.insert(Cached {
+                    sdk,
+                    object_store,
+                    refresh_at,
+                });
+                Ok((c.sdk.clone(), c.object_store.clone()))
+            }
+            Err(e) => match cached.as_ref().filter(|c| c.valid(SystemTime::now())) {
+                Some(c) => Ok((c.sdk.clone(), c.object_store.clone())),
+                None => Err(e),
+            },
+        }
+    }
+
+    /// The current credentials, resolved again if they are near their expiry.
+    pub async fn credentials(&self) -> Result<Credentials, CredentialsError> {
+        Ok(self.cached().await?.0)
+    }
+}
+
+impl ProvideCredentials for RefreshingCredentials {
+    fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        future::ProvideCredentials::new(self.credentials())
+    }
+}
+
+#[async_trait]
+impl CredentialProvider for RefreshingCredentials {
+    type Credential = AwsCredential;
+
+    async fn get_credential(&self) -> object_store::Result<Arc<AwsCredential>> {
+        match self.cached().await {
+            Ok((_, c)) => Ok(c),
+            Err(e) => Err(object_store::Error::Generic {
+                store: "S3",
+                source: format!(
+                    "AWS credentials for s3://{} could not be resolved: {}",
+                    self.0.bucket,
+                    DisplayErrorContext(&e)
+                )
+                .into(),
+            }),
+        }
+    }
+}
+
 fn http_status<E>(e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Option<u16> {
     e.raw_response().map(|r| r.status().as_u16())
 }
@@ -539,18 +691,8 @@ impl Storage for S3Storage {
                 .with_endpoint(ep)
                 .with_allow_http(ep.starts_with("http://"));
         }
-        b = match &self.credentials {
-            Some(c) => {
-                let mut b = b
-                    .with_access_key_id(c.access_key_id())
-                    .with_secret_access_key(c.secret_access_key());
-                if let Some(t) = c.session_token() {
-                    b = b.with_token(t);
-                }
-                b
-            }
-            None => b.with_skip_signature(true),
-        };
+        // Always signed, with the SDK's credentials (never `with_skip_signature`).
+        b = b.with_credentials(Arc::new(self.credentials.clone()));
         let store = b.build()?;
         let url = if self.cfg.prefix.is_empty() {
             format!("s3://{}/", self.cfg.bucket)
@@ -562,5 +704,138 @@ impl Storage for S3Storage {
             reason: e.to_string(),
         })?;
         Ok((url, Arc::new(store)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use aws_credential_types::credential_fn::provide_credentials_fn;
+
+    use super::*;
+
+    /// A provider that counts its calls; the `n`th call (from 1) answers `answer(n)`.
+    fn counting(
+        answer: impl Fn(usize) -> Result<Credentials, CredentialsError> + Send + Sync + 'static,
+    ) -> (SharedCredentialsProvider, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let answer = Arc::new(answer);
+        let p = provide_credentials_fn(move || {
+            let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+            let answer = answer.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                answer(n)
+            }
+        });
+        (SharedCredentialsProvider::new(p), calls)
+    }
+
+    fn creds(n: usize, valid_for: Option<Duration>) -> Credentials {
+        Credentials::new(
+            format!("key-{n}"),
+            "secret",
+            Some(format!("token-{n}")),
+            valid_for.map(|d| SystemTime::now() + d),
+            "test",
+        )
+    }
+
+    #[test]
+    fn refresh_margin_is_five_minutes_or_half_a_short_lifetime() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let h = Duration::from_secs(3600);
+        assert_eq!(refresh_at(t0, t0 + h), t0 + h - REFRESH_MARGIN);
+        assert_eq!(
+            refresh_at(t0, t0 + Duration::from_secs(120)),
+            t0 + Duration::from_secs(60)
+        );
+        assert_eq!(
+            refresh_at(t0, t0 + Duration::from_secs(1)),
+            t0 + Duration::from_millis(500)
+        );
+        // Already expired when resolved: stale at once.
+        assert_eq!(refresh_at(t0, t0 - h), t0 - h);
+    }
+
+    #[tokio::test]
+    async fn credentials_without_expiry_are_resolved_once_by_concurrent_callers() {
+        let (p, calls) = counting(|n| Ok(creds(n, None)));
+        let rc = RefreshingCredentials::new("b", p);
+        let got = futures::future::join_all((0..16).map(|_| rc.get_credential())).await;
+        for c in got {
+            assert_eq!(c.unwrap().key_id, "key-1");
+        }
+        assert_eq!(rc.credentials().await.unwrap().access_key_id(), "key-1");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn expiring_credentials_are_resolved_again_within_the_margin() {
+        let (p, calls) = counting(|n| Ok(creds(n, Some(Duration::from_secs(2)))));
+        let rc = RefreshingCredentials::new("b", p);
+        let c = rc.get_credential().await.unwrap();
+        assert_eq!(
+            (c.key_id.as_str(), c.token.as_deref()),
+            ("key-1", Some("token-1"))
+        );
+        assert_eq!(rc.get_credential().await.unwrap().key_id, "key-1");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // Half the 2 s lifetime has passed: resolved again.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(rc.get_credential().await.unwrap().key_id, "key-2");
+        assert_eq!(rc.credentials().await.unwrap().access_key_id(), "key-2");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_failed_refresh_keeps_valid_credentials_and_then_fails_naming_the_bucket() {
+        let (p, calls) = counting(|n| match n {
+            1 => Ok(creds(n, Some(Duration::from_secs(2)))),
+            _ => Err(CredentialsError::provider_error("token service down")),
+        });
+        let rc = RefreshingCredentials::new("my-bucket", p);
+        assert_eq!(rc.get_credential().await.unwrap().key_id, "key-1");
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        // Within the margin, the refresh fails, the old credentials are still valid.
+        assert_eq!(rc.get_credential().await.unwrap().key_id, "key-1");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        match rc.get_credential().await {
+            Err(object_store::Error::Generic { store, source }) => {
+                assert_eq!(store, "S3");
+                let msg = source.to_string();
+                assert!(
+                    msg.contains("AWS credentials for s3://my-bucket could not be resolved")
+                        && msg.contains("token service down"),
+                    "{msg}"
+                );
+            }
+            other => panic!("expected a credentials error, got {other:?}"),
+        }
+        assert!(rc.credentials().await.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn connect_fails_without_credentials() {
+        let (p, _) = counting(|_| Err(CredentialsError::not_loaded("nothing configured")));
+        let err = S3Storage::connect(S3Config {
+            bucket: "nocreds".into(),
+            endpoint: Some("http://127.0.0.1:1".into()),
+            region: Some("us-east-1".into()),
+            credentials_provider: Some(p),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, CatalogError::S3Credentials { .. }), "{err:?}");
+        assert!(
+            msg.contains("s3://nocreds") && msg.contains("nothing configured"),
+            "{msg}"
+        );
     }
 }
