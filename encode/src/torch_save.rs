@@ -82,8 +82,6 @@ impl Pickle {
 
 /// Writes `entries` as the top-level dict of a `torch.save` checkpoint at `path`.
 pub fn save_torch(path: &Path, entries: &[(&str, TorchValue<'_>)]) -> Result<()> {
-    let io = |e: std::io::Error| EncodeError::io(path, e);
-    let zerr = |e: zip::result::ZipError| EncodeError::io(path, std::io::Error::other(e));
     let mut pk = Pickle(vec![0x80, 2]); // PROTO 2
     pk.0.push(b'}'); // EMPTY_DICT
     pk.0.push(b'('); // MARK
@@ -134,13 +132,26 @@ pub fn save_torch(path: &Path, entries: &[(&str, TorchValue<'_>)]) -> Result<()>
     pk.0.push(b'.'); // STOP
 
     let tmp = path.with_extension("pt.partial");
-    let file = std::fs::File::create(&tmp).map_err(io)?;
+    let written = write_zip(&tmp, &pk.0, &storages)
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| EncodeError::io(path, e)));
+    if written.is_err() {
+        // Nothing half-written is left behind.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// The zip layout of the module invariants at `tmp`.
+fn write_zip(tmp: &Path, pickle: &[u8], storages: &[&Tensor]) -> Result<()> {
+    let io = |e: std::io::Error| EncodeError::io(tmp, e);
+    let zerr = |e: zip::result::ZipError| EncodeError::io(tmp, std::io::Error::other(e));
+    let file = std::fs::File::create(tmp).map_err(io)?;
     let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(file));
     let stored = SimpleFileOptions::default()
         .compression_method(zip::CompressionMethod::Stored)
         .with_alignment(64);
     zip.start_file("archive/data.pkl", stored).map_err(zerr)?;
-    zip.write_all(&pk.0).map_err(io)?;
+    zip.write_all(pickle).map_err(io)?;
     zip.start_file("archive/byteorder", stored).map_err(zerr)?;
     zip.write_all(b"little").map_err(io)?;
     for (i, t) in storages.iter().enumerate() {
@@ -154,8 +165,6 @@ pub fn save_torch(path: &Path, entries: &[(&str, TorchValue<'_>)]) -> Result<()>
     zip.write_all(b"3\n").map_err(io)?;
     let mut w = zip.finish().map_err(zerr)?;
     w.flush().map_err(io)?;
-    drop(w);
-    std::fs::rename(&tmp, path).map_err(io)?;
     Ok(())
 }
 

@@ -6,7 +6,8 @@
 //!   checks the norms and refuses anything off by more than 1e-3).
 //! - `.pth` heads are read from the torch zip format (`*/data.pkl` + `*/data/<key>` storages,
 //!   float32 little-endian) with candle's pickle reader, which runs no code; only a plain state
-//!   dict of contiguous float32 tensors is accepted, anything else is an error naming the file.
+//!   dict of contiguous float32 tensors is accepted (entries that are not tensors, such as an
+//!   OrderedDict's `_metadata`, are skipped), anything else is an error naming the file.
 //! - Layouts recognised: V1 (`weight`, `bias`: one Linear), V2 linear
 //!   (`layers.{0,2,4,6,7}`: Linear, Dropout, Linear, Dropout, Linear, Dropout, Linear, Linear; no
 //!   activations) and V2 ReLU (`layers.{0,3,6,9,11}`: ReLU after every Linear but the last).
@@ -97,19 +98,30 @@ pub fn read_state_dict(path: &str, bytes: &[u8]) -> Result<Vec<(String, StateTen
         }
         let shape = layout.dims().to_vec();
         let n = layout.shape().elem_count();
-        let begin = layout.start_offset().saturating_mul(4);
+        // candle's layout counts the storage offset in bytes.
+        let begin = layout.start_offset();
         let end = n.saturating_mul(4).saturating_add(begin);
         let mut entry = zip
             .by_name(&info.path)
             .map_err(|e| ck(path, format!("storage of {shown}: {e}")))?;
-        // Declared sizes are checked against what the entry holds before anything is allocated.
-        if (entry.size() as usize) < end {
+        // The bytes a tensor needs must be in the file before anything is read: a stored entry
+        // holds its bytes as they are, a compressed one expands at most 1032:1 (deflate's
+        // limit); the sizes the zip declares are not trusted alone (as candle's reader does).
+        let on_disk = entry.compressed_size().min(bytes.len() as u64);
+        let available = match entry.compression() {
+            zip::CompressionMethod::Stored => entry.size().min(on_disk),
+            _ => entry.size().min(on_disk.saturating_mul(1032)),
+        };
+        if (available as usize) < end {
             return Err(ck(
                 path,
-                format!("storage {} too short for {shown}", info.path),
+                format!(
+                    "{shown} needs {end} bytes but its storage {} holds {available}",
+                    info.path
+                ),
             ));
         }
-        let mut raw = Vec::with_capacity(end);
+        let mut raw = Vec::new();
         entry
             .by_ref()
             .take(end as u64)

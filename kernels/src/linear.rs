@@ -123,21 +123,11 @@ impl CustomOp1 for AmxProduct {
                 l.dims()
             );
         }
-        let mut y: Vec<f32> = Vec::with_capacity(m * n);
-        // SAFETY: `amx::gemm` writes every element of the `m × n` result (row stride `n`)
-        // before anything reads it.
-        unsafe {
-            amx::gemm(
-                m,
-                x,
-                k,
-                &self.0,
-                std::slice::from_raw_parts_mut(y.as_mut_ptr(), m * n),
-                n,
-                rayon::current_num_threads(),
-            );
-            y.set_len(m * n);
-        }
+        // Zeroed rather than uninitialised: `amx::gemm` takes a slice, and a `&mut [f32]` over
+        // uninitialised memory is undefined behaviour. The fill costs m·n stores against the
+        // product's 2·m·n·k flops (k ≥ 512 here).
+        let mut y = vec![0f32; m * n];
+        amx::gemm(m, x, k, &self.0, &mut y, n, rayon::current_num_threads());
         let mut d = l.dims().to_vec();
         *d.last_mut().expect("rank >= 1") = n;
         Ok((CpuStorage::F32(y), Shape::from(d)))

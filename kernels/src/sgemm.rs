@@ -252,17 +252,15 @@ unsafe fn small_m(
         columns(&rows, (bu, b_cs), k, (j0, w), &mut out);
         for (i, o) in out[..m].iter().enumerate() {
             let o = &o[..w];
-            // SAFETY: row i of C, columns [j0, j0 + w): this block's alone.
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut(
-                    (cu as *mut f32).offset(i as isize * c_rs + j0 as isize),
-                    w,
-                )
-            };
+            // Row i of C, columns [j0, j0 + w): this block's alone.
+            let dst = unsafe { (cu as *mut f32).offset(i as isize * c_rs + j0 as isize) };
             if accumulate {
+                // SAFETY: as above; accumulating, C is initialised.
+                let dst = unsafe { std::slice::from_raw_parts_mut(dst, w) };
                 dst.iter_mut().zip(o).for_each(|(d, s)| *d += s);
             } else {
-                dst.copy_from_slice(o);
+                // SAFETY: as above. A raw copy: C may be uninitialised (`uninit_buffer`).
+                unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), dst, w) };
             }
         }
     };
@@ -801,13 +799,16 @@ mod avx512 {
                     } else {
                         kernel(kc, apanel, bpanel, tmp.as_mut_ptr(), NR as isize, false);
                         for i in 0..h {
-                            let row =
-                                std::slice::from_raw_parts_mut(ct.offset(i as isize * c_rs), w);
+                            let row = ct.offset(i as isize * c_rs);
                             let t = &tmp[i * NR..i * NR + w];
                             if acc {
-                                row.iter_mut().zip(t).for_each(|(d, s)| *d += s);
+                                std::slice::from_raw_parts_mut(row, w)
+                                    .iter_mut()
+                                    .zip(t)
+                                    .for_each(|(d, s)| *d += s);
                             } else {
-                                row.copy_from_slice(t);
+                                // A raw copy: C may be uninitialised (`uninit_buffer`).
+                                std::ptr::copy_nonoverlapping(t.as_ptr(), row, w);
                             }
                         }
                     }

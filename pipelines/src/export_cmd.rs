@@ -58,7 +58,8 @@ enum ExportCommand {
     Checkpoint {
         /// A GPT training checkpoint directory (`train_state.json`), a tokenizer training
         /// checkpoint directory (`state.json`), both checked against their model config; or a
-        /// weights file (safetensors or torch), converted as it is.
+        /// weights file (safetensors or torch), converted tensor for tensor (without the
+        /// `freqs_cis` and KV-cache buffers, which are not model state).
         #[arg(long)]
         input: PathBuf,
         /// Output file (`.pt`).

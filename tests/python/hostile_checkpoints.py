@@ -6,7 +6,9 @@ here. Usage: hostile_checkpoints.py OUT_DIR. Writes:
 - overflow_shape.pt: a tensor whose shape product overflows 64 bits;
 - short_storage.pt: a tensor larger than the storage it declares;
 - memo_bomb.pt: a 2 KB pickle that doubles a list through the memo 40 times;
-- bad_tuple.pt: _rebuild_tensor_v2 called with one argument.
+- bad_tuple.pt: _rebuild_tensor_v2 called with one argument;
+- offset_head.pt (not hostile): a LAION V1 aesthetic head (`weight` 1x4, `bias` 1) whose two
+  tensors are views at offsets 2 and 6 of one 7-float storage holding 0, 1.5, 3, ..., 9.
 """
 
 import struct
@@ -74,6 +76,11 @@ def main() -> None:
     write(out / "memo_bomb.pt", memo_bomb())
     bad = b"\x80\x02}(" + uni(name) + b"ctorch._utils\n_rebuild_tensor_v2\n(J\x00\x00\x00\x00tRu."
     write(out / "bad_tuple.pt", bad)
+    head = (
+        b"\x80\x02}(" + uni("weight") + tensor([1, 4], [4, 1], 7, offset=2)
+        + uni("bias") + tensor([1], [1], 7, offset=6) + b"u."
+    )
+    write(out / "offset_head.pt", head, struct.pack("<7f", *[1.5 * i for i in range(7)]))
 
 
 if __name__ == "__main__":

@@ -78,6 +78,37 @@ fn official_weights_files_round_trip_through_torch() {
     }
 }
 
+/// Every dtype the writer maps, a 0-dim tensor and a 1-element one keep their values bit for
+/// bit.
+#[test]
+fn every_dtype_and_rank_round_trips_through_torch() {
+    use candle_core::{DType, Device, Tensor};
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = Device::Cpu;
+    let base = Tensor::new(&[[0.1f32, -2.5, 3.25], [1e-3, 7.0, -0.0]], &dev).unwrap();
+    let tensors: Vec<(String, Tensor)> = vec![
+        ("f32".into(), base.clone()),
+        ("f64".into(), base.to_dtype(DType::F64).unwrap()),
+        ("f16".into(), base.to_dtype(DType::F16).unwrap()),
+        ("bf16".into(), base.to_dtype(DType::BF16).unwrap()),
+        ("u8".into(), Tensor::new(&[0u8, 7, 255], &dev).unwrap()),
+        ("i64".into(), Tensor::new(&[-5i64, 1 << 40], &dev).unwrap()),
+        ("scalar".into(), Tensor::new(2.5f32, &dev).unwrap()),
+        ("one".into(), Tensor::new(&[4.0f32], &dev).unwrap()),
+    ];
+    let src = tmp.path().join("mixed.safetensors");
+    candle_core::safetensors::save(
+        &tensors
+            .iter()
+            .cloned()
+            .collect::<std::collections::HashMap<_, _>>(),
+        &src,
+    )
+    .unwrap();
+    let v = export_and_read_back(&src, &tmp.path().join("mixed.pt"), &src, None);
+    assert_eq!(v["tensors"], tensors.len(), "{v}");
+}
+
 #[test]
 fn a_training_checkpoint_exports_with_its_step() {
     let tmp = tempfile::tempdir().unwrap();
@@ -143,4 +174,56 @@ progress = false
     ]);
     assert!(!ok);
     assert!(text.contains("neither a GPT training checkpoint"), "{text}");
+}
+
+/// A tokenizer training checkpoint (`state.json`): checked against its model config, exported
+/// in state-dict order with its step.
+#[test]
+fn a_tokenizer_checkpoint_exports_with_its_step() {
+    use llamagen_train::vq_train::{CheckpointState, VqStepConfig};
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("0000007");
+    std::fs::create_dir_all(&ck).unwrap();
+    let weights = llamagen_tests::workspace().join("data/parity/vq_weights.safetensors");
+    std::fs::copy(&weights, ck.join("model.safetensors")).unwrap();
+    let state = CheckpointState {
+        steps: 7,
+        config: VqStepConfig {
+            model: llamagen_encode::ModelArgs::reduced(),
+            ..VqStepConfig::default()
+        },
+    };
+    std::fs::write(
+        ck.join("state.json"),
+        serde_json::to_string(&state).unwrap(),
+    )
+    .unwrap();
+    let out = tmp.path().join("vq.pt");
+    let v = export_and_read_back(&ck, &out, &weights, Some(7));
+    assert_eq!(v["steps"], 7);
+    assert_eq!(v["keys"][0], "encoder.conv_in.weight", "{v}");
+
+    // The same checkpoint against another model config is refused, naming the tensor.
+    let wrong = CheckpointState {
+        steps: 7,
+        config: VqStepConfig::default(),
+    };
+    std::fs::write(
+        ck.join("state.json"),
+        serde_json::to_string(&wrong).unwrap(),
+    )
+    .unwrap();
+    let (ok, text) = llamagen(&[
+        "export",
+        "checkpoint",
+        "--input",
+        ck.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(
+        text.contains("has shape") || text.contains("missing"),
+        "{text}"
+    );
 }

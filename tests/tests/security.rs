@@ -426,7 +426,13 @@ fn hostile_checkpoints_give_errors_not_aborts() {
             Ok(_) => "loaded".to_string(),
             Err(e) => e.to_string(),
         };
-        for (loader, msg) in [("GPT", &gpt), ("VQ", &vq)] {
+        // The aesthetic-head loader (`filter score --aesthetic-head`).
+        let head =
+            llamagen_filters::heads::TorchHead::from_pth(file, &std::fs::read(&path).unwrap())
+                .map(|_| "loaded".to_string())
+                .unwrap_or_else(|e| e.to_string());
+        assert!(head.contains(expect), "head loader on {file}: {head}");
+        for (loader, msg) in [("GPT", &gpt), ("VQ", &vq), ("head", &head)] {
             assert!(msg.contains(file), "{loader} loader on {file}: {msg}");
         }
         // The GPT loader reads every tensor and says why it cannot; the VQ loader compares names
@@ -435,6 +441,22 @@ fn hostile_checkpoints_give_errors_not_aborts() {
         assert!(
             vq.contains(expect) || vq.contains("missing") || vq.contains("not found"),
             "VQ loader on {file}: {vq}"
+        );
+    }
+    // Views at an offset into a shared storage are read from the right bytes.
+    let head = llamagen_filters::heads::TorchHead::from_pth(
+        "offset_head.pt",
+        &std::fs::read(dir.path().join("offset_head.pt")).unwrap(),
+    )
+    .unwrap();
+    for j in 0..4 {
+        let mut x = [0f32; 4];
+        x[j] = 1.0;
+        // weight = storage[2..6] = 3, 4.5, 6, 7.5; bias = storage[6] = 9.
+        assert_eq!(
+            head.forward(&x, 1),
+            vec![1.5 * (2 + j) as f32 + 9.0],
+            "input {j}"
         );
     }
     // Peak memory stayed small (the 64 GiB tensor and the memo bomb were never expanded).

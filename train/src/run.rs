@@ -481,7 +481,20 @@ fn init_from_state(cfg: &RunConfig) -> Result<Option<TrainState>> {
     let Some(init) = &cfg.output.init_from else {
         return Ok(None);
     };
-    if !cfg.output.init_optimizer || !is_training_checkpoint(init) {
+    if !cfg.output.init_optimizer {
+        return Ok(None);
+    }
+    // A training checkpoint missing its optimiser state is an error, not a silent fallback to
+    // weights only (set init_optimizer = false for that).
+    if init.join(STATE_FILE).is_file() && !init.join(OPTIMIZER_FILE).is_file() {
+        return Err(TrainError::InvalidConfig(format!(
+            "output.init_from checkpoint {} has {STATE_FILE} but no {OPTIMIZER_FILE}: with \
+             output.init_optimizer = true its AdamW state is restored; set init_optimizer = \
+             false to load only its weights",
+            init.display()
+        )));
+    }
+    if !is_training_checkpoint(init) {
         return Ok(None);
     }
     let state = read_train_state(init)?;
@@ -573,10 +586,15 @@ pub fn run(cfg: &RunConfig) -> Result<RunSummary> {
     };
 
     let metrics_path = out.join("metrics.jsonl");
-    let mut history: Vec<MetricsLine> = read_metrics(&metrics_path)
-        .into_iter()
-        .filter(|l| l.step <= start_step)
-        .collect();
+    // A resumed run keeps its own lines up to the checkpoint; a fresh run (even one continuing
+    // a stage I step count) starts an empty history.
+    let mut history: Vec<MetricsLine> = match resume {
+        Some(_) => read_metrics(&metrics_path)
+            .into_iter()
+            .filter(|l| l.step <= start_step)
+            .collect(),
+        None => Vec::new(),
+    };
     write_metrics(&metrics_path, &history)?;
 
     let spec = cfg.sample_spec()?;

@@ -392,11 +392,21 @@ struct Cached {
     object_store: Arc<AwsCredential>,
     /// None: the credentials do not expire.
     refresh_at: Option<SystemTime>,
+    /// When resolving again last failed (the cached credentials still being valid): no new
+    /// attempt before [`RETRY_AFTER`], so an outage of the provider does not serialise every
+    /// request behind its timeouts.
+    failed_at: Option<SystemTime>,
 }
+
+/// Wait between attempts to resolve again after a failure, while cached credentials are valid.
+const RETRY_AFTER: Duration = Duration::from_secs(15);
 
 impl Cached {
     fn fresh(&self, now: SystemTime) -> bool {
-        self.refresh_at.is_none_or(|t| now < t)
+        let backing_off = self.failed_at.is_some_and(|f| {
+            now.duration_since(f).unwrap_or_default() < RETRY_AFTER && self.valid(now)
+        });
+        backing_off || self.refresh_at.is_none_or(|t| now < t)
     }
 
     fn valid(&self, now: SystemTime) -> bool {
@@ -407,7 +417,7 @@ impl Cached {
 /// A bucket's credentials: a provider chain's, cached, and resolved again before they expire
 /// (credentials without an expiry are kept). One resolution runs at a time; concurrent callers
 /// wait for it. If resolving fails while the cached credentials are still valid, those are used
-/// (and resolving is tried again on the next call). Serves both the SDK client
+/// (and resolving is tried again after [`RETRY_AFTER`]). Serves both the SDK client
 /// ([`ProvideCredentials`]) and DataFusion's object store ([`CredentialProvider`]).
 #[derive(Clone)]
 pub struct RefreshingCredentials(Arc<RefreshingInner>);
@@ -453,11 +463,15 @@ impl RefreshingCredentials {
                     sdk,
                     object_store,
                     refresh_at,
+                    failed_at: None,
                 });
                 Ok((c.sdk.clone(), c.object_store.clone()))
             }
-            Err(e) => match cached.as_ref().filter(|c| c.valid(SystemTime::now())) {
-                Some(c) => Ok((c.sdk.clone(), c.object_store.clone())),
+            Err(e) => match cached.as_mut().filter(|c| c.valid(SystemTime::now())) {
+                Some(c) => {
+                    c.failed_at = Some(SystemTime::now());
+                    Ok((c.sdk.clone(), c.object_store.clone()))
+                }
                 None => Err(e),
             },
         }
@@ -801,6 +815,10 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(1200)).await;
         // Within the margin, the refresh fails, the old credentials are still valid.
         assert_eq!(rc.get_credential().await.unwrap().key_id, "key-1");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        // Within RETRY_AFTER of that failure, no new attempt while the credentials are valid.
+        assert_eq!(rc.get_credential().await.unwrap().key_id, "key-1");
+        assert_eq!(rc.credentials().await.unwrap().access_key_id(), "key-1");
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         tokio::time::sleep(Duration::from_millis(1000)).await;
         match rc.get_credential().await {

@@ -224,7 +224,7 @@ impl Object {
                 class_name,
             } if module_name == "torch._tensor" && class_name == "_rebuild_from_type_v2" => {
                 let mut args = args.tuple()?;
-                if args.len() < 2 {
+                if args.len() < 3 {
                     crate::bail!("_rebuild_from_type_v2 of {name:?} has {} arguments", args.len())
                 }
                 let callable = args.remove(0);
