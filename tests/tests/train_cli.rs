@@ -24,6 +24,9 @@ fn llamagen(args: &[&str], env: &[(&str, String)]) -> (bool, String, String) {
     (out.status.success(), o, e)
 }
 
+/// `[optim]` lines of an EMA of the weights with decay 0.5.
+const EMA: &str = "ema = true\nema_decay = 0.5";
+
 fn c2i_catalog(root: &Path) {
     write_synthetic_catalog(
         &root.display().to_string(),
@@ -117,7 +120,7 @@ fn c2i_training_resumes_exactly_and_samples_a_png_grid() {
     let full = tmp.path().join("full");
     let cfg = write(
         &tmp.path().join("full.toml"),
-        &c2i_config(&root, &full, 6, ""),
+        &c2i_config(&root, &full, 6, EMA),
     );
     let (ok, out, _) = llamagen(&["train", "--config", cfg.to_str().unwrap()], &[]);
     assert!(ok);
@@ -140,12 +143,12 @@ fn c2i_training_resumes_exactly_and_samples_a_png_grid() {
     let part = tmp.path().join("part");
     let cfg3 = write(
         &tmp.path().join("p3.toml"),
-        &c2i_config(&root, &part, 3, ""),
+        &c2i_config(&root, &part, 3, EMA),
     );
     assert!(llamagen(&["train", "--config", cfg3.to_str().unwrap()], &[]).0);
     let cfg6 = write(
         &tmp.path().join("p6.toml"),
-        &c2i_config(&root, &part, 6, ""),
+        &c2i_config(&root, &part, 6, EMA),
     );
     let (ok, out, _) = llamagen(
         &["train", "--config", cfg6.to_str().unwrap(), "--resume"],
@@ -157,6 +160,34 @@ fn c2i_training_resumes_exactly_and_samples_a_png_grid() {
         losses(&part),
         l_full,
         "losses after resume equal the uninterrupted run"
+    );
+    // The EMA of the weights (decay 0.5) is restored on resume: equal bit for bit, and not
+    // the weights themselves.
+    let load = |p: PathBuf| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
+    let (ea, eb, w) = (
+        load(full.join("checkpoints/0000006/ema.safetensors")),
+        load(part.join("checkpoints/0000006/ema.safetensors")),
+        load(full.join("checkpoints/0000006/model.safetensors")),
+    );
+    assert_eq!(ea.len(), w.len());
+    let max_diff = |x: &candle_core::Tensor, y: &candle_core::Tensor| {
+        (x - y)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    for (k, t) in &ea {
+        assert_eq!(max_diff(t, &eb[k]), 0.0, "EMA {k} differs after resume");
+    }
+    assert!(
+        ea.iter().any(|(k, t)| max_diff(t, &w[k]) > 0.0),
+        "the EMA equals the weights"
     );
     let a = candle_core::safetensors::load(
         full.join("checkpoints/0000006/model.safetensors"),

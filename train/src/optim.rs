@@ -568,3 +568,119 @@ mod tests {
         Ok(())
     }
 }
+
+/// An exponential moving average of the trainable parameters, as the official `--ema`:
+/// initialised as a copy of the weights, then after every optimiser step
+/// `e ← decay·e + (1 − decay)·w` (`update_ema`: parameters only, in float32).
+pub struct Ema {
+    decay: f64,
+    /// (name, parameter, average) in the optimiser's parameter order.
+    params: Vec<(String, Var, Tensor)>,
+}
+
+impl Ema {
+    /// An average over the parameters `opt` updates, starting at their current values.
+    pub fn new(opt: &AdamW, decay: f64) -> Result<Ema> {
+        if !(0.0..=1.0).contains(&decay) {
+            return Err(TrainError::InvalidConfig(format!(
+                "optim.ema_decay = {decay}: must be in [0, 1]"
+            )));
+        }
+        let params = opt
+            .params
+            .iter()
+            .map(|p| {
+                let e = p.var.as_tensor().detach().to_dtype(DType::F32)?.copy()?;
+                Ok((p.name.clone(), p.var.clone(), e))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Ema { decay, params })
+    }
+
+    /// One update after an optimiser step.
+    pub fn update(&mut self) -> Result<()> {
+        let d = self.decay;
+        for (_, var, e) in &mut self.params {
+            let w = var.as_tensor().detach().to_dtype(DType::F32)?;
+            *e = ((&*e * d)? + (w * (1.0 - d))?)?;
+        }
+        Ok(())
+    }
+
+    /// The averages under the parameters' names.
+    pub fn tensors(&self) -> Vec<(String, Tensor)> {
+        self.params
+            .iter()
+            .map(|(n, _, e)| (n.clone(), e.clone()))
+            .collect()
+    }
+
+    /// Replaces the averages with those of a checkpoint (every parameter, same shapes).
+    pub fn load(
+        &mut self,
+        state: &std::collections::HashMap<String, Tensor>,
+        source: &std::path::Path,
+    ) -> Result<()> {
+        for (name, var, e) in &mut self.params {
+            let t = state
+                .get(name.as_str())
+                .ok_or_else(|| TrainError::MissingReference {
+                    path: source.to_path_buf(),
+                    name: name.clone(),
+                })?;
+            if t.dims() != var.dims() {
+                return Err(TrainError::ShapeMismatch {
+                    path: source.to_path_buf(),
+                    name: name.clone(),
+                    expected: var.dims().to_vec(),
+                    found: t.dims().to_vec(),
+                });
+            }
+            *e = t.to_dtype(DType::F32)?.to_device(var.device())?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod ema_tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// e0 = w0; after each step e ← d·e + (1 − d)·w, over the parameters only.
+    #[test]
+    fn ema_follows_the_official_update() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Var::from_tensor(&Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &dev)?)?;
+        let b = Var::from_tensor(&Tensor::new(&[10f32, -10.0], &dev)?)?;
+        let opt = AdamW::new(
+            vec![("w".into(), w.clone()), ("b".into(), b.clone())],
+            AdamWConfig::default(),
+        )?;
+        let mut ema = Ema::new(&opt, 0.75)?;
+        w.set(&Tensor::new(&[[5f32, 6.0], [7.0, 8.0]], &dev)?)?;
+        b.set(&Tensor::new(&[2f32, 2.0], &dev)?)?;
+        ema.update()?;
+        w.set(&Tensor::new(&[[1f32, 1.0], [1.0, 1.0]], &dev)?)?;
+        ema.update()?;
+        let t: std::collections::HashMap<_, _> = ema.tensors().into_iter().collect();
+        // w: 0.75·(0.75·w0 + 0.25·w1) + 0.25·w2; b: 0.75·(0.75·b0 + 0.25·b1) + 0.25·b1.
+        let want_w = [[1.75f32, 2.5], [3.25, 4.0]];
+        let want_b = [6.5f32, -4.75];
+        assert_eq!(t["w"].to_vec2::<f32>()?, want_w);
+        assert_eq!(t["b"].to_vec1::<f32>()?, want_b);
+        assert!(Ema::new(&opt, 1.5).is_err());
+        // Restoring replaces the averages; a missing parameter is an error naming it.
+        let mut back = Ema::new(&opt, 0.75)?;
+        back.load(&t, std::path::Path::new("ema.safetensors"))?;
+        assert_eq!(back.tensors()[0].1.to_vec2::<f32>()?, want_w);
+        let mut partial = t.clone();
+        partial.remove("b");
+        let e = back
+            .load(&partial, std::path::Path::new("ema.safetensors"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains('b') && e.contains("ema.safetensors"), "{e}");
+        Ok(())
+    }
+}

@@ -24,6 +24,10 @@
 //!   AdamW moments and step count and the run continues from that step, as the official
 //!   `--gpt-ckpt` does, but without rounding the step down to an epoch of the new data. A
 //!   checkpoint step >= `train.steps` is a config error (nothing would be trained).
+//! - With `optim.ema`, an EMA of the parameters (the official `update_ema`) starts as a copy of
+//!   the starting weights, is updated after every optimiser step, is saved in every checkpoint
+//!   and restored on resume (the official script instead resets it to the model's weights at
+//!   every resume), so a resumed run's EMA equals an uninterrupted run's.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -39,10 +43,11 @@ use crate::config::{GptConfig, GptSize, ModelType};
 use crate::data::{CatalogLoader, DataConfig, SampleSpec};
 use crate::error::{Result, TrainError};
 use crate::gpt::Gpt;
-use crate::optim::{AdamW, AdamWConfig, LrSchedule};
+use crate::optim::{AdamW, AdamWConfig, Ema, LrSchedule};
 use crate::train::{
-    MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, TrainState, load_optimizer_state,
-    load_training_checkpoint, read_train_state, save_training_checkpoint, step_rng, train_step,
+    EMA_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, TrainState, load_optimizer_state,
+    load_training_checkpoint, read_train_state, save_training_checkpoint_with, step_rng,
+    train_step,
 };
 
 /// The `[model]` table.
@@ -219,6 +224,11 @@ pub struct OptimSection {
     pub eps: f64,
     /// Weight decay of every rank >= 2 parameter. Default 0.05.
     pub weight_decay: f64,
+    /// Keep an EMA of the weights (the official `--ema`), saved as `ema.safetensors` in each
+    /// checkpoint. Default false.
+    pub ema: bool,
+    /// EMA decay (the official 0.9999). Default 0.9999.
+    pub ema_decay: f64,
 }
 
 impl Default for OptimSection {
@@ -233,6 +243,8 @@ impl Default for OptimSection {
             beta2: a.beta2,
             eps: a.eps,
             weight_decay: a.weight_decay,
+            ema: false,
+            ema_decay: 0.9999,
         }
     }
 }
@@ -585,6 +597,33 @@ pub fn run(cfg: &RunConfig) -> Result<RunSummary> {
         init_state.as_ref().map_or(0, |s| s.step)
     };
 
+    // The EMA starts as a copy of the starting weights (fresh, stage II), or is restored from
+    // the resumed checkpoint, so a resumed run's EMA equals an uninterrupted run's.
+    let mut ema = match cfg.optim.ema {
+        false => None,
+        true => {
+            let mut e = Ema::new(&opt, cfg.optim.ema_decay)?;
+            if let Some(ckpt) = &resume {
+                let file = ckpt.join(EMA_FILE);
+                if !file.is_file() {
+                    return Err(TrainError::InvalidConfig(format!(
+                        "optim.ema is on but checkpoint {} has no {EMA_FILE} (it was trained \
+                         without an EMA)",
+                        ckpt.display()
+                    )));
+                }
+                let state = candle_core::safetensors::load(&file, &device).map_err(|e| {
+                    TrainError::UnreadableCheckpoint {
+                        path: file.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                e.load(&state, &file)?;
+            }
+            Some(e)
+        }
+    };
+
     let metrics_path = out.join("metrics.jsonl");
     // A resumed run keeps its own lines up to the checkpoint; a fresh run (even one continuing
     // a stage I step count) starts an empty history.
@@ -677,6 +716,9 @@ pub fn run(cfg: &RunConfig) -> Result<RunSummary> {
             }
             Err(e) => return Err(e),
         };
+        if let Some(e) = &mut ema {
+            e.update()?;
+        }
         let done = step + 1;
         losses.push((done, stats.loss));
         interval_loss += stats.loss as f64;
@@ -725,11 +767,12 @@ pub fn run(cfg: &RunConfig) -> Result<RunSummary> {
             interval_start = Instant::now();
         }
         if done.is_multiple_of(cfg.output.checkpoint_every) || done == cfg.train.steps {
-            last_checkpoint = Some(save_training_checkpoint(
+            last_checkpoint = Some(save_training_checkpoint_with(
                 &out.join("checkpoints"),
                 &model,
                 &opt,
                 seed,
+                ema.as_ref(),
             )?);
             crate::plot::loss_curve(&history, &out.join("loss.png"))?;
         }

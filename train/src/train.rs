@@ -147,6 +147,8 @@ pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// [`TrainState`] as JSON.
 pub const STATE_FILE: &str = "train_state.json";
+/// The EMA of the weights (official key names), when the run keeps one.
+pub const EMA_FILE: &str = "ema.safetensors";
 
 /// Writes a training checkpoint to `dir/{step:07}/` (model weights with official key names,
 /// optimiser state, [`TrainState`]). The directory appears atomically: it is written under a
@@ -157,6 +159,17 @@ pub fn save_training_checkpoint(
     opt: &AdamW,
     seed: u64,
 ) -> Result<std::path::PathBuf> {
+    save_training_checkpoint_with(dir, model, opt, seed, None)
+}
+
+/// [`save_training_checkpoint`], with the EMA of the weights as [`EMA_FILE`] when given.
+pub fn save_training_checkpoint_with(
+    dir: &std::path::Path,
+    model: &Gpt,
+    opt: &AdamW,
+    seed: u64,
+    ema: Option<&crate::optim::Ema>,
+) -> Result<std::path::PathBuf> {
     let step = opt.step_count();
     let fin = dir.join(format!("{step:07}"));
     let tmp = dir.join(format!(".{step:07}.partial"));
@@ -166,6 +179,9 @@ pub fn save_training_checkpoint(
     std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
     crate::checkpoint::save_gpt(&tmp.join(MODEL_FILE), model)?;
     crate::checkpoint::save_safetensors(&tmp.join(OPTIMIZER_FILE), &opt.state_tensors()?)?;
+    if let Some(ema) = ema {
+        crate::checkpoint::save_safetensors(&tmp.join(EMA_FILE), &ema.tensors())?;
+    }
     let state = TrainState {
         step,
         seed,
