@@ -75,6 +75,12 @@ KEYS=$("$BIN" catalog sql --root "$OUT/pipeline" --format csv \
   --vq-args configs/pipeline/vq_standin.json --catalog "$OUT/pipeline" --keys "$KEYS" \
   --cfg-scale 4 --top-k 100 --seed 0 --out "$OUT/samples.png"
 echo "sample grid: $OUT/samples.png (stand-in models: noise, not pictures)"
+"$BIN" sample --checkpoint "$OUT/train_t2i_sample/checkpoints/0000012" --vq "$OUT/models/vq_standin.safetensors" \
+  --vq-args configs/pipeline/vq_standin.json --t5 encode/tests/fixtures/t5/gated \
+  --t5-tokenizer encode/tests/fixtures/t5/tokenizer.json \
+  --prompt "a red bicycle leaning against a brick wall" --prompt "two dogs playing in the snow" \
+  --seed 0 --out "$OUT/prompt_samples.png" --npz "$OUT/prompt_samples.npz"
+echo "typed prompts: $OUT/prompt_samples.png and the ADM sample batch $OUT/prompt_samples.npz"
 
 echo "== 5. model conformance against the bundled reference tensors"
 "$BIN" conformance data/parity | tail -n 3

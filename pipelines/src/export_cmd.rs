@@ -173,10 +173,8 @@ fn safe_file_stem(key: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
-/// Writes a little-endian `.npy` (format 1.0) of `shape`, buffered. Written here rather than with
-/// candle's `Tensor::write_npy`, which writes to an unbuffered file one element per `write` call
-/// (about 245,000 system calls for one (1, 120, 2048) T5 feature file).
-pub fn write_npy(path: &Path, descr: &str, shape: &[usize], data: &[u8]) -> Result<()> {
+/// A little-endian `.npy` (format 1.0) of `shape` holding `data`.
+pub fn npy_bytes(descr: &str, shape: &[usize], data: &[u8]) -> Vec<u8> {
     let shape_s = match shape.len() {
         1 => format!("({},)", shape[0]),
         _ => format!(
@@ -193,15 +191,20 @@ pub fn write_npy(path: &Path, descr: &str, shape: &[usize], data: &[u8]) -> Resu
     let total = 10 + header.len() + 1;
     header.push_str(&" ".repeat((64 - total % 64) % 64));
     header.push('\n');
-    let mut f = std::io::BufWriter::new(
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
-    );
-    f.write_all(b"\x93NUMPY\x01\x00")?;
-    f.write_all(&(header.len() as u16).to_le_bytes())?;
-    f.write_all(header.as_bytes())?;
-    f.write_all(data)?;
-    f.flush()?;
-    Ok(())
+    let mut out = Vec::with_capacity(10 + header.len() + data.len());
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+/// Writes a little-endian `.npy` (format 1.0) of `shape` in one write. Written here rather than
+/// with candle's `Tensor::write_npy`, which writes to an unbuffered file one element per `write`
+/// call (about 245,000 system calls for one (1, 120, 2048) T5 feature file).
+pub fn write_npy(path: &Path, descr: &str, shape: &[usize], data: &[u8]) -> Result<()> {
+    std::fs::write(path, npy_bytes(descr, shape, data))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn i64_bytes(codes: &[u16]) -> Vec<u8> {

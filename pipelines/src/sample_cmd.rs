@@ -47,17 +47,33 @@ pub struct SampleArgs {
     /// t2i: read t5_short instead of t5_long.
     #[arg(long)]
     pub short: bool,
-    /// Classifier-free guidance scale (on when > 1).
-    #[arg(long, default_value_t = 4.0)]
-    pub cfg_scale: f32,
+    /// t2i: a prompt, encoded with the T5 encoder of --t5 (repeat for several images).
+    #[arg(long)]
+    pub prompt: Vec<String>,
+    /// t2i: a CSV or TSV file of prompts with a header row (`coco_captions.csv`,
+    /// `PartiPrompts.tsv`): the column named Prompt, prompt, caption or text, else the first.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// t2i: T5 encoder directory for --prompt/--prompts (config.json, weights, tokenizer.json),
+    /// the one the training features were made with (flan-t5-xl for the official models).
+    #[arg(long)]
+    pub t5: Option<PathBuf>,
+    /// tokenizer.json of the T5 encoder (default: T5/tokenizer.json).
+    #[arg(long)]
+    pub t5_tokenizer: Option<PathBuf>,
+    /// Classifier-free guidance scale (on when > 1). Default as the official scripts: 4.0 for
+    /// c2i, 7.5 for t2i.
+    #[arg(long)]
+    pub cfg_scale: Option<f32>,
     /// Last decode step that uses CFG (-1: all).
     #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
     pub cfg_interval: i64,
     #[arg(long, default_value_t = 1.0)]
     pub temperature: f32,
-    /// Keep the k most likely tokens (0: all).
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
+    /// Keep the k most likely tokens (0: all). Default as the official scripts: 2000 for c2i,
+    /// 1000 for t2i.
+    #[arg(long)]
+    pub top_k: Option<usize>,
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
     #[arg(long, default_value_t = 0)]
@@ -74,6 +90,129 @@ pub struct SampleArgs {
     /// Also write the generated tokens as JSON (one array per image).
     #[arg(long)]
     pub tokens_out: Option<PathBuf>,
+    /// Also write the images as an ADM sample batch (`.npz` with `arr_0`: uint8 N×H×W×3), the
+    /// input of the official evaluator.
+    #[arg(long)]
+    pub npz: Option<PathBuf>,
+}
+
+/// Sampling defaults of the official scripts (`sample_c2i.py`, `sample_t2i.py`): CFG scale and
+/// top-k.
+fn official_defaults(t: ModelType) -> (f32, usize) {
+    match t {
+        ModelType::C2i => (4.0, 2000),
+        ModelType::T2i => (7.5, 1000),
+    }
+}
+
+/// The prompts of a CSV/TSV file with a header row (see `--prompts`).
+fn read_prompts(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    let delimiter = if path.extension().is_some_and(|e| e == "tsv") {
+        b'\t'
+    } else {
+        b','
+    };
+    let mut r = csv::ReaderBuilder::new()
+        .delimiter(delimiter)
+        .flexible(true)
+        .from_reader(text.as_bytes());
+    let header = r
+        .headers()
+        .with_context(|| format!("{}: header row", path.display()))?
+        .clone();
+    let col = header
+        .iter()
+        .position(|h| {
+            matches!(
+                h.trim().to_lowercase().as_str(),
+                "prompt" | "caption" | "text"
+            )
+        })
+        .unwrap_or(0);
+    let mut out = Vec::new();
+    for (i, rec) in r.records().enumerate() {
+        let rec = rec.with_context(|| format!("{}: row {}", path.display(), i + 2))?;
+        let p = rec.get(col).unwrap_or("").to_string();
+        out.push(p);
+    }
+    if out.is_empty() {
+        bail!("{}: no prompts", path.display());
+    }
+    Ok(out)
+}
+
+/// Caption features of `prompts` from the T5 encoder at `dir`, rounded to bfloat16 as the
+/// pipeline stores training features (and as the official scripts run T5), `(tokens, dim,
+/// values)` each.
+fn prompt_features(
+    dir: &Path,
+    tokenizer: Option<&Path>,
+    prompts: &[String],
+    max_tokens: usize,
+) -> Result<Vec<(usize, usize, Vec<f32>)>> {
+    use llamagen_encode::text_encoder::{ModelPaths, StoreDtype, TextEncoder, TextEncoderConfig};
+    let mut paths = ModelPaths::in_dir(dir);
+    if let Some(t) = tokenizer {
+        paths.tokenizer = t.to_path_buf();
+    }
+    let enc = TextEncoder::load(
+        &paths,
+        &Device::Cpu,
+        DType::F32,
+        TextEncoderConfig {
+            max_tokens,
+            ..Default::default()
+        },
+    )
+    .with_context(|| format!("loading the T5 encoder {}", dir.display()))?;
+    let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    enc.encode(&refs)?
+        .into_iter()
+        .zip(prompts)
+        .enumerate()
+        .map(|(i, (f, p))| match f {
+            Ok(f) => {
+                let v = StoreDtype::Bf16.decode(&StoreDtype::Bf16.encode(&f.data));
+                Ok((f.tokens, f.dim, v))
+            }
+            Err(issue) => bail!("prompt {} ({p:?}): {issue}", i + 1),
+        })
+        .collect()
+}
+
+/// Images `(B, 3, H, W)` in about [-1, 1] as uint8 `B×H×W×3`, as the official sampling scripts
+/// convert them for the evaluator: `clamp(127.5·x + 128, 0, 255)`, truncated to uint8.
+fn images_u8(images: &Tensor) -> Result<(Vec<usize>, Vec<u8>)> {
+    let images = images.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let (b, c, h, w) = images.dims4()?;
+    let x = images
+        .permute((0, 2, 3, 1))?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let bytes = x
+        .iter()
+        .map(|&v| (127.5 * v + 128.0).clamp(0.0, 255.0) as u8)
+        .collect();
+    Ok((vec![b, h, w, c], bytes))
+}
+
+/// Writes `arr_0` as an `.npz` (a zip of `arr_0.npy`), as `np.savez` does.
+fn write_npz(path: &Path, shape: &[usize], data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("npz.partial");
+    let file = std::fs::File::create(&tmp).with_context(|| tmp.display().to_string())?;
+    let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(file));
+    zip.start_file(
+        "arr_0.npy",
+        zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored)
+            .large_file(data.len() as u64 >= u32::MAX as u64),
+    )?;
+    zip.write_all(&crate::export_cmd::npy_bytes("|u1", shape, data))?;
+    zip.finish()?.flush()?;
+    std::fs::rename(&tmp, path).with_context(|| path.display().to_string())?;
+    Ok(())
 }
 
 fn model_config(args: &SampleArgs) -> Result<(GptConfig, PathBuf)> {
@@ -168,6 +307,22 @@ pub fn run(args: SampleArgs) -> Result<ExitCode> {
             for p in &args.caption_npy {
                 feats.push(read_npy(p)?);
             }
+            let mut prompts = args.prompt.clone();
+            if let Some(f) = &args.prompts {
+                prompts.extend(read_prompts(f)?);
+            }
+            if !prompts.is_empty() {
+                let dir = args
+                    .t5
+                    .as_deref()
+                    .context("--prompt/--prompts need --t5 (the T5 encoder directory)")?;
+                feats.extend(prompt_features(
+                    dir,
+                    args.t5_tokenizer.as_deref(),
+                    &prompts,
+                    cfg.cls_token_num,
+                )?);
+            }
             if !args.keys.is_empty() {
                 let root = args.catalog.clone().context("--keys needs --catalog")?;
                 let dc = DataConfig {
@@ -177,7 +332,9 @@ pub fn run(args: SampleArgs) -> Result<ExitCode> {
                 feats.extend(caption_features(&dc, &args.keys, args.short)?);
             }
             if feats.is_empty() {
-                bail!("a t2i model needs --caption-npy or --catalog with --keys");
+                bail!(
+                    "a t2i model needs --prompt, --prompts, --caption-npy or --catalog with --keys"
+                );
             }
             let (t, c) = (cfg.cls_token_num, cfg.caption_dim);
             if let Some((_, dim, _)) = feats.iter().find(|(_, d, _)| *d != c) {
@@ -193,14 +350,19 @@ pub fn run(args: SampleArgs) -> Result<ExitCode> {
             )
         }
     };
+    let (cfg_default, top_k_default) = official_defaults(cfg.model_type);
     let sc = SamplingConfig {
-        cfg_scale: args.cfg_scale,
+        cfg_scale: args.cfg_scale.unwrap_or(cfg_default),
         cfg_interval: args.cfg_interval,
         temperature: args.temperature,
-        top_k: args.top_k,
+        top_k: args.top_k.unwrap_or(top_k_default),
         top_p: args.top_p,
         sample_logits: true,
     };
+    eprintln!(
+        "sampling: cfg scale {}, top-k {}, top-p {}, temperature {}, seed {}",
+        sc.cfg_scale, sc.top_k, sc.top_p, sc.temperature, args.seed
+    );
     // The decoder is checked and loaded before any token is generated, so a wrong --vq fails at
     // once instead of after the whole generation.
     let vq_args = vq_args(&args.vq_args)?;
@@ -237,6 +399,11 @@ pub fn run(args: SampleArgs) -> Result<ExitCode> {
     }
     let g = cfg.grid_size();
     let images = vq.decode_code(&tokens, (b, vq_args.codebook_embed_dim, g, g))?;
+    if let Some(p) = &args.npz {
+        let (shape, bytes) = images_u8(&images)?;
+        write_npz(p, &shape, &bytes)?;
+        eprintln!("wrote {} (arr_0: uint8 {shape:?})", p.display());
+    }
     let img = grid(&images, args.nrow.unwrap_or(b.min(8)))?;
     img.save(&args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;

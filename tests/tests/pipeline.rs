@@ -337,6 +337,135 @@ async fn pipeline_to_a_local_folder_then_rerun_does_nothing() {
     // torchvision's make_grid returns a single image unpadded.
     assert_eq!(image::image_dimensions(&png).unwrap(), (64, 64));
 
+    // Prompts in, images out: a t2i GPT trained one step on these shards samples the same
+    // tokens from a typed prompt (encoded by the same T5 at sampling time) as from the stored
+    // features of the sample whose long caption it is.
+    let run = d.path().join("t2i");
+    let train_cfg = d.path().join("t2i.toml");
+    std::fs::write(
+        &train_cfg,
+        format!(
+            "[model]\ntype = \"t2i\"\ndim = 32\nn_layer = 1\nn_head = 2\nimage_size = 64\n\
+             vq_downsample = 16\nvocab_size = 64\ncaption_dim = 64\ncls_token_num = 120\n\
+             [data]\nroot = \"{root}\"\n[train]\nsteps = 1\nbatch_size = 2\n\
+             [output]\ndir = \"{}\"\nprogress = false\n",
+            run.display()
+        ),
+    )
+    .unwrap();
+    let (code, _, err) =
+        llamagen_run(&["train", "--config", train_cfg.to_str().unwrap()], &[]).await;
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = llamagen_run(
+        &[
+            "catalog",
+            "sql",
+            "--root",
+            &root,
+            "--format",
+            "json",
+            &format!("SELECT long_caption FROM samples WHERE key = '{key}'"),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let row: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    let caption = row["long_caption"].as_str().unwrap().to_string();
+    let t5 = llamagen_tests::workspace().join("encode/tests/fixtures/t5");
+    let ck = run.join("checkpoints/0000001");
+    let vq = d.path().join("vq_tiny.safetensors");
+    let vq_args = d.path().join("vq_tiny.json");
+    let sample = |how: Vec<String>, tag: &str| {
+        let mut a: Vec<String> = [
+            "sample",
+            "--checkpoint",
+            ck.to_str().unwrap(),
+            "--vq",
+            vq.to_str().unwrap(),
+            "--vq-args",
+            vq_args.to_str().unwrap(),
+            "--seed",
+            "5",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(how);
+        for (flag, ext) in [("--tokens-out", "json"), ("--out", "png"), ("--npz", "npz")] {
+            a.push(flag.into());
+            a.push(d.path().join(format!("{tag}.{ext}")).display().to_string());
+        }
+        a
+    };
+    let from_catalog = sample(
+        vec![
+            "--catalog".into(),
+            root.clone(),
+            "--keys".into(),
+            key.clone(),
+        ],
+        "catalog",
+    );
+    let from_prompt = sample(
+        vec![
+            "--t5".into(),
+            t5.join("gated").display().to_string(),
+            "--t5-tokenizer".into(),
+            t5.join("tokenizer.json").display().to_string(),
+            "--prompt".into(),
+            caption.clone(),
+        ],
+        "prompt",
+    );
+    for a in [&from_catalog, &from_prompt] {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let (code, _, err) = llamagen_run(&a, &[]).await;
+        assert_eq!(code, 0, "{err}");
+        // The official t2i defaults apply.
+        assert!(err.contains("cfg scale 7.5, top-k 1000"), "{err}");
+    }
+    let tokens = |tag: &str| std::fs::read_to_string(d.path().join(format!("{tag}.json"))).unwrap();
+    assert_eq!(tokens("catalog"), tokens("prompt"), "prompt {caption:?}");
+    // The ADM sample batch: arr_0, uint8, 1 x 64 x 64 x 3, the PNG's pixels.
+    let raw = d.path().join("prompt.raw");
+    let check = std::process::Command::new(llamagen_tests::python())
+        .arg("-c")
+        .arg(
+            "import sys, numpy as np\n\
+             a = np.load(sys.argv[1])['arr_0']\n\
+             assert a.dtype == np.uint8 and a.shape == (1, 64, 64, 3), (a.dtype, a.shape)\n\
+             a[0].tofile(sys.argv[2])",
+        )
+        .arg(d.path().join("prompt.npz"))
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let npz = std::fs::read(&raw).unwrap();
+    let png = image::open(d.path().join("prompt.png")).unwrap().to_rgb8();
+    assert_eq!(npz.len(), png.as_raw().len());
+    // The grid rounds (+0.5) where the evaluator's batch truncates: at most one level apart.
+    let diff = npz
+        .iter()
+        .zip(png.as_raw())
+        .map(|(a, b)| (*a as i32 - *b as i32).abs())
+        .max()
+        .unwrap();
+    assert!(diff <= 1, "npz and PNG differ by {diff}");
+    // A prompt that cleans to nothing is refused, naming it.
+    let mut empty = from_prompt.clone();
+    let last = empty.iter().rposition(|a| a == "--prompt").unwrap();
+    empty[last + 1] = "   ".into();
+    let empty: Vec<&str> = empty.iter().map(String::as_str).collect();
+    let (code, _, err) = llamagen_run(&empty, &[]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("prompt 1") && err.contains("empty"), "{err}");
+
     // Config errors exit 2 and name the key.
     std::fs::write(
         d.path().join("bad.toml"),
