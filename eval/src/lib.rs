@@ -25,6 +25,9 @@ use faer::{Mat, Side};
 use half::f16;
 use rayon::prelude::*;
 
+pub mod batch;
+pub mod inception;
+
 /// What went wrong while computing a metric.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
@@ -34,6 +37,89 @@ pub enum EvalError {
     /// An eigendecomposition did not converge.
     #[error("eigendecomposition failed: {0}")]
     Linalg(String),
+    /// An input file (batch, model) is unreadable or not what the evaluator takes; the message
+    /// names it.
+    #[error("{0}")]
+    Input(String),
+    /// An error of another library (the ONNX Runtime loader).
+    #[error(transparent)]
+    External(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl EvalError {
+    pub fn external(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        EvalError::External(Box::new(e))
+    }
+}
+
+/// The metrics of a sample batch against a reference, as the evaluator prints them.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Report {
+    pub inception_score: f64,
+    pub fid: f64,
+    pub sfid: f64,
+    /// None when the reference has no images (statistics only).
+    pub precision: Option<f64>,
+    pub recall: Option<f64>,
+    pub samples: usize,
+    /// Reference images (0 when only statistics were given).
+    pub reference_images: usize,
+    /// Where the reference statistics came from: `file` (mu/sigma in the batch) or `images`.
+    pub reference_statistics: &'static str,
+}
+
+/// A reference batch: its images' activations and/or its precomputed statistics (pool, spatial).
+pub struct Reference<'a> {
+    pub activations: Option<&'a inception::Activations>,
+    pub statistics: Option<(FidStats, FidStats)>,
+}
+
+/// The evaluator's metrics of `sample` against `reference`: Inception Score of the samples, FID
+/// and sFID against the reference statistics (given, else of its images), precision and recall
+/// against its images.
+pub fn evaluate(sample: &inception::Activations, reference: Reference<'_>) -> Result<Report> {
+    let is = inception_score(&sample.probs, sample.n, sample.classes, IS_SPLIT_SIZE)?;
+    let s_pool = FidStats::of(&sample.pool, sample.n, sample.pool_dim)?;
+    let s_spatial = FidStats::of(&sample.spatial, sample.n, sample.spatial_dim)?;
+    let (source, (r_pool, r_spatial)) = match (reference.statistics, reference.activations) {
+        (Some(st), _) => ("file", st),
+        (None, Some(a)) => (
+            "images",
+            (
+                FidStats::of(&a.pool, a.n, a.pool_dim)?,
+                FidStats::of(&a.spatial, a.n, a.spatial_dim)?,
+            ),
+        ),
+        (None, None) => {
+            return Err(EvalError::Input(
+                "the reference has neither images (arr_0) nor statistics (mu, sigma, mu_s, sigma_s)"
+                    .into(),
+            ));
+        }
+    };
+    let (precision, recall) = match reference.activations {
+        Some(a) => {
+            if a.pool_dim != sample.pool_dim {
+                return Err(EvalError::Shape(format!(
+                    "reference features of width {}, sample features of width {}",
+                    a.pool_dim, sample.pool_dim
+                )));
+            }
+            let (p, r) = precision_recall(&a.pool, a.n, &sample.pool, sample.n, a.pool_dim, PR_K)?;
+            (Some(p), Some(r))
+        }
+        None => (None, None),
+    };
+    Ok(Report {
+        inception_score: is,
+        fid: s_pool.frechet_distance(&r_pool)?,
+        sfid: s_spatial.frechet_distance(&r_spatial)?,
+        precision,
+        recall,
+        samples: sample.n,
+        reference_images: reference.activations.map_or(0, |a| a.n),
+        reference_statistics: source,
+    })
 }
 
 pub type Result<T, E = EvalError> = std::result::Result<T, E>;

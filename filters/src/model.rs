@@ -123,6 +123,45 @@ fn describe(t: &ValueType) -> String {
     format!("{t}")
 }
 
+/// Opens an ONNX Runtime session on `path` with `opts` (threads, execution provider); returns
+/// it with the file's name and hex SHA-256. Every model of the workspace is opened here.
+pub fn open_session(path: &Path, opts: &ModelOptions) -> Result<(Session, String, String)> {
+    let bytes = std::fs::read(path).map_err(|source| FilterError::ModelFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    let name = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into(),
+    );
+    let rt = runtime()?;
+    let mut builder = Session::builder(&rt.env)
+        .map_err(|e| onnx_err(&name, e))?
+        .with_intra_op_spinning(false)
+        .map_err(|e| onnx_err(&name, e))?;
+    if opts.intra_threads > 0 {
+        builder = builder
+            .with_intra_threads(opts.intra_threads)
+            .map_err(|e| onnx_err(&name, e))?;
+    }
+    if opts.provider == Provider::Cuda {
+        if !provider_available(Provider::Cuda)? {
+            return Err(FilterError::ProviderUnavailable(format!(
+                "CUDA (library {}; install PyPI's onnxruntime-gpu and point ORT_DYLIB_PATH at its libonnxruntime.so)",
+                rt.library.display()
+            )));
+        }
+        builder = builder
+            .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+            .map_err(|e| onnx_err(&name, e))?;
+    }
+    let session = builder
+        .commit_from_memory(&bytes)
+        .map_err(|e| onnx_err(&name, e))?;
+    Ok((session, name, sha256))
+}
+
 impl OnnxModel {
     /// Loads `path` for `role`; `output` picks the output by name (else see the module rules).
     pub fn load(
@@ -131,39 +170,7 @@ impl OnnxModel {
         output: Option<&str>,
         opts: &ModelOptions,
     ) -> Result<OnnxModel> {
-        let bytes = std::fs::read(path).map_err(|source| FilterError::ModelFile {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let sha256 = hex::encode(Sha256::digest(&bytes));
-        let name = path.file_name().map_or_else(
-            || path.display().to_string(),
-            |n| n.to_string_lossy().into(),
-        );
-        let rt = runtime()?;
-        let mut builder = Session::builder(&rt.env)
-            .map_err(|e| onnx_err(&name, e))?
-            .with_intra_op_spinning(false)
-            .map_err(|e| onnx_err(&name, e))?;
-        if opts.intra_threads > 0 {
-            builder = builder
-                .with_intra_threads(opts.intra_threads)
-                .map_err(|e| onnx_err(&name, e))?;
-        }
-        if opts.provider == Provider::Cuda {
-            if !provider_available(Provider::Cuda)? {
-                return Err(FilterError::ProviderUnavailable(format!(
-                    "CUDA (library {}; install PyPI's onnxruntime-gpu and point ORT_DYLIB_PATH at its libonnxruntime.so)",
-                    rt.library.display()
-                )));
-            }
-            builder = builder
-                .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
-                .map_err(|e| onnx_err(&name, e))?;
-        }
-        let session = builder
-            .commit_from_memory(&bytes)
-            .map_err(|e| onnx_err(&name, e))?;
+        let (session, name, sha256) = open_session(path, opts)?;
 
         // Inputs.
         let inputs: Vec<(String, ValueType)> = session

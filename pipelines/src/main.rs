@@ -3,6 +3,7 @@
 mod catalog_cmd;
 mod conformance_cmd;
 mod encode_cmd;
+mod eval_cmd;
 mod export_cmd;
 mod filter_cmd;
 mod ingest_cmd;
@@ -37,6 +38,9 @@ enum Command {
     Train(train_cmd::TrainArgs),
     /// Sample images from a trained GPT (KV cache, CFG) and decode them with the VQ into a PNG grid.
     Sample(sample_cmd::SampleArgs),
+    /// Metrics of a sample batch against a reference (ADM evaluator: IS, FID, sFID, precision,
+    /// recall) through an Inception-v3 ONNX model.
+    Eval(eval_cmd::EvalArgs),
     /// Score samples (CLIP similarity, aesthetic, watermark, NSFW) and apply thresholds.
     Filter(filter_cmd::FilterArgs),
     /// Captions (long, first-sentence short) and their T5 encoder features.
@@ -80,6 +84,7 @@ fn main() -> std::process::ExitCode {
         Command::Conformance(args) => conformance_cmd::run(args),
         Command::Train(args) => train_cmd::run_cmd(args),
         Command::Sample(args) => sample_cmd::run(args),
+        Command::Eval(args) => eval_cmd::run(args),
         Command::Tokenizer(args) => tokenizer_cmd::run_cmd(args),
     };
     match result {

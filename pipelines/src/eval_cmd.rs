@@ -1,0 +1,142 @@
+//! `llamagen eval`: the metrics LlamaGen reports for class-conditional ImageNet (OpenAI's ADM
+//! evaluator: Inception Score, FID, sFID, precision, recall) of a sample batch against a
+//! reference batch, through an Inception-v3 ONNX model (see `llamagen_eval`).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use llamagen_eval::batch::{self, Images};
+use llamagen_eval::inception::{Activations, Inception};
+use llamagen_eval::{FidStats, Reference, evaluate};
+use llamagen_filters::model::ModelOptions;
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Sample batch: an ADM `.npz` (`arr_0`: uint8 N×H×W×3, as `llamagen sample --npz` writes)
+    /// or a folder of images.
+    #[arg(long)]
+    pub sample: PathBuf,
+    /// Reference batch: an ADM `.npz` (`arr_0` images and/or precomputed `mu`, `sigma`, `mu_s`,
+    /// `sigma_s`, as `VIRTUAL_imagenet256_labeled.npz`) or a folder of images.
+    #[arg(long = "ref")]
+    pub reference: PathBuf,
+    /// Inception-v3 ONNX model with the evaluator's outputs (`scripts/export-inception.py`).
+    #[arg(long)]
+    pub inception: PathBuf,
+    /// Images per inference call.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// ONNX Runtime threads inside one operator (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub intra_threads: usize,
+    /// Write the metrics as JSON (default: the sample path with `.json`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+fn activations(model: &Inception, what: &str, images: &Images) -> Result<Activations> {
+    let bar = indicatif::ProgressBar::new(images.n as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{spinner}} {what} activations {{bar:30}} {{pos}}/{{len}} images [{{elapsed_precise}}]"
+        ))
+        .expect("progress template"),
+    );
+    let acts = model.activations(images, |done| bar.set_position(done as u64))?;
+    bar.finish_and_clear();
+    eprintln!(
+        "{what}: {} images of {}x{} px",
+        images.n, images.width, images.height
+    );
+    Ok(acts)
+}
+
+/// The precomputed statistics of an ADM reference batch, when it has them.
+fn file_statistics(path: &Path) -> Result<Option<(FidStats, FidStats)>> {
+    if path.is_dir() {
+        return Ok(None);
+    }
+    let names = batch::npz_names(path)?;
+    let has = |n: &str| names.iter().any(|x| x == n);
+    if !has("mu") {
+        return Ok(None);
+    }
+    let get = |n: &str| -> Result<Vec<f64>> {
+        if !has(n) {
+            bail!("{}: has mu but no {n}", path.display());
+        }
+        Ok(batch::read_npz(path, n)?.to_f64())
+    };
+    let pool = FidStats::new(get("mu")?, get("sigma")?)
+        .with_context(|| format!("{}: mu/sigma", path.display()))?;
+    let spatial = FidStats::new(get("mu_s")?, get("sigma_s")?)
+        .with_context(|| format!("{}: mu_s/sigma_s", path.display()))?;
+    Ok(Some((pool, spatial)))
+}
+
+pub fn run(args: EvalArgs) -> Result<ExitCode> {
+    let model = Inception::load(
+        &args.inception,
+        &ModelOptions {
+            intra_threads: args.intra_threads,
+            batch_size: args.batch_size,
+            ..ModelOptions::default()
+        },
+    )?;
+    let sample = activations(&model, "sample", &batch::images(&args.sample)?)?;
+    let statistics = file_statistics(&args.reference)?;
+    let has_images = args.reference.is_dir()
+        || batch::npz_names(&args.reference)?
+            .iter()
+            .any(|n| n == "arr_0");
+    let reference = match has_images {
+        true => Some(activations(
+            &model,
+            "reference",
+            &batch::images(&args.reference)?,
+        )?),
+        false => None,
+    };
+    if let Some((pool, spatial)) = &statistics {
+        if pool.dim != sample.pool_dim || spatial.dim != sample.spatial_dim {
+            bail!(
+                "{}: statistics of width {}/{}, the model's features are {}/{} wide",
+                args.reference.display(),
+                pool.dim,
+                spatial.dim,
+                sample.pool_dim,
+                sample.spatial_dim
+            );
+        }
+    }
+    let report = evaluate(
+        &sample,
+        Reference {
+            activations: reference.as_ref(),
+            statistics,
+        },
+    )?;
+    println!("Inception Score: {}", report.inception_score);
+    println!("FID: {}", report.fid);
+    println!("sFID: {}", report.sfid);
+    match (report.precision, report.recall) {
+        (Some(p), Some(r)) => {
+            println!("Precision: {p}");
+            println!("Recall: {r}");
+        }
+        _ => println!("Precision/Recall: not computed (the reference has no images, arr_0)"),
+    }
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| args.sample.with_extension("json"));
+    let mut json = serde_json::to_value(&report)?;
+    json["inception_model"] = model.name.clone().into();
+    json["inception_sha256"] = model.sha256.clone().into();
+    std::fs::write(&out, serde_json::to_string_pretty(&json)? + "\n")
+        .with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("wrote {}", out.display());
+    Ok(ExitCode::SUCCESS)
+}
