@@ -16,10 +16,11 @@ The ONNX model's signature (checked by `llamagen eval` when it loads the model):
   output `logits`  float32 [N, 1008]          (`pool_3` times the weights of
                    `softmax/logits/MatMul`, whose softmax the Inception Score uses).
 
-This script is not run by the tests (no internet or TensorFlow there); they use a stand-in with
-the same signature (eval/tests/fixtures/inception/make_standin.py). After converting, check the
-model against the evaluator on a few images: `python scripts/export-inception.py --check
-inception_adm.onnx batch.npz` compares its outputs with TensorFlow's on the batch.
+This script has not been run where it was written (no internet or TensorFlow there), and the
+tests use a stand-in with the same signature (eval/tests/fixtures/inception/make_standin.py).
+After converting, always check the model against the evaluator's graph on a batch:
+`python scripts/export-inception.py --check inception_adm.onnx batch.npz` prints the largest
+differences between its outputs and TensorFlow's.
 """
 import argparse
 import os
@@ -42,6 +43,43 @@ def load_graph_def(path):
     return gd
 
 
+def replace_batchnorm(graph_def):
+    """The graph with each `BatchNormWithGlobalNormalization` (an op of the 2015 graph that
+    TensorFlow removed in GraphDef version 9 and tf2onnx does not convert) written out as
+    `(x - mean) * rsqrt(var + eps) [* gamma] + beta`, under the node's own name."""
+    import tensorflow.compat.v1 as tf
+
+    out = tf.GraphDef()
+    out.versions.CopyFrom(graph_def.versions)
+    out.library.CopyFrom(graph_def.library)
+    for n in graph_def.node:
+        if n.op != "BatchNormWithGlobalNormalization":
+            out.node.append(n)
+            continue
+        x, mean, var, beta, gamma = n.input
+        dtype = n.attr["T"]
+
+        def op(name, kind, inputs):
+            node = out.node.add()
+            node.name, node.op = name, kind
+            node.input.extend(inputs)
+            node.attr["T"].CopyFrom(dtype)
+            return name
+
+        eps = out.node.add()
+        eps.name, eps.op = n.name + "/eps", "Const"
+        eps.attr["dtype"].type = dtype.type
+        eps.attr["value"].tensor.CopyFrom(
+            tf.make_tensor_proto(n.attr["variance_epsilon"].f, dtype=tf.float32)
+        )
+        factor = op(n.name + "/rsqrt", "Rsqrt", [op(n.name + "/var_eps", "Add", [var, eps.name])])
+        if n.attr["scale_after_normalization"].b:
+            factor = op(n.name + "/factor", "Mul", [factor, gamma])
+        centred = op(n.name + "/centred", "Sub", [x, mean])
+        op(n.name, "Add", [op(n.name + "/scaled", "Mul", [centred, factor]), beta])
+    return out
+
+
 def build(graph_def):
     """The evaluator's feature graph with named outputs, as a frozen GraphDef."""
     import tensorflow.compat.v1 as tf
@@ -51,7 +89,7 @@ def build(graph_def):
     with g.as_default():
         images = tf.placeholder(tf.float32, [None, None, None, 3], name="images")
         pool3, spatial, matmul = tf.import_graph_def(
-            graph_def,
+            replace_batchnorm(graph_def),
             input_map={"ExpandDims:0": images},
             return_elements=["pool_3:0", "mixed_6/conv:0", "softmax/logits/MatMul"],
             name="inception",

@@ -2,7 +2,8 @@
 //! uint8 N×H×W×3 images; reference batches may also hold `mu`, `sigma`, `mu_s`, `sigma_s`) and
 //! folders of images.
 //!
-//! The container is read with the `zip` crate and each array with `npyz`; only little-endian,
+//! The container is read with the `zip` crate (stored or deflated, as `np.savez` and
+//! `np.savez_compressed` write it) and each array with `npyz`; only little-endian,
 //! C-ordered arrays of uint8, float32 and float64 are accepted, anything else is an error naming
 //! the file and the array.
 
@@ -149,6 +150,10 @@ pub fn folder_images(dir: &Path) -> Result<Images> {
             .map_err(|e| bad(f, e))?
             .to_rgb8();
         let s = (img.height() as usize, img.width() as usize);
+        if size.is_none() {
+            // Every image has this size: one allocation for the whole batch.
+            pixels.reserve_exact(files.len() * s.0 * s.1 * 3);
+        }
         if *size.get_or_insert(s) != s {
             return Err(bad(
                 f,

@@ -91,6 +91,12 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
         || batch::npz_names(&args.reference)?
             .iter()
             .any(|n| n == "arr_0");
+    if !has_images && statistics.is_none() {
+        bail!(
+            "{}: the reference has neither images (arr_0) nor statistics (mu, sigma, mu_s, sigma_s)",
+            args.reference.display()
+        );
+    }
     let reference = match has_images {
         true => Some(activations(
             &model,

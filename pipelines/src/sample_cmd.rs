@@ -90,6 +90,14 @@ pub struct SampleArgs {
     /// Also write the generated tokens as JSON (one array per image).
     #[arg(long)]
     pub tokens_out: Option<PathBuf>,
+    /// Images generated (and decoded) together: one KV cache of this many sequences (twice
+    /// that with CFG) at a time.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// t2i: write the caption features of the prompts as `<i>.npy` (float32 (1, L, D), as the
+    /// official extract_t5_feature.py and `export llamagen` write them) into this folder.
+    #[arg(long)]
+    pub features_out: Option<PathBuf>,
     /// Also write the images as an ADM sample batch (`.npz` with `arr_0`: uint8 N×H×W×3), the
     /// input of the official evaluator.
     #[arg(long)]
@@ -105,8 +113,9 @@ fn official_defaults(t: ModelType) -> (f32, usize) {
     }
 }
 
-/// The prompts of a CSV/TSV file with a header row (see `--prompts`).
-fn read_prompts(path: &Path) -> Result<Vec<String>> {
+/// The prompts of a CSV/TSV file with a header row (see `--prompts`), each with the file and row
+/// that names it in errors.
+fn read_prompts(path: &Path) -> Result<Vec<(String, String)>> {
     let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
     let delimiter = if path.extension().is_some_and(|e| e == "tsv") {
         b'\t'
@@ -134,7 +143,8 @@ fn read_prompts(path: &Path) -> Result<Vec<String>> {
     for (i, rec) in r.records().enumerate() {
         let rec = rec.with_context(|| format!("{}: row {}", path.display(), i + 2))?;
         let p = rec.get(col).unwrap_or("").to_string();
-        out.push(p);
+        let row = rec.position().map_or(i as u64 + 2, |p| p.line());
+        out.push((format!("{} line {row}", path.display()), p));
     }
     if out.is_empty() {
         bail!("{}: no prompts", path.display());
@@ -148,7 +158,7 @@ fn read_prompts(path: &Path) -> Result<Vec<String>> {
 fn prompt_features(
     dir: &Path,
     tokenizer: Option<&Path>,
-    prompts: &[String],
+    prompts: &[(String, String)],
     max_tokens: usize,
 ) -> Result<Vec<(usize, usize, Vec<f32>)>> {
     use llamagen_encode::text_encoder::{ModelPaths, StoreDtype, TextEncoder, TextEncoderConfig};
@@ -166,17 +176,16 @@ fn prompt_features(
         },
     )
     .with_context(|| format!("loading the T5 encoder {}", dir.display()))?;
-    let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let refs: Vec<&str> = prompts.iter().map(|(_, p)| p.as_str()).collect();
     enc.encode(&refs)?
         .into_iter()
         .zip(prompts)
-        .enumerate()
-        .map(|(i, (f, p))| match f {
+        .map(|(f, (label, p))| match f {
             Ok(f) => {
                 let v = StoreDtype::Bf16.decode(&StoreDtype::Bf16.encode(&f.data));
                 Ok((f.tokens, f.dim, v))
             }
-            Err(issue) => bail!("prompt {} ({p:?}): {issue}", i + 1),
+            Err(issue) => bail!("prompt {label} ({p:?}): {issue}"),
         })
         .collect()
 }
@@ -203,13 +212,14 @@ fn write_npz(path: &Path, shape: &[usize], data: &[u8]) -> Result<()> {
     let tmp = path.with_extension("npz.partial");
     let file = std::fs::File::create(&tmp).with_context(|| tmp.display().to_string())?;
     let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(file));
+    let npy = crate::export_cmd::npy_bytes("|u1", shape, data);
     zip.start_file(
         "arr_0.npy",
         zip::write::SimpleFileOptions::default()
             .compression_method(zip::CompressionMethod::Stored)
-            .large_file(data.len() as u64 >= u32::MAX as u64),
+            .large_file(npy.len() as u64 >= u32::MAX as u64),
     )?;
-    zip.write_all(&crate::export_cmd::npy_bytes("|u1", shape, data))?;
+    zip.write_all(&npy)?;
     zip.finish()?.flush()?;
     std::fs::rename(&tmp, path).with_context(|| path.display().to_string())?;
     Ok(())
@@ -307,7 +317,12 @@ pub fn run(args: SampleArgs) -> Result<ExitCode> {
             for p in &args.caption_npy {
                 feats.push(read_npy(p)?);
             }
-            let mut prompts = args.prompt.clone();
+            let mut prompts: Vec<(String, String)> = args
+                .prompt
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (format!("--prompt {}", i + 1), p.clone()))
+                .collect();
             if let Some(f) = &args.prompts {
                 prompts.extend(read_prompts(f)?);
             }
@@ -316,12 +331,25 @@ pub fn run(args: SampleArgs) -> Result<ExitCode> {
                     .t5
                     .as_deref()
                     .context("--prompt/--prompts need --t5 (the T5 encoder directory)")?;
-                feats.extend(prompt_features(
+                let pf = prompt_features(
                     dir,
                     args.t5_tokenizer.as_deref(),
                     &prompts,
                     cfg.cls_token_num,
-                )?);
+                )?;
+                if let Some(out) = &args.features_out {
+                    std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
+                    for (i, (l, d, v)) in pf.iter().enumerate() {
+                        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                        crate::export_cmd::write_npy(
+                            &out.join(format!("{i}.npy")),
+                            "<f4",
+                            &[1, *l, *d],
+                            &bytes,
+                        )?;
+                    }
+                }
+                feats.extend(pf);
             }
             if !args.keys.is_empty() {
                 let root = args.catalog.clone().context("--keys needs --catalog")?;
@@ -377,38 +405,50 @@ pub fn run(args: SampleArgs) -> Result<ExitCode> {
         .with_context(|| format!("loading {}", args.vq.display()))?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let start = std::time::Instant::now();
-    let tokens = generate(
-        &model,
-        &cond,
-        emb_mask.as_ref(),
-        cfg.block_size,
-        &sc,
-        &mut rng,
-    )?;
+    // Generated and decoded in batches of --batch-size (a KV cache per batch, as the official
+    // scripts' per-process batches), the generator running on across batches.
+    let n = match &cond {
+        Condition::Class(t) | Condition::Caption(t) => t.dim(0)?,
+    };
+    let per = args.batch_size.max(1);
+    let g = cfg.grid_size();
+    let (mut token_rows, mut decoded) = (Vec::<Vec<u32>>::new(), Vec::<Tensor>::new());
+    for b0 in (0..n).step_by(per) {
+        let m = per.min(n - b0);
+        let c = match &cond {
+            Condition::Class(t) => Condition::Class(t.narrow(0, b0, m)?),
+            Condition::Caption(t) => Condition::Caption(t.narrow(0, b0, m)?),
+        };
+        let mask = emb_mask.as_ref().map(|t| t.narrow(0, b0, m)).transpose()?;
+        let tokens = generate(&model, &c, mask.as_ref(), cfg.block_size, &sc, &mut rng)?;
+        token_rows.extend(tokens.to_vec2::<u32>()?);
+        let images = vq.decode_code(&tokens, (m, vq_args.codebook_embed_dim, g, g))?;
+        decoded.push(images.to_device(&Device::Cpu)?);
+        if n > per {
+            eprintln!("{} of {n} images", b0 + m);
+        }
+    }
     let secs = start.elapsed().as_secs_f64();
-    let b = tokens.dim(0)?;
     eprintln!(
-        "generated {b} x {} tokens in {secs:.2} s ({:.1} tokens/s)",
+        "generated {n} x {} tokens in {secs:.2} s ({:.1} tokens/s)",
         cfg.block_size,
-        (b * cfg.block_size) as f64 / secs.max(1e-9)
+        (n * cfg.block_size) as f64 / secs.max(1e-9)
     );
     if let Some(p) = &args.tokens_out {
-        let rows: Vec<Vec<u32>> = tokens.to_vec2()?;
-        std::fs::write(p, serde_json::to_string(&rows)?)
+        std::fs::write(p, serde_json::to_string(&token_rows)?)
             .with_context(|| p.display().to_string())?;
     }
-    let g = cfg.grid_size();
-    let images = vq.decode_code(&tokens, (b, vq_args.codebook_embed_dim, g, g))?;
+    let images = Tensor::cat(&decoded, 0)?;
     if let Some(p) = &args.npz {
         let (shape, bytes) = images_u8(&images)?;
         write_npz(p, &shape, &bytes)?;
         eprintln!("wrote {} (arr_0: uint8 {shape:?})", p.display());
     }
-    let img = grid(&images, args.nrow.unwrap_or(b.min(8)))?;
+    let img = grid(&images, args.nrow.unwrap_or(n.min(8)))?;
     img.save(&args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
     println!(
-        "wrote {} ({b} images of {}x{} px)",
+        "wrote {} ({n} images of {}x{} px)",
         args.out.display(),
         images.dim(3)?,
         images.dim(2)?

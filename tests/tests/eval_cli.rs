@@ -130,6 +130,21 @@ fn metrics_match_the_evaluator_formulas() {
     assert!(got["precision"].is_null(), "{got}");
     assert!(text.contains("not computed"), "{text}");
 
+    // np.savez_compressed batches (deflated entries) read the same.
+    let compressed = tmp.path().join("sample_compressed.npz");
+    python(
+        "import sys, numpy as np\nnp.savez_compressed(sys.argv[2], arr_0=np.load(sys.argv[1])['arr_0'])",
+        &[&f.join("sample.npz"), &compressed],
+    );
+    let (ok, got, text) = eval(
+        &compressed,
+        &f.join("ref.npz"),
+        &model,
+        &tmp.path().join("e.json"),
+    );
+    assert!(ok, "{text}");
+    close(&got["fid"], &want["fid"], "FID of the compressed batch");
+
     // A folder of PNGs holds the same pixels as the .npz batch: the same metrics.
     let dir = tmp.path().join("samples");
     std::fs::create_dir_all(&dir).unwrap();

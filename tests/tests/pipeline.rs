@@ -427,6 +427,18 @@ async fn pipeline_to_a_local_folder_then_rerun_does_nothing() {
     }
     let tokens = |tag: &str| std::fs::read_to_string(d.path().join(format!("{tag}.json"))).unwrap();
     assert_eq!(tokens("catalog"), tokens("prompt"), "prompt {caption:?}");
+    // The features themselves: the prompt's, written by `sample --features-out`, are the bytes
+    // `export llamagen` wrote for the sample's stored t5_long.
+    let feats = d.path().join("prompt_features");
+    let mut with_out = from_prompt.clone();
+    with_out.extend(["--features-out".to_string(), feats.display().to_string()]);
+    let with_out: Vec<&str> = with_out.iter().map(String::as_str).collect();
+    let (code, _, err) = llamagen_run(&with_out, &[]).await;
+    assert_eq!(code, 0, "{err}");
+    let stored = std::fs::read(exp.join("t5_long").join(format!("{key}.npy"))).unwrap();
+    let typed = std::fs::read(feats.join("0.npy")).unwrap();
+    assert!(stored.len() > 1000, "{} bytes", stored.len());
+    assert_eq!(stored, typed, "features of {caption:?}");
     // The ADM sample batch: arr_0, uint8, 1 x 64 x 64 x 3, the PNG's pixels.
     let raw = d.path().join("prompt.raw");
     let check = std::process::Command::new(llamagen_tests::python())
@@ -464,7 +476,7 @@ async fn pipeline_to_a_local_folder_then_rerun_does_nothing() {
     let empty: Vec<&str> = empty.iter().map(String::as_str).collect();
     let (code, _, err) = llamagen_run(&empty, &[]).await;
     assert_ne!(code, 0);
-    assert!(err.contains("prompt 1") && err.contains("empty"), "{err}");
+    assert!(err.contains("--prompt 1") && err.contains("empty"), "{err}");
 
     // Config errors exit 2 and name the key.
     std::fs::write(

@@ -472,10 +472,23 @@ fn two_stage_t2i_initialises_stage_two_from_stage_one() {
     let s1 = tmp.path().join("stage1");
     let c1 = write(
         &tmp.path().join("s1.toml"),
-        &t2i_config(&root, &s1, 64, 2, "lr = 1e-3"),
+        &t2i_config(&root, &s1, 64, 2, "lr = 1e-3\nema = true"),
     );
     assert!(llamagen(&["train", "--config", c1.to_str().unwrap()], &[]).0);
     let ck1 = s1.join("checkpoints/0000002");
+    // The EMA file is a whole state dict (the t2i null-caption buffer included), loadable as
+    // weights: the same names and shapes as the model's.
+    {
+        let load = |f: &str| {
+            candle_core::safetensors::load(ck1.join(f), &candle_core::Device::Cpu).unwrap()
+        };
+        let (ema, model) = (load("ema.safetensors"), load("model.safetensors"));
+        assert!(ema.contains_key("cls_embedding.uncond_embedding"));
+        assert_eq!(ema.len(), model.len());
+        for (k, t) in &model {
+            assert_eq!(ema[k].dims(), t.dims(), "{k}");
+        }
+    }
     // Stage II at twice the resolution; lr 0 and no weight decay keep the loaded weights, so the
     // checkpoint after one step must hold stage I's weights exactly.
     let stage2 = |name: &str, steps: u64, init_optimizer: bool| {

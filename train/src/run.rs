@@ -25,9 +25,11 @@
 //!   `--gpt-ckpt` does, but without rounding the step down to an epoch of the new data. A
 //!   checkpoint step >= `train.steps` is a config error (nothing would be trained).
 //! - With `optim.ema`, an EMA of the parameters (the official `update_ema`) starts as a copy of
-//!   the starting weights, is updated after every optimiser step, is saved in every checkpoint
-//!   and restored on resume (the official script instead resets it to the model's weights at
-//!   every resume), so a resumed run's EMA equals an uninterrupted run's.
+//!   the starting weights, is updated after every optimiser step, and is saved in every
+//!   checkpoint with the model's buffers; a resume (or a stage II that continues stage I's
+//!   optimiser) restores the checkpoint's EMA, or starts it from the checkpoint's weights when
+//!   there is none, as the official script does; a resumed run's EMA equals an uninterrupted
+//!   run's.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -603,22 +605,30 @@ pub fn run(cfg: &RunConfig) -> Result<RunSummary> {
         false => None,
         true => {
             let mut e = Ema::new(&opt, cfg.optim.ema_decay)?;
-            if let Some(ckpt) = &resume {
-                let file = ckpt.join(EMA_FILE);
-                if !file.is_file() {
-                    return Err(TrainError::InvalidConfig(format!(
-                        "optim.ema is on but checkpoint {} has no {EMA_FILE} (it was trained \
-                         without an EMA)",
-                        ckpt.display()
-                    )));
+            // As the official `--gpt-ckpt`: the checkpoint's EMA when it has one, else its
+            // weights (what the EMA was just initialised from). Stage II takes stage I's EMA
+            // only when it continues stage I's optimiser state too.
+            let from = match (&resume, &init_state, &cfg.output.init_from) {
+                (Some(ckpt), _, _) => Some(ckpt),
+                (None, Some(_), Some(init)) => Some(init),
+                _ => None,
+            };
+            if let Some(dir) = from {
+                let file = dir.join(EMA_FILE);
+                if file.is_file() {
+                    let state = candle_core::safetensors::load(&file, &device).map_err(|e| {
+                        TrainError::UnreadableCheckpoint {
+                            path: file.clone(),
+                            reason: e.to_string(),
+                        }
+                    })?;
+                    e.load(&state, &file)?;
+                } else {
+                    init_note.push_str(&format!(
+                        "; {} has no {EMA_FILE}, the EMA starts from its weights",
+                        dir.display()
+                    ));
                 }
-                let state = candle_core::safetensors::load(&file, &device).map_err(|e| {
-                    TrainError::UnreadableCheckpoint {
-                        path: file.clone(),
-                        reason: e.to_string(),
-                    }
-                })?;
-                e.load(&state, &file)?;
             }
             Some(e)
         }

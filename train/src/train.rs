@@ -180,7 +180,16 @@ pub fn save_training_checkpoint_with(
     crate::checkpoint::save_gpt(&tmp.join(MODEL_FILE), model)?;
     crate::checkpoint::save_safetensors(&tmp.join(OPTIMIZER_FILE), &opt.state_tensors()?)?;
     if let Some(ema) = ema {
-        crate::checkpoint::save_safetensors(&tmp.join(EMA_FILE), &ema.tensors())?;
+        // The whole state dict, as the official `ema.state_dict()`: the averaged parameters and
+        // the model's buffers (the t2i null caption), so the file loads wherever weights do.
+        let averaged = ema.tensors();
+        let mut sd = model.state_dict();
+        for (name, t) in sd.iter_mut() {
+            if let Some((_, e)) = averaged.iter().find(|(n, _)| n == name) {
+                *t = e.clone();
+            }
+        }
+        crate::checkpoint::save_safetensors(&tmp.join(EMA_FILE), &sd)?;
     }
     let state = TrainState {
         step,
