@@ -1,5 +1,6 @@
 //! `llamagen tokenizer reconstruct`: round-trips images through a VQ (or decodes stored codes) to
-//! a PNG grid, and reports PSNR, SSIM (as LlamaGen's evaluation computes them) and codebook usage.
+//! a PNG grid, and reports PSNR, SSIM (as LlamaGen's evaluation computes them), codebook usage
+//! and, with an Inception model, rFID (the FID of the reconstructions against the originals).
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -47,6 +48,28 @@ pub struct ReconstructArgs {
     /// Also write the metrics as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Inception-v3 ONNX model (as `llamagen eval`): also report rFID, the FID of the
+    /// reconstructions against the original crops, as the official tokenizer validation
+    /// evaluates its reconstruction batch (needs --images, at least 2).
+    #[arg(long)]
+    pub inception: Option<PathBuf>,
+    /// Also write the original crops and the reconstructions as ADM batches
+    /// (`DIR/originals.npz`, `DIR/reconstructions.npz`) for `llamagen eval`.
+    #[arg(long)]
+    pub npz_dir: Option<PathBuf>,
+}
+
+/// An image `(3, H, W)` in about [-1, 1] as uint8 H×W×3, converted as the official scripts
+/// convert samples for the evaluator: `clamp(127.5·x + 128, 0, 255)`, truncated.
+fn to_u8_hwc(t: &Tensor) -> Result<Vec<u8>> {
+    let x = t
+        .to_dtype(DType::F32)?
+        .permute((1, 2, 0))?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok(x.iter()
+        .map(|&v| (127.5 * v + 128.0).clamp(0.0, 255.0) as u8)
+        .collect())
 }
 
 fn image_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
@@ -90,6 +113,10 @@ pub async fn run(a: ReconstructArgs) -> Result<()> {
     let mut rows: Vec<Vec<RgbImage>> = Vec::new();
     let mut used = BTreeSet::new();
     let (mut psnr, mut ssim, mut n, mut failed) = (0.0, 0.0, 0usize, Vec::new());
+    let (mut originals, mut reconstructions) = (Vec::<u8>::new(), Vec::<u8>::new());
+    if !a.keys.is_empty() && (a.inception.is_some() || a.npz_dir.is_some()) {
+        bail!("--inception and --npz-dir need --images (stored codes have no originals)");
+    }
     if !a.keys.is_empty() {
         let root = a.catalog.as_deref().context("--keys needs --catalog")?;
         let cat = llamagen_catalog::Catalog::open(root, &Default::default()).await?;
@@ -174,6 +201,8 @@ pub async fn run(a: ReconstructArgs) -> Result<()> {
                 psnr += p;
                 ssim += s;
                 n += 1;
+                originals.extend_from_slice(chunk[k].as_raw());
+                reconstructions.extend(to_u8_hwc(&y.get(k)?)?);
                 top.push(chunk[k].clone());
                 bottom.push(to_rgb(&y.get(k)?)?);
             }
@@ -188,9 +217,52 @@ pub async fn run(a: ReconstructArgs) -> Result<()> {
     g.save(&a.out)
         .with_context(|| format!("writing {}", a.out.display()))?;
     let usage = used.len() as f64 / args.codebook_size as f64;
+    let side = a.image_size as usize;
+    let batch = |pixels: Vec<u8>| llamagen_eval::batch::Images {
+        n,
+        height: side,
+        width: side,
+        pixels,
+    };
+    let (originals, reconstructions) = (batch(originals), batch(reconstructions));
+    if let Some(dir) = &a.npz_dir {
+        std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+        for (name, b) in [
+            ("originals", &originals),
+            ("reconstructions", &reconstructions),
+        ] {
+            let p = dir.join(format!("{name}.npz"));
+            crate::sample_cmd::write_npz(&p, &[b.n, side, side, 3], &b.pixels)?;
+        }
+    }
+    let rfid = match &a.inception {
+        Some(m) if a.keys.is_empty() => {
+            if n < 2 {
+                bail!("rFID needs at least 2 images, got {n}");
+            }
+            let model = llamagen_eval::inception::Inception::load(
+                m,
+                &llamagen_filters::model::ModelOptions {
+                    batch_size: a.batch_size.max(1),
+                    ..Default::default()
+                },
+            )?;
+            let stats = |b: &llamagen_eval::batch::Images| -> Result<llamagen_eval::FidStats> {
+                let acts = model.activations(b, |_| {})?;
+                Ok(llamagen_eval::FidStats::of(
+                    &acts.pool,
+                    acts.n,
+                    acts.pool_dim,
+                )?)
+            };
+            Some(stats(&reconstructions)?.frechet_distance(&stats(&originals)?)?)
+        }
+        _ => None,
+    };
     let report = if a.keys.is_empty() {
         serde_json::json!({
             "images": n, "psnr": psnr / n as f64, "ssim": ssim / n as f64,
+            "rfid": rfid,
             "codebook_used": used.len(), "codebook_size": args.codebook_size, "codebook_usage": usage,
             "unreadable": failed, "grid": a.out,
         })

@@ -207,7 +207,7 @@ fn images_u8(images: &Tensor) -> Result<(Vec<usize>, Vec<u8>)> {
 }
 
 /// Writes `arr_0` as an `.npz` (a zip of `arr_0.npy`), as `np.savez` does.
-fn write_npz(path: &Path, shape: &[usize], data: &[u8]) -> Result<()> {
+pub fn write_npz(path: &Path, shape: &[usize], data: &[u8]) -> Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("npz.partial");
     let file = std::fs::File::create(&tmp).with_context(|| tmp.display().to_string())?;

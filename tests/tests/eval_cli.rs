@@ -229,3 +229,59 @@ fn activations_equal_python_onnxruntime() {
         assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
     }
 }
+
+/// `tokenizer reconstruct --inception` reports rFID: the FID of the reconstructions against the
+/// original crops, equal to `llamagen eval` on the two batches it writes with `--npz-dir`.
+#[test]
+fn tokenizer_reconstruct_reports_rfid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ws = llamagen_tests::workspace();
+    let npz = tmp.path().join("npz");
+    let json = tmp.path().join("r.json");
+    let args = tmp.path().join("reduced.json");
+    std::fs::write(
+        &args,
+        serde_json::to_string(&llamagen_encode::ModelArgs::reduced()).unwrap(),
+    )
+    .unwrap();
+    let mut cmd = Command::new(llamagen_tests::llamagen());
+    cmd.args(["tokenizer", "reconstruct", "--checkpoint"])
+        .arg(ws.join("data/parity/vq_weights.safetensors"))
+        .arg("--model")
+        .arg(&args)
+        .args(["--image-size", "32", "--images"]);
+    for f in [
+        "camera.png",
+        "chelsea.png",
+        "coffee.png",
+        "flower.jpg",
+        "hopper.jpg",
+    ] {
+        cmd.arg(ws.join("data/images").join(f));
+    }
+    let o = cmd
+        .arg("--inception")
+        .arg(fixtures().join("standin.onnx"))
+        .arg("--npz-dir")
+        .arg(&npz)
+        .arg("--out")
+        .arg(tmp.path().join("grid.png"))
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["images"], 5);
+    let rfid = r["rfid"].as_f64().unwrap();
+    assert!(rfid.is_finite() && rfid > 0.0, "{r}");
+    let (ok, got, text) = eval(
+        &npz.join("reconstructions.npz"),
+        &npz.join("originals.npz"),
+        &fixtures().join("standin.onnx"),
+        &tmp.path().join("e.json"),
+    );
+    assert!(ok, "{text}");
+    close(&got["fid"], &serde_json::json!(rfid), "rFID against eval");
+}
