@@ -6,25 +6,46 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use clap::Args;
+use clap::{Args, Subcommand};
 use llamagen_eval::batch::{self, Images};
 use llamagen_eval::inception::{Activations, Inception};
 use llamagen_eval::{FidStats, Reference, evaluate};
 use llamagen_filters::model::ModelOptions;
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct EvalArgs {
+    #[command(subcommand)]
+    pub protocol: Option<Protocol>,
+    #[command(flatten)]
+    pub batch: BatchArgs,
+}
+
+/// The paper's evaluation protocols, each one command.
+#[derive(Subcommand, Debug)]
+pub enum Protocol {
+    /// Class-conditional ImageNet as the paper reports it: class-balanced samples from a
+    /// checkpoint (written in resumable shards), then the ADM evaluator's metrics.
+    C2i(Box<crate::eval_c2i::C2iArgs>),
+    /// Text-to-image as the paper reports it (GigaGAN's evaluation): clean-fid FID and CLIP score
+    /// of a folder of generated images and their captions.
+    T2i(Box<crate::eval_t2i::T2iArgs>),
+}
+
+/// `llamagen eval` without a protocol: the ADM metrics of a sample batch.
+#[derive(Args, Debug)]
+pub struct BatchArgs {
     /// Sample batch: an ADM `.npz` (`arr_0`: uint8 N×H×W×3, as `llamagen sample --npz` writes)
     /// or a folder of images.
-    #[arg(long)]
-    pub sample: PathBuf,
+    #[arg(long, required = true)]
+    pub sample: Option<PathBuf>,
     /// Reference batch: an ADM `.npz` (`arr_0` images and/or precomputed `mu`, `sigma`, `mu_s`,
     /// `sigma_s`, as `VIRTUAL_imagenet256_labeled.npz`) or a folder of images.
-    #[arg(long = "ref")]
-    pub reference: PathBuf,
+    #[arg(long = "ref", required = true)]
+    pub reference: Option<PathBuf>,
     /// Inception-v3 ONNX model with the evaluator's outputs (`scripts/export-inception.py`).
-    #[arg(long)]
-    pub inception: PathBuf,
+    #[arg(long, required = true)]
+    pub inception: Option<PathBuf>,
     /// Images per inference call.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
@@ -77,31 +98,42 @@ fn file_statistics(path: &Path) -> Result<Option<(FidStats, FidStats)>> {
 }
 
 pub fn run(args: EvalArgs) -> Result<ExitCode> {
+    match args.protocol {
+        Some(Protocol::C2i(a)) => crate::eval_c2i::run(*a),
+        Some(Protocol::T2i(a)) => crate::eval_t2i::run(*a),
+        None => run_batch(args.batch),
+    }
+}
+
+fn run_batch(args: BatchArgs) -> Result<ExitCode> {
+    let (Some(sample_path), Some(reference), Some(inception)) =
+        (&args.sample, &args.reference, &args.inception)
+    else {
+        bail!("llamagen eval needs --sample, --ref and --inception (or a protocol: c2i, t2i)");
+    };
     let model = Inception::load(
-        &args.inception,
+        inception,
         &ModelOptions {
             intra_threads: args.intra_threads,
             batch_size: args.batch_size,
             ..ModelOptions::default()
         },
     )?;
-    let sample = activations(&model, "sample", &batch::images(&args.sample)?)?;
-    let statistics = file_statistics(&args.reference)?;
-    let has_images = args.reference.is_dir()
-        || batch::npz_names(&args.reference)?
-            .iter()
-            .any(|n| n == "arr_0");
+    let sample = activations(&model, "sample", &batch::images(sample_path)?)?;
+    let statistics = file_statistics(reference)?;
+    let has_images =
+        reference.is_dir() || batch::npz_names(reference)?.iter().any(|n| n == "arr_0");
     if !has_images && statistics.is_none() {
         bail!(
             "{}: the reference has neither images (arr_0) nor statistics (mu, sigma, mu_s, sigma_s)",
-            args.reference.display()
+            reference.display()
         );
     }
-    let reference = match has_images {
+    let reference_acts = match has_images {
         true => Some(activations(
             &model,
             "reference",
-            &batch::images(&args.reference)?,
+            &batch::images(reference)?,
         )?),
         false => None,
     };
@@ -109,7 +141,7 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
         if pool.dim != sample.pool_dim || spatial.dim != sample.spatial_dim {
             bail!(
                 "{}: statistics of width {}/{}, the model's features are {}/{} wide",
-                args.reference.display(),
+                reference.display(),
                 pool.dim,
                 spatial.dim,
                 sample.pool_dim,
@@ -120,7 +152,7 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
     let report = evaluate(
         &sample,
         Reference {
-            activations: reference.as_ref(),
+            activations: reference_acts.as_ref(),
             statistics,
         },
     )?;
@@ -137,7 +169,7 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
     let out = args
         .out
         .clone()
-        .unwrap_or_else(|| args.sample.with_extension("json"));
+        .unwrap_or_else(|| sample_path.with_extension("json"));
     let mut json = serde_json::to_value(&report)?;
     json["inception_model"] = model.name.clone().into();
     json["inception_sha256"] = model.sha256.clone().into();

@@ -3,7 +3,9 @@
 mod catalog_cmd;
 mod conformance_cmd;
 mod encode_cmd;
+mod eval_c2i;
 mod eval_cmd;
+mod eval_t2i;
 mod export_cmd;
 mod filter_cmd;
 mod ingest_cmd;
