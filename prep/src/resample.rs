@@ -8,7 +8,9 @@
 //! - Antialiased filters (support × max(1, in/out)); coefficients normalised to sum 1, quantised
 //!   to [`PRECISION_BITS`] fractional bits (rounded half away from zero); 32-bit accumulators
 //!   starting at one half. BOX has support ½ and covers (−½, ½]; BILINEAR is the triangle;
-//!   BICUBIC is Keys with a = −0.5.
+//!   BICUBIC is Keys with a = −0.5; LANCZOS is `sinc(x)·sinc(x/3)` on [−3, 3).
+//! - Mode `F` (one float32 channel, [`resize_f32`]): the same coefficients unquantised, float64
+//!   sums stored as float32, the same pass order.
 //! - Computing only a window of the output gives the same bytes as resizing everything and
 //!   cropping. On x86-64 CPUs with AVX2 the two passes run as vector kernels computing the same
 //!   integer sums (tests compare them with the scalar loops byte for byte).
@@ -31,6 +33,8 @@ pub enum Filter {
     Bilinear,
     /// `Image.BICUBIC`: Keys cubic, a = −0.5, support 2.
     Bicubic,
+    /// `Image.LANCZOS`: `sinc(x)·sinc(x/3)` on [−3, 3), support 3.
+    Lanczos,
 }
 
 impl Filter {
@@ -39,6 +43,7 @@ impl Filter {
             Filter::Box => 0.5,
             Filter::Bilinear => 1.0,
             Filter::Bicubic => 2.0,
+            Filter::Lanczos => 3.0,
         }
     }
 
@@ -47,9 +52,25 @@ impl Filter {
             // Asymmetric: −½ is out, ½ is in.
             return if x > -0.5 && x <= 0.5 { 1.0 } else { 0.0 };
         }
+        if self == Filter::Lanczos {
+            // Asymmetric too: −3 is in, 3 is out.
+            let sinc = |x: f64| {
+                if x == 0.0 {
+                    1.0
+                } else {
+                    let x = x * std::f64::consts::PI;
+                    x.sin() / x
+                }
+            };
+            return if (-3.0..3.0).contains(&x) {
+                sinc(x) * sinc(x / 3.0)
+            } else {
+                0.0
+            };
+        }
         let x = x.abs();
         match self {
-            Filter::Box => unreachable!("handled above"),
+            Filter::Box | Filter::Lanczos => unreachable!("handled above"),
             Filter::Bilinear => {
                 if x < 1.0 {
                     1.0 - x
@@ -79,15 +100,23 @@ struct Coeffs {
     k: Vec<i32>,
 }
 
-fn coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
+/// Normalised coefficients of one pass, as Pillow's `precompute_coeffs`: output `i` reads inputs
+/// `start[i] .. start[i]+len[i]` with weights `k[i·ksize ..]`.
+struct CoeffsF64 {
+    ksize: usize,
+    start: Vec<usize>,
+    len: Vec<usize>,
+    k: Vec<f64>,
+}
+
+fn coeffs_f64(in_size: usize, out_size: usize, filter: Filter) -> CoeffsF64 {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = filter.support() * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
     let mut start = Vec::with_capacity(out_size);
     let mut len = Vec::with_capacity(out_size);
-    let mut k = vec![0i32; out_size * ksize];
-    let mut w = vec![0f64; ksize];
+    let mut k = vec![0f64; out_size * ksize];
     let ss = 1.0 / filterscale;
     for xx in 0..out_size {
         let center = (xx as f64 + 0.5) * scale;
@@ -95,28 +124,102 @@ fn coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
         let xmin = ((center - support + 0.5) as i64).max(0) as usize;
         let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
         let n = xmax.saturating_sub(xmin);
+        let w = &mut k[xx * ksize..xx * ksize + n];
         let mut ww = 0.0;
-        for (x, wx) in w.iter_mut().enumerate().take(n) {
+        for (x, wx) in w.iter_mut().enumerate() {
             *wx = filter.weight((x as f64 + xmin as f64 - center + 0.5) * ss);
             ww += *wx;
         }
-        for x in 0..n {
-            let v = if ww != 0.0 { w[x] / ww } else { w[x] };
-            let f = v * (1u32 << PRECISION_BITS) as f64;
-            k[xx * ksize + x] = if v < 0.0 {
-                (-0.5 + f) as i32
-            } else {
-                (0.5 + f) as i32
-            };
+        if ww != 0.0 {
+            for wx in w.iter_mut() {
+                *wx /= ww;
+            }
         }
         start.push(xmin);
         len.push(n);
     }
-    Coeffs {
+    CoeffsF64 {
         ksize,
         start,
         len,
         k,
+    }
+}
+
+fn coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
+    let c = coeffs_f64(in_size, out_size, filter);
+    let k =
+        c.k.iter()
+            .map(|&v| {
+                let f = v * (1u32 << PRECISION_BITS) as f64;
+                if v < 0.0 {
+                    (-0.5 + f) as i32
+                } else {
+                    (0.5 + f) as i32
+                }
+            })
+            .collect();
+    Coeffs {
+        ksize: c.ksize,
+        start: c.start,
+        len: c.len,
+        k,
+    }
+}
+
+/// Pillow's `Image.resize((out_w, out_h), filter)` of a mode-`F` image (one float32 channel,
+/// `in_w`×`in_h`, row-major), as clean-fid resizes each channel: the same coefficients as the
+/// 8-bit path without quantisation, each output a float64 sum of `pixel · weight` stored as
+/// float32, pass order as [`resize_window`].
+pub fn resize_f32(
+    src: &[f32],
+    in_w: usize,
+    in_h: usize,
+    out_w: usize,
+    out_h: usize,
+    filter: Filter,
+) -> Vec<f32> {
+    assert_eq!(src.len(), in_w * in_h, "source size");
+    let horizontal = |img: &[f32], w: usize, h: usize| -> Vec<f32> {
+        let c = coeffs_f64(w, out_w, filter);
+        let mut out = Vec::with_capacity(out_w * h);
+        for row in img.chunks_exact(w) {
+            for xx in 0..out_w {
+                let k = &c.k[xx * c.ksize..xx * c.ksize + c.len[xx]];
+                let px = &row[c.start[xx]..c.start[xx] + c.len[xx]];
+                let ss: f64 = px.iter().zip(k).fold(0.0, |s, (&p, &w)| s + p as f64 * w);
+                out.push(ss as f32);
+            }
+        }
+        out
+    };
+    let vertical = |img: &[f32], w: usize, h: usize| -> Vec<f32> {
+        let c = coeffs_f64(h, out_h, filter);
+        let mut out = Vec::with_capacity(w * out_h);
+        for yy in 0..out_h {
+            let k = &c.k[yy * c.ksize..yy * c.ksize + c.len[yy]];
+            for x in 0..w {
+                let ss: f64 = k.iter().enumerate().fold(0.0, |s, (j, &wt)| {
+                    s + img[(c.start[yy] + j) * w + x] as f64 * wt
+                });
+                out.push(ss as f32);
+            }
+        }
+        out
+    };
+    let (dh, dw) = (in_h as i64 - out_h as i64, in_w as i64 - out_w as i64);
+    match (out_w != in_w, out_h != in_h) {
+        (false, false) => src.to_vec(),
+        (true, false) => horizontal(src, in_w, in_h),
+        (false, true) => vertical(src, in_w, in_h),
+        (true, true) if dh > 0 && dh > 2 * dw => {
+            let mid = vertical(src, in_w, in_h);
+            horizontal(&mid, in_w, out_h)
+        }
+        (true, true) => {
+            let mid = horizontal(src, in_w, in_h);
+            vertical(&mid, out_w, in_h)
+        }
     }
 }
 
@@ -605,7 +708,12 @@ mod tests {
         let img = RgbImage::from_fn(97, 61, |x, y| {
             image::Rgb([(x * 7 + y) as u8, (x * y) as u8, (255 - x * 2) as u8])
         });
-        for f in [Filter::Bicubic, Filter::Bilinear, Filter::Box] {
+        for f in [
+            Filter::Bicubic,
+            Filter::Bilinear,
+            Filter::Box,
+            Filter::Lanczos,
+        ] {
             let full = resize_window(&img, 150, 40, f, (0, 0, 150, 40));
             let win = resize_window(&img, 150, 40, f, (30, 5, 60, 30));
             for y in 0..30 {
@@ -667,7 +775,12 @@ mod tests {
         assert!(!halving(&coeffs(512, 256, Filter::Bilinear), 0, 256));
         for (i, &((w, h), (ow, oh), win)) in cases.iter().enumerate() {
             let img = noise(w, h, i as u32);
-            for f in [Filter::Bicubic, Filter::Bilinear, Filter::Box] {
+            for f in [
+                Filter::Bicubic,
+                Filter::Bilinear,
+                Filter::Box,
+                Filter::Lanczos,
+            ] {
                 let a = resize_window_with(&img, ow, oh, f, win, Kernels::Scalar);
                 let b = resize_window_with(&img, ow, oh, f, win, kernels);
                 assert_eq!(a.len(), (win.2 * win.3 * 3) as usize);
