@@ -37,12 +37,25 @@ pub enum Protocol {
 pub struct BatchArgs {
     /// Sample batch: an ADM `.npz` (`arr_0`: uint8 N×H×W×3, as `llamagen sample --npz` writes)
     /// or a folder of images.
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "sample_query")]
     pub sample: Option<PathBuf>,
+    /// Sample batch from the catalog at --root: a read-only SQL query over `samples` returning
+    /// the stored `images` column (e.g. `SELECT key, images FROM samples WHERE status = 'ok'`);
+    /// the rendition of --image-size px is taken, in the query's row order.
+    #[arg(long, conflicts_with = "sample")]
+    pub sample_query: Option<String>,
     /// Reference batch: an ADM `.npz` (`arr_0` images and/or precomputed `mu`, `sigma`, `mu_s`,
     /// `sigma_s`, as `VIRTUAL_imagenet256_labeled.npz`) or a folder of images.
-    #[arg(long = "ref", required = true)]
+    #[arg(long = "ref", required_unless_present = "ref_query")]
     pub reference: Option<PathBuf>,
+    /// Reference batch from the catalog at --root, as --sample-query.
+    #[arg(long, conflicts_with = "reference")]
+    pub ref_query: Option<String>,
+    /// The stored rendition (px) that --sample-query and --ref-query take.
+    #[arg(long, default_value_t = 256)]
+    pub image_size: u32,
+    #[command(flatten)]
+    pub catalog: crate::catalog_cmd::RootArgs,
     /// Inception-v3 ONNX model with the evaluator's outputs (`scripts/export-inception.py`).
     #[arg(long, required = true)]
     pub inception: Option<PathBuf>,
@@ -52,12 +65,13 @@ pub struct BatchArgs {
     /// ONNX Runtime threads inside one operator (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub intra_threads: usize,
-    /// Write the metrics as JSON (default: the sample path with `.json`).
+    /// Write the metrics as JSON (default: the sample path with `.json`, `eval.json` for a
+    /// query).
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
 
-fn activations(model: &Inception, what: &str, images: &Images) -> Result<Activations> {
+pub(crate) fn activations(model: &Inception, what: &str, images: &Images) -> Result<Activations> {
     let bar = indicatif::ProgressBar::new(images.n as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(&format!(
@@ -105,21 +119,32 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
     }
 }
 
-fn run_batch(args: BatchArgs) -> Result<ExitCode> {
-    let (Some(sample_path), Some(reference), Some(inception)) =
-        (&args.sample, &args.reference, &args.inception)
-    else {
-        bail!("llamagen eval needs --sample, --ref and --inception (or a protocol: c2i, t2i)");
-    };
-    let model = Inception::load(
-        inception,
+/// The Inception model of `path` with `batch_size` images per call and `intra_threads` ONNX
+/// Runtime threads (0: one per core).
+pub(crate) fn load_inception(
+    path: &Path,
+    batch_size: usize,
+    intra_threads: usize,
+) -> Result<Inception> {
+    Ok(Inception::load(
+        path,
         &ModelOptions {
-            intra_threads: args.intra_threads,
-            batch_size: args.batch_size,
+            intra_threads,
+            batch_size,
             ..ModelOptions::default()
         },
-    )?;
-    let sample = activations(&model, "sample", &batch::images(sample_path)?)?;
+    )?)
+}
+
+/// The evaluator's metrics of the samples' activations against the reference batch at
+/// `reference` (its statistics when it has them, its images' activations when it has images),
+/// printed as the evaluator prints them; the report as JSON with the Inception model's name and
+/// SHA-256.
+pub(crate) fn metrics_against(
+    model: &Inception,
+    sample: &Activations,
+    reference: &Path,
+) -> Result<serde_json::Value> {
     let statistics = file_statistics(reference)?;
     let has_images =
         reference.is_dir() || batch::npz_names(reference)?.iter().any(|n| n == "arr_0");
@@ -129,28 +154,45 @@ fn run_batch(args: BatchArgs) -> Result<ExitCode> {
             reference.display()
         );
     }
-    let reference_acts = match has_images {
-        true => Some(activations(
-            &model,
-            "reference",
-            &batch::images(reference)?,
-        )?),
+    let images = match has_images {
+        true => Some(batch::images(reference)?),
         false => None,
     };
-    if let Some((pool, spatial)) = &statistics {
-        if pool.dim != sample.pool_dim || spatial.dim != sample.spatial_dim {
-            bail!(
-                "{}: statistics of width {}/{}, the model's features are {}/{} wide",
-                reference.display(),
-                pool.dim,
-                spatial.dim,
-                sample.pool_dim,
-                sample.spatial_dim
-            );
-        }
+    metrics_of(
+        model,
+        sample,
+        &reference.display().to_string(),
+        statistics,
+        images.as_ref(),
+    )
+}
+
+/// [`metrics_against`] a reference given as its statistics and/or images; `label` names it in
+/// errors.
+fn metrics_of(
+    model: &Inception,
+    sample: &Activations,
+    label: &str,
+    statistics: Option<(FidStats, FidStats)>,
+    images: Option<&Images>,
+) -> Result<serde_json::Value> {
+    let reference_acts = match images {
+        Some(images) => Some(activations(model, "reference", images)?),
+        None => None,
+    };
+    if let Some((pool, spatial)) = &statistics
+        && (pool.dim != sample.pool_dim || spatial.dim != sample.spatial_dim)
+    {
+        bail!(
+            "{label}: statistics of width {}/{}, the model's features are {}/{} wide",
+            pool.dim,
+            spatial.dim,
+            sample.pool_dim,
+            sample.spatial_dim
+        );
     }
     let report = evaluate(
-        &sample,
+        sample,
         Reference {
             activations: reference_acts.as_ref(),
             statistics,
@@ -166,13 +208,44 @@ fn run_batch(args: BatchArgs) -> Result<ExitCode> {
         }
         _ => println!("Precision/Recall: not computed (the reference has no images, arr_0)"),
     }
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| sample_path.with_extension("json"));
     let mut json = serde_json::to_value(&report)?;
     json["inception_model"] = model.name.clone().into();
     json["inception_sha256"] = model.sha256.clone().into();
+    Ok(json)
+}
+
+fn run_batch(args: BatchArgs) -> Result<ExitCode> {
+    let Some(inception) = &args.inception else {
+        bail!("llamagen eval needs --inception (or a protocol: c2i, t2i)");
+    };
+    let query = |q: &str| -> Result<Images> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(crate::eval_catalog::query_images(
+            &args.catalog,
+            q,
+            args.image_size,
+        ))
+    };
+    let sample_images = match (&args.sample, &args.sample_query) {
+        (Some(p), _) => batch::images(p)?,
+        (None, Some(q)) => query(q)?,
+        (None, None) => bail!("llamagen eval needs --sample or --sample-query"),
+    };
+    let model = load_inception(inception, args.batch_size, args.intra_threads)?;
+    let sample = activations(&model, "sample", &sample_images)?;
+    drop(sample_images);
+    let json = match (&args.reference, &args.ref_query) {
+        (Some(r), _) => metrics_against(&model, &sample, r)?,
+        (None, Some(q)) => metrics_of(&model, &sample, q, None, Some(&query(q)?))?,
+        (None, None) => bail!("llamagen eval needs --ref or --ref-query"),
+    };
+    let out = match (&args.out, &args.sample) {
+        (Some(o), _) => o.clone(),
+        (None, Some(p)) => p.with_extension("json"),
+        (None, None) => PathBuf::from("eval.json"),
+    };
     std::fs::write(&out, serde_json::to_string_pretty(&json)? + "\n")
         .with_context(|| format!("writing {}", out.display()))?;
     eprintln!("wrote {}", out.display());

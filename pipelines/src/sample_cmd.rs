@@ -1,5 +1,7 @@
 //! `llamagen sample`: generate image tokens with a trained GPT (KV cache, CFG, temperature,
-//! top-k, top-p) and decode them with the VQ decoder into a PNG grid.
+//! top-k, top-p) and decode them with the VQ decoder into a PNG grid, and optionally the
+//! evaluation outputs (an ADM `.npz`, one PNG per image, resized as the official evaluation
+//! sampling does), or a GigaGAN-layout folder of prompts ([`sample_t2i_folder`]).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -7,14 +9,18 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
-use llamagen_encode::{ModelArgs, VqModel, augment};
-use llamagen_train::checkpoint::load_gpt;
+use llamagen_encode::augment;
 use llamagen_train::data::{DataConfig, caption_features, left_pad_captions};
-use llamagen_train::run::{RunConfig, parse_device};
-use llamagen_train::sample::{SamplingConfig, generate};
+use llamagen_train::run::RunConfig;
+use llamagen_train::sample::SamplingConfig;
 use llamagen_train::train::{MODEL_FILE, STATE_FILE, TrainState};
 use llamagen_train::{Condition, GptConfig, ModelType};
 use rand::SeedableRng;
+
+use crate::eval_sampling::{
+    Sampler, check_settings, derived_seed, fingerprint, images_u8, progress, resize_images,
+    vq_model_args, write_atomic, write_png,
+};
 
 #[derive(Args, Debug)]
 pub struct SampleArgs {
@@ -102,6 +108,25 @@ pub struct SampleArgs {
     /// input of the official evaluator.
     #[arg(long)]
     pub npz: Option<PathBuf>,
+    /// Also write one PNG per image into this folder, `000000.png`, `000001.png`, … in sample
+    /// order, as the official `sample_c2i_ddp.py` / `sample_t2i_ddp.py` save them
+    /// (`Image.fromarray` of the uint8 conversion of --npz).
+    #[arg(long)]
+    pub png_dir: Option<PathBuf>,
+    /// Resize the --npz, --png-dir and --float-npy images to N×N as `sample_c2i_ddp.py` does
+    /// for evaluation (torch `F.interpolate(mode='bicubic')` on the decoder output, e.g. 384 ->
+    /// 256); not the grid. Nothing changes when the images already have that size.
+    #[arg(long)]
+    pub image_size_eval: Option<usize>,
+    /// Also write the decoder's float32 images (N×3×H×W `.npy`, after --image-size-eval, before
+    /// the uint8 conversion).
+    #[arg(long)]
+    pub float_npy: Option<PathBuf>,
+    /// t2i: instead of a grid, sample the --prompt/--prompts into this folder in GigaGAN's
+    /// evaluation layout (`images/000000.png`…, `captions.txt`), resumable: a re-run skips the
+    /// images already there and refuses other settings.
+    #[arg(long)]
+    pub folder: Option<PathBuf>,
 }
 
 /// Sampling defaults of the official scripts (`sample_c2i.py`, `sample_t2i.py`): CFG scale and
@@ -152,21 +177,18 @@ fn read_prompts(path: &Path) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
-/// Caption features of `prompts` from the T5 encoder at `dir`, rounded to bfloat16 as the
-/// pipeline stores training features (and as the official scripts run T5), `(tokens, dim,
-/// values)` each.
-fn prompt_features(
+/// The T5 encoder at `dir` (its tokenizer from `tokenizer` when given), on the CPU.
+fn load_t5(
     dir: &Path,
     tokenizer: Option<&Path>,
-    prompts: &[(String, String)],
     max_tokens: usize,
-) -> Result<Vec<(usize, usize, Vec<f32>)>> {
-    use llamagen_encode::text_encoder::{ModelPaths, StoreDtype, TextEncoder, TextEncoderConfig};
+) -> Result<llamagen_encode::text_encoder::TextEncoder> {
+    use llamagen_encode::text_encoder::{ModelPaths, TextEncoder, TextEncoderConfig};
     let mut paths = ModelPaths::in_dir(dir);
     if let Some(t) = tokenizer {
         paths.tokenizer = t.to_path_buf();
     }
-    let enc = TextEncoder::load(
+    TextEncoder::load(
         &paths,
         &Device::Cpu,
         DType::F32,
@@ -175,7 +197,17 @@ fn prompt_features(
             ..Default::default()
         },
     )
-    .with_context(|| format!("loading the T5 encoder {}", dir.display()))?;
+    .with_context(|| format!("loading the T5 encoder {}", dir.display()))
+}
+
+/// Caption features of `prompts` (each with the label naming it in errors) from `enc`, rounded
+/// to bfloat16 as the pipeline stores training features (and as the official scripts run T5),
+/// `(tokens, dim, values)` each.
+fn encode_prompts(
+    enc: &llamagen_encode::text_encoder::TextEncoder,
+    prompts: &[(String, String)],
+) -> Result<Vec<(usize, usize, Vec<f32>)>> {
+    use llamagen_encode::text_encoder::StoreDtype;
     let refs: Vec<&str> = prompts.iter().map(|(_, p)| p.as_str()).collect();
     enc.encode(&refs)?
         .into_iter()
@@ -190,52 +222,57 @@ fn prompt_features(
         .collect()
 }
 
-/// Images `(B, 3, H, W)` in about [-1, 1] as uint8 `B×H×W×3`, as the official sampling scripts
-/// convert them for the evaluator: `clamp(127.5·x + 128, 0, 255)`, truncated to uint8.
-fn images_u8(images: &Tensor) -> Result<(Vec<usize>, Vec<u8>)> {
-    let images = images.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-    let (b, c, h, w) = images.dims4()?;
-    let x = images
-        .permute((0, 2, 3, 1))?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let bytes = x
-        .iter()
-        .map(|&v| (127.5 * v + 128.0).clamp(0.0, 255.0) as u8)
-        .collect();
-    Ok((vec![b, h, w, c], bytes))
+/// Caption features of `prompts` from the T5 encoder at `dir` (see [`encode_prompts`]).
+fn prompt_features(
+    dir: &Path,
+    tokenizer: Option<&Path>,
+    prompts: &[(String, String)],
+    max_tokens: usize,
+) -> Result<Vec<(usize, usize, Vec<f32>)>> {
+    encode_prompts(&load_t5(dir, tokenizer, max_tokens)?, prompts)
+}
+
+/// Caption features `(tokens, dim, values)` as the model's condition: left-padded to its
+/// `cls_token_num` tokens, with the caption mask.
+fn caption_condition(
+    cfg: &GptConfig,
+    feats: Vec<(usize, usize, Vec<f32>)>,
+    device: &Device,
+) -> Result<(Condition, Tensor)> {
+    let (t, c) = (cfg.cls_token_num, cfg.caption_dim);
+    if let Some((_, dim, _)) = feats.iter().find(|(_, d, _)| *d != c) {
+        bail!("caption features of width {dim}, the model has caption_dim {c}");
+    }
+    let caps: Vec<(usize, Vec<f32>)> = feats.into_iter().map(|(l, _, v)| (l, v)).collect();
+    let refs: Vec<Option<&(usize, Vec<f32>)>> = caps.iter().map(Some).collect();
+    let (cap, mask) = left_pad_captions(&refs, t, c)?;
+    let b = caps.len();
+    Ok((
+        Condition::Caption(Tensor::from_vec(cap, (b, t, c), device)?),
+        Tensor::from_vec(mask, (b, t), device)?,
+    ))
 }
 
 /// Writes `arr_0` as an `.npz` (a zip of `arr_0.npy`), as `np.savez` does.
 pub fn write_npz(path: &Path, shape: &[usize], data: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("npz.partial");
-    let file = std::fs::File::create(&tmp).with_context(|| tmp.display().to_string())?;
-    let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(file));
-    let npy = crate::export_cmd::npy_bytes("|u1", shape, data);
-    zip.start_file(
-        "arr_0.npy",
-        zip::write::SimpleFileOptions::default()
-            .compression_method(zip::CompressionMethod::Stored)
-            .large_file(npy.len() as u64 >= u32::MAX as u64),
-    )?;
-    zip.write_all(&npy)?;
-    zip.finish()?.flush()?;
-    std::fs::rename(&tmp, path).with_context(|| path.display().to_string())?;
-    Ok(())
+    crate::eval_sampling::write_npz(path, shape, data, None)
 }
 
-fn model_config(args: &SampleArgs) -> Result<(GptConfig, PathBuf)> {
-    let (weights, state) = if args.checkpoint.is_dir() && args.checkpoint.join(MODEL_FILE).exists()
-    {
+/// The GPT config and weights file of `checkpoint`: a training checkpoint directory (its
+/// train_state.json has the model) or a weights file whose model `config` (a run config) gives.
+pub(crate) fn model_config(
+    checkpoint: &Path,
+    config: Option<&Path>,
+) -> Result<(GptConfig, PathBuf)> {
+    let (weights, state) = if checkpoint.is_dir() && checkpoint.join(MODEL_FILE).exists() {
         (
-            args.checkpoint.join(MODEL_FILE),
-            Some(args.checkpoint.join(STATE_FILE)),
+            checkpoint.join(MODEL_FILE),
+            Some(checkpoint.join(STATE_FILE)),
         )
     } else {
-        (args.checkpoint.clone(), None)
+        (checkpoint.to_path_buf(), None)
     };
-    if let Some(cfg) = &args.config {
+    if let Some(cfg) = config {
         return Ok((RunConfig::from_file(cfg)?.model.gpt_config()?, weights));
     }
     match state.filter(|s| s.exists()) {
@@ -248,21 +285,9 @@ fn model_config(args: &SampleArgs) -> Result<(GptConfig, PathBuf)> {
         }
         None => bail!(
             "{} is not a training checkpoint directory: give --config with the model",
-            args.checkpoint.display()
+            checkpoint.display()
         ),
     }
-}
-
-fn vq_args(name: &str) -> Result<ModelArgs> {
-    Ok(match name {
-        "vq16" => ModelArgs::vq_16(),
-        "vq8" => ModelArgs::vq_8(),
-        "reduced" => ModelArgs::reduced(),
-        path => serde_json::from_str(
-            &std::fs::read_to_string(path).with_context(|| format!("--vq-args {path}"))?,
-        )
-        .with_context(|| format!("--vq-args {path}"))?,
-    })
 }
 
 fn read_npy(path: &Path) -> Result<(usize, usize, Vec<f32>)> {
@@ -291,10 +316,17 @@ fn grid(images: &Tensor, nrow: usize) -> Result<image::RgbImage> {
 }
 
 pub fn run(args: SampleArgs) -> Result<ExitCode> {
-    let device = parse_device(&args.device)?;
-    let (cfg, weights) = model_config(&args)?;
-    let model = load_gpt(&weights, &cfg, DType::F32, &device)
-        .with_context(|| format!("loading {}", weights.display()))?;
+    if let Some(dir) = &args.folder {
+        return run_folder(&args, dir);
+    }
+    let sampler = Sampler::load(
+        &args.checkpoint,
+        args.config.as_deref(),
+        &args.vq,
+        &args.vq_args,
+        &args.device,
+    )?;
+    let (cfg, device) = (&sampler.cfg, &sampler.device);
     let (cond, emb_mask) = match cfg.model_type {
         ModelType::C2i => {
             if args.labels.is_empty() {
@@ -308,7 +340,7 @@ pub fn run(args: SampleArgs) -> Result<ExitCode> {
             }
             let n = args.labels.len();
             (
-                Condition::Class(Tensor::from_vec(args.labels.clone(), n, &device)?),
+                Condition::Class(Tensor::from_vec(args.labels.clone(), n, device)?),
                 None,
             )
         }
@@ -364,70 +396,22 @@ pub fn run(args: SampleArgs) -> Result<ExitCode> {
                     "a t2i model needs --prompt, --prompts, --caption-npy or --catalog with --keys"
                 );
             }
-            let (t, c) = (cfg.cls_token_num, cfg.caption_dim);
-            if let Some((_, dim, _)) = feats.iter().find(|(_, d, _)| *d != c) {
-                bail!("caption features of width {dim}, the model has caption_dim {c}");
-            }
-            let caps: Vec<(usize, Vec<f32>)> = feats.into_iter().map(|(l, _, v)| (l, v)).collect();
-            let refs: Vec<Option<&(usize, Vec<f32>)>> = caps.iter().map(Some).collect();
-            let (cap, mask) = left_pad_captions(&refs, t, c)?;
-            let b = caps.len();
-            (
-                Condition::Caption(Tensor::from_vec(cap, (b, t, c), &device)?),
-                Some(Tensor::from_vec(mask, (b, t), &device)?),
-            )
+            let (c, mask) = caption_condition(cfg, feats, device)?;
+            (c, Some(mask))
         }
     };
-    let (cfg_default, top_k_default) = official_defaults(cfg.model_type);
-    let sc = SamplingConfig {
-        cfg_scale: args.cfg_scale.unwrap_or(cfg_default),
-        cfg_interval: args.cfg_interval,
-        temperature: args.temperature,
-        top_k: args.top_k.unwrap_or(top_k_default),
-        top_p: args.top_p,
-        sample_logits: true,
-    };
+    let sc = sampling_config(&args, cfg.model_type);
     eprintln!(
         "sampling: cfg scale {}, top-k {}, top-p {}, temperature {}, seed {}",
         sc.cfg_scale, sc.top_k, sc.top_p, sc.temperature, args.seed
     );
-    // The decoder is checked and loaded before any token is generated, so a wrong --vq fails at
-    // once instead of after the whole generation.
-    let vq_args = vq_args(&args.vq_args)?;
-    if vq_args.codebook_size != cfg.vocab_size {
-        bail!(
-            "the VQ codebook has {} codes, the GPT vocabulary {}",
-            vq_args.codebook_size,
-            cfg.vocab_size
-        );
-    }
-    let vq = VqModel::from_file(&args.vq, &vq_args, &device)
-        .with_context(|| format!("loading {}", args.vq.display()))?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let start = std::time::Instant::now();
+    let n = cond.batch_size()?;
     // Generated and decoded in batches of --batch-size (a KV cache per batch, as the official
     // scripts' per-process batches), the generator running on across batches.
-    let n = match &cond {
-        Condition::Class(t) | Condition::Caption(t) => t.dim(0)?,
-    };
-    let per = args.batch_size.max(1);
-    let g = cfg.grid_size();
-    let (mut token_rows, mut decoded) = (Vec::<Vec<u32>>::new(), Vec::<Tensor>::new());
-    for b0 in (0..n).step_by(per) {
-        let m = per.min(n - b0);
-        let c = match &cond {
-            Condition::Class(t) => Condition::Class(t.narrow(0, b0, m)?),
-            Condition::Caption(t) => Condition::Caption(t.narrow(0, b0, m)?),
-        };
-        let mask = emb_mask.as_ref().map(|t| t.narrow(0, b0, m)).transpose()?;
-        let tokens = generate(&model, &c, mask.as_ref(), cfg.block_size, &sc, &mut rng)?;
-        token_rows.extend(tokens.to_vec2::<u32>()?);
-        let images = vq.decode_code(&tokens, (m, vq_args.codebook_embed_dim, g, g))?;
-        decoded.push(images.to_device(&Device::Cpu)?);
-        if n > per {
-            eprintln!("{} of {n} images", b0 + m);
-        }
-    }
+    let (images, token_rows) =
+        sampler.sample(&cond, emb_mask.as_ref(), &sc, args.batch_size, &mut rng)?;
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
         "generated {n} x {} tokens in {secs:.2} s ({:.1} tokens/s)",
@@ -438,11 +422,39 @@ pub fn run(args: SampleArgs) -> Result<ExitCode> {
         std::fs::write(p, serde_json::to_string(&token_rows)?)
             .with_context(|| p.display().to_string())?;
     }
-    let images = Tensor::cat(&decoded, 0)?;
-    if let Some(p) = &args.npz {
-        let (shape, bytes) = images_u8(&images)?;
-        write_npz(p, &shape, &bytes)?;
-        eprintln!("wrote {} (arr_0: uint8 {shape:?})", p.display());
+    if args.npz.is_some() || args.png_dir.is_some() || args.float_npy.is_some() {
+        // The evaluation outputs: resized as sample_c2i_ddp.py does for a model sampling at
+        // another size than the evaluation's, then converted as it converts them.
+        let eval_images = match args.image_size_eval {
+            Some(s) => resize_images(&images, s)?,
+            None => images.clone(),
+        };
+        if let Some(p) = &args.float_npy {
+            let (b, c, h, w) = eval_images.dims4()?;
+            let v = eval_images.flatten_all()?.to_vec1::<f32>()?;
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            crate::export_cmd::write_npy(p, "<f4", &[b, c, h, w], &bytes)?;
+            eprintln!("wrote {} (float32 {:?})", p.display(), [b, c, h, w]);
+        }
+        let (shape, bytes) = images_u8(&eval_images)?;
+        if let Some(p) = &args.npz {
+            write_npz(p, &shape, &bytes)?;
+            eprintln!("wrote {} (arr_0: uint8 {shape:?})", p.display());
+        }
+        if let Some(dir) = &args.png_dir {
+            std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+            let item = shape[1] * shape[2] * 3;
+            for (i, px) in bytes.chunks(item).enumerate() {
+                write_png(&dir.join(format!("{i:06}.png")), shape[1], shape[2], px)?;
+            }
+            eprintln!(
+                "wrote {} PNGs of {}x{} px into {}",
+                shape[0],
+                shape[2],
+                shape[1],
+                dir.display()
+            );
+        }
     }
     let img = grid(&images, args.nrow.unwrap_or(n.min(8)))?;
     img.save(&args.out)
@@ -454,4 +466,237 @@ pub fn run(args: SampleArgs) -> Result<ExitCode> {
         images.dim(2)?
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The sampling settings of `args` for a model of type `t` (the official scripts' defaults
+/// where not given).
+fn sampling_config(args: &SampleArgs, t: ModelType) -> SamplingConfig {
+    let (cfg_default, top_k_default) = official_defaults(t);
+    SamplingConfig {
+        cfg_scale: args.cfg_scale.unwrap_or(cfg_default),
+        cfg_interval: args.cfg_interval,
+        temperature: args.temperature,
+        top_k: args.top_k.unwrap_or(top_k_default),
+        top_p: args.top_p,
+        sample_logits: true,
+    }
+}
+
+/// `llamagen sample --folder DIR`: the prompts of --prompt/--prompts into a GigaGAN-layout folder.
+fn run_folder(args: &SampleArgs, dir: &Path) -> Result<ExitCode> {
+    let mut prompts = args.prompt.clone();
+    if let Some(f) = &args.prompts {
+        prompts.extend(read_prompts(f)?.into_iter().map(|(_, p)| p));
+    }
+    if prompts.is_empty()
+        || !args.labels.is_empty()
+        || !args.caption_npy.is_empty()
+        || !args.keys.is_empty()
+    {
+        bail!(
+            "--folder samples text prompts: give --prompt or --prompts (and --t5), not --labels, --caption-npy or --keys"
+        );
+    }
+    let opts = T2iFolderSampling {
+        checkpoint: args.checkpoint.clone(),
+        config: args.config.clone(),
+        vq: args.vq.clone(),
+        vq_args: args.vq_args.clone(),
+        t5: args
+            .t5
+            .clone()
+            .context("--folder needs --t5 (the T5 encoder directory)")?,
+        t5_tokenizer: args.t5_tokenizer.clone(),
+        sampling: sampling_config(args, ModelType::T2i),
+        seed: args.seed,
+        batch_size: args.batch_size,
+        device: args.device.clone(),
+        image_size_eval: args.image_size_eval,
+        progress: true,
+    };
+    let done = sample_t2i_folder(&opts, &prompts, dir)?;
+    println!(
+        "{}: {} images ({} generated now, {} already there)",
+        dir.display(),
+        done.images,
+        done.generated,
+        done.images - done.generated
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Settings of [`sample_t2i_folder`]: the models and the sampling settings of `llamagen sample`.
+#[derive(Debug, Clone)]
+pub struct T2iFolderSampling {
+    /// GPT checkpoint: a training checkpoint directory, or a weights file with `config`.
+    pub checkpoint: PathBuf,
+    /// Run config (TOML) whose [model] describes the GPT (for a weights file).
+    pub config: Option<PathBuf>,
+    /// VQ checkpoint and its architecture (`vq16`, `vq8`, `reduced` or a ModelArgs JSON file).
+    pub vq: PathBuf,
+    pub vq_args: String,
+    /// T5 encoder directory (the one the training features were made with) and its tokenizer
+    /// (default: `<t5>/tokenizer.json`).
+    pub t5: PathBuf,
+    pub t5_tokenizer: Option<PathBuf>,
+    /// CFG scale, interval, temperature, top-k, top-p (the official t2i defaults: cfg 7.5,
+    /// top-k 1000, top-p 1, temperature 1).
+    pub sampling: SamplingConfig,
+    pub seed: u64,
+    /// Prompts generated together (one KV cache); also the unit of resumption and of seeding.
+    pub batch_size: usize,
+    /// cpu, cuda or cuda:N.
+    pub device: String,
+    /// Resize the images to this square size (torch bicubic) before saving; None keeps the
+    /// decoder's size.
+    pub image_size_eval: Option<usize>,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+}
+
+/// What [`sample_t2i_folder`] found and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct T2iFolderSummary {
+    /// Images in the folder now (= the number of prompts).
+    pub images: usize,
+    /// Images generated by this call (the others were there from an earlier call).
+    pub generated: usize,
+}
+
+/// Samples one image per prompt of `prompts` into `dir` in the layout of GigaGAN's evaluation
+/// (and of `llamagen eval t2i`): `dir/images/000000.png`, `000001.png`, … in prompt order and
+/// `dir/captions.txt` with one caption per line in the same order (newlines and tabs in a
+/// prompt become spaces). The PNGs are the official `sample_t2i_ddp.py` conversion of the
+/// decoder output: `Image.fromarray(clamp(127.5·x + 128, 0, 255).uint8 HWC)`, after the
+/// `image_size_eval` bicubic resize when given.
+///
+/// Resumable and deterministic: prompts are generated in fixed batches of `opts.batch_size`
+/// (batch `k` = prompts `k·B .. (k+1)·B`), each with its own generator seeded from
+/// `(opts.seed, k)`; a batch whose PNGs all exist is skipped, every PNG is written atomically
+/// (tmp + rename), so a run killed at any point and called again gives the images of an
+/// uninterrupted run. `dir/sampling.json` records the settings at the first call; a later call
+/// with other settings is refused, as is one whose prompts disagree with an existing
+/// `captions.txt` (more prompts than before are fine: the folder grows).
+pub fn sample_t2i_folder(
+    opts: &T2iFolderSampling,
+    prompts: &[String],
+    dir: &Path,
+) -> Result<T2iFolderSummary> {
+    if prompts.is_empty() {
+        bail!("no prompts to sample into {}", dir.display());
+    }
+    let images_dir = dir.join("images");
+    std::fs::create_dir_all(&images_dir).with_context(|| images_dir.display().to_string())?;
+    let (cfg, weights) = model_config(&opts.checkpoint, opts.config.as_deref())?;
+    if cfg.model_type != ModelType::T2i {
+        bail!(
+            "{} is a {:?} model; a caption folder needs a t2i model",
+            opts.checkpoint.display(),
+            cfg.model_type
+        );
+    }
+    let sc = &opts.sampling;
+    let settings = serde_json::json!({
+        "checkpoint": fingerprint(&weights)?,
+        "model": serde_json::to_value(&cfg)?,
+        "vq": fingerprint(&opts.vq)?,
+        "vq_args": serde_json::to_value(vq_model_args(&opts.vq_args)?)?,
+        "t5": opts.t5.canonicalize().unwrap_or_else(|_| opts.t5.clone()).display().to_string(),
+        "cfg_scale": sc.cfg_scale,
+        "cfg_interval": sc.cfg_interval,
+        "temperature": sc.temperature,
+        "top_k": sc.top_k,
+        "top_p": sc.top_p,
+        "seed": opts.seed,
+        "batch_size": opts.batch_size.max(1),
+        "image_size_eval": opts.image_size_eval,
+        "dtype": "float32",
+        "device": opts.device,
+    });
+    check_settings(
+        &dir.join("sampling.json"),
+        &settings,
+        &["checkpoint.path", "vq.path", "t5", "device"],
+    )?;
+    // captions.txt: the existing lines must be the prompts' first lines.
+    let captions: Vec<String> = prompts
+        .iter()
+        .map(|p| p.replace(['\r', '\n', '\t'], " "))
+        .collect();
+    let cap_path = dir.join("captions.txt");
+    if cap_path.exists() {
+        let old =
+            std::fs::read_to_string(&cap_path).with_context(|| cap_path.display().to_string())?;
+        let old: Vec<&str> = old.lines().collect();
+        if let Some(i) = (0..old.len().min(captions.len())).find(|&i| old[i] != captions[i]) {
+            bail!(
+                "{} line {} is {:?}, the prompt is {:?}: another prompt list (use another folder)",
+                cap_path.display(),
+                i + 1,
+                old[i],
+                captions[i]
+            );
+        }
+        if old.len() > captions.len() {
+            bail!(
+                "{} has {} captions, more than the {} prompts given: another prompt list",
+                cap_path.display(),
+                old.len(),
+                captions.len()
+            );
+        }
+    }
+    write_atomic(&cap_path, (captions.join("\n") + "\n").as_bytes())?;
+
+    let n = prompts.len();
+    let per = opts.batch_size.max(1);
+    let png = |i: usize| images_dir.join(format!("{i:06}.png"));
+    let todo: Vec<usize> = (0..n.div_ceil(per))
+        .filter(|&k| (k * per..n.min((k + 1) * per)).any(|i| !png(i).exists()))
+        .collect();
+    let missing: usize = todo.iter().map(|&k| n.min((k + 1) * per) - k * per).sum();
+    if todo.is_empty() {
+        return Ok(T2iFolderSummary {
+            images: n,
+            generated: 0,
+        });
+    }
+    let sampler = Sampler::load(
+        &opts.checkpoint,
+        opts.config.as_deref(),
+        &opts.vq,
+        &opts.vq_args,
+        &opts.device,
+    )?;
+    let t5 = load_t5(&opts.t5, opts.t5_tokenizer.as_deref(), cfg.cls_token_num)?;
+    let bar = progress((n) as u64, (n - missing) as u64, "images");
+    if !opts.progress {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    for k in todo {
+        let range = k * per..n.min((k + 1) * per);
+        let labelled: Vec<(String, String)> = range
+            .clone()
+            .map(|i| (format!("prompt {}", i + 1), prompts[i].clone()))
+            .collect();
+        let feats = encode_prompts(&t5, &labelled)?;
+        let (cond, mask) = caption_condition(&sampler.cfg, feats, &sampler.device)?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(derived_seed(opts.seed, 2, k as u64));
+        let (images, _) = sampler.sample(&cond, Some(&mask), sc, per, &mut rng)?;
+        let images = match opts.image_size_eval {
+            Some(s) => resize_images(&images, s)?,
+            None => images,
+        };
+        let (shape, bytes) = images_u8(&images)?;
+        let item = shape[1] * shape[2] * 3;
+        for (i, px) in range.clone().zip(bytes.chunks(item)) {
+            write_png(&png(i), shape[1], shape[2], px)?;
+        }
+        bar.inc(range.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(T2iFolderSummary {
+        images: n,
+        generated: missing,
+    })
 }

@@ -285,3 +285,154 @@ fn tokenizer_reconstruct_reports_rfid() {
     assert!(ok, "{text}");
     close(&got["fid"], &serde_json::json!(rfid), "rFID against eval");
 }
+
+/// A catalog whose rows hold the images of `npz` (keys `s000`, ...) as stored renditions of their
+/// size and of half their size, in shards of 7 rows.
+async fn catalog_of(root: &Path, npz: &Path) {
+    use llamagen_catalog::arrow::array::{
+        ArrayRef, BinaryBuilder, Int32Builder, ListBuilder, RecordBatch, StringArray,
+        StringBuilder, StructBuilder,
+    };
+    use llamagen_catalog::arrow::datatypes::{DataType, Field, Schema};
+    use llamagen_catalog::schema::{col, image_fields};
+    use llamagen_catalog::{Catalog, ShardWriterOptions, StorageOptions, Transaction};
+    use std::sync::Arc;
+
+    let imgs = llamagen_eval::batch::npz_images(npz).unwrap();
+    let (h, w) = (imgs.height as u32, imgs.width as u32);
+    let item = imgs.height * imgs.width * 3;
+    let ds = Catalog::open(root.to_str().unwrap(), &StorageOptions::default())
+        .await
+        .unwrap()
+        .samples();
+    for first in (0..imgs.n).step_by(7) {
+        let rows: Vec<usize> = (first..imgs.n.min(first + 7)).collect();
+        let mut images =
+            ListBuilder::new(StructBuilder::from_fields(image_fields(), 0)).with_field(Arc::new(
+                Field::new("item", DataType::Struct(image_fields()), true),
+            ));
+        for &i in &rows {
+            let img =
+                image::RgbImage::from_raw(w, h, imgs.pixels[i * item..][..item].to_vec()).unwrap();
+            let half = image::imageops::resize(&img, w / 2, h / 2, image::imageops::Triangle);
+            for (side, im) in [(h / 2, half), (h, img)] {
+                let mut png = Vec::new();
+                im.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+                    .unwrap();
+                let s = images.values();
+                s.field_builder::<Int32Builder>(0)
+                    .unwrap()
+                    .append_value(side as i32);
+                s.field_builder::<Int32Builder>(1)
+                    .unwrap()
+                    .append_value(side as i32);
+                s.field_builder::<Int32Builder>(2)
+                    .unwrap()
+                    .append_value(side as i32);
+                s.field_builder::<StringBuilder>(3)
+                    .unwrap()
+                    .append_value("png");
+                s.field_builder::<BinaryBuilder>(4)
+                    .unwrap()
+                    .append_value(&png);
+                s.append(true);
+            }
+            images.append(true);
+        }
+        let keys: Vec<String> = rows.iter().map(|i| format!("s{i:03}")).collect();
+        let cols: Vec<(&str, ArrayRef)> = vec![
+            (col::KEY, Arc::new(StringArray::from(keys))),
+            (
+                col::STATUS,
+                Arc::new(StringArray::from(vec!["ok"; rows.len()])),
+            ),
+            (col::IMAGES, Arc::new(images.finish())),
+        ];
+        let schema = Schema::new(
+            cols.iter()
+                .map(|(n, a)| Field::new(*n, a.data_type().clone(), true))
+                .collect::<Vec<_>>(),
+        );
+        let batch =
+            RecordBatch::try_new(Arc::new(schema), cols.into_iter().map(|(_, a)| a).collect())
+                .unwrap();
+        let mut wr = ds.writer(ShardWriterOptions {
+            stage: "ingest".into(),
+            ..Default::default()
+        });
+        wr.write(&batch).await.unwrap();
+        let add = wr.finish().await.unwrap();
+        ds.commit(Transaction {
+            operation: "ingest".into(),
+            run_id: None,
+            add,
+            remove: vec![],
+            units: vec![],
+        })
+        .await
+        .unwrap();
+    }
+}
+
+/// A sample batch selected by a catalog query gives the metrics of the same images as an `.npz`;
+/// a query without the images, or without the asked size, says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_catalog_query_is_a_sample_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("catalog");
+    catalog_of(&root, &fixtures().join("sample.npz")).await;
+    let (ok, want, text) = eval(
+        &fixtures().join("sample.npz"),
+        &fixtures().join("ref.npz"),
+        &fixtures().join("standin.onnx"),
+        &tmp.path().join("npz.json"),
+    );
+    assert!(ok, "{text}");
+    let size = llamagen_eval::batch::npz_images(&fixtures().join("sample.npz"))
+        .unwrap()
+        .height
+        .to_string();
+    let run = |query: &str, size: &str, out: &Path| {
+        let o = Command::new(llamagen_tests::llamagen())
+            .args(["eval", "--root"])
+            .arg(&root)
+            .args(["--sample-query", query, "--image-size", size, "--ref"])
+            .arg(fixtures().join("ref.npz"))
+            .arg("--inception")
+            .arg(fixtures().join("standin.onnx"))
+            .args(["--batch-size", "16", "--out"])
+            .arg(out)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let out = tmp.path().join("catalog.json");
+    let (ok, err) = run("SELECT key, images FROM samples ORDER BY key", &size, &out);
+    assert!(ok, "{err}");
+    let got: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    for m in [
+        "inception_score",
+        "fid",
+        "sfid",
+        "precision",
+        "recall",
+        "samples",
+    ] {
+        assert_eq!(got[m], want[m], "{m}");
+    }
+    let (ok, err) = run("SELECT key FROM samples", &size, &tmp.path().join("x.json"));
+    assert!(!ok && err.contains("no `images` column"), "{err}");
+    let (ok, err) = run(
+        "SELECT key, images FROM samples",
+        "999",
+        &tmp.path().join("x.json"),
+    );
+    assert!(
+        !ok && err.contains("no 999 px image") && err.contains("key \"s0"),
+        "{err}"
+    );
+}
