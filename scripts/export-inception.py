@@ -21,12 +21,32 @@ tests use a stand-in with the same signature (eval/tests/fixtures/inception/make
 After converting, always check the model against the evaluator's graph on a batch:
 `python scripts/export-inception.py --check inception_adm.onnx batch.npz` prints the largest
 differences between its outputs and TensorFlow's.
+
+Second mode, `--clean`: clean-fid's Inception-v3 (the one LlamaGen's text-to-image evaluation,
+`evaluations/t2i/evaluation.py`, gets through `cleanfid.fid.compute_fid(mode="clean")`), for
+`llamagen eval t2i --inception-clean`. Needs internet once and `pip install torch onnx`:
+
+    python scripts/export-inception.py --clean inception_clean.onnx
+    python scripts/export-inception.py --clean --check inception_clean.onnx   # ONNX vs TorchScript
+
+It loads clean-fid's TorchScript file `inception-2015-12-05.pt` (the StyleGAN2-ADA port of the
+TensorFlow 2015-12-05 graph, downloaded from the URL clean-fid uses) and exports what
+`cleanfid.inception_torchscript.InceptionV3W(resize_inside=False).forward` computes:
+  input  `images`  float32 [N, 3, 299, 299], values 0..255, already resized to 299 (clean mode
+                   resizes outside the network: per channel, PIL float bicubic, clipped);
+  output `pool_3`  float32 [N, 2048]: `base.layers((x - 128) / 128)` viewed as [N, 2048].
+The batch dimension is dynamic. The wrapper is scripted and exported with the TorchScript
+exporter (`dynamo=False`); the export path was tried with a small scripted module of the same
+layout (`layers` inside a ScriptModule), not with the real file. Not run where it was written (no internet or torch
+there); the tests use a stand-in with the same signature
+(eval/tests/fixtures/t2i/make_reference.py).
 """
 import argparse
 import os
 import sys
 import urllib.request
 
+CLEAN_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/classify_image_graph_def.pb"
 
 
@@ -145,17 +165,92 @@ def check(model, batch, cache):
         print(f"{name}: max |onnx - tf| = {np.abs(g - w).max():.3g} (max |tf| = {np.abs(w).max():.3g})")
 
 
+def clean_module(cache):
+    """clean-fid's `InceptionV3W(resize_inside=False)` as a plain module on the CPU."""
+    import torch
+
+    if not os.path.exists(cache):
+        print(f"downloading {CLEAN_URL}", file=sys.stderr)
+        urllib.request.urlretrieve(CLEAN_URL, cache + ".tmp")
+        os.rename(cache + ".tmp", cache)
+    base = torch.jit.load(cache, map_location="cpu").eval()
+
+    class CleanInception(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            # The whole ScriptModule is registered (tracing refuses a child taken out of it).
+            self.base = base
+
+        def forward(self, images):
+            # As InceptionV3W.forward: x1 = x - 128; x2 = x1 / 128; layers(x2).view((bs, 2048)).
+            x1 = images - 128
+            x2 = x1 / 128
+            return self.base.layers(x2).reshape(-1, 2048)
+
+    return CleanInception().eval()
+
+
+def export_clean(out, cache):
+    import onnx
+    import torch
+
+    # Scripted, so the exporter takes the graph as it is (tracing refuses to call into the
+    # loaded ScriptModule's children).
+    m = torch.jit.script(clean_module(cache))
+    with torch.no_grad():
+        torch.onnx.export(
+            m,
+            (torch.zeros(2, 3, 299, 299),),
+            out,
+            dynamo=False,
+            input_names=["images"],
+            output_names=["pool_3"],
+            dynamic_axes={"images": {0: "N"}, "pool_3": {0: "N"}},
+            opset_version=17,
+        )
+    onnx.checker.check_model(onnx.load(out))
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def check_clean(model, cache):
+    """Largest difference between the ONNX model and the TorchScript module on 4 random
+    0..255 inputs (and a batch of 1, for the dynamic batch)."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    x = np.random.default_rng(0).uniform(0, 255, (4, 3, 299, 299)).astype(np.float32)
+    with torch.no_grad():
+        want = clean_module(cache)(torch.from_numpy(x)).numpy()
+    s = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    got = s.run(["pool_3"], {"images": x})[0]
+    one = s.run(["pool_3"], {"images": x[:1]})[0]
+    print(f"pool_3: shape {got.shape}, max |onnx - torch| = {np.abs(got - want).max():.3g} "
+          f"(max |torch| = {np.abs(want).max():.3g}); batch of 1: {np.abs(one - want[:1]).max():.3g}")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("out", help="the .onnx file to write (or to check, with --check)")
-    p.add_argument("batch", nargs="?", help="with --check: an ADM .npz batch")
+    p.add_argument("batch", nargs="?", help="with --check (ADM mode): an ADM .npz batch")
     p.add_argument("--check", action="store_true")
-    p.add_argument("--cache", default="classify_image_graph_def.pb")
+    p.add_argument("--clean", action="store_true", help="clean-fid's Inception (llamagen eval t2i)")
+    p.add_argument(
+        "--cache",
+        help="the downloaded model (default classify_image_graph_def.pb, or "
+        "inception-2015-12-05.pt with --clean)",
+    )
     a = p.parse_args()
-    if a.check:
-        check(a.out, a.batch, a.cache)
+    if a.clean:
+        cache = a.cache or "inception-2015-12-05.pt"
+        if a.check:
+            check_clean(a.out, cache)
+        else:
+            export_clean(a.out, cache)
+    elif a.check:
+        check(a.out, a.batch, a.cache or "classify_image_graph_def.pb")
     else:
-        export(a.out, a.cache)
+        export(a.out, a.cache or "classify_image_graph_def.pb")
 
 
 if __name__ == "__main__":

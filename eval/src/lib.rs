@@ -26,6 +26,8 @@ use half::f16;
 use rayon::prelude::*;
 
 pub mod batch;
+pub mod clean;
+pub mod clip_score;
 pub mod inception;
 
 /// What went wrong while computing a metric.

@@ -11,9 +11,9 @@
 //!
 //! Labels: the official script draws every label uniformly at random (`torch.randint(0,
 //! num_classes, …)`); here they are class-balanced (`num_samples / num_classes` of each class,
-//! the remainder one more for the lowest classes) in an order shuffled by `--seed`, which is
-//! what ADM's reference protocol uses (its ImageNet sample batches hold 50 of every class) and
-//! which reduces the variance of FID between runs. The labels are kept beside the images
+//! the remainder one more for the lowest classes) in an order shuffled by `--seed`, as later
+//! evaluations sample ImageNet (MAR's draws 50 of every class), which removes the label draw's
+//! share of the variance of FID between runs. The labels are kept beside the images
 //! (`arr_1`, int64, as ADM's labelled batches).
 //!
 //! Resumable: the samples are written in shards `DIR/samples/shard-00000.npz` (`arr_0` uint8

@@ -140,7 +140,7 @@ fn official_defaults(t: ModelType) -> (f32, usize) {
 
 /// The prompts of a CSV/TSV file with a header row (see `--prompts`), each with the file and row
 /// that names it in errors.
-fn read_prompts(path: &Path) -> Result<Vec<(String, String)>> {
+pub(crate) fn read_prompts(path: &Path) -> Result<Vec<(String, String)>> {
     let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
     let delimiter = if path.extension().is_some_and(|e| e == "tsv") {
         b'\t'

@@ -3,7 +3,8 @@
 //! VQ (`data/parity`, 4x downsampling: 24 px images, resized to 16 px as the paper's 384 -> 256)
 //! and the stand-in Inception model: the protocol end to end, balanced labels, resumption after
 //! a partial run giving the same bytes, refusal of other settings, one PNG per sample equal to
-//! the `.npz`, and the bicubic resize equal to torch's `F.interpolate`.
+//! the `.npz`, the bicubic resize equal to torch's `F.interpolate`; and `eval t2i` sampling its
+//! prompts first.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -497,4 +498,115 @@ fn t2i_prompts_sample_into_a_resumable_caption_folder() {
     std::fs::write(&prompts, "caption\na red bicycle\na green bicycle\n").unwrap();
     let (ok, _, err) = run(&[]);
     assert!(!ok && err.contains("captions.txt line 2"), "{err}");
+}
+
+/// `llamagen eval t2i --checkpoint … --prompts …`: the paper's t2i protocol in one command:
+/// the prompts sampled into the caption folder, then its CLIP score and FID, equal to
+/// `eval t2i` on the folder alone; a second run samples nothing and gives the same numbers.
+#[test]
+fn eval_t2i_samples_the_prompts_then_reports_clip_score_and_fid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (weights, config) = tiny_gpt(
+        tmp.path(),
+        "t2i",
+        "type = \"t2i\"\nimage_size = 64\ncaption_dim = 64\ncls_token_num = 120",
+    );
+    let ws = llamagen_tests::workspace();
+    let t2i = ws.join("eval/tests/fixtures/t2i");
+    let models = ws.join("filters/tests/models");
+    let prompts = tmp.path().join("coco_captions.csv");
+    std::fs::write(
+        &prompts,
+        "Prompt\na red bicycle\na bowl of soup\na lighthouse at dusk\nsnow on a roof\n",
+    )
+    .unwrap();
+    let dir = tmp.path().join("gen");
+    let metrics = |sample_too: bool, out: &Path| {
+        let mut args: Vec<String> = vec!["eval".into(), "t2i".into()];
+        if sample_too {
+            for a in [
+                "--checkpoint",
+                weights.to_str().unwrap(),
+                "--config",
+                config.to_str().unwrap(),
+                "--vq",
+                vq().to_str().unwrap(),
+                "--vq-args",
+                "reduced",
+                "--t5",
+                ws.join("encode/tests/fixtures/t5/gated").to_str().unwrap(),
+                "--t5-tokenizer",
+                ws.join("encode/tests/fixtures/t5/tokenizer.json")
+                    .to_str()
+                    .unwrap(),
+                "--prompts",
+                prompts.to_str().unwrap(),
+                "--top-k",
+                "20",
+                "--sample-batch-size",
+                "3",
+            ] {
+                args.push(a.into());
+            }
+        }
+        for (flag, path) in [
+            ("--sample", dir.clone()),
+            ("--ref", t2i.join("ref")),
+            (
+                "--inception-clean",
+                t2i.join("clean_inception_standin.onnx"),
+            ),
+            ("--clip-image", models.join("clip_b32_image.onnx")),
+            ("--clip-text", models.join("clip_b32_text.onnx")),
+            ("--out", out.to_path_buf()),
+        ] {
+            args.push(flag.into());
+            args.push(path.display().to_string());
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, text, err) = llamagen(&refs);
+        assert!(ok, "{err}");
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap();
+        (text, err, json)
+    };
+    let (text, err, first) = metrics(true, &tmp.path().join("a.json"));
+    assert!(err.contains("4 images (4 generated now)"), "{err}");
+    assert!(
+        text.contains("CLIP score: ") && text.contains("FID_256px: "),
+        "{text}"
+    );
+    assert_eq!(first["sample_images"], 4);
+    assert_eq!(first["clip_pairs"], 4);
+    let (fid, clip) = (
+        first["fid"].as_f64().unwrap(),
+        first["clip_score"].as_f64().unwrap(),
+    );
+    assert!(fid.is_finite() && fid > 0.0 && clip.is_finite(), "{first}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("captions.txt")).unwrap(),
+        "a red bicycle\na bowl of soup\na lighthouse at dusk\nsnow on a roof\n"
+    );
+    // Resumed: nothing left to sample, the same metrics; and the folder alone gives them too.
+    let (_, err, again) = metrics(true, &tmp.path().join("b.json"));
+    assert!(err.contains("4 images (0 generated now)"), "{err}");
+    let (_, _, folder) = metrics(false, &tmp.path().join("c.json"));
+    for m in ["fid", "clip_score"] {
+        assert_eq!(again[m], first[m], "{m} after resuming");
+        assert_eq!(folder[m], first[m], "{m} of the folder alone");
+    }
+    // A sampling flag without --checkpoint is refused before anything runs.
+    let (ok, _, err) = llamagen(&[
+        "eval",
+        "t2i",
+        "--sample",
+        dir.to_str().unwrap(),
+        "--ref",
+        t2i.join("ref").to_str().unwrap(),
+        "--inception-clean",
+        t2i.join("clean_inception_standin.onnx").to_str().unwrap(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("give --checkpoint"), "{err}");
 }
