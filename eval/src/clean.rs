@@ -157,7 +157,9 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
             }
         }
     }
-    out.sort();
+    // By the path's text, as Python sorts the glob's strings (PathBuf's order compares
+    // components: `a/x.png` before `a-b.png`).
+    out.sort_by(|a, b| a.as_os_str().cmp(b.as_os_str()));
     Ok(out)
 }
 

@@ -19,8 +19,9 @@
 //! Resumable: the samples are written in shards `DIR/samples/shard-00000.npz` (`arr_0` uint8
 //! N×H×W×3, `arr_1` labels) of `--shard-size`, each written atomically (tmp + rename) and
 //! generated with its own generator seeded from `(seed, shard index)`, so a shard's images do not
-//! depend on which shards were done before; a re-run after a kill skips the complete shards and
-//! gives the same `samples.npz` as an uninterrupted run. `DIR/protocol.json` records the settings
+//! depend on which shards were done before; a re-run after a kill skips the complete shards and,
+//! on the same kind of device, gives the same `samples.npz` as an uninterrupted run (a changed
+//! `--device` is reported, not refused: CPU and CUDA samples differ in their rounding). `DIR/protocol.json` records the settings
 //! at the start; a re-run with other settings is refused.
 
 use std::path::{Path, PathBuf};
@@ -121,6 +122,17 @@ pub fn run(args: C2iArgs) -> Result<ExitCode> {
     }
     if args.image_size_eval == 0 {
         bail!("--image-size-eval must be positive");
+    }
+    // The evaluation's inputs are checked before any sampling, so a wrong path fails at once,
+    // not after hours of sampling.
+    if !args.inception.is_file() {
+        bail!(
+            "--inception {}: no such model file",
+            args.inception.display()
+        );
+    }
+    if !args.reference.exists() {
+        bail!("--ref {}: no such batch", args.reference.display());
     }
     let (cfg, weights) = crate::sample_cmd::model_config(&args.checkpoint, args.config.as_deref())?;
     if cfg.model_type != ModelType::C2i {

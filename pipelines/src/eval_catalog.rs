@@ -19,57 +19,69 @@ use rayon::prelude::*;
 
 use crate::catalog_cmd::RootArgs;
 
-/// The `size`-px renditions that `query` selects from the catalog at `root`, as one batch.
+/// The `size`-px renditions that `query` selects from the catalog at `root`, as one batch. The
+/// result is streamed: only the chosen renditions of one record batch are held besides the
+/// decoded pixels, each batch decoded in parallel straight into the batch's pixel buffer.
 pub async fn query_images(root: &RootArgs, query: &str, size: u32) -> Result<Images> {
+    use futures::StreamExt;
     let cat = root.open().await?;
     let ctx = sql::session_for(cat.storage().clone(), &root.dataset).await?;
-    let (_, batches) = sql::query(&ctx, query)
+    let context = || format!("catalog query {query:?}");
+    let mut stream = ctx
+        .sql_with_options(query, sql::read_only())
         .await
-        .with_context(|| format!("catalog query {query:?}"))?;
-    // (label of the row for errors, encoded bytes)
-    let mut encoded: Vec<(String, Vec<u8>)> = Vec::new();
-    for b in &batches {
-        collect(b, size, encoded.len(), &mut encoded)?;
+        .with_context(context)?
+        .execute_stream()
+        .await
+        .with_context(context)?;
+    let item = size as usize * size as usize * 3;
+    let (mut n, mut pixels) = (0usize, Vec::new());
+    while let Some(b) = stream.next().await {
+        let b = b.with_context(context)?;
+        // (label of the row for errors, encoded bytes)
+        let mut encoded: Vec<(String, &[u8])> = Vec::with_capacity(b.num_rows());
+        let holder = renditions(&b, size, n)?;
+        for (label, data, i) in &holder.rows {
+            encoded.push((label.clone(), data.value(*i)));
+        }
+        pixels.resize((n + encoded.len()) * item, 0);
+        pixels[n * item..]
+            .par_chunks_mut(item)
+            .zip(&encoded)
+            .try_for_each(|(dst, (label, bytes))| -> Result<()> {
+                let img = image::load_from_memory(bytes)
+                    .with_context(|| format!("{label}: the {size} px image does not decode"))?
+                    .to_rgb8();
+                if img.width() != size || img.height() != size {
+                    bail!(
+                        "{label}: the {size} px image is {}x{} px",
+                        img.width(),
+                        img.height()
+                    );
+                }
+                dst.copy_from_slice(img.as_raw());
+                Ok(())
+            })?;
+        n += encoded.len();
     }
-    if encoded.is_empty() {
+    if n == 0 {
         bail!("catalog query {query:?} selected no rows");
     }
-    let side = size as usize;
-    let decoded: Vec<Vec<u8>> = encoded
-        .par_iter()
-        .map(|(label, bytes)| {
-            let img = image::load_from_memory(bytes)
-                .with_context(|| format!("{label}: the {size} px image does not decode"))?
-                .to_rgb8();
-            if img.width() != size || img.height() != size {
-                bail!(
-                    "{label}: the {size} px image is {}x{} px",
-                    img.width(),
-                    img.height()
-                );
-            }
-            Ok(img.into_raw())
-        })
-        .collect::<Result<_>>()?;
-    let mut pixels = Vec::with_capacity(decoded.len() * side * side * 3);
-    for d in &decoded {
-        pixels.extend_from_slice(d);
-    }
     Ok(Images {
-        n: decoded.len(),
-        height: side,
-        width: side,
+        n,
+        height: size as usize,
+        width: size as usize,
         pixels,
     })
 }
 
-/// The `size` renditions of the rows of `b` (row numbers from `first`) appended to `out`.
-fn collect(
-    b: &RecordBatch,
-    size: u32,
-    first: usize,
-    out: &mut Vec<(String, Vec<u8>)>,
-) -> Result<()> {
+/// The chosen rendition of each row of a record batch: (label, the rows' `data` array, index).
+struct Renditions {
+    rows: Vec<(String, BinaryArray, usize)>,
+}
+
+/// The `size` rendition of each row of `b` (row numbers from `first`, for errors).
+fn renditions(b: &RecordBatch, size: u32, first: usize) -> Result<Renditions> {
     let Some(images) = b.column_by_name(col::IMAGES) else {
         bail!(
             "the query returns no `{}` column (columns: {:?}); select the stored images, e.g. \
@@ -91,6 +103,7 @@ fn collect(
     let list = images
         .as_list_opt::<i32>()
         .with_context(|| format!("`{}` is not a list of renditions", col::IMAGES))?;
+    let mut rows = Vec::with_capacity(b.num_rows());
     for row in 0..b.num_rows() {
         let label = match &keys {
             Some(k) if k.is_valid(row) => format!("row with key {:?}", k.value(row)),
@@ -100,7 +113,9 @@ fn collect(
             bail!("{label}: no stored images");
         }
         let item = list.value(row);
-        let s = item.as_struct();
+        let s = item
+            .as_struct_opt()
+            .with_context(|| format!("`{}` is not a list of renditions", col::IMAGES))?;
         let sizes = s
             .column_by_name("size")
             .and_then(|c| c.as_any().downcast_ref::<Int32Array>())
@@ -114,7 +129,7 @@ fn collect(
             let have: Vec<i32> = (0..s.len()).map(|i| sizes.value(i)).collect();
             bail!("{label}: no {size} px image (stored sizes: {have:?}); pass --image-size");
         };
-        out.push((label, data.value(i).to_vec()));
+        rows.push((label, data.clone(), i));
     }
-    Ok(())
+    Ok(Renditions { rows })
 }

@@ -177,6 +177,46 @@ fn fid_label(eval_res: Option<u32>) -> String {
     }
 }
 
+/// Where `--save-ref-stats` records how the statistics were made: `STATS.npz.json`.
+fn provenance_path(stats: &Path) -> PathBuf {
+    let mut p = stats.as_os_str().to_owned();
+    p.push(".json");
+    PathBuf::from(p)
+}
+
+/// Refuses statistics saved at another `--eval-res` or with another Inception model (their FID
+/// would be meaningless); statistics without a record (clean-fid's own) are used with a note.
+fn check_stats_provenance(stats: &Path, eval_res: Option<u32>, inception: &str) -> Result<()> {
+    let side = provenance_path(stats);
+    let Ok(text) = std::fs::read_to_string(&side) else {
+        eprintln!(
+            "note: {} has no record of its --eval-res and Inception model ({} is missing): they are assumed to match",
+            stats.display(),
+            side.display()
+        );
+        return Ok(());
+    };
+    let meta: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| side.display().to_string())?;
+    if meta["eval_res"] != serde_json::json!(eval_res) {
+        bail!(
+            "{}: the statistics were computed at --eval-res {}, this run uses {}",
+            stats.display(),
+            meta["eval_res"],
+            eval_res.map_or("0".to_string(), |r| r.to_string())
+        );
+    }
+    if meta["inception_sha256"] != serde_json::json!(inception) {
+        bail!(
+            "{}: the statistics were computed with another Inception model ({}, SHA-256 {})",
+            stats.display(),
+            meta["inception_model"],
+            meta["inception_sha256"]
+        );
+    }
+    Ok(())
+}
+
 /// The CLIP score and FID of `cfg.sample` (see the module docs).
 pub fn evaluate_t2i(cfg: &T2iEval) -> Result<T2iReport> {
     let opts = ModelOptions {
@@ -184,11 +224,12 @@ pub fn evaluate_t2i(cfg: &T2iEval) -> Result<T2iReport> {
         batch_size: cfg.batch_size.max(1),
         ..ModelOptions::default()
     };
-    let sample = clip_score::load_sample(&cfg.sample, cfg.caption_mismatch)?;
-
-    // CLIP score.
+    // CLIP score (the captions are read only for it: FID needs the images alone).
+    let mut captions = 0;
     let (clip, clip_pairs, names) = match &cfg.clip {
         Some((image, text)) => {
+            let sample = clip_score::load_sample(&cfg.sample, cfg.caption_mismatch)?;
+            captions = sample.captions.len();
             let models = ClipModels::load(image, text, &opts)?;
             let n = sample.pairs.min(cfg.how_many);
             let b = bar(cfg.progress, "CLIP score");
@@ -232,11 +273,26 @@ pub fn evaluate_t2i(cfg: &T2iEval) -> Result<T2iReport> {
                     cfg.reference.display()
                 );
             }
+            check_stats_provenance(&cfg.reference, cfg.eval_res, &model.sha256)?;
             (clean::read_stats_npz(&cfg.reference)?, 0, "file")
         };
     if let Some(path) = &cfg.save_ref_stats {
         clean::write_stats_npz(path, &ref_stats)?;
-        eprintln!("wrote the reference statistics to {}", path.display());
+        let meta = serde_json::json!({
+            "eval_res": cfg.eval_res,
+            "inception_model": model.name,
+            "inception_sha256": model.sha256,
+            "reference": cfg.reference.display().to_string(),
+            "images": reference_images,
+        });
+        let side = provenance_path(path);
+        std::fs::write(&side, serde_json::to_string_pretty(&meta)? + "\n")
+            .with_context(|| side.display().to_string())?;
+        eprintln!(
+            "wrote the reference statistics to {} (and how they were made to {})",
+            path.display(),
+            side.display()
+        );
     }
     let smp = features(&cfg.sample.join("images"), "sample features")?;
     if ref_stats.dim != smp.dim {
@@ -256,7 +312,7 @@ pub fn evaluate_t2i(cfg: &T2iEval) -> Result<T2iReport> {
         clip_pairs,
         how_many: cfg.how_many,
         sample_images: smp.n,
-        captions: sample.captions.len(),
+        captions,
         reference_images,
         reference_statistics: source,
         reference: cfg.reference.display().to_string(),

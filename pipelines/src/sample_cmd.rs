@@ -110,7 +110,9 @@ pub struct SampleArgs {
     pub npz: Option<PathBuf>,
     /// Also write one PNG per image into this folder, `000000.png`, `000001.png`, … in sample
     /// order, as the official `sample_c2i_ddp.py` / `sample_t2i_ddp.py` save them
-    /// (`Image.fromarray` of the uint8 conversion of --npz).
+    /// (`Image.fromarray` of the uint8 conversion of --npz). `sample` holds all its images in
+    /// memory until the end: for the 50,000-sample evaluation use `llamagen eval c2i`, which
+    /// writes shards as it goes.
     #[arg(long)]
     pub png_dir: Option<PathBuf>,
     /// Resize the --npz, --png-dir and --float-npy images to N×N as `sample_c2i_ddp.py` does
@@ -139,17 +141,19 @@ fn official_defaults(t: ModelType) -> (f32, usize) {
 }
 
 /// The prompts of a CSV/TSV file with a header row (see `--prompts`), each with the file and row
-/// that names it in errors.
+/// that names it in errors. The delimiter is a tab when the header has one or has no comma (the
+/// official `coco_captions.csv` is a one-column file read with `delimiter='\t'`, its prompts
+/// full of commas), else a comma; a row with more fields than the header is an error.
 pub(crate) fn read_prompts(path: &Path) -> Result<Vec<(String, String)>> {
     let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
-    let delimiter = if path.extension().is_some_and(|e| e == "tsv") {
+    let first = text.lines().next().unwrap_or("");
+    let delimiter = if first.contains('\t') || !first.contains(',') {
         b'\t'
     } else {
         b','
     };
     let mut r = csv::ReaderBuilder::new()
         .delimiter(delimiter)
-        .flexible(true)
         .from_reader(text.as_bytes());
     let header = r
         .headers()
@@ -316,6 +320,9 @@ fn grid(images: &Tensor, nrow: usize) -> Result<image::RgbImage> {
 }
 
 pub fn run(args: SampleArgs) -> Result<ExitCode> {
+    if args.image_size_eval == Some(0) {
+        bail!("--image-size-eval must be positive");
+    }
     if let Some(dir) = &args.folder {
         return run_folder(&args, dir);
     }
@@ -525,6 +532,46 @@ fn run_folder(args: &SampleArgs, dir: &Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Whether a sample PNG is there and readable (its header decodes), so that a file left empty
+/// by a crash is sampled again.
+fn png_complete(path: &Path) -> bool {
+    image::image_dimensions(path).is_ok()
+}
+
+/// The identity of a T5 encoder directory (config, tokenizer and weight files), so that a
+/// resumed folder is refused another encoder.
+fn t5_fingerprint(dir: &Path, tokenizer: Option<&Path>) -> Result<serde_json::Value> {
+    let paths = llamagen_encode::text_encoder::ModelPaths::in_dir(dir);
+    let tokenizer = tokenizer.map_or(paths.tokenizer.clone(), Path::to_path_buf);
+    let mut weights: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("--t5 {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e == "safetensors" || e == "bin" || e == "pt")
+        })
+        .collect();
+    weights.sort();
+    Ok(serde_json::json!({
+        "config": fingerprint(&paths.config)?,
+        "tokenizer": fingerprint(&tokenizer)?,
+        "weights": {
+            "path": dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()).display().to_string(),
+            "files": weights
+                .iter()
+                .map(|w| {
+                    let f = fingerprint(w)?;
+                    Ok(serde_json::json!({
+                        "name": w.file_name().map(|n| n.to_string_lossy().to_string()),
+                        "bytes": f["bytes"],
+                        "fnv64": f["fnv64"],
+                    }))
+                })
+                .collect::<Result<Vec<_>>>()?,
+        },
+    }))
+}
+
 /// Settings of [`sample_t2i_folder`]: the models and the sampling settings of `llamagen sample`.
 #[derive(Debug, Clone)]
 pub struct T2iFolderSampling {
@@ -585,6 +632,9 @@ pub fn sample_t2i_folder(
     if prompts.is_empty() {
         bail!("no prompts to sample into {}", dir.display());
     }
+    if opts.image_size_eval == Some(0) {
+        bail!("image_size_eval must be positive");
+    }
     let images_dir = dir.join("images");
     std::fs::create_dir_all(&images_dir).with_context(|| images_dir.display().to_string())?;
     let (cfg, weights) = model_config(&opts.checkpoint, opts.config.as_deref())?;
@@ -601,7 +651,7 @@ pub fn sample_t2i_folder(
         "model": serde_json::to_value(&cfg)?,
         "vq": fingerprint(&opts.vq)?,
         "vq_args": serde_json::to_value(vq_model_args(&opts.vq_args)?)?,
-        "t5": opts.t5.canonicalize().unwrap_or_else(|_| opts.t5.clone()).display().to_string(),
+        "t5": t5_fingerprint(&opts.t5, opts.t5_tokenizer.as_deref())?,
         "cfg_scale": sc.cfg_scale,
         "cfg_interval": sc.cfg_interval,
         "temperature": sc.temperature,
@@ -616,18 +666,35 @@ pub fn sample_t2i_folder(
     check_settings(
         &dir.join("sampling.json"),
         &settings,
-        &["checkpoint.path", "vq.path", "t5", "device"],
+        &[
+            "checkpoint.path",
+            "vq.path",
+            "t5.config.path",
+            "t5.tokenizer.path",
+            "t5.weights.path",
+            "device",
+        ],
     )?;
     // captions.txt: the existing lines must be the prompts' first lines.
     let captions: Vec<String> = prompts
         .iter()
-        .map(|p| p.replace(['\r', '\n', '\t'], " "))
+        // Every separator of Python's `str.splitlines` (what the evaluator splits captions.txt
+        // on), and tabs, become spaces: one caption per line whatever the prompt holds.
+        .map(|p| {
+            p.replace(
+                [
+                    '\r', '\n', '\t', '\x0b', '\x0c', '\x1c', '\x1d', '\x1e', '\u{85}', '\u{2028}',
+                    '\u{2029}',
+                ],
+                " ",
+            )
+        })
         .collect();
     let cap_path = dir.join("captions.txt");
     if cap_path.exists() {
         let old =
             std::fs::read_to_string(&cap_path).with_context(|| cap_path.display().to_string())?;
-        let old: Vec<&str> = old.lines().collect();
+        let old: Vec<String> = llamagen_eval::clip_score::splitlines(&old);
         if let Some(i) = (0..old.len().min(captions.len())).find(|&i| old[i] != captions[i]) {
             bail!(
                 "{} line {} is {:?}, the prompt is {:?}: another prompt list (use another folder)",
@@ -652,7 +719,7 @@ pub fn sample_t2i_folder(
     let per = opts.batch_size.max(1);
     let png = |i: usize| images_dir.join(format!("{i:06}.png"));
     let todo: Vec<usize> = (0..n.div_ceil(per))
-        .filter(|&k| (k * per..n.min((k + 1) * per)).any(|i| !png(i).exists()))
+        .filter(|&k| (k * per..n.min((k + 1) * per)).any(|i| !png_complete(&png(i))))
         .collect();
     let missing: usize = todo.iter().map(|&k| n.min((k + 1) * per) - k * per).sum();
     if todo.is_empty() {

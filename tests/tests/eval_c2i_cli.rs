@@ -517,7 +517,8 @@ fn eval_t2i_samples_the_prompts_then_reports_clip_score_and_fid() {
     let prompts = tmp.path().join("coco_captions.csv");
     std::fs::write(
         &prompts,
-        "Prompt\na red bicycle\na bowl of soup\na lighthouse at dusk\nsnow on a roof\n",
+        // As the official coco_captions.csv: one column, prompts with commas, read as TSV.
+        "Prompt\na red bicycle, leaning on a wall\na bowl of soup\na lighthouse at dusk\nsnow on a roof, at night\n",
     )
     .unwrap();
     let dir = tmp.path().join("gen");
@@ -585,7 +586,7 @@ fn eval_t2i_samples_the_prompts_then_reports_clip_score_and_fid() {
     assert!(fid.is_finite() && fid > 0.0 && clip.is_finite(), "{first}");
     assert_eq!(
         std::fs::read_to_string(dir.join("captions.txt")).unwrap(),
-        "a red bicycle\na bowl of soup\na lighthouse at dusk\nsnow on a roof\n"
+        "a red bicycle, leaning on a wall\na bowl of soup\na lighthouse at dusk\nsnow on a roof, at night\n"
     );
     // Resumed: nothing left to sample, the same metrics; and the folder alone gives them too.
     let (_, err, again) = metrics(true, &tmp.path().join("b.json"));

@@ -125,6 +125,21 @@ fn clip_score_and_fid_match_the_official_code_paths() {
     );
     assert_eq!(got["reference_statistics"], "file");
     assert_eq!(got["reference_images"], 0);
+    // Statistics saved at another --eval-res are refused, not silently compared.
+    let mut args = vec![
+        "--sample",
+        s(&sample),
+        "--ref",
+        s(&stats),
+        "--eval-res",
+        "128",
+    ];
+    args.push("--allow-caption-mismatch");
+    let (ok, _, text) = t2i(&args, Some(&tmp.path().join("r.json")));
+    assert!(
+        !ok && text.contains("computed at --eval-res 256, this run uses 128"),
+        "{text}"
+    );
 
     // clean-fid's own statistics files: float32 mu (np.mean of float32 features), compressed.
     let cleanfid = tmp.path().join("cleanfid_stats.npz");
@@ -241,8 +256,19 @@ fn how_many_default_output_and_errors() {
     let (ok, _, text) = t2i(&["--sample", s(&sample), "--ref", s(&refdir)], Some(&out));
     assert!(!ok);
     assert!(text.contains("99.png"), "{text}");
+    std::fs::remove_file(sample.join("images/99.png")).unwrap();
     std::fs::remove_file(sample.join("captions.txt")).unwrap();
-    let (ok, _, text) = t2i(&["--sample", s(&sample), "--ref", s(&refdir)], Some(&out));
+    let mut args = vec!["--sample", s(&sample), "--ref", s(&refdir)];
+    args.extend(&clip);
+    let (ok, _, text) = t2i(&args, Some(&out));
     assert!(!ok);
     assert!(text.contains("captions.txt"), "{text}");
+    // FID alone needs no captions.
+    let (ok, got, text) = t2i(&["--sample", s(&sample), "--ref", s(&refdir)], Some(&out));
+    assert!(ok, "{text}");
+    close(
+        got["fid"].as_f64().unwrap(),
+        want["fid"].as_f64().unwrap(),
+        "FID without captions",
+    );
 }
