@@ -81,6 +81,12 @@ impl Inception {
 
     /// The activations of `images`, in batches.
     pub fn activations(&self, images: &Images, progress: impl Fn(usize)) -> Result<Activations> {
+        // The work is in a function that is not generic: compiled in this crate (at its
+        // optimisation level), not in each caller's.
+        self.activations_dyn(images, &progress)
+    }
+
+    fn activations_dyn(&self, images: &Images, progress: &dyn Fn(usize)) -> Result<Activations> {
         let (h, w) = (images.height, images.width);
         let item = h * w * 3;
         let mut acts = Activations {
@@ -88,18 +94,23 @@ impl Inception {
             ..Activations::default()
         };
         let mut session = self.session.lock().expect("inception session");
+        // One float buffer for every batch (the model takes float32 pixels 0..255).
+        let mut x = vec![0f32; self.batch_size.min(images.n) * item];
         for start in (0..images.n).step_by(self.batch_size) {
             let m = self.batch_size.min(images.n - start);
-            let x: Vec<f32> = images.pixels[start * item..(start + m) * item]
-                .iter()
-                .map(|&p| p as f32)
-                .collect();
+            let x = &mut x[..m * item];
+            for (o, &p) in x
+                .iter_mut()
+                .zip(&images.pixels[start * item..(start + m) * item])
+            {
+                *o = p as f32;
+            }
             let t = TensorRef::from_array_view((vec![m as i64, h as i64, w as i64, 3], &x[..]))
                 .map_err(|e| self.err(e))?;
             let out = session
                 .run(ort::inputs!["images" => t])
                 .map_err(|e| self.err(e))?;
-            let take = |name: &str| -> Result<(usize, Vec<f32>)> {
+            let take = |name: &str| -> Result<(usize, &[f32])> {
                 let (shape, v) = out[name]
                     .try_extract_tensor::<f32>()
                     .map_err(|e| self.err(format!("{name}: {e}")))?;
@@ -109,7 +120,7 @@ impl Inception {
                         shape.to_vec()
                     )));
                 }
-                Ok((v.len() / m, v.to_vec()))
+                Ok((v.len() / m, v))
             };
             let (pd, pool) = take("pool_3")?;
             let (sd, spatial) = take("spatial")?;
@@ -117,14 +128,16 @@ impl Inception {
             acts.pool_dim = pd;
             acts.spatial_dim = sd;
             acts.classes = cd;
-            acts.pool.extend(pool);
-            acts.spatial.extend(spatial);
+            acts.pool.extend_from_slice(pool);
+            acts.spatial.extend_from_slice(spatial);
             // Softmax in float32, as the evaluator's TensorFlow graph.
             for row in logits.chunks_exact(cd) {
                 let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let e: Vec<f32> = row.iter().map(|&l| (l - mx).exp()).collect();
+                let at = acts.probs.len();
+                acts.probs.extend(row.iter().map(|&l| (l - mx).exp()));
+                let e = &mut acts.probs[at..];
                 let s: f32 = e.iter().sum();
-                acts.probs.extend(e.iter().map(|&x| x / s));
+                e.iter_mut().for_each(|x| *x /= s);
             }
             progress(start + m);
         }
