@@ -153,8 +153,8 @@ pub fn npz_images(path: &Path) -> Result<Images> {
     }
 }
 
-/// The images of a folder (PNG, JPEG, WebP, ...; sorted by name; all of one size), as RGB.
-pub fn folder_images(dir: &Path) -> Result<Images> {
+/// The image files of a folder (PNG, JPEG, WebP, BMP), sorted by name.
+fn folder_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| bad(dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -171,6 +171,12 @@ pub fn folder_images(dir: &Path) -> Result<Images> {
     if files.is_empty() {
         return Err(bad(dir, "no images"));
     }
+    Ok(files)
+}
+
+/// `files` decoded as RGB, all of the size `size` (height, width) or, when `None`, of the first
+/// one's.
+fn decode_files(files: &[PathBuf], size: Option<(usize, usize)>) -> Result<Images> {
     // Decoded in parallel (rayon), each image straight into its place in the batch; all must
     // have the first one's size. Errors are reported for the first failing file by name.
     let decode = |f: &PathBuf| -> Result<image::RgbImage> {
@@ -182,16 +188,23 @@ pub fn folder_images(dir: &Path) -> Result<Images> {
             .map_err(|e| bad(f, e))?
             .to_rgb8())
     };
-    let first = decode(&files[0])?;
-    let (height, width) = (first.height() as usize, first.width() as usize);
+    let (height, width) = match size {
+        Some(s) => s,
+        None => {
+            let first = image::ImageReader::open(&files[0])
+                .and_then(|r| r.with_guessed_format())
+                .map_err(|e| bad(&files[0], e))?
+                .into_dimensions()
+                .map_err(|e| bad(&files[0], e))?;
+            (first.1 as usize, first.0 as usize)
+        }
+    };
     let item = height * width * 3;
     // Zeroed pages from the allocator: each is written once, by the thread decoding its image.
     let mut pixels = vec![0u8; files.len() * item];
-    pixels[..item].copy_from_slice(first.as_raw());
-    drop(first);
-    let outcomes: Vec<Result<()>> = pixels[item..]
+    let outcomes: Vec<Result<()>> = pixels
         .par_chunks_mut(item.max(1))
-        .zip(files[1..].par_iter())
+        .zip(files.par_iter())
         .map(|(dst, f)| {
             let img = decode(f)?;
             let s = (img.height() as usize, img.width() as usize);
@@ -215,6 +228,81 @@ pub fn folder_images(dir: &Path) -> Result<Images> {
         width,
         pixels,
     })
+}
+
+/// The images of a folder (PNG, JPEG, WebP, ...; sorted by name; all of one size), as RGB.
+pub fn folder_images(dir: &Path) -> Result<Images> {
+    decode_files(&folder_files(dir)?, None)
+}
+
+/// The images of an `.npz` batch (`arr_0`) or a folder, at most `chunk` at a time and in order:
+/// `f(images, first, total)` gets each chunk (`first`: the index of its first image, `total`:
+/// the batch's count), which is dropped before the next is read, so memory holds one chunk
+/// whatever the batch's size (50,000 images of 256 px are 9.8 GB at once).
+pub fn for_each_chunk(
+    path: &Path,
+    chunk: usize,
+    mut f: impl FnMut(&Images, usize, usize) -> Result<()>,
+) -> Result<()> {
+    let chunk = chunk.max(1);
+    if path.is_dir() {
+        let files = folder_files(path)?;
+        let mut size = None;
+        for (k, part) in files.chunks(chunk).enumerate() {
+            let images = decode_files(part, size)?;
+            size = Some((images.height, images.width));
+            f(&images, k * chunk, files.len())?;
+        }
+        return Ok(());
+    }
+    let file = std::fs::File::open(path).map_err(|e| bad(path, e))?;
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| bad(path, e))?;
+    let entry = zip
+        .by_name("arr_0.npy")
+        .map_err(|_| bad(path, "no array arr_0"))?;
+    let entry_size = entry.size();
+    let npy = npyz::NpyFile::new(std::io::BufReader::new(entry))
+        .map_err(|e| bad(path, format!("arr_0: {e}")))?;
+    let descr = match npy.dtype() {
+        npyz::DType::Plain(ts) => ts.to_string(),
+        _ => String::new(),
+    };
+    if !matches!(descr.as_str(), "|u1" | "<u1") || npy.order() != npyz::Order::C {
+        return Err(bad(path, "arr_0 is not a C-ordered uint8 array"));
+    }
+    let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
+    let [n, height, width, 3] = shape[..] else {
+        return Err(bad(
+            path,
+            format!("arr_0 has shape {shape:?}, wants N×H×W×3"),
+        ));
+    };
+    let item = height * width * 3;
+    if (n as u64).saturating_mul(item as u64) > entry_size {
+        return Err(bad(
+            path,
+            format!("arr_0: shape {shape:?} is larger than its {entry_size} bytes"),
+        ));
+    }
+    let mut reader = npy.into_inner();
+    for first in (0..n).step_by(chunk) {
+        let m = chunk.min(n - first);
+        let mut pixels = vec![0u8; m * item];
+        reader
+            .read_exact(&mut pixels)
+            .map_err(|e| bad(path, format!("arr_0, images {first}..{}: {e}", first + m)))?;
+        f(
+            &Images {
+                n: m,
+                height,
+                width,
+                pixels,
+            },
+            first,
+            n,
+        )?;
+    }
+    Ok(())
 }
 
 /// A sample or reference batch from an `.npz` file or a folder of images.

@@ -35,6 +35,18 @@ pub struct Activations {
     pub classes: usize,
 }
 
+impl Activations {
+    /// Appends the activations of the next images (of the same model).
+    pub fn append(&mut self, other: Activations) {
+        self.n += other.n;
+        self.pool.extend(other.pool);
+        self.spatial.extend(other.spatial);
+        self.probs.extend(other.probs);
+        (self.pool_dim, self.spatial_dim, self.classes) =
+            (other.pool_dim, other.spatial_dim, other.classes);
+    }
+}
+
 /// A loaded Inception model.
 pub struct Inception {
     pub name: String,

@@ -312,12 +312,7 @@ pub fn run(args: C2iArgs) -> Result<ExitCode> {
     for k in 0..shards {
         let im = batch::npz_images(&shard_path(&shards_dir, k))?;
         let base = range(k).start as u64;
-        let a = model.activations(&im, |done| bar.set_position(base + done as u64))?;
-        acts.n += a.n;
-        acts.pool.extend(a.pool);
-        acts.spatial.extend(a.spatial);
-        acts.probs.extend(a.probs);
-        (acts.pool_dim, acts.spatial_dim, acts.classes) = (a.pool_dim, a.spatial_dim, a.classes);
+        acts.append(model.activations(&im, |done| bar.set_position(base + done as u64))?);
     }
     bar.finish_and_clear();
     let mut json = crate::eval_cmd::metrics_against(&model, &acts, &args.reference)?;

@@ -88,6 +88,33 @@ pub(crate) fn activations(model: &Inception, what: &str, images: &Images) -> Res
     Ok(acts)
 }
 
+/// Images read at once from a batch file or folder (see [`activations_at`]).
+const CHUNK: usize = 1024;
+
+/// The activations of the batch at `path` (an `.npz` or a folder), read [`CHUNK`] images at a
+/// time, so memory holds one chunk of pixels whatever the batch's size.
+pub(crate) fn activations_at(model: &Inception, what: &str, path: &Path) -> Result<Activations> {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{spinner}} {what} activations {{bar:30}} {{pos}}/{{len}} images [{{elapsed_precise}}]"
+        ))
+        .expect("progress template"),
+    );
+    let mut acts = Activations::default();
+    let mut size = (0, 0);
+    batch::for_each_chunk(path, CHUNK, |images, first, total| {
+        bar.set_length(total as u64);
+        size = (images.width, images.height);
+        let a = model.activations(images, |done| bar.set_position((first + done) as u64))?;
+        acts.append(a);
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    eprintln!("{what}: {} images of {}x{} px", acts.n, size.0, size.1);
+    Ok(acts)
+}
+
 /// The precomputed statistics of an ADM reference batch, when it has them.
 fn file_statistics(path: &Path) -> Result<Option<(FidStats, FidStats)>> {
     if path.is_dir() {
@@ -154,8 +181,8 @@ pub(crate) fn metrics_against(
             reference.display()
         );
     }
-    let images = match has_images {
-        true => Some(batch::images(reference)?),
+    let reference_acts = match has_images {
+        true => Some(activations_at(model, "reference", reference)?),
         false => None,
     };
     metrics_of(
@@ -163,7 +190,7 @@ pub(crate) fn metrics_against(
         sample,
         &reference.display().to_string(),
         statistics,
-        images.as_ref(),
+        reference_acts.as_ref(),
     )
 }
 
@@ -174,12 +201,8 @@ fn metrics_of(
     sample: &Activations,
     label: &str,
     statistics: Option<(FidStats, FidStats)>,
-    images: Option<&Images>,
+    reference_acts: Option<&Activations>,
 ) -> Result<serde_json::Value> {
-    let reference_acts = match images {
-        Some(images) => Some(activations(model, "reference", images)?),
-        None => None,
-    };
     if let Some((pool, spatial)) = &statistics
         && (pool.dim != sample.pool_dim || spatial.dim != sample.spatial_dim)
     {
@@ -194,7 +217,7 @@ fn metrics_of(
     let report = evaluate(
         sample,
         Reference {
-            activations: reference_acts.as_ref(),
+            activations: reference_acts,
             statistics,
         },
     )?;
@@ -228,17 +251,18 @@ fn run_batch(args: BatchArgs) -> Result<ExitCode> {
             args.image_size,
         ))
     };
-    let sample_images = match (&args.sample, &args.sample_query) {
-        (Some(p), _) => batch::images(p)?,
-        (None, Some(q)) => query(q)?,
+    let model = load_inception(inception, args.batch_size, args.intra_threads)?;
+    let sample = match (&args.sample, &args.sample_query) {
+        (Some(p), _) => activations_at(&model, "sample", p)?,
+        (None, Some(q)) => activations(&model, "sample", &query(q)?)?,
         (None, None) => bail!("llamagen eval needs --sample or --sample-query"),
     };
-    let model = load_inception(inception, args.batch_size, args.intra_threads)?;
-    let sample = activations(&model, "sample", &sample_images)?;
-    drop(sample_images);
     let json = match (&args.reference, &args.ref_query) {
         (Some(r), _) => metrics_against(&model, &sample, r)?,
-        (None, Some(q)) => metrics_of(&model, &sample, q, None, Some(&query(q)?))?,
+        (None, Some(q)) => {
+            let reference = activations(&model, "reference", &query(q)?)?;
+            metrics_of(&model, &sample, q, None, Some(&reference))?
+        }
         (None, None) => bail!("llamagen eval needs --ref or --ref-query"),
     };
     let out = match (&args.out, &args.sample) {
