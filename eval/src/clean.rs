@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use image::RgbImage;
-use llamagen_filters::model::{ModelOptions, open_session};
+use llamagen_filters::model::ModelOptions;
 use llamagen_prep::resample::{Filter, resize_f32, resize_window};
 use ort::session::Session;
 use ort::value::TensorRef;
@@ -196,24 +196,13 @@ pub struct CleanInception {
 impl CleanInception {
     /// Loads `path`, checking the input and output names of the signature.
     pub fn load(path: &Path, opts: &ModelOptions) -> Result<CleanInception> {
-        let (session, name, sha256) = open_session(path, opts).map_err(EvalError::external)?;
-        let inputs: Vec<String> = session
-            .inputs()
-            .iter()
-            .map(|i| i.name().to_string())
-            .collect();
-        if inputs != ["images"] {
-            return Err(EvalError::Input(format!(
-                "{name}: inputs are {inputs:?}, clean-fid's Inception takes `images` [N,3,299,299] \
-                 (see scripts/export-inception.py --clean)"
-            )));
-        }
-        if !session.outputs().iter().any(|o| o.name() == "pool_3") {
-            let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
-            return Err(EvalError::Input(format!(
-                "{name}: no output pool_3 (outputs: {outputs:?}); see scripts/export-inception.py --clean"
-            )));
-        }
+        let (session, name, sha256) = crate::inception::open_checked(
+            path,
+            opts,
+            "clean-fid's Inception takes `images` [N,3,299,299] (see scripts/export-inception.py --clean)",
+            &["pool_3"],
+            "scripts/export-inception.py --clean",
+        )?;
         Ok(CleanInception {
             name,
             sha256,

@@ -47,6 +47,32 @@ impl Activations {
     }
 }
 
+/// Opens the ONNX model at `path` and checks its signature: one input named `images` (else an
+/// error saying what the model `takes`) and every output of `outputs` (else an error pointing at
+/// the conversion `script`). Returns the session, the model's name and SHA-256.
+pub(crate) fn open_checked(
+    path: &Path,
+    opts: &ModelOptions,
+    takes: &str,
+    outputs: &[&str],
+    script: &str,
+) -> Result<(Session, String, String)> {
+    let (session, name, sha256) = open_session(path, opts).map_err(EvalError::external)?;
+    let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
+    if inputs != ["images"] {
+        return Err(EvalError::Input(format!(
+            "{name}: inputs are {inputs:?}, {takes}"
+        )));
+    }
+    let have: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+    if let Some(o) = outputs.iter().find(|o| !have.contains(o)) {
+        return Err(EvalError::Input(format!(
+            "{name}: no output {o} (outputs: {have:?}); see {script}"
+        )));
+    }
+    Ok((session, name, sha256))
+}
+
 /// A loaded Inception model.
 pub struct Inception {
     pub name: String,
@@ -60,29 +86,13 @@ const OUTPUTS: [&str; 3] = ["pool_3", "spatial", "logits"];
 impl Inception {
     /// Loads `path`, checking the signature of the module docs.
     pub fn load(path: &Path, opts: &ModelOptions) -> Result<Inception> {
-        let (session, name, sha256) = open_session(path, opts).map_err(EvalError::external)?;
-        let inputs: Vec<String> = session
-            .inputs()
-            .iter()
-            .map(|i| i.name().to_string())
-            .collect();
-        if inputs != ["images"] {
-            return Err(EvalError::Input(format!(
-                "{name}: inputs are {inputs:?}, an Inception model for the evaluator takes `images` [N,H,W,3]"
-            )));
-        }
-        let outputs: Vec<String> = session
-            .outputs()
-            .iter()
-            .map(|o| o.name().to_string())
-            .collect();
-        for o in OUTPUTS {
-            if !outputs.iter().any(|x| x == o) {
-                return Err(EvalError::Input(format!(
-                    "{name}: no output {o} (outputs: {outputs:?}); see scripts/export-inception.py"
-                )));
-            }
-        }
+        let (session, name, sha256) = open_checked(
+            path,
+            opts,
+            "an Inception model for the evaluator takes `images` [N,H,W,3]",
+            &OUTPUTS,
+            "scripts/export-inception.py",
+        )?;
         Ok(Inception {
             name,
             sha256,

@@ -52,18 +52,9 @@ pub fn balanced_labels(n: usize, classes: usize, seed: u64) -> Vec<u32> {
 /// paper): 2.0 for GPT-B and GPT-L, 1.75 for GPT-XL and GPT-XXL, 1.65 for GPT-3B; None for
 /// other sizes and for models whose width, depth and heads are no official size.
 pub fn official_eval_cfg(cfg: &GptConfig) -> (Option<GptSize>, Option<f32>) {
-    let size = [
-        GptSize::B,
-        GptSize::L,
-        GptSize::XL,
-        GptSize::XXL,
-        GptSize::XXXL,
-        GptSize::B1,
-        GptSize::B3,
-        GptSize::B7,
-    ]
-    .into_iter()
-    .find(|s| s.dims() == (cfg.n_layer, cfg.n_head, cfg.dim));
+    let size = GptSize::ALL
+        .into_iter()
+        .find(|s| s.dims() == (cfg.n_layer, cfg.n_head, cfg.dim));
     let scale = match size {
         Some(GptSize::B | GptSize::L) => Some(2.0),
         Some(GptSize::XL | GptSize::XXL) => Some(1.75),

@@ -76,20 +76,21 @@ impl GptSize {
         }
     }
 
+    /// Every named size.
+    pub const ALL: [GptSize; 8] = [
+        GptSize::B,
+        GptSize::L,
+        GptSize::XL,
+        GptSize::XXL,
+        GptSize::XXXL,
+        GptSize::B1,
+        GptSize::B3,
+        GptSize::B7,
+    ];
+
     /// Parses an official constructor name.
     pub fn from_name(name: &str) -> Option<Self> {
-        [
-            GptSize::B,
-            GptSize::L,
-            GptSize::XL,
-            GptSize::XXL,
-            GptSize::XXXL,
-            GptSize::B1,
-            GptSize::B3,
-            GptSize::B7,
-        ]
-        .into_iter()
-        .find(|s| s.name() == name)
+        Self::ALL.into_iter().find(|s| s.name() == name)
     }
 }
 
