@@ -21,7 +21,7 @@ use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
 use crate::error::{CatalogError, Result};
 
 /// Version of the sample schema written by this build.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Key of the schema version in Arrow schema metadata and Parquet key-value metadata.
 pub const SCHEMA_VERSION_KEY: &str = "llamagen.schema_version";
@@ -55,6 +55,12 @@ pub mod col {
     pub const CONTENT_SHA256: &str = "content_sha256";
     pub const CONTENT_BYTES: &str = "content_bytes";
     pub const DUPLICATE_OF: &str = "duplicate_of";
+    /// Why `duplicate_of` is set: `url` or `content` (ingest, within a unit), `exact`,
+    /// `perceptual` or `semantic` (dataset-wide dedup).
+    pub const DUP_KIND: &str = "dup_kind";
+    /// 64-bit DCT perceptual hash of the largest rendition (imagehash.phash's bits, first bit
+    /// most significant, stored as the two's-complement int64 of those bits).
+    pub const PHASH: &str = "phash";
     pub const ORIG_FORMAT: &str = "orig_format";
     pub const ORIG_WIDTH: &str = "orig_width";
     pub const ORIG_HEIGHT: &str = "orig_height";
@@ -64,6 +70,11 @@ pub mod col {
     pub const SCORE_AESTHETIC: &str = "score_aesthetic";
     pub const SCORE_WATERMARK: &str = "score_watermark";
     pub const SCORE_NSFW: &str = "score_nsfw";
+    /// The L2-normalised CLIP ViT-L/14 image embedding the aesthetic head reads
+    /// ([`super::embedding_fields`], one token, f16).
+    pub const CLIP_EMBEDDING: &str = "clip_embedding";
+    /// The k-means cluster of `clip_embedding` semantic dedup assigned.
+    pub const SEMANTIC_CLUSTER: &str = "semantic_cluster";
     // captions
     pub const LONG_CAPTION: &str = "long_caption";
     pub const SHORT_CAPTION: &str = "short_caption";
@@ -221,7 +232,7 @@ pub fn vq_code_fields() -> Fields {
     ])
 }
 
-/// A text-encoder feature matrix of `tokens` × `dim`, valid tokens only (no padding), row-major,
+/// A feature matrix of `tokens` × `dim` (text-encoder features; one token for an image embedding), valid tokens only (no padding), row-major,
 /// little-endian `dtype` ("f16", "bf16" or "f32").
 pub fn embedding_fields() -> Fields {
     Fields::from(vec![
@@ -296,6 +307,8 @@ pub fn sample_schema() -> SchemaRef {
                 utf8(col::CONTENT_SHA256),
                 Field::new(col::CONTENT_BYTES, DataType::Int64, true),
                 utf8(col::DUPLICATE_OF),
+                utf8(col::DUP_KIND),
+                Field::new(col::PHASH, DataType::Int64, true),
                 utf8(col::ORIG_FORMAT),
                 Field::new(col::ORIG_WIDTH, DataType::Int32, true),
                 Field::new(col::ORIG_HEIGHT, DataType::Int32, true),
@@ -304,6 +317,12 @@ pub fn sample_schema() -> SchemaRef {
                 Field::new(col::SCORE_AESTHETIC, DataType::Float32, true),
                 Field::new(col::SCORE_WATERMARK, DataType::Float32, true),
                 Field::new(col::SCORE_NSFW, DataType::Float32, true),
+                Field::new(
+                    col::CLIP_EMBEDDING,
+                    DataType::Struct(embedding_fields()),
+                    true,
+                ),
+                Field::new(col::SEMANTIC_CLUSTER, DataType::Int32, true),
                 utf8(col::LONG_CAPTION),
                 utf8(col::SHORT_CAPTION),
                 utf8(col::CAPTION_SOURCE),

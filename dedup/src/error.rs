@@ -24,13 +24,44 @@ pub enum DedupError {
     /// images).
     #[error("unsupported pixel type {0}")]
     UnsupportedPixelType(String),
-    /// Any other error of a library underneath (I/O while reading, the decoder's limits).
+    /// A threshold, keep rule or LSH setting that cannot work; the message names the key.
+    #[error("dedup config: {0}")]
+    Config(String),
+    /// The catalog refused a read or a commit.
     #[error(transparent)]
-    External(Box<dyn std::error::Error + Send + Sync>),
+    Catalog(#[from] llamagen_catalog::CatalogError),
+    /// Any other error of a library underneath (I/O while reading, the decoder's limits, a SQL
+    /// query), with what was being done.
+    #[error("{context}: {source}")]
+    External {
+        context: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
+
+impl DedupError {
+    /// A catalog error, with a dedup error a stage returned recovered from inside it.
+    pub fn from_catalog(e: llamagen_catalog::CatalogError) -> DedupError {
+        match e {
+            llamagen_catalog::CatalogError::External { context, source } => {
+                match source.downcast::<DedupError>() {
+                    Ok(d) => *d,
+                    Err(source) => DedupError::External { context, source },
+                }
+            }
+            e => DedupError::Catalog(e),
+        }
+    }
+}
+
+/// Results of this crate.
+pub type Result<T> = std::result::Result<T, DedupError>;
 
 impl From<std::io::Error> for DedupError {
     fn from(e: std::io::Error) -> Self {
-        DedupError::External(Box::new(e))
+        DedupError::External {
+            context: "reading an image".into(),
+            source: Box::new(e),
+        }
     }
 }

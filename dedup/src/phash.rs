@@ -143,7 +143,10 @@ fn image_error(e: image::ImageError, format: image::ImageFormat) -> DedupError {
         image::ImageError::Unsupported(u) => {
             DedupError::UnsupportedFormat(format!("{format:?}: {u}"))
         }
-        other => DedupError::External(Box::new(other)),
+        other => DedupError::External {
+            context: "decoding an image".into(),
+            source: Box::new(other),
+        },
     }
 }
 

@@ -6,6 +6,9 @@
 //!   is computed once and feeds both the aesthetic and the NSFW head.
 //! - Embeddings are always L2-normalised after the encoder (idempotent for exports that already
 //!   normalise) before the cosine and before any head.
+//! - That L2-normalised ViT-L/14 embedding is also returned per row ([`Scores::l14_embedding`])
+//!   whenever the ViT-L/14 encoder is configured, heads or not; the scoring stage stores it as
+//!   `clip_embedding` (f16, one token). Rows without a decoded image get none.
 //! - `pwatermark` = softmax of the classifier's logits at [`ScorerConfig::watermark_class_index`].
 //! - A row whose image is missing or cannot be decoded gets null scores and a per-row error; it
 //!   never fails the batch. A row without the configured caption gets a null similarity.
@@ -126,6 +129,9 @@ pub struct Scores {
     pub aesthetic: Vec<Option<f32>>,
     pub watermark: Vec<Option<f32>>,
     pub nsfw: Vec<Option<f32>>,
+    /// The L2-normalised ViT-L/14 image embedding (the aesthetic and NSFW heads' input); `None`
+    /// without a ViT-L/14 encoder or a decoded image.
+    pub l14_embedding: Vec<Option<Vec<f32>>>,
     /// Why a row's image gave no scores (`no_image`, `decode_error: …`).
     pub errors: Vec<Option<String>>,
 }
@@ -154,10 +160,14 @@ impl Timings {
     }
 }
 
+/// How `clip_embedding` stores the ViT-L/14 embedding (after the preprocessing version in its
+/// `provenance` entry).
+pub const CLIP_EMBEDDING_VERSION: &str = "l2-normalised-f16-v1";
+
 /// One model's identity as stored in `provenance`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ModelId {
-    /// Score column the model contributes to.
+    /// Column the model contributes to (a score column or `clip_embedding`).
     pub score: &'static str,
     pub model: String,
     pub sha256: String,
@@ -254,7 +264,8 @@ impl Scorer {
         self.clip_image.is_none() && self.l14.is_none() && self.watermark.is_none()
     }
 
-    /// Which score columns this scorer writes.
+    /// Which columns this scorer writes: its score columns, plus `clip_embedding` (the
+    /// ViT-L/14 embedding) whenever the ViT-L/14 encoder is configured.
     pub fn columns(&self) -> Vec<&'static str> {
         use llamagen_catalog::schema::col;
         let mut c = Vec::new();
@@ -270,10 +281,13 @@ impl Scorer {
         if self.nsfw.is_some() {
             c.push(col::SCORE_NSFW);
         }
+        if self.l14.is_some() {
+            c.push(col::CLIP_EMBEDDING);
+        }
         c
     }
 
-    /// The models behind each score, for `provenance`.
+    /// The models behind each written column (see [`Scorer::columns`]), for `provenance`.
     pub fn model_ids(&self) -> Vec<ModelId> {
         use llamagen_catalog::schema::col;
         let mut v = Vec::new();
@@ -312,6 +326,12 @@ impl Scorer {
                     });
                 }
             }
+            v.push(ModelId {
+                score: col::CLIP_EMBEDDING,
+                model: l.name.clone(),
+                sha256: l.sha256.clone(),
+                version: format!("{CLIP_PREPROCESS_VERSION};{CLIP_EMBEDDING_VERSION}"),
+            });
         }
         if let Some(w) = &self.watermark {
             v.push(ModelId {
@@ -503,6 +523,9 @@ impl Scorer {
             let s = l.image_size(224) as usize;
             let (mut e, d) = l.run_f32(clip_of(l), n, &[3, s, s])?;
             l2_normalise(&mut e, d);
+            for (k, v) in e.chunks_exact(d).enumerate() {
+                out.l14_embedding[p.rows[k]] = Some(v.to_vec());
+            }
             if let Some(h) = &self.aesthetic {
                 for (k, v) in h.score(&e, n, d)?.into_iter().enumerate() {
                     out.aesthetic[p.rows[k]] = Some(v);
@@ -542,6 +565,7 @@ impl Scorer {
             aesthetic: vec![None; n],
             watermark: vec![None; n],
             nsfw: vec![None; n],
+            l14_embedding: vec![None; n],
             errors: vec![None; n],
         };
         let mut tm = Timings::default();

@@ -4,9 +4,12 @@
 //! - Scoring ([`score_catalog`]) is a copy-on-write stage named `filters-score-<digest>`, the
 //!   digest covering every model hash, preprocessing version and the caption field: re-running
 //!   with the same models resumes, changing a model re-scores. It writes only the score columns
-//!   of the configured scorers and `provenance` (entries of stage [`PROVENANCE_STAGE`], one per
-//!   model, version `<score column>/<preprocessing version>`; earlier `filters` entries for the
-//!   same columns are replaced). It never touches `status` or `reject_reasons`.
+//!   of the configured scorers, `clip_embedding` (when the ViT-L/14 encoder is configured: the
+//!   L2-normalised ViT-L/14 image embedding the aesthetic and NSFW heads read, one token of
+//!   `dim` little-endian f16 values; null where the image is missing or does not decode) and
+//!   `provenance` (entries of stage [`PROVENANCE_STAGE`], one per model and written column,
+//!   version `<column>/<preprocessing version>`; earlier `filters` entries for the same columns
+//!   are replaced). It never touches `status` or `reject_reasons`.
 //! - Each row's input image is its largest stored rendition (most pixels, then largest `size`).
 //! - Verdicts ([`apply_catalog`]) are a stage named `filters-apply-<thresholds digest>`. A shard
 //!   is rewritten when its most recent verdict stage is a different one or when it was re-scored
@@ -16,13 +19,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use llamagen_catalog::arrow::array::{
-    Array, ArrayRef, AsArray, Float32Array, ListBuilder, RecordBatch, StringArray, StringBuilder,
-    StructBuilder,
+    Array, ArrayRef, AsArray, BinaryArray, Float32Array, Int32Array, ListBuilder, RecordBatch,
+    StringArray, StringBuilder, StructArray, StructBuilder,
 };
+use llamagen_catalog::arrow::buffer::NullBuffer;
 use llamagen_catalog::arrow::datatypes::{
     DataType, Field, Float32Type, Int32Type, Int64Type, Schema,
 };
-use llamagen_catalog::schema::{col, provenance_fields};
+use llamagen_catalog::schema::{col, embedding_fields, provenance_fields};
 use llamagen_catalog::stage::{MapReport, Stage, StageError, run_stage};
 use llamagen_catalog::{Dataset, ShardEntry, ShardWriterOptions, StageCounters};
 use sha2::{Digest, Sha256};
@@ -192,7 +196,52 @@ fn build_provenance(rows: &[Vec<Prov>]) -> ArrayRef {
     Arc::new(lb.finish())
 }
 
-/// Scores one batch of whole sample rows; returns `key`, the score columns and `provenance`,
+/// `clip_embedding` values: one token of `dim` little-endian f16 values per row with an
+/// embedding, null for the others.
+pub fn clip_embedding_array(rows: &[Option<Vec<f32>>]) -> Result<ArrayRef> {
+    let n = rows.len();
+    let (mut tokens, mut dim, mut dtype) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let mut data: Vec<Vec<u8>> = Vec::with_capacity(n);
+    for r in rows {
+        match r {
+            Some(v) => {
+                tokens.push(1);
+                dim.push(i32::try_from(v.len()).map_err(|_| {
+                    col_err(col::CLIP_EMBEDDING, format!("{}-d embedding", v.len()))
+                })?);
+                dtype.push("f16");
+                data.push(
+                    v.iter()
+                        .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                        .collect(),
+                );
+            }
+            // Children are non-nullable: placeholders under the struct's null.
+            None => {
+                tokens.push(0);
+                dim.push(0);
+                dtype.push("");
+                data.push(Vec::new());
+            }
+        }
+    }
+    let arrays: Vec<ArrayRef> = vec![
+        Arc::new(Int32Array::from(tokens)),
+        Arc::new(Int32Array::from(dim)),
+        Arc::new(StringArray::from(dtype)),
+        Arc::new(BinaryArray::from_iter_values(data)),
+    ];
+    let valid = NullBuffer::from(rows.iter().map(Option::is_some).collect::<Vec<_>>());
+    let s = StructArray::try_new(embedding_fields(), arrays, Some(valid))?;
+    Ok(Arc::new(s))
+}
+
+/// Scores one batch of whole sample rows; returns `key`, the score columns, `clip_embedding`
+/// (with the ViT-L/14 encoder) and `provenance`,
 /// plus timings and per-kind error counts.
 pub fn score_batch(
     scorer: &Scorer,
@@ -224,6 +273,11 @@ pub fn score_batch(
     let mut fields = vec![Field::new(col::KEY, DataType::Utf8, false)];
     let mut cols: Vec<ArrayRef> = vec![keys];
     for c in scorer.columns() {
+        if c == col::CLIP_EMBEDDING {
+            fields.push(Field::new(c, DataType::Struct(embedding_fields()), true));
+            cols.push(clip_embedding_array(&scores.l14_embedding)?);
+            continue;
+        }
         let v = match c {
             col::SCORE_CLIP_SIMILARITY => &scores.clip_similarity,
             col::SCORE_AESTHETIC => &scores.aesthetic,

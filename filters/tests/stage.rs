@@ -1,6 +1,7 @@
 //! The filter stages on a real catalog: the bundled real images (broken ones included) scored
 //! with the stand-in models through `map_shards`, checked against the Python reference pipeline
-//! (tests/pipeline/make_expected.py), then thresholds applied, changed and re-applied.
+//! (tests/pipeline/make_expected.py), the stored ViT-L/14 embeddings checked against the encoder
+//! run directly, then thresholds applied, changed and re-applied.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -10,10 +11,11 @@ use llamagen_catalog::arrow::array::{
     Array, ArrayRef, AsArray, BinaryBuilder, Int32Builder, Int64Array, ListBuilder, RecordBatch,
     StringBuilder, StructBuilder,
 };
-use llamagen_catalog::arrow::datatypes::{DataType, Field, Float32Type, Schema};
+use llamagen_catalog::arrow::datatypes::{DataType, Field, Float32Type, Int32Type, Schema};
 use llamagen_catalog::schema::{col, image_fields};
 use llamagen_catalog::{Catalog, Dataset, ShardWriterOptions, StorageOptions, Transaction};
-use llamagen_filters::model::ModelOptions;
+use llamagen_filters::model::{ModelOptions, OnnxModel, Role, l2_normalise};
+use llamagen_filters::preprocess::{clip_preprocess, decode_rgb};
 use llamagen_filters::report::DryRun;
 use llamagen_filters::rules::Thresholds;
 use llamagen_filters::scorer::{Scorer, ScorerConfig};
@@ -233,6 +235,45 @@ async fn scores(ds: &Dataset) -> RowScores {
     m
 }
 
+/// `clip_embedding` of every row: (tokens, dim, dtype, values decoded from little-endian f16).
+async fn clip_embeddings(ds: &Dataset) -> BTreeMap<String, Option<(i32, i32, String, Vec<f32>)>> {
+    let mut m = BTreeMap::new();
+    for b in read_all(ds, &[col::KEY, col::CLIP_EMBEDDING]).await {
+        let k = b.column(0).as_string::<i32>();
+        let e = b.column(1).as_struct();
+        assert_eq!(e.fields(), &llamagen_catalog::schema::embedding_fields());
+        for r in 0..b.num_rows() {
+            let v = e.is_valid(r).then(|| {
+                let data = e.column(3).as_binary::<i32>().value(r);
+                assert_eq!(data.len() % 2, 0);
+                let values = data
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect();
+                (
+                    e.column(0).as_primitive::<Int32Type>().value(r),
+                    e.column(1).as_primitive::<Int32Type>().value(r),
+                    e.column(2).as_string::<i32>().value(r).to_string(),
+                    values,
+                )
+            });
+            m.insert(k.value(r).to_string(), v);
+        }
+    }
+    m
+}
+
+/// The L2-normalised ViT-L/14 embedding of `bytes`, running the encoder directly.
+fn l14_embedding(m: &OnnxModel, bytes: &[u8]) -> Vec<f32> {
+    let img = decode_rgb(bytes, 178_956_970).unwrap();
+    let s = m.image_size(224);
+    let mut x = Vec::new();
+    clip_preprocess(&img, s, &mut x);
+    let (mut e, d) = m.run_f32(&x, 1, &[3, s as usize, s as usize]).unwrap();
+    l2_normalise(&mut e, d);
+    e
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn scores_match_the_python_pipeline_and_broken_images_flow_through() {
     let exp = expected();
@@ -308,6 +349,60 @@ async fn scores_match_the_python_pipeline_and_broken_images_flow_through() {
     assert!(nc[0].is_none() && nc[1].is_some() && nc[2].is_some() && nc[3].is_some());
     assert!(got["no-image"].iter().all(Option::is_none));
 
+    // `clip_embedding`: the ViT-L/14 embedding the heads read, one f16 token, for every row with
+    // a decoded image; null for the others.
+    let emb = clip_embeddings(&ds).await;
+    assert_eq!(emb.len(), got.len());
+    let l14 = OnnxModel::load(
+        models("clip_l14_image.onnx").as_ref().unwrap(),
+        Role::Image,
+        None,
+        &ModelOptions::default(),
+    )
+    .unwrap();
+    let dim = l14.output_dim().unwrap();
+    assert_eq!(dim, 768);
+    let dir = manifest_dir().join("../data/images");
+    let decoy = std::fs::read(dir.join("hopper.jpg")).unwrap();
+    let mut checked = 0;
+    for (key, e) in &emb {
+        if got[key][1].is_none() {
+            assert!(e.is_none(), "{key}: an embedding without scores");
+            continue;
+        }
+        let (tokens, d, dtype, values) = e.as_ref().unwrap_or_else(|| panic!("{key}: none"));
+        assert_eq!(
+            (*tokens, *d as usize, dtype.as_str()),
+            (1, dim, "f16"),
+            "{key}"
+        );
+        assert_eq!(values.len(), dim, "{key}");
+        let norm = values
+            .iter()
+            .map(|&x| (x as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        assert!((norm - 1.0).abs() < 2e-3, "{key}: norm {norm}");
+        let bytes = match key.split_once('-').and_then(|(_, r)| r.split_once('-')) {
+            Some((_, name)) if key.starts_with("img-") => std::fs::read(dir.join(name)).unwrap(),
+            _ => decoy.clone(),
+        };
+        let want = l14_embedding(&l14, &bytes);
+        let diff = values
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| (g - w).abs())
+            .fold(0f32, f32::max);
+        assert!(diff <= 1e-3, "{key}: differs from the encoder's by {diff}");
+        checked += 1;
+    }
+    assert_eq!(checked, names.len() + 1 - undecodable.len());
+    assert!(emb["no-image"].is_none() && emb["no-caption"].is_some());
+    for n in &undecodable {
+        let i = names.iter().position(|x| x == n).unwrap();
+        assert!(emb[&format!("img-{i:02}-{n}")].is_none(), "{n}");
+    }
+
     // Provenance names every model with its hash and preprocessing version.
     let b = &read_all(&ds, &[col::KEY, col::PROVENANCE]).await[0];
     let prov = b.column(1).as_list::<i32>().value(0);
@@ -327,6 +422,23 @@ async fn scores_match_the_python_pipeline_and_broken_images_flow_through() {
     }
     let shas = prov.column(2).as_string::<i32>();
     assert!((0..shas.len()).all(|i| shas.value(i).len() == 64));
+    let versions = prov.column(3).as_string::<i32>();
+    let emb_prov: Vec<(&str, &str)> = (0..prov.len())
+        .filter(|&i| versions.value(i).starts_with("clip_embedding/"))
+        .map(|i| {
+            (
+                prov.column(1).as_string::<i32>().value(i),
+                versions.value(i),
+            )
+        })
+        .collect();
+    assert_eq!(
+        emb_prov,
+        [(
+            "clip_l14_image.onnx",
+            "clip_embedding/clip-bicubic-shortside-centercrop-v2;l2-normalised-f16-v1"
+        )]
+    );
 
     // Same models again: nothing to do. The scores are unchanged.
     let again = stage::score_catalog(&ds, sc, (0, 1), |_| {}).await.unwrap();

@@ -806,6 +806,7 @@ fn with_outcomes(rows: &RecordBatch, outs: &[Outcome]) -> Result<RecordBatch> {
         col::CONTENT_SHA256,
         col::CONTENT_BYTES,
         col::DUPLICATE_OF,
+        col::DUP_KIND,
         col::ORIG_FORMAT,
         col::ORIG_WIDTH,
         col::ORIG_HEIGHT,
@@ -868,6 +869,13 @@ fn with_outcomes(rows: &RecordBatch, outs: &[Outcome]) -> Result<RecordBatch> {
         Arc::new(StringArray::from_iter(
             outs.iter().map(|o| o.duplicate_of.as_deref()),
         )),
+    );
+    push(
+        col::DUP_KIND,
+        Arc::new(StringArray::from_iter(outs.iter().map(|o| {
+            o.duplicate_of.as_ref()?;
+            o.reasons.iter().find_map(|r| r.strip_prefix("duplicate_"))
+        }))),
     );
     push(
         col::ORIG_FORMAT,

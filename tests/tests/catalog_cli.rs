@@ -280,7 +280,7 @@ fn bad_input_is_reported_by_name() {
     let (code, _, err) = sql(&root, "SELECT count(*) FROM samples", "table");
     assert_eq!(code, 1);
     assert!(
-        err.contains("sample schema version 7") && err.contains("reads version 2"),
+        err.contains("sample schema version 7") && err.contains("reads version 3"),
         "{err}"
     );
 }

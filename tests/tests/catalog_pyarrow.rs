@@ -184,7 +184,7 @@ async fn pyarrow_reads_back_identical_values() {
     .unwrap();
 
     let (head, rows) = dump("dump_shard.py", &paths);
-    assert_eq!(head["schema_version"], "2");
+    assert_eq!(head["schema_version"], "3");
     let names: Vec<String> = sample_schema()
         .fields()
         .iter()
@@ -243,7 +243,7 @@ async fn pyarrow_reads_back_identical_values() {
     assert_eq!(head["stages"], json!([Value::Null, "t", "label"]));
     // The column files were written once, by the first commit: the stage pass carried them over.
     assert_eq!(head["groups"], json!({"images": 1, "t5": 1, "vq": 1}));
-    assert_eq!(head["schema_version"], "2");
+    assert_eq!(head["schema_version"], "3");
     assert_eq!(head["columns"], json!(names));
     assert_eq!(rows.len(), n);
     for row in &rows {
