@@ -6,7 +6,9 @@
 //!   [`CatalogLoader::open`]); every shard is checked against its log entry (size, SHA-256) on read.
 //! - A row is *usable* when its `status` is `ok` and it has a code grid of the configured image
 //!   size (c2i: the ten-crop views, else the centre crop; t2i: the centre crop) with exactly
-//!   `grid * grid` codes, and, for c2i, a non-null `label`. Other rows are never trained on.
+//!   `grid * grid` codes, and, for c2i, a non-null `label`, and (unless
+//!   [`DataConfig::keep_duplicates`]) no `dup_kind`: the rows dedup marked as copies of a kept
+//!   row are skipped. Other rows are never trained on.
 //!   A t2i row without `t5_long` features is a dummy sample (zero caption, plain causal mask,
 //!   `valid = 0`), as in the official `dataset/t2i.py`.
 //! - The sample stream of a rank is a pure function of (snapshot, seed, rank, world): epoch `e`
@@ -60,6 +62,8 @@ pub struct DataConfig {
     /// t2i: probability of training on the short caption's features (when a row has them).
     /// Default 0.3 (official `--short-t5-feat-path`).
     pub short_caption_prob: f64,
+    /// Also train on rows dedup marked as duplicates (`dup_kind` set). Default false.
+    pub keep_duplicates: bool,
 }
 
 impl Default for DataConfig {
@@ -72,6 +76,7 @@ impl Default for DataConfig {
             s3_path_style: None,
             shuffle_window: 4,
             short_caption_prob: 0.3,
+            keep_duplicates: false,
         }
     }
 }
@@ -260,6 +265,7 @@ fn decode_rows(
     spec: &SampleSpec,
     shard: &str,
     light: bool,
+    keep_duplicates: bool,
 ) -> Result<Vec<(u32, Option<Row>)>> {
     let mut out = Vec::new();
     let mut base = 0usize;
@@ -275,8 +281,12 @@ fn decode_rows(
         let label = b
             .column_by_name(col::LABEL)
             .map(|c| c.as_primitive::<Int32Type>());
+        let dup = b.column_by_name(col::DUP_KIND).filter(|_| !keep_duplicates);
         for r in 0..b.num_rows() {
             if status.is_null(r) || status.value(r) != "ok" {
+                continue;
+            }
+            if dup.is_some_and(|d| d.is_valid(r)) {
                 continue;
             }
             let lab = match (spec.model_type, label) {
@@ -384,12 +394,12 @@ impl CatalogLoader {
         };
         let mut usable = Vec::with_capacity(loader.shards.len());
         let light: &[&str] = match spec.model_type {
-            ModelType::C2i => &[col::STATUS, col::LABEL, col::VQ_CODES],
-            ModelType::T2i => &[col::STATUS, col::VQ_CODES],
+            ModelType::C2i => &[col::STATUS, col::DUP_KIND, col::LABEL, col::VQ_CODES],
+            ModelType::T2i => &[col::STATUS, col::DUP_KIND, col::VQ_CODES],
         };
         for i in 0..loader.shards.len() {
             let (name, batches) = loader.read(i, light)?;
-            let rows = decode_rows(&batches, &spec, &name, true)?;
+            let rows = decode_rows(&batches, &spec, &name, true, cfg.keep_duplicates)?;
             usable.push(rows.into_iter().map(|(r, _)| r).collect());
         }
         loader.usable = usable;
@@ -480,14 +490,21 @@ impl CatalogLoader {
             return Ok(hit.1);
         }
         let cols: &[&str] = match self.spec.model_type {
-            ModelType::C2i => &[col::STATUS, col::LABEL, col::VQ_CODES],
-            ModelType::T2i => &[col::STATUS, col::VQ_CODES, col::T5_LONG, col::T5_SHORT],
+            ModelType::C2i => &[col::STATUS, col::DUP_KIND, col::LABEL, col::VQ_CODES],
+            ModelType::T2i => &[
+                col::STATUS,
+                col::DUP_KIND,
+                col::VQ_CODES,
+                col::T5_LONG,
+                col::T5_SHORT,
+            ],
         };
         let (name, batches) = self.read(shard, cols)?;
-        let rows: HashMap<u32, Row> = decode_rows(&batches, &self.spec, &name, false)?
-            .into_iter()
-            .filter_map(|(r, row)| row.map(|row| (r, row)))
-            .collect();
+        let rows: HashMap<u32, Row> =
+            decode_rows(&batches, &self.spec, &name, false, self.cfg.keep_duplicates)?
+                .into_iter()
+                .filter_map(|(r, row)| row.map(|row| (r, row)))
+                .collect();
         let rows = Arc::new(rows);
         self.cache.push_back((shard, rows.clone()));
         while self.cache.len() > self.cfg.shuffle_window + 1 {
