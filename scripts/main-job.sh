@@ -3,7 +3,8 @@
 #  1. import the bundled LAION URL list (10,000 real rows) into a catalog;
 #  2. run the data pipeline (configs/pipeline/sample.toml) on the bundled real images, served on
 #     127.0.0.1 by a local HTTP server: ingest (edge cases and broken files included), filter
-#     scores and verdicts, long and short captions, T5 features and VQ codes, with stand-in models;
+#     scores and verdicts, long and short captions, T5 features and VQ codes, dataset-wide
+#     duplicates, with stand-in models;
 #  3. show what is in the catalog (stats, SQL, verification);
 #  4. train a tiny text-to-image GPT on the ready shards for a few CPU steps and sample a grid;
 #  5. run the model conformance checks against the bundled reference tensors.
@@ -21,7 +22,7 @@ echo "== 1. import the bundled LAION URL list into $OUT/laion"
   "SELECT split_part(url, '/', 3) AS host, count(*) AS samples FROM samples
    GROUP BY host ORDER BY samples DESC, host LIMIT 5"
 
-echo "== 2. the data pipeline on the bundled images: ingest -> filters -> captions -> T5 -> VQ codes"
+echo "== 2. the data pipeline on the bundled images: ingest -> filters -> captions -> T5 -> VQ codes -> dedup"
 # The images are served by a local HTTP server on 127.0.0.1, as a mirror would serve them; the URL
 # list and a long-caption file (joined by URL) are made from the bundled images' manifest.
 PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -59,6 +60,13 @@ echo "== 3. what is in the catalog"
    FROM samples GROUP BY status, error_kind ORDER BY samples DESC"
 "$BIN" catalog sql --root "$OUT/pipeline" \
   "SELECT key, short_caption FROM samples WHERE status = 'ok' ORDER BY key LIMIT 3"
+echo "-- duplicates across the dataset ([dedup]: kept rows have no dup_kind; training and export skip the others)"
+"$BIN" catalog sql --root "$OUT/pipeline" \
+  "SELECT d.dup_kind, split_part(d.url, '/', 5) AS duplicate, split_part(k.url, '/', 5) AS kept
+   FROM samples d JOIN samples k ON d.duplicate_of = k.key
+   WHERE d.dup_kind IN ('exact', 'perceptual', 'semantic') ORDER BY d.dup_kind, duplicate"
+echo "-- retuning without rehashing: a dry run at 8 bits (nothing written; chart in $OUT/dedup-dry-run.html)"
+"$BIN" dedup --root "$OUT/pipeline" --kinds exact,perceptual --hamming 8 --dry-run --chart "$OUT/dedup-dry-run.html" | tail -n 4
 "$BIN" catalog verify --root "$OUT/pipeline"
 echo "-- the ingested images in img2dataset's webdataset layout (written by ingest, before the filters):"
 for t in "$OUT"/webdataset/256/*.tar; do

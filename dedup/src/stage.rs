@@ -308,6 +308,9 @@ pub struct RunOptions {
     pub retrain: bool,
     /// The SQL session's memory limit (None: the catalog's default).
     pub memory_limit: Option<usize>,
+    /// Stages a shard must carry before clusters are assigned to it (the stage that writes
+    /// `clip_embedding`), so a shard is never clustered before its embeddings exist.
+    pub cluster_requires: Vec<String>,
 }
 
 fn catalog_err(e: llamagen_catalog::CatalogError) -> DedupError {
@@ -360,7 +363,10 @@ pub async fn dedup_dataset(
                 run_stage(
                     &ds,
                     stage,
-                    ShardSelection::default(),
+                    ShardSelection {
+                        partition: (0, 1),
+                        requires: opts.cluster_requires.clone(),
+                    },
                     ShardWriterOptions::default(),
                     |_e: &ShardEntry, rows| on_shard(&name, rows),
                 )

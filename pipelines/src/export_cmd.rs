@@ -52,6 +52,10 @@ enum ExportCommand {
         /// Image size of the codes (and images) to export.
         #[arg(long, default_value_t = 256)]
         image_size: i32,
+        /// Also export rows dedup marked as duplicates (`dup_kind` set); by default they are
+        /// skipped.
+        #[arg(long)]
+        keep_duplicates: bool,
     },
     /// Write a model as a checkpoint the official PyTorch scripts load:
     /// `torch.load(out, weights_only=True)["model"]` is the official state dict.
@@ -330,7 +334,7 @@ fn stored_image(b: &RecordBatch, i: usize, size: i32) -> Option<(String, Vec<u8>
 }
 
 pub async fn run(args: ExportArgs) -> Result<ExitCode> {
-    let (root, out, kind, image_size) = match args.command {
+    let (root, out, kind, image_size, keep_duplicates) = match args.command {
         ExportCommand::Checkpoint { input, out, format } => {
             return export_checkpoint(&input, &out, &format);
         }
@@ -339,7 +343,8 @@ pub async fn run(args: ExportArgs) -> Result<ExitCode> {
             out,
             kind,
             image_size,
-        } => (root, out, kind, image_size),
+            keep_duplicates,
+        } => (root, out, kind, image_size, keep_duplicates),
     };
     if !matches!(kind.as_str(), "t2i" | "c2i") {
         bail!("--kind {kind:?}: use t2i or c2i");
@@ -348,7 +353,7 @@ pub async fn run(args: ExportArgs) -> Result<ExitCode> {
     let ds = cat.dataset(&root.dataset);
     let snap = ds.snapshot().await?;
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let (mut written, mut skipped) = (0u64, 0u64);
+    let (mut written, mut skipped, mut duplicates) = (0u64, 0u64, 0u64);
     let mut jsonl = None;
     let dirs: Vec<PathBuf> = if kind == "t2i" {
         jsonl = Some(std::io::BufWriter::new(std::fs::File::create(
@@ -382,9 +387,17 @@ pub async fn run(args: ExportArgs) -> Result<ExitCode> {
                 .unwrap()
                 .as_string::<i32>()
                 .clone();
+            let dup = b
+                .column_by_name(col::DUP_KIND)
+                .filter(|_| !keep_duplicates)
+                .cloned();
             for i in 0..b.num_rows() {
                 pb.inc(1);
                 if status.value(i) != "ok" {
+                    continue;
+                }
+                if dup.as_ref().is_some_and(|d| d.is_valid(i)) {
+                    duplicates += 1;
                     continue;
                 }
                 let key = keys.value(i);
@@ -486,7 +499,7 @@ pub async fn run(args: ExportArgs) -> Result<ExitCode> {
         w.flush()?;
     }
     println!(
-        "exported {written} samples ({kind}, {image_size} px) from {} version {} to {}; {skipped} ok samples lacked codes, features or a label",
+        "exported {written} samples ({kind}, {image_size} px) from {} version {} to {}; {skipped} ok samples lacked codes, features or a label; {duplicates} duplicates skipped",
         root.dataset,
         snap.version,
         out.display()

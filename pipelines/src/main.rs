@@ -2,6 +2,7 @@
 
 mod catalog_cmd;
 mod conformance_cmd;
+mod dedup_cmd;
 mod encode_cmd;
 mod eval_c2i;
 mod eval_catalog;
@@ -47,6 +48,9 @@ enum Command {
     Eval(eval_cmd::EvalArgs),
     /// Score samples (CLIP similarity, aesthetic, watermark, NSFW) and apply thresholds.
     Filter(filter_cmd::FilterArgs),
+    /// Find exact, perceptual and semantic duplicates across a whole dataset and mark all but one
+    /// row of each group (`duplicate_of`, `dup_kind`); `--dry-run` reports without writing.
+    Dedup(dedup_cmd::DedupCmdArgs),
     /// Captions (long, first-sentence short) and their T5 encoder features.
     Text(text_cmd::TextArgs),
     /// The whole data pipeline from one config: ingest, filters, captions, T5 and VQ codes.
@@ -76,6 +80,7 @@ fn main() -> std::process::ExitCode {
         Command::Catalog(args) => runtime().and_then(|rt| rt.block_on(catalog_cmd::run(args))),
         Command::Ingest(args) => runtime().and_then(|rt| rt.block_on(ingest_cmd::run(*args))),
         Command::Filter(args) => runtime().and_then(|rt| rt.block_on(filter_cmd::run(args))),
+        Command::Dedup(args) => runtime().and_then(|rt| rt.block_on(dedup_cmd::run(args))),
         Command::Text(args) => runtime().and_then(|rt| rt.block_on(text_cmd::run(args))),
         Command::Pipeline(args) => runtime().and_then(|rt| rt.block_on(pipeline_cmd::run(args))),
         Command::Encode(args) => runtime().and_then(|rt| rt.block_on(encode_cmd::run(*args))),

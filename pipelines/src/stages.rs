@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
+use llamagen_dedup::DedupConfig;
 use llamagen_encode::captions::{CaptionFileOptions, CaptionIndex, CaptionKey, Fallback, JoinOn};
 use llamagen_encode::text_encoder::{
     ModelPaths, StoreDtype, TextEncoder, TextEncoderConfig, device_and_dtype,
@@ -784,6 +785,108 @@ impl IngestOptions {
     }
 }
 
+const DEDUP_KINDS: &str = "exact,perceptual,semantic";
+const DEDUP_KEEP: &str = "aesthetic,pixels,key";
+
+fn dedup_kinds() -> Vec<String> {
+    DEDUP_KINDS.split(',').map(str::to_string).collect()
+}
+fn dedup_hamming() -> u32 {
+    llamagen_dedup::group::DEFAULT_HAMMING
+}
+fn dedup_cosine() -> f32 {
+    llamagen_dedup::group::DEFAULT_COSINE
+}
+fn dedup_sample() -> usize {
+    DedupConfig::default().sample
+}
+fn dedup_iterations() -> usize {
+    DedupConfig::default().iterations
+}
+fn dedup_keep() -> Vec<String> {
+    DEDUP_KEEP.split(',').map(str::to_string).collect()
+}
+
+/// Dataset-wide dedup (`llamagen dedup`, the pipeline's `[dedup]`).
+#[derive(Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupArgs {
+    /// Kinds of duplicate to look for: exact (content bytes), perceptual (pHash), semantic
+    /// (CLIP embeddings, needs the filters' ViT-L/14 encoder).
+    #[arg(long, value_delimiter = ',', default_value = DEDUP_KINDS)]
+    #[serde(default = "dedup_kinds")]
+    pub kinds: Vec<String>,
+    /// Perceptual: pHashes within this many bits are duplicates (exact search; the cost grows
+    /// quickly above 6, see README "Deduplication").
+    #[arg(long, default_value_t = dedup_hamming())]
+    #[serde(default = "dedup_hamming")]
+    pub hamming: u32,
+    /// Perceptual: LSH blocks (default: the fewest whose band keys keep 24 bits).
+    #[arg(long)]
+    #[serde(default)]
+    pub blocks: Option<u32>,
+    /// Semantic: cosine similarity at or above which two embeddings are duplicates.
+    #[arg(long, default_value_t = dedup_cosine())]
+    #[serde(default = "dedup_cosine")]
+    pub cosine: f32,
+    /// Semantic: k-means clusters (default: one per 10,000 rows with an embedding).
+    #[arg(long)]
+    #[serde(default)]
+    pub clusters: Option<usize>,
+    /// Semantic: rows k-means trains on.
+    #[arg(long, default_value_t = dedup_sample())]
+    #[serde(default = "dedup_sample")]
+    pub sample: usize,
+    /// Semantic: Lloyd iterations at most.
+    #[arg(long, default_value_t = dedup_iterations())]
+    #[serde(default = "dedup_iterations")]
+    pub iterations: usize,
+    /// Keep rule: which row of a group is kept, by aesthetic, pixels, bytes, key in this order.
+    #[arg(long, value_delimiter = ',', default_value = DEDUP_KEEP)]
+    #[serde(default = "dedup_keep")]
+    pub keep: Vec<String>,
+}
+
+impl Default for DedupArgs {
+    fn default() -> Self {
+        DedupArgs {
+            kinds: dedup_kinds(),
+            hamming: dedup_hamming(),
+            blocks: None,
+            cosine: dedup_cosine(),
+            clusters: None,
+            sample: dedup_sample(),
+            iterations: dedup_iterations(),
+            keep: dedup_keep(),
+        }
+    }
+}
+
+impl DedupArgs {
+    /// The dedup crate's config, checked.
+    pub fn config(&self) -> Result<DedupConfig> {
+        for k in &self.kinds {
+            if llamagen_dedup::DupKind::parse(k).is_none() {
+                bail!("dedup kinds: unknown kind {k:?} (exact, perceptual, semantic)");
+            }
+        }
+        let has = |k: &str| self.kinds.iter().any(|x| x == k);
+        let cfg = DedupConfig {
+            exact: has("exact"),
+            hamming: has("perceptual").then_some(self.hamming),
+            blocks: self.blocks,
+            cosine: has("semantic").then_some(self.cosine),
+            clusters: self.clusters,
+            sample: self.sample,
+            iterations: self.iterations,
+            seed: 0,
+            keep: self.keep.clone(),
+        };
+        cfg.check()?;
+        Ok(cfg)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -827,6 +930,25 @@ mod tests {
         let a: IngestOptions = cli(&[]);
         assert_eq!(a, IngestOptions::default());
         assert!(a.respect_robots && a.reduced_decode && a.image_sizes == [256]);
+        let a: DedupArgs = cli(&[]);
+        let b: DedupArgs = toml::from_str("").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a, DedupArgs::default());
+        assert_eq!(a.config().unwrap(), DedupConfig::default());
+        let a: DedupArgs = cli(&["--kinds", "exact,perceptual", "--hamming", "6"]);
+        let b: DedupArgs =
+            toml::from_str("kinds = [\"exact\", \"perceptual\"]\nhamming = 6").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.config().unwrap().cosine, None);
+        for (bad, says) in [
+            (["--kinds", "exact,fuzzy"], "\"fuzzy\""),
+            (["--keep", "newest"], "\"newest\""),
+            (["--hamming", "70"], "threshold 70"),
+            (["--cosine", "1.5"], "cosine = 1.5"),
+        ] {
+            let e = cli::<DedupArgs>(&bad).config().unwrap_err().to_string();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::stages::{CaptionsConfig, IngestOptions, ScoreConfig, T5Config, VqConfig};
+use crate::stages::{CaptionsConfig, DedupArgs, IngestOptions, ScoreConfig, T5Config, VqConfig};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -33,6 +33,9 @@ pub struct PipelineConfig {
     pub t5: Option<T5Config>,
     /// VQ codes (the `llamagen encode` flags); absent: none.
     pub vq: Option<VqConfig>,
+    /// Dataset-wide duplicates (the `llamagen dedup` flags), after every other stage; absent:
+    /// none.
+    pub dedup: Option<DedupArgs>,
     #[serde(default)]
     pub lease: LeaseSection,
     #[serde(default)]
@@ -230,6 +233,19 @@ impl PipelineConfig {
                         "[vq] view {view:?} is computed from the stored {src} px image: add {src} to [ingest] image_sizes"
                     );
                 }
+            }
+        }
+        if let Some(d) = &self.dedup {
+            d.config().context("[dedup]")?;
+            if d.kinds.iter().any(|k| k == "semantic")
+                && self
+                    .filters
+                    .as_ref()
+                    .is_none_or(|f| f.clip_l14_image.is_none())
+            {
+                bail!(
+                    "[dedup] semantic needs the CLIP ViT-L/14 embeddings of [filters] clip_l14_image (or drop \"semantic\" from kinds)"
+                );
             }
         }
         if self.lease.ttl_s < 3 {

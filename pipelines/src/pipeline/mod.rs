@@ -1,5 +1,5 @@
 //! `llamagen pipeline run`: URL lists → image shards → scores and verdicts → captions → T5
-//! features and VQ codes, from one config file (see [`config`]).
+//! features and VQ codes → dataset-wide duplicates, from one config file (see [`config`]).
 //!
 //! Resume and concurrency rules (every stage commits through the catalog's protocol):
 //! - Ingest commits one work unit (a row range of one input file) at a time; a unit already in
@@ -453,11 +453,13 @@ async fn run_inner(
     // (with several workers) a sweep.
     let mut stages: Vec<(&str, Arc<dyn Stage>, Vec<String>)> = Vec::new();
     let mut filtered: Vec<String> = Vec::new();
+    let mut scored: Vec<String> = Vec::new();
     if let Some(f) = &cfg.filters {
         let scorer = f.load().await.context("[filters]")?;
         let s = Arc::new(llamagen_filters::stage::ScoreStage::new(Arc::new(scorer))?);
         stages.push(("filters: score", s.clone(), Vec::new()));
         filtered.push(s.name());
+        scored.push(s.name());
     }
     if let Some(th) = cfg.filters.as_ref().and_then(|f| f.thresholds.clone()) {
         let s = Arc::new(llamagen_filters::stage::ApplyStage { thresholds: th });
@@ -498,6 +500,52 @@ async fn run_inner(
             push(report, &r.stage, pass, &r.map, r.counters, t);
             check_lease()?;
         }
+    }
+    // 3. Dedup: over the whole dataset, once every stage has run on this worker's shards.
+    if let Some(d) = &cfg.dedup {
+        let dcfg = d.config().context("[dedup]")?;
+        let t = Instant::now();
+        let pb = spinner("dedup");
+        let r = llamagen_dedup::dedup_dataset(
+            cat.storage().clone(),
+            &cfg.output.dataset,
+            &dcfg,
+            &llamagen_dedup::RunOptions {
+                cluster_requires: scored,
+                ..Default::default()
+            },
+            |_, _| pb.inc(1),
+        )
+        .await
+        .context("dedup")?;
+        pb.finish_and_clear();
+        push(
+            report,
+            &r.hash.stage,
+            "all",
+            &r.hash.map,
+            r.hash.counters.clone(),
+            t,
+        );
+        if let Some(c) = &r.cluster {
+            push(report, &c.stage, "all", &c.map, c.counters.clone(), t);
+        }
+        let mut counters = StageCounters::new("dedup: group");
+        counters.received = r.grouping.rows;
+        counters.written = r.grouping.rows;
+        counters.add_extra("groups", r.grouping.groups);
+        for (k, n) in &r.grouping.duplicates {
+            counters.add_extra(&format!("duplicates_{k}"), *n);
+        }
+        let map = llamagen_catalog::stage::MapReport {
+            rows: r.grouping.rows,
+            ..Default::default()
+        };
+        push(report, "dedup: group", "all", &map, counters, t);
+        if let Some(a) = r.apply {
+            push(report, &a.stage, "all", &a.map, a.counters, t);
+        }
+        check_lease()?;
     }
     Ok(())
 }
