@@ -356,3 +356,129 @@ async fn planted_copies_are_found_and_distinct_photos_are_not() {
     }
     assert!(cleared > 0, "some crops are beyond 4 bits");
 }
+
+/// key → unit-length clip_embedding
+async fn embeddings(ds: &Dataset) -> BTreeMap<String, Vec<f32>> {
+    let mut out = BTreeMap::new();
+    for e in ds.snapshot().await.unwrap().shards {
+        for b in ds
+            .read_shard(&e, Some(&[col::KEY, col::CLIP_EMBEDDING]))
+            .await
+            .unwrap()
+        {
+            let k = b.column_by_name(col::KEY).unwrap().as_string::<i32>();
+            let s = b.column_by_name(col::CLIP_EMBEDDING).unwrap().as_struct();
+            for i in 0..b.num_rows() {
+                if let Some(v) = llamagen_dedup::group::embedding_values(s, i) {
+                    out.insert(k.value(i).to_string(), v);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semantic_dedup_with_the_stand_in_encoder_finds_exact_and_resized_copies() {
+    use llamagen_filters::model::ModelOptions;
+    use llamagen_filters::scorer::{Scorer, ScorerConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_str().unwrap();
+    let ds = Catalog::open(root, &StorageOptions::default())
+        .await
+        .unwrap()
+        .samples();
+    let all = files();
+    add_shard(&ds, &all, &BTreeMap::new()).await;
+    // The filters' scoring stage stores the ViT-L/14 embedding (a random-weight stand-in with the
+    // real signature).
+    let models = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../filters/tests/models");
+    let scorer = Scorer::load(ScorerConfig {
+        clip_l14_image: Some(models.join("clip_l14_image.onnx")),
+        model: ModelOptions {
+            batch_size: 8,
+            intra_threads: 1,
+            ..Default::default()
+        },
+        ..ScorerConfig::new()
+    })
+    .unwrap();
+    llamagen_filters::stage::score_catalog(&ds, Arc::new(scorer), (0, 1), |_| {})
+        .await
+        .unwrap();
+    let emb = embeddings(&ds).await;
+    assert_eq!(emb.len(), all.len());
+    let cos = |a: &str, b: &str| llamagen_dedup::kmeans::dot(&emb[a], &emb[b]);
+    let mut distinct = f32::NEG_INFINITY;
+    for i in 0..16 {
+        for j in i + 1..16 {
+            distinct = distinct.max(cos(&format!("o{i:02}"), &format!("o{j:02}")));
+        }
+    }
+    let mut copies: BTreeMap<&str, f32> = BTreeMap::new();
+    for o in 0..8 {
+        for kind in ["resized", "recompressed", "cropped", "watermarked"] {
+            let c = cos(&format!("o{o:02}"), &format!("o{o:02}_{kind}"));
+            let e = copies.entry(kind).or_insert(f32::INFINITY);
+            *e = e.min(c);
+        }
+    }
+    eprintln!("max cosine of distinct originals {distinct}; min cosine of copies {copies:?}");
+    let cfg = DedupConfig {
+        exact: false,
+        hamming: None,
+        cosine: Some(0.999),
+        clusters: Some(3),
+        ..DedupConfig::default()
+    };
+    let rep = dedup_dataset(
+        ds.storage().clone(),
+        "samples",
+        &cfg,
+        &RunOptions::default(),
+        |_, _| {},
+    )
+    .await
+    .unwrap();
+    assert!(rep.centroids_trained);
+    assert_eq!(rep.grouping.clusters, 3);
+    let st = state(&ds).await;
+    // Each exact and resized copy is in its original's group: one of the two is marked as a
+    // duplicate of a row of the same source (which row a group keeps is the keep rule's choice:
+    // here the stand-in aesthetic head's highest score).
+    let copies = ["o01_exact", "o12_exact"]
+        .map(String::from)
+        .into_iter()
+        .chain((0..8).map(|o| format!("o{o:02}_resized")));
+    let keeper = |x: &str| st[x].1.clone().unwrap_or_else(|| x.to_string());
+    for k in copies {
+        let o = source(&k);
+        assert_eq!(keeper(&k), keeper(o), "{k} and {o} are not in one group");
+        assert_eq!(source(&keeper(o)), o);
+        for x in [k.as_str(), o] {
+            if st[x].1.is_some() {
+                assert_eq!(st[x].2.as_deref(), Some("semantic"), "{x}");
+            }
+        }
+    }
+    // Distinct originals never end up in one group.
+    let kept: BTreeMap<&str, &str> = st
+        .iter()
+        .filter_map(|(k, (_, of, _))| of.as_deref().map(|of| (k.as_str(), of)))
+        .collect();
+    for (k, of) in &kept {
+        assert_eq!(source(k), source(of), "{k} linked to {of}");
+    }
+    // The centroids are stored: a second run reuses them and assigns nothing again.
+    let rep2 = dedup_dataset(
+        ds.storage().clone(),
+        "samples",
+        &cfg,
+        &RunOptions::default(),
+        |_, _| {},
+    )
+    .await
+    .unwrap();
+    assert!(!rep2.centroids_trained);
+    assert_eq!(rep2.cluster.unwrap().map.shards_rewritten, 0);
+}
