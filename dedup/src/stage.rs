@@ -4,9 +4,10 @@
 //! - `phash` is computed once per row, from the row's largest stored rendition, by the stage
 //!   [`HASH_STAGE`]; a row without an image, or whose image does not decode, keeps a null `phash`
 //!   and is counted under `errors`.
-//! - `semantic_cluster` comes from the stage `dedup-cluster-<centroids digest>`; centroids are
-//!   trained once per dataset and stored at [`centroids_path`], so shards that arrive later are
-//!   assigned to the same clusters. `--retrain` (or a stored set of another dimension) trains
+//! - `semantic_cluster` comes from the stage `dedup-cluster-<centroids digest>`, run on shards
+//!   the filters scored (they hold `clip_embedding`), again when a shard is re-scored; centroids
+//!   are trained once per dataset and stored at [`centroids_path`], so shards that arrive later
+//!   are assigned to the same clusters. `--retrain` (or a stored set of another dimension) trains
 //!   anew, which re-assigns every shard.
 //! - Verdicts are written by the stage `dedup-apply-<digest>`, the digest covering the config and
 //!   every verdict, so the same verdicts are never written twice and any change rewrites the
@@ -130,14 +131,16 @@ impl Stage for ClusterStage {
     }
 
     fn needs(&self, entry: &ShardEntry) -> bool {
-        // The most recent cluster stage of the shard must be this one.
-        let name = self.name();
-        entry
-            .applied
-            .iter()
-            .rev()
-            .find(|s| s.starts_with(CLUSTER_STAGE_PREFIX))
-            .is_none_or(|s| *s != name)
+        // Only scored shards (their embeddings exist), and again when the shard was clustered
+        // with other centroids or re-scored since.
+        let last = |prefix: &str| entry.applied.iter().rposition(|s| s.starts_with(prefix));
+        let Some(scored) = last(llamagen_filters::stage::SCORE_STAGE_PREFIX) else {
+            return false;
+        };
+        match last(CLUSTER_STAGE_PREFIX) {
+            None => true,
+            Some(c) => entry.applied[c] != self.name() || c < scored,
+        }
     }
 
     fn process(

@@ -346,6 +346,20 @@ impl CatalogLoader {
         rank: usize,
         world: usize,
     ) -> Result<Self> {
+        Self::open_version(cfg, spec, seed, rank, world, None)
+    }
+
+    /// [`CatalogLoader::open`] at table version `version` (None: the latest). The ranks of a
+    /// data-parallel job open the version rank 0 found, so a commit landing while they start
+    /// cannot give them different snapshots.
+    pub fn open_version(
+        cfg: &DataConfig,
+        spec: SampleSpec,
+        seed: u64,
+        rank: usize,
+        world: usize,
+        version: Option<u64>,
+    ) -> Result<Self> {
         if world == 0 || rank >= world {
             return Err(TrainError::InvalidConfig(format!(
                 "rank {rank} of world size {world}"
@@ -369,7 +383,10 @@ impl CatalogLoader {
         let (dataset, manifest) = rt.block_on(async {
             let cat = Catalog::open(&cfg.root, &cfg.storage_options()).await?;
             let ds = cat.dataset(&cfg.dataset);
-            let m = ds.snapshot().await?;
+            let m = match version {
+                None => ds.snapshot().await?,
+                Some(v) => ds.snapshot_at(v).await?,
+            };
             Ok::<_, llamagen_catalog::CatalogError>((ds, m))
         })?;
         if manifest.shards.is_empty() {

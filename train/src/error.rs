@@ -100,6 +100,58 @@ pub enum TrainError {
     /// The gradient norm became NaN or infinite.
     #[error("non-finite gradient norm {norm} at step {step}")]
     NonFiniteGradient { step: u64, norm: f32 },
+
+    /// The launch environment (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, ...) or launcher options
+    /// are missing, malformed or inconsistent.
+    #[error("distributed launch: {0}")]
+    DistLaunch(String),
+
+    /// The ranks could not meet at rank 0's rendezvous socket.
+    #[error("rank {rank}: rendezvous at {addr} failed: {reason}")]
+    Rendezvous {
+        rank: usize,
+        addr: String,
+        reason: String,
+    },
+
+    /// A peer's connection closed or broke during a collective (its process died).
+    #[error("rank {rank}: lost rank {peer} during {during}: {reason}")]
+    PeerLost {
+        rank: usize,
+        peer: usize,
+        during: String,
+        reason: String,
+    },
+
+    /// A peer sent nothing for the whole timeout during a collective.
+    #[error(
+        "rank {rank}: rank {peer} did not answer within {secs}s during {during} (hung or \
+         stopped; the timeout is train.dist_timeout_s)"
+    )]
+    PeerTimeout {
+        rank: usize,
+        peer: usize,
+        during: String,
+        secs: u64,
+    },
+
+    /// Rank 0 stopped the job and sent the reason (another rank was lost or misbehaved).
+    #[error("rank {rank}: rank 0 stopped the job during {during}: {reason}")]
+    PeerAborted {
+        rank: usize,
+        during: String,
+        reason: String,
+    },
+
+    /// The ranks disagree on what collective or buffer comes next.
+    #[error("distributed protocol: {0}")]
+    DistProtocol(String),
+
+    /// Data-parallel replicas no longer hold bit-identical parameters.
+    #[error(
+        "replicas diverged at step {step}: the parameters of rank(s) {ranks:?} differ from rank 0's"
+    )]
+    ReplicasDiverged { step: u64, ranks: Vec<usize> },
 }
 
 impl TrainError {

@@ -5,7 +5,8 @@
 //! Modules: [`config`] (hyper-parameters and state-dict layout), [`gpt`] (the model),
 //! [`checkpoint`] (safetensors and torch checkpoints), [`sample`] (generation), [`optim`]
 //! (AdamW, gradient clipping, schedules), [`train`] (training step, accumulation, checkpoints
-//! with exact resume), [`conformance`] (checks against a reference set), `vq_train` (VQ
+//! with exact resume), [`dist`] (data parallel across processes: launch, rendezvous, TCP
+//! collectives), [`conformance`] (checks against a reference set), `vq_train` (VQ
 //! tokenizer training with LPIPS and PatchGAN losses).
 
 pub mod checkpoint;
@@ -13,6 +14,7 @@ pub mod config;
 pub mod conformance;
 #[cfg(feature = "catalog")]
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod gpt;
 pub mod optim;

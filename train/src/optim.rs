@@ -14,6 +14,13 @@
 //!   by `min(1, max_norm/(N + 1e-6))` (as `g·c + 0` in float32, and not at all when the factor
 //!   is 1); `N` (before clipping) is returned. [`AdamW::step_scaled`] applies that factor inside
 //!   the moment passes instead of rewriting every gradient first; the result is the same.
+//! - ZeRO-1 ([`AdamW::shard`]): the parameters are split, whole and in order, into `world`
+//!   contiguous runs of about equal element count (as PyTorch's `ZeroRedundancyOptimizer`
+//!   assigns whole parameters); a rank keeps the moments of its own run only and updates only
+//!   those parameters, with exactly the arithmetic above, so after the ranks exchange their
+//!   parameters every weight equals the unsharded update bit for bit. Its state tensors and
+//!   loads cover its own parameters only (a checkpoint gathers them, see `train`), so a state
+//!   written on any world size loads on any other.
 
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Tensor, Var};
@@ -59,6 +66,8 @@ struct ParamState {
     var: Var,
     decay: bool,
     moments: Moments,
+    /// The rank that updates this parameter (ZeRO-1); 0 when unsharded.
+    owner: usize,
 }
 
 /// AdamW over named variables.
@@ -68,6 +77,9 @@ pub struct AdamW {
     step: u64,
     /// Use the in-place CPU passes where they apply (always, except to test them).
     fused: bool,
+    /// This rank and the world size of the sharding (0 of 1: unsharded).
+    rank: usize,
+    world: usize,
 }
 
 impl AdamW {
@@ -94,6 +106,7 @@ impl AdamW {
                     name,
                     moments,
                     var,
+                    owner: 0,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -102,6 +115,8 @@ impl AdamW {
             params,
             step: 0,
             fused: true,
+            rank: 0,
+            world: 1,
         })
     }
 
@@ -120,6 +135,56 @@ impl AdamW {
             .collect::<Result<Vec<_>>>()?;
         drop(data);
         AdamW::new(params, cfg)
+    }
+
+    /// ZeRO-1: from now on this optimiser updates and keeps moments only for the parameters
+    /// [`zero_partition`] gives `rank` of `world` (module invariants); the others' moments are
+    /// freed. Call before loading a state.
+    pub fn shard(&mut self, rank: usize, world: usize) -> Result<()> {
+        if world == 0 || rank >= world {
+            return Err(TrainError::InvalidInput(format!(
+                "ZeRO-1 shard {rank} of {world}"
+            )));
+        }
+        let sizes: Vec<usize> = self.params.iter().map(|p| p.var.elem_count()).collect();
+        for (p, owner) in self.params.iter_mut().zip(zero_partition(&sizes, world)) {
+            p.owner = owner;
+            if owner != rank {
+                p.moments = Moments::Elsewhere;
+            }
+        }
+        (self.rank, self.world) = (rank, world);
+        Ok(())
+    }
+
+    /// Whether the state is sharded over more than one rank.
+    pub fn is_sharded(&self) -> bool {
+        self.world > 1
+    }
+
+    /// The rank that updates each parameter, in order.
+    pub fn owners(&self) -> Vec<usize> {
+        self.params.iter().map(|p| p.owner).collect()
+    }
+
+    /// This rank's moments, flattened: `m` then `v` of each parameter it owns, in order.
+    pub fn own_moments(&self) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        for p in self.params.iter().filter(|p| p.owner == self.rank) {
+            let (m, v) = p.moments.tensors(&p.var)?;
+            for t in [m, v] {
+                out.extend(t.flatten_all()?.to_vec1::<f32>()?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The names and shapes of the parameters, in order.
+    pub fn shapes(&self) -> Vec<(String, candle_core::Shape)> {
+        self.params
+            .iter()
+            .map(|p| (p.name.clone(), p.var.shape().clone()))
+            .collect()
     }
 
     /// The hyper-parameters.
@@ -172,6 +237,9 @@ impl AdamW {
         let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
         let step_size = c.lr / bc1;
         for p in &mut self.params {
+            if p.owner != self.rank {
+                continue;
+            }
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
@@ -220,10 +288,10 @@ impl AdamW {
     }
 
     /// Optimiser state as named tensors: `exp_avg.{param}`, `exp_avg_sq.{param}`, and `step`
-    /// (shape `[1]`, f64).
+    /// (shape `[1]`, f64); sharded, of this rank's parameters only.
     pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
-        for p in &self.params {
+        for p in self.params.iter().filter(|p| p.owner == self.rank) {
             let (m, v) = p.moments.tensors(&p.var)?;
             out.push((format!("exp_avg.{}", p.name), m));
             out.push((format!("exp_avg_sq.{}", p.name), v));
@@ -235,7 +303,8 @@ impl AdamW {
         Ok(out)
     }
 
-    /// Restores the state written by [`AdamW::state_tensors`].
+    /// Restores the state written by [`AdamW::state_tensors`] (sharded: this rank's
+    /// parameters, from a state of any sharding that has them).
     pub fn load_state(
         &mut self,
         state: &std::collections::HashMap<String, Tensor>,
@@ -245,7 +314,8 @@ impl AdamW {
             path: source.to_path_buf(),
             name,
         };
-        for p in &mut self.params {
+        let rank = self.rank;
+        for p in self.params.iter_mut().filter(|p| p.owner == rank) {
             let mut mv = Vec::with_capacity(2);
             for key in [
                 format!("exp_avg.{}", p.name),
@@ -295,6 +365,8 @@ enum Moments {
     Host { m: Vec<f32>, v: Vec<f32> },
     /// Any other parameter's: float32 tensors on its device.
     Tensors { m: Tensor, v: Tensor },
+    /// Kept by another rank (ZeRO-1).
+    Elsewhere,
 }
 
 impl Moments {
@@ -306,6 +378,11 @@ impl Moments {
                 Tensor::from_slice(v, var.shape(), var.device())?,
             ),
             Moments::Tensors { m, v } => (m.clone(), v.clone()),
+            Moments::Elsewhere => {
+                return Err(TrainError::InvalidInput(
+                    "the moments of this parameter are kept by another rank (ZeRO-1)".into(),
+                ));
+            }
         })
     }
 
@@ -320,9 +397,26 @@ impl Moments {
                 *tm = m.clone();
                 *tv = v.clone();
             }
+            Moments::Elsewhere => {}
         }
         Ok(())
     }
+}
+
+/// ZeRO-1 owners of parameters of `sizes` elements over `world` ranks: contiguous runs in order,
+/// a parameter going to the rank whose equal share of the total its midpoint falls in (some
+/// ranks may own none when a few tensors dominate).
+pub fn zero_partition(sizes: &[usize], world: usize) -> Vec<usize> {
+    let total: usize = sizes.iter().sum::<usize>().max(1);
+    let mut before = 0usize;
+    sizes
+        .iter()
+        .map(|&n| {
+            let mid = before as u128 * 2 + n as u128;
+            before += n;
+            ((mid * world as u128 / (2 * total as u128)) as usize).min(world - 1)
+        })
+        .collect()
 }
 
 /// Elements per parallel chunk of the in-place pass.

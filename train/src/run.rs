@@ -30,6 +30,18 @@
 //!   optimiser) restores the checkpoint's EMA, or starts it from the checkpoint's weights when
 //!   there is none, as the official script does; a resumed run's EMA equals an uninterrupted
 //!   run's.
+//! - Data parallel ([`run_with`] on a [`Comm`] of `W` ranks, see `train::train_step_with` for the
+//!   step): every rank reads the table version rank 0 found and its own share of each epoch
+//!   (`CatalogLoader` rank/world), starts from rank 0's parameters (broadcast after
+//!   initialisation or loading), draws its dropout from `step_rng(seed·W + rank, s)` (the
+//!   official `global_seed·world_size + rank`; `W = 1` gives the single-process stream), and
+//!   resumes from the checkpoint rank 0 chose. Only rank 0 writes `config.toml`, metrics, the
+//!   loss curve, checkpoints and progress; the checkpoint holds the whole optimiser state, so a
+//!   run resumes on any world size. `train.batch_size` is per rank: the global batch is
+//!   `W · batch_size · grad_accum`, and step `s` of rank `r` reads positions
+//!   `((s·grad_accum + j)·batch_size + i)·W + r` of the epoch order, i.e. the same samples one
+//!   process with `W` times the batch reads. Every rank returns only after rank 0 wrote the
+//!   last checkpoint (a final barrier).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -43,13 +55,15 @@ pub use crate::checkpoint::seeded_init;
 use crate::checkpoint::{load_into_varmap, new_trainable, read_state_dict};
 use crate::config::{GptConfig, GptSize, ModelType};
 use crate::data::{CatalogLoader, DataConfig, SampleSpec};
+use crate::dist::Comm;
 use crate::error::{Result, TrainError};
 use crate::gpt::Gpt;
 use crate::optim::{AdamW, AdamWConfig, Ema, LrSchedule};
 use crate::train::{
-    EMA_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, TrainState, load_optimizer_state,
-    load_training_checkpoint, read_train_state, save_training_checkpoint_with, step_rng,
-    train_step,
+    EMA_FILE, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, TrainState, broadcast_parameters,
+    gather_optimizer_state, load_optimizer_state, load_training_checkpoint, parameter_digest,
+    read_train_state, save_training_checkpoint_state, save_training_checkpoint_with, step_rng,
+    train_step_with,
 };
 
 /// The `[model]` table.
@@ -194,6 +208,16 @@ pub struct TrainSection {
     pub device: String,
     /// `f32` or `bf16`. Default f32.
     pub precision: Precision,
+    /// Data parallel: seconds a rank waits for another (rendezvous, each collective, rank 0
+    /// writing a checkpoint) before failing. Default 1800 (PyTorch's 30 minutes).
+    pub dist_timeout_s: u64,
+    /// Data parallel: check every this many steps that all ranks hold bit-identical
+    /// parameters (a digest compared at rank 0; a mismatch stops the run). 0: never. Default 0.
+    pub check_replicas_every: u64,
+    /// Data parallel: ZeRO-1, the AdamW moments sharded across the ranks (each rank updates its
+    /// share of the parameters, then they are all-gathered). Default: on from 1e9 parameters
+    /// (GPT-XXL and up), off below.
+    pub zero: Option<bool>,
 }
 
 impl Default for TrainSection {
@@ -206,6 +230,9 @@ impl Default for TrainSection {
             max_grad_norm: 1.0,
             device: "cpu".into(),
             precision: Precision::F32,
+            dist_timeout_s: 1800,
+            check_replicas_every: 0,
+            zero: None,
         }
     }
 }
@@ -359,6 +386,10 @@ impl RunConfig {
         if self.output.checkpoint_every == 0 || self.output.log_every == 0 {
             return bad("output.checkpoint_every and output.log_every must be >= 1");
         }
+        if self.train.dist_timeout_s == 0 {
+            return bad("train.dist_timeout_s must be >= 1");
+        }
+
         self.model.gpt_config()?;
         Ok(())
     }
@@ -419,16 +450,16 @@ pub fn compute_view(
 pub struct MetricsLine {
     /// Optimiser steps completed.
     pub step: u64,
-    /// Mean loss over the steps of this interval.
+    /// Mean loss over the steps of this interval (of the global batch).
     pub loss: f64,
     /// Gradient norm (before clipping) of the last step of the interval.
     pub grad_norm: f64,
     /// Learning rate of the last step.
     pub lr: f64,
-    /// Image tokens (targets) per second over the interval, this rank.
+    /// Image tokens (targets) per second over the interval, all ranks together.
     pub tokens_per_s: f64,
     pub steps_per_s: f64,
-    /// Epoch of the last sample read (this rank).
+    /// Epoch of the last sample read (rank 0).
     pub epoch: u64,
 }
 
@@ -527,31 +558,78 @@ fn init_from_state(cfg: &RunConfig) -> Result<Option<TrainState>> {
     Ok(Some(state))
 }
 
-/// Trains as `cfg` says (module invariants).
+/// The config as every rank must see it (the rendezvous compares its fingerprint).
+pub fn config_fingerprint(cfg: &RunConfig) -> u64 {
+    crate::dist::fingerprint(toml::to_string(cfg).expect("config serialises").as_bytes())
+}
+
+/// Trains as `cfg` says (module invariants), as a single process.
 pub fn run(cfg: &RunConfig) -> Result<RunSummary> {
+    run_with(cfg, &Comm::single())
+}
+
+/// Trains as `cfg` says as one rank of `comm` (module invariants); every rank of the job calls
+/// it with the same config.
+pub fn run_with(cfg: &RunConfig, comm: &Comm) -> Result<RunSummary> {
     let gpt_cfg = cfg.model.gpt_config()?;
-    let device = parse_device(&cfg.train.device)?;
-    let out = &cfg.output.dir;
-    // Where to start.
-    let resume = match cfg.output.resume_from.as_deref() {
-        None => None,
-        Some("latest") => checkpoints(out)?.pop().map(|(_, p)| p),
-        Some(p) => Some(PathBuf::from(p)),
+    let (rank, world) = (comm.rank(), comm.world());
+    let main = comm.is_main();
+    // One GPU per process: `cuda` means this rank's local GPU.
+    let device_name = match cfg.train.device.as_str() {
+        "cuda" if world > 1 => format!("cuda:{}", comm.local_rank()),
+        d => d.to_string(),
     };
+    let device = parse_device(&device_name)?;
+    let out = &cfg.output.dir;
+    // Where to start: rank 0 decides (it writes the checkpoints), the others follow.
+    let mut chosen = match cfg.output.resume_from.as_deref() {
+        None => None,
+        Some("latest") if main => checkpoints(out)?.pop().map(|(_, p)| p),
+        Some("latest") => None,
+        Some(p) => Some(PathBuf::from(p)),
+    }
+    .map(|p| p.to_string_lossy().into_owned().into_bytes())
+    .unwrap_or_default();
+    comm.broadcast_bytes(&mut chosen)?;
+    let resume =
+        (!chosen.is_empty()).then(|| PathBuf::from(String::from_utf8_lossy(&chosen).into_owned()));
+    if let Some(ckpt) = &resume
+        && !ckpt.join(STATE_FILE).is_file()
+    {
+        return Err(TrainError::InvalidConfig(format!(
+            "rank {rank}: resume checkpoint {} has no {STATE_FILE}{}",
+            ckpt.display(),
+            if world > 1 {
+                " (every rank reads the checkpoint rank 0 chose: the output directory must be on storage every node sees)"
+            } else {
+                ""
+            }
+        )));
+    }
     let init_state = match resume {
         None => init_from_state(cfg)?,
         Some(_) => None,
     };
-    std::fs::create_dir_all(out.join("checkpoints")).map_err(|e| TrainError::io(out, e))?;
-    std::fs::write(
-        out.join("config.toml"),
-        toml::to_string_pretty(cfg).expect("config serialises"),
-    )
-    .map_err(|e| TrainError::io(out.join("config.toml"), e))?;
+    if main {
+        std::fs::create_dir_all(out.join("checkpoints")).map_err(|e| TrainError::io(out, e))?;
+        std::fs::write(
+            out.join("config.toml"),
+            toml::to_string_pretty(cfg).expect("config serialises"),
+        )
+        .map_err(|e| TrainError::io(out.join("config.toml"), e))?;
+    }
 
     let varmap = VarMap::new();
     let model = new_trainable(&varmap, &gpt_cfg, &device)?;
     let mut opt = AdamW::for_gpt(&varmap, &gpt_cfg, cfg.optim.adamw())?;
+    // ZeRO-1 before any state is loaded: each rank then loads only its share.
+    let zero = cfg
+        .train
+        .zero
+        .unwrap_or(gpt_cfg.num_parameters() as f64 >= 1e9);
+    if zero && world > 1 {
+        opt.shard(rank, world)?;
+    }
     let seed = cfg.train.seed;
 
     let mut last_checkpoint = None;
@@ -601,7 +679,8 @@ pub fn run(cfg: &RunConfig) -> Result<RunSummary> {
 
     // The EMA starts as a copy of the starting weights (fresh, stage II), or is restored from
     // the resumed checkpoint, so a resumed run's EMA equals an uninterrupted run's.
-    let mut ema = match cfg.optim.ema {
+    // Only rank 0 keeps the EMA: it alone writes checkpoints.
+    let mut ema = match cfg.optim.ema && main {
         false => None,
         true => {
             let mut e = Ema::new(&opt, cfg.optim.ema_decay)?;
@@ -634,25 +713,54 @@ pub fn run(cfg: &RunConfig) -> Result<RunSummary> {
         }
     };
 
+    // Every replica starts from rank 0's parameters (as DDP does), and every rank must have
+    // reached the same step.
+    broadcast_parameters(&opt, comm)?;
+    let mut steps = vec![start_step as f32];
+    comm.broadcast_f32(&mut steps)?;
+    if steps[0] != start_step as f32 {
+        return Err(TrainError::DistProtocol(format!(
+            "rank {rank} starts at step {start_step}, rank 0 at step {}",
+            steps[0]
+        )));
+    }
+
     let metrics_path = out.join("metrics.jsonl");
     // A resumed run keeps its own lines up to the checkpoint; a fresh run (even one continuing
     // a stage I step count) starts an empty history.
     let mut history: Vec<MetricsLine> = match resume {
-        Some(_) => read_metrics(&metrics_path)
+        Some(_) if main => read_metrics(&metrics_path)
             .into_iter()
             .filter(|l| l.step <= start_step)
             .collect(),
-        None => Vec::new(),
+        _ => Vec::new(),
     };
-    write_metrics(&metrics_path, &history)?;
+    if main {
+        write_metrics(&metrics_path, &history)?;
+    }
 
     let spec = cfg.sample_spec()?;
-    let mut loader = CatalogLoader::open(&cfg.data, spec, seed, 0, 1)?;
+    // Every rank reads the table version rank 0 found.
+    let mut loader = if main {
+        CatalogLoader::open(&cfg.data, spec, seed, rank, world)?
+    } else {
+        let mut v = Vec::new();
+        comm.broadcast_bytes(&mut v)?;
+        let version = u64::from_le_bytes(v[..].try_into().map_err(|_| {
+            TrainError::DistProtocol(format!("rank {rank}: malformed table version from rank 0"))
+        })?);
+        CatalogLoader::open_version(&cfg.data, spec, seed, rank, world, Some(version))?
+    };
+    if main && world > 1 {
+        comm.broadcast_bytes(&mut loader.version().to_le_bytes().to_vec())?;
+    }
     let (bs, accum) = (cfg.train.batch_size, cfg.train.grad_accum);
     let schedule = cfg.optim.schedule();
-    let tokens_per_step = (bs * accum * gpt_cfg.block_size) as f64;
+    // Tokens of the global batch.
+    let tokens_per_step = (bs * accum * world * gpt_cfg.block_size) as f64;
+    let dropout_seed = seed.wrapping_mul(world as u64).wrapping_add(rank as u64);
 
-    let bar = if cfg.output.progress {
+    let bar = if cfg.output.progress && main {
         indicatif::ProgressBar::new(cfg.train.steps)
     } else {
         indicatif::ProgressBar::hidden()
@@ -665,6 +773,9 @@ pub fn run(cfg: &RunConfig) -> Result<RunSummary> {
     );
     bar.set_position(start_step);
     let say = |msg: String| {
+        if !main {
+            return;
+        }
         if bar.is_hidden() {
             eprintln!("{msg}");
         } else {
@@ -672,7 +783,7 @@ pub fn run(cfg: &RunConfig) -> Result<RunSummary> {
         }
     };
     say(format!(
-        "training {} {:?} ({} parameters, {}x{} codes) on {} rows of {} (version {}), from step {start_step}{init_note}",
+        "training {} {:?} ({} parameters, {}x{} codes) on {} rows of {} (version {}), from step {start_step}{init_note}{}",
         cfg.model.size.as_deref().unwrap_or("custom"),
         gpt_cfg.model_type,
         gpt_cfg.num_parameters(),
@@ -680,7 +791,16 @@ pub fn run(cfg: &RunConfig) -> Result<RunSummary> {
         gpt_cfg.grid_size(),
         loader.num_samples(),
         cfg.data.root,
-        loader.version()
+        loader.version(),
+        if world > 1 {
+            format!(
+                "; {world} ranks, global batch {} ({world} x {bs} x {accum}){}",
+                world * bs * accum,
+                if opt.is_sharded() { ", ZeRO-1" } else { "" }
+            )
+        } else {
+            String::new()
+        }
     ));
 
     let mut losses = Vec::new();
@@ -693,25 +813,27 @@ pub fn run(cfg: &RunConfig) -> Result<RunSummary> {
         let micro = (0..accum)
             .map(|j| loader.batch(first + (j * bs) as u64, bs, &device))
             .collect::<Result<Vec<_>>>()?;
-        let mut rng = step_rng(seed, step);
+        let mut rng = step_rng(dropout_seed, step);
         let stats = match cfg.train.precision {
-            Precision::F32 => train_step(
+            Precision::F32 => train_step_with(
                 &model,
                 &mut opt,
                 &micro,
                 cfg.train.max_grad_norm,
                 Some(&mut rng),
                 step + 1,
+                comm,
             ),
             Precision::Bf16 => {
                 let view = compute_view(&varmap, &gpt_cfg, DType::BF16, &device)?;
-                train_step(
+                train_step_with(
                     &view,
                     &mut opt,
                     &micro,
                     cfg.train.max_grad_norm,
                     Some(&mut rng),
                     step + 1,
+                    comm,
                 )
             }
         };
@@ -730,11 +852,22 @@ pub fn run(cfg: &RunConfig) -> Result<RunSummary> {
             e.update()?;
         }
         let done = step + 1;
+        let every = cfg.train.check_replicas_every;
+        if world > 1 && every > 0 && (done.is_multiple_of(every) || done == cfg.train.steps) {
+            let differ = comm.differing_ranks(parameter_digest(&opt)?)?;
+            if !differ.is_empty() {
+                bar.abandon();
+                return Err(TrainError::ReplicasDiverged {
+                    step: done,
+                    ranks: differ,
+                });
+            }
+        }
         losses.push((done, stats.loss));
         interval_loss += stats.loss as f64;
         interval_steps += 1;
         bar.set_position(done);
-        if done.is_multiple_of(cfg.output.log_every) || done == cfg.train.steps {
+        if main && (done.is_multiple_of(cfg.output.log_every) || done == cfg.train.steps) {
             let secs = interval_start.elapsed().as_secs_f64().max(1e-9);
             let line = MetricsLine {
                 step: done,
@@ -777,16 +910,37 @@ pub fn run(cfg: &RunConfig) -> Result<RunSummary> {
             interval_start = Instant::now();
         }
         if done.is_multiple_of(cfg.output.checkpoint_every) || done == cfg.train.steps {
-            last_checkpoint = Some(save_training_checkpoint_with(
-                &out.join("checkpoints"),
-                &model,
-                &opt,
-                seed,
-                ema.as_ref(),
-            )?);
-            crate::plot::loss_curve(&history, &out.join("loss.png"))?;
+            // ZeRO-1: every rank sends its moments to rank 0, which writes the whole state.
+            let sharded_state = match opt.is_sharded() {
+                true => gather_optimizer_state(&opt, comm)?,
+                false => None,
+            };
+            if main {
+                last_checkpoint = Some(match &sharded_state {
+                    Some(state) => save_training_checkpoint_state(
+                        &out.join("checkpoints"),
+                        &model,
+                        &opt,
+                        state,
+                        seed,
+                        ema.as_ref(),
+                    )?,
+                    None => save_training_checkpoint_with(
+                        &out.join("checkpoints"),
+                        &model,
+                        &opt,
+                        seed,
+                        ema.as_ref(),
+                    )?,
+                });
+                crate::plot::loss_curve(&history, &out.join("loss.png"))?;
+            } else {
+                last_checkpoint = Some(out.join("checkpoints").join(format!("{done:07}")));
+            }
         }
     }
+    // No rank reports success before rank 0 has written the last checkpoint.
+    comm.barrier()?;
     bar.finish();
     Ok(RunSummary {
         steps: cfg.train.steps.max(start_step),

@@ -7,11 +7,28 @@
 //!   moments are unchanged.
 //! - With `k` micro-batches each loss is scaled by `1/k` and the gradients are summed, so the
 //!   update equals one step on the mean of the micro-batch losses.
+//! - Data parallel ([`train_step_with`] on a [`Comm`] of `W > 1` ranks): after the local
+//!   backward passes the gradients are summed over the ranks (in buckets of flattened f32, of at
+//!   most [`BUCKET_ELEMS`] values unless one tensor is larger) and divided by `W`, so the update
+//!   equals one process's step on the whole global batch (every rank has the same micro-batch
+//!   size). A loss with per-sample validity (t2i) is normalised by the *global* count of valid
+//!   tokens of its micro-batch, not the rank's: a rank's loss is rescaled by
+//!   `W · local_count / global_count` before backward. Every rank receives bit-identical sums
+//!   (see `dist`), so the gradient norm, the clipping factor, the NaN/Inf guard (applied to the
+//!   global loss and the global gradient norm) and the AdamW update agree on every rank, and the
+//!   replicas stay bit-identical without broadcasting weights. A parameter counts as having a
+//!   gradient when any rank has one (a rank without one contributes zeros).
+//! - ZeRO-1 (an optimiser [`AdamW::shard`]ed over the ranks): each rank updates its own
+//!   parameters from the same averaged gradients, then the ranks exchange them (all-gather in
+//!   rank order), so every weight equals the unsharded step's bit for bit; a checkpoint gathers
+//!   the moments at rank 0 into the one `optimizer.safetensors` of an unsharded run, which
+//!   loads on any world size, sharded or not.
 
 use candle_core::Tensor;
 use candle_core::backprop::GradStore;
 use rand::rngs::StdRng;
 
+use crate::dist::Comm;
 use crate::error::{Result, TrainError};
 use crate::gpt::{Condition, Dropout, Gpt, loss};
 use crate::optim::{AdamW, clip_factor, grad_norm};
@@ -73,6 +90,46 @@ pub fn train_step(
     opt: &mut AdamW,
     micro_batches: &[Batch],
     max_grad_norm: f64,
+    rng: Option<&mut StdRng>,
+    step: u64,
+) -> Result<StepStats> {
+    train_step_with(
+        model,
+        opt,
+        micro_batches,
+        max_grad_norm,
+        rng,
+        step,
+        &Comm::single(),
+    )
+}
+
+/// Gradient values per all-reduce bucket (16 MiB of f32).
+pub const BUCKET_ELEMS: usize = 1 << 22;
+
+/// [`train_step`] as one of the ranks of `comm` (module invariants): `micro_batches` are this
+/// rank's share of the global batch; the returned loss is the global one. With a world of one
+/// it is [`train_step`].
+pub fn train_step_with(
+    model: &Gpt,
+    opt: &mut AdamW,
+    micro_batches: &[Batch],
+    max_grad_norm: f64,
+    rng: Option<&mut StdRng>,
+    step: u64,
+    comm: &Comm,
+) -> Result<StepStats> {
+    if comm.world() > 1 {
+        return train_step_dist(model, opt, micro_batches, max_grad_norm, rng, step, comm);
+    }
+    train_step_local(model, opt, micro_batches, max_grad_norm, rng, step)
+}
+
+fn train_step_local(
+    model: &Gpt,
+    opt: &mut AdamW,
+    micro_batches: &[Batch],
+    max_grad_norm: f64,
     mut rng: Option<&mut StdRng>,
     step: u64,
 ) -> Result<StepStats> {
@@ -113,6 +170,265 @@ pub fn train_step(
         loss: total / k as f32,
         grad_norm,
     })
+}
+
+/// The data-parallel step (module invariants).
+fn train_step_dist(
+    model: &Gpt,
+    opt: &mut AdamW,
+    micro_batches: &[Batch],
+    max_grad_norm: f64,
+    mut rng: Option<&mut StdRng>,
+    step: u64,
+    comm: &Comm,
+) -> Result<StepStats> {
+    if micro_batches.is_empty() {
+        return Err(TrainError::InvalidInput("no micro-batches".into()));
+    }
+    let world = comm.world() as f32;
+    let k = micro_batches.len() as f64;
+    // Loss denominators of each micro-batch: this rank's and (after the sum) the global one,
+    // as `gpt::loss` forms them (valid samples x targets per sample, at least 1).
+    let denoms = micro_batches
+        .iter()
+        .map(|b| {
+            let l = b.tokens.dim(1)? as f32;
+            Ok(match &b.valid {
+                None => b.tokens.dim(0)? as f32 * l,
+                Some(v) => {
+                    v.to_dtype(candle_core::DType::F32)?
+                        .sum_all()?
+                        .to_scalar::<f32>()?
+                        * l
+                }
+            })
+        })
+        .collect::<Result<Vec<f32>>>()?;
+    let mut global = denoms.clone();
+    comm.all_reduce_sum(&mut global)?;
+
+    let mut grads: Option<GradStore> = None;
+    let mut total = 0f32;
+    for ((b, local), global) in micro_batches.iter().zip(&denoms).zip(&global) {
+        let dropout = rng.as_deref_mut().map(Dropout::new);
+        let l = batch_loss(model, b, dropout)?;
+        // Without validity every rank's loss is a mean over equally many tokens: averaging
+        // over ranks is the global mean. With it, rescale to the global count.
+        let factor = match &b.valid {
+            None => 1.0,
+            Some(_) => (local.max(1.0) * world / global.max(1.0)) as f64,
+        };
+        let l = if factor == 1.0 {
+            l
+        } else {
+            l.affine(factor, 0.0)?
+        };
+        // A non-finite loss is not refused here: the global loss below is non-finite on every
+        // rank at once, so all ranks stop together instead of one leaving the others waiting.
+        total += l.to_scalar::<f32>()?;
+        let g = if k == 1.0 {
+            l.backward()?
+        } else {
+            l.affine(1.0 / k, 0.0)?.backward()?
+        };
+        add_grads(&mut grads, g, opt)?;
+    }
+    let mut grads = grads.expect("at least one micro-batch");
+    let vars: Vec<_> = opt.vars().into_iter().cloned().collect();
+    // One small sum first: which parameters have a gradient anywhere, and the loss.
+    let mut head: Vec<f32> = vars
+        .iter()
+        .map(|v| grads.get(v.as_tensor()).map_or(0.0, |_| 1.0))
+        .collect();
+    head.push(total);
+    comm.all_reduce_sum(&mut head)?;
+    let loss = head[vars.len()] / (world * k as f32);
+    if !loss.is_finite() {
+        return Err(TrainError::NonFiniteLoss { step, loss });
+    }
+    // The buckets, in parameter order.
+    let present: Vec<&candle_core::Var> = vars
+        .iter()
+        .zip(&head)
+        .filter(|(_, p)| **p > 0.0)
+        .map(|(v, _)| v)
+        .collect();
+    let mut i = 0;
+    while i < present.len() {
+        let start = i;
+        let mut len = 0;
+        while i < present.len() && (i == start || len + present[i].elem_count() <= BUCKET_ELEMS) {
+            len += present[i].elem_count();
+            i += 1;
+        }
+        // Flatten with tensor ops (copies, not element loops), sum, average.
+        let cpu = candle_core::Device::Cpu;
+        let parts = present[start..i]
+            .iter()
+            .map(|v| {
+                Ok(match grads.get(v.as_tensor()) {
+                    Some(g) => g
+                        .detach()
+                        .to_dtype(candle_core::DType::F32)?
+                        .flatten_all()?
+                        .to_device(&cpu)?,
+                    None => Tensor::zeros(v.elem_count(), candle_core::DType::F32, &cpu)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut bucket = Tensor::cat(&parts, 0)?.to_vec1::<f32>()?;
+        drop(parts);
+        comm.all_reduce_sum(&mut bucket)?;
+        let mean = (Tensor::from_vec(bucket, len, &cpu)? / world as f64)?;
+        let mut off = 0;
+        for v in &present[start..i] {
+            let n = v.elem_count();
+            let t = mean
+                .narrow(0, off, n)?
+                .reshape(v.shape())?
+                .to_device(v.device())?;
+            off += n;
+            grads.insert(v.as_tensor(), t);
+        }
+    }
+    let refs: Vec<_> = vars.iter().collect();
+    let grad_norm = grad_norm(&grads, &refs)?;
+    if !grad_norm.is_finite() {
+        return Err(TrainError::NonFiniteGradient {
+            step,
+            norm: grad_norm,
+        });
+    }
+    opt.step_scaled(&grads, clip_factor(grad_norm, max_grad_norm))?;
+    if opt.is_sharded() {
+        gather_parameters(opt, comm)?;
+    }
+    Ok(StepStats { loss, grad_norm })
+}
+
+/// ZeRO-1: every rank's own parameters to every rank (module invariants).
+pub fn gather_parameters(opt: &AdamW, comm: &Comm) -> Result<()> {
+    let owners = opt.owners();
+    let vars = opt.vars();
+    let cpu = candle_core::Device::Cpu;
+    let mine = vars
+        .iter()
+        .zip(&owners)
+        .filter(|(_, o)| **o == comm.rank())
+        .map(|(v, _)| {
+            Ok(v.as_tensor()
+                .detach()
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_device(&cpu)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mine = match mine.is_empty() {
+        true => Vec::new(),
+        false => Tensor::cat(&mine, 0)?.to_vec1::<f32>()?,
+    };
+    let all = comm.all_gather_f32(&mine)?;
+    let expected: usize = vars.iter().map(|v| v.elem_count()).sum();
+    if all.len() != expected {
+        return Err(TrainError::DistProtocol(format!(
+            "rank {}: the parameter all-gather gave {} values for {expected} parameters",
+            comm.rank(),
+            all.len()
+        )));
+    }
+    // Owners are contiguous in parameter order, so rank order is parameter order.
+    let all = Tensor::from_vec(all, expected, &cpu)?;
+    let mut off = 0;
+    for (v, o) in vars.iter().zip(&owners) {
+        let n = v.elem_count();
+        if *o != comm.rank() {
+            let t = all
+                .narrow(0, off, n)?
+                .reshape(v.shape())?
+                .to_device(v.device())?
+                .to_dtype(v.dtype())?;
+            v.set(&t)?;
+        }
+        off += n;
+    }
+    Ok(())
+}
+
+/// ZeRO-1: the whole optimiser state at rank 0 (what [`AdamW::state_tensors`] gives unsharded),
+/// None on the other ranks. Every rank must call it.
+pub fn gather_optimizer_state(opt: &AdamW, comm: &Comm) -> Result<Option<Vec<(String, Tensor)>>> {
+    if !opt.is_sharded() {
+        return comm.is_main().then(|| opt.state_tensors()).transpose();
+    }
+    let Some(parts) = comm.gather_f32(&opt.own_moments()?)? else {
+        return Ok(None);
+    };
+    let owners = opt.owners();
+    let shapes = opt.shapes();
+    let device = opt
+        .vars()
+        .first()
+        .map(|v| v.device().clone())
+        .unwrap_or(candle_core::Device::Cpu);
+    let mut offsets = vec![0usize; parts.len()];
+    let mut out = Vec::with_capacity(2 * shapes.len() + 1);
+    for ((name, shape), &o) in shapes.iter().zip(&owners) {
+        let n = shape.elem_count();
+        let part = parts.get(o).map(|p| p.as_slice()).unwrap_or(&[]);
+        if part.len() < offsets[o] + 2 * n {
+            return Err(TrainError::DistProtocol(format!(
+                "rank 0: rank {o} sent {} moment values, fewer than its parameters need",
+                part.len()
+            )));
+        }
+        for key in ["exp_avg", "exp_avg_sq"] {
+            let t = Tensor::from_slice(&part[offsets[o]..offsets[o] + n], shape, &device)?;
+            out.push((format!("{key}.{name}"), t));
+            offsets[o] += n;
+        }
+    }
+    out.push((
+        "step".to_string(),
+        Tensor::new(&[opt.step_count() as f64], &device)?,
+    ));
+    Ok(Some(out))
+}
+
+/// A digest of the bits of every parameter `opt` updates, in order (replica checks).
+pub fn parameter_digest(opt: &AdamW) -> Result<u64> {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for v in opt.vars() {
+        let x = v
+            .as_tensor()
+            .detach()
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_device(&candle_core::Device::Cpu)?
+            .to_vec1::<f32>()?;
+        crate::dist::digest_f32(&mut h, &x);
+    }
+    Ok(h)
+}
+
+/// Makes every rank's parameters rank 0's (bucketed broadcast, in parameter order), as a
+/// data-parallel job starts.
+pub fn broadcast_parameters(opt: &AdamW, comm: &Comm) -> Result<()> {
+    if comm.world() == 1 {
+        return Ok(());
+    }
+    for v in opt.vars() {
+        let mut x = v
+            .as_tensor()
+            .detach()
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_device(&candle_core::Device::Cpu)?
+            .to_vec1::<f32>()?;
+        comm.broadcast_f32(&mut x)?;
+        let t = Tensor::from_vec(x, v.shape(), v.device())?.to_dtype(v.dtype())?;
+        v.set(&t)?;
+    }
+    Ok(())
 }
 
 /// Randomness of training step `step` for run seed `seed`: an independent generator per step,
@@ -170,6 +486,19 @@ pub fn save_training_checkpoint_with(
     seed: u64,
     ema: Option<&crate::optim::Ema>,
 ) -> Result<std::path::PathBuf> {
+    save_training_checkpoint_state(dir, model, opt, &opt.state_tensors()?, seed, ema)
+}
+
+/// [`save_training_checkpoint_with`] with the optimiser state given (ZeRO-1: the state
+/// [`gather_optimizer_state`] collected; `opt` supplies the step and hyper-parameters).
+pub fn save_training_checkpoint_state(
+    dir: &std::path::Path,
+    model: &Gpt,
+    opt: &AdamW,
+    opt_state: &[(String, Tensor)],
+    seed: u64,
+    ema: Option<&crate::optim::Ema>,
+) -> Result<std::path::PathBuf> {
     let step = opt.step_count();
     let fin = dir.join(format!("{step:07}"));
     let tmp = dir.join(format!(".{step:07}.partial"));
@@ -178,7 +507,7 @@ pub fn save_training_checkpoint_with(
     }
     std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
     crate::checkpoint::save_gpt(&tmp.join(MODEL_FILE), model)?;
-    crate::checkpoint::save_safetensors(&tmp.join(OPTIMIZER_FILE), &opt.state_tensors()?)?;
+    crate::checkpoint::save_safetensors(&tmp.join(OPTIMIZER_FILE), opt_state)?;
     if let Some(ema) = ema {
         // The whole state dict, as the official `ema.state_dict()`: the averaged parameters and
         // the model's buffers (the t2i null caption), so the file loads wherever weights do.
