@@ -6,6 +6,9 @@
 # (default 3): min / median / max images/s, and the ratio of the medians. The XOR of all hashes
 # must be equal on both sides (the same hashes, bit for bit, up to decoder differences).
 #
+# Then the grouping time of GROUP_ROWS (default "1000000 10000000") synthetic hashes through the
+# catalog (dedup/examples/group_bench.rs).
+#
 # Usage: bench/dedup.sh [N] [REPEAT]
 #   PY=path/to/python     a Python with bench/requirements-dedup.txt (default: .cache/venv-dedup,
 #                         created on first use)
@@ -77,3 +80,11 @@ print(f"ratio of medians: llamagen / Pool = {med[0] / med[1]:.2f}x, llamagen / 1
 same = runs[0][0]["xor"] == runs[1][0]["xor"]
 print("hash XOR equal on both sides:", same)
 PYEOF
+
+# Grouping through the catalog: GROUP_ROWS synthetic pHashes (10 % planted near-duplicates within
+# the threshold), written to a catalog under .cache/dedup-group-N once, then the perceptual
+# grouping (default threshold, banded LSH in SQL) timed; every planted copy must be found.
+cargo build -q --profile "$PROFILE" -p llamagen-dedup --example group_bench
+for ROWS in ${GROUP_ROWS:-1000000 10000000}; do
+  "$CARGO_TARGET_DIR/$PROFILE/examples/group_bench" ".cache/dedup-group-$ROWS" "$ROWS"
+done

@@ -33,7 +33,7 @@ pub fn normalise(v: &mut [f32]) {
     }
 }
 
-/// Dot product in f32 with f64 accumulation per 8 lanes (deterministic for given inputs).
+/// Dot product in f32, eight partial sums added in a fixed order (deterministic for given inputs).
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = a.len() / 8;

@@ -227,20 +227,21 @@ impl Stage for ApplyStage {
         let n = batch.num_rows();
         counters.received += n as u64;
         counters.written += n as u64;
-        let keys = batch
-            .column_by_name(col::KEY)
-            .ok_or("the batch has no key column")?
-            .as_string::<i32>();
-        let status = batch
-            .column_by_name(col::STATUS)
-            .ok_or("the batch has no status column")?
-            .as_string::<i32>();
-        let old_of = batch
-            .column_by_name(col::DUPLICATE_OF)
-            .map(|c| c.as_string::<i32>().clone());
-        let old_kind = batch
-            .column_by_name(col::DUP_KIND)
-            .map(|c| c.as_string::<i32>().clone());
+        // Utf8 whatever string type the reader handed over (views, large strings).
+        let text = |name: &str| -> std::result::Result<Option<StringArray>, StageError> {
+            batch
+                .column_by_name(name)
+                .map(|c| {
+                    llamagen_catalog::arrow::compute::cast(c, &DataType::Utf8)
+                        .map(|a| a.as_string::<i32>().clone())
+                })
+                .transpose()
+                .map_err(Into::into)
+        };
+        let keys = text(col::KEY)?.ok_or("the batch has no key column")?;
+        let status = text(col::STATUS)?.ok_or("the batch has no status column")?;
+        let old_of = text(col::DUPLICATE_OF)?;
+        let old_kind = text(col::DUP_KIND)?;
         let get = |a: &Option<StringArray>, i: usize| {
             a.as_ref()
                 .filter(|a| a.is_valid(i))

@@ -7,8 +7,8 @@
 //! Invariants enforced here:
 //! - The launcher starts every local rank with the same arguments (less the launcher's own) and
 //!   the torchrun variables; when one rank fails it gives the others [`GRACE`] to stop on their
-//!   own (they see the lost peer at once) and then ends them, so the job never hangs; it exits
-//!   with the first failing rank's status.
+//!   own (they see the lost peer at once) and then ends them, so the job never hangs; it fails
+//!   with an error naming the first failing rank and its exit status.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode};
@@ -162,17 +162,30 @@ fn launch(args: &TrainArgs, nproc: usize) -> anyhow::Result<ExitCode> {
     let mut failed: Option<(usize, String, Instant)> = None;
     let mut running: Vec<bool> = vec![true; children.len()];
     loop {
+        let mut wait_error = None;
         for (i, (rank, child)) in children.iter_mut().enumerate() {
             if !running[i] {
                 continue;
             }
-            if let Some(status) = child.try_wait().context("waiting for a rank")? {
+            let waited = match child.try_wait() {
+                Ok(w) => w,
+                Err(e) => {
+                    wait_error = Some(e);
+                    break;
+                }
+            };
+            if let Some(status) = waited {
                 running[i] = false;
                 if !status.success() && failed.is_none() {
                     eprintln!("llamagen train: rank {rank} exited with {status}; stopping the job");
                     failed = Some((*rank, status.to_string(), Instant::now()));
                 }
             }
+        }
+        if let Some(e) = wait_error {
+            // Never leave ranks behind.
+            stop(&mut children);
+            return Err(anyhow::Error::from(e).context("waiting for a rank"));
         }
         if running.iter().all(|r| !r) {
             break;

@@ -175,8 +175,9 @@ fn t2i_ranks_normalise_the_loss_by_the_global_count_of_valid_samples() {
     ranks_match_one_process(true);
 }
 
-/// With dropout on, ranks draw different masks (rank-mixed seeds) yet keep bit-identical
-/// parameters; the run differs from one process (different masks), as expected.
+/// With dropout on (each rank draws its own masks from a rank-mixed seed), the replicas stay
+/// bit-identical: the config's replica check compares every rank's parameter digest every step
+/// and would stop the run on any difference.
 #[test]
 fn replicas_stay_bit_identical_with_dropout() {
     let tmp = tempfile::tempdir().unwrap();

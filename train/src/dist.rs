@@ -148,6 +148,8 @@ pub fn digest_f32(h: &mut u64, values: &[f32]) {
 
 const MAGIC: u64 = 0x4c4c_4147_454e_4450; // "LLAGENDP"
 const PROTOCOL: u32 = 1;
+/// How long rank 0 waits for a new connection's hello before dropping it.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a frame carries; a mismatch means the ranks fell out of step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -268,10 +270,18 @@ impl Comm {
                     Err(e) => return Err(rdv(format!("accept: {e}"))),
                 };
                 s.set_nonblocking(false).map_err(|e| rdv(e.to_string()))?;
-                setup(&s, timeout).map_err(|e| rdv(e.to_string()))?;
+                // A connection that is not a rank (a probe, a scanner, a stale rank of an earlier
+                // attempt that never speaks) is dropped after a short wait, never waited on for
+                // the collective timeout nor allowed to fail the rendezvous.
+                setup(&s, timeout.min(HELLO_TIMEOUT)).map_err(|e| rdv(e.to_string()))?;
                 let mut hello = [0u8; 28];
-                s.read_exact(&mut hello)
-                    .map_err(|e| rdv(format!("reading the hello of {from}: {e}")))?;
+                if let Err(e) = s.read_exact(&mut hello) {
+                    eprintln!(
+                        "rendezvous: ignoring {from}: no hello within {HELLO_TIMEOUT:?} ({e})"
+                    );
+                    continue;
+                }
+                setup(&s, timeout).map_err(|e| rdv(e.to_string()))?;
                 let magic = u64::from_le_bytes(hello[0..8].try_into().unwrap());
                 let proto = u32::from_le_bytes(hello[8..12].try_into().unwrap());
                 let rank = u32::from_le_bytes(hello[12..16].try_into().unwrap()) as usize;
@@ -282,10 +292,12 @@ impl Comm {
                     rdv(why)
                 };
                 if magic != MAGIC || proto != PROTOCOL {
-                    return Err(refuse(
+                    let _ = write_status(
                         &mut s,
-                        format!("{from} is not a llamagen rank of this protocol version"),
-                    ));
+                        &format!("{from} is not a llamagen rank of this protocol version"),
+                    );
+                    eprintln!("rendezvous: ignoring {from}: not a llamagen rank of this protocol");
+                    continue;
                 }
                 if world != env.world {
                     return Err(refuse(
@@ -625,6 +637,16 @@ impl Comm {
         for s in conns {
             let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
             let _ = write_frame(s, Op::Abort, &msg);
+            // Half-close and drain what the rank is still sending, so closing the socket does
+            // not reset the connection (a reset can discard the abort frame unread).
+            let _ = s.shutdown(std::net::Shutdown::Write);
+        }
+        let until = std::time::Instant::now() + Duration::from_millis(300);
+        for mut s in conns {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            let _ = s.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+            let mut sink = [0u8; 1 << 16];
+            while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
         }
         err
     }
@@ -658,7 +680,27 @@ impl Comm {
     }
 
     fn leaf_send(&self, s: &TcpStream, op: Op, data: &[u8]) -> Result<()> {
-        write_frame(s, op, data).map_err(|e| self.lost(0, op, &e))
+        write_frame(s, op, data).map_err(|e| {
+            // Rank 0 may have sent why it stops before it closed: report that reason.
+            self.pending_abort(s, op)
+                .unwrap_or_else(|| self.lost(0, op, &e))
+        })
+    }
+
+    /// An abort frame already waiting on `s` (read within a short timeout), if there is one.
+    fn pending_abort(&self, mut s: &TcpStream, op: Op) -> Option<TrainError> {
+        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+        let (got, n) = read_header(&mut s).ok()?;
+        if got != Some(Op::Abort) {
+            return None;
+        }
+        let mut msg = vec![0u8; n.min(1 << 16) as usize];
+        s.read_exact(&mut msg).ok()?;
+        Some(TrainError::PeerAborted {
+            rank: self.rank,
+            during: op.name().into(),
+            reason: String::from_utf8_lossy(&msg).into_owned(),
+        })
     }
 
     fn leaf_recv(&self, mut s: &TcpStream, op: Op, len: usize) -> Result<Vec<u8>> {

@@ -716,12 +716,15 @@ pub fn run_with(cfg: &RunConfig, comm: &Comm) -> Result<RunSummary> {
     // Every replica starts from rank 0's parameters (as DDP does), and every rank must have
     // reached the same step.
     broadcast_parameters(&opt, comm)?;
-    let mut steps = vec![start_step as f32];
-    comm.broadcast_f32(&mut steps)?;
-    if steps[0] != start_step as f32 {
+    let mut steps = (start_step as u64).to_le_bytes().to_vec();
+    comm.broadcast_bytes(&mut steps)?;
+    let root_step = steps
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes);
+    if root_step != Some(start_step as u64) {
         return Err(TrainError::DistProtocol(format!(
-            "rank {rank} starts at step {start_step}, rank 0 at step {}",
-            steps[0]
+            "rank {rank} starts at step {start_step}, rank 0 at step {root_step:?}"
         )));
     }
 
