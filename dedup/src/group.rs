@@ -7,8 +7,9 @@
 //! - Three kinds of link, each found without an all-pairs scan:
 //!   - `exact`: equal `content_sha256` (`GROUP BY content_sha256`);
 //!   - `perceptual`: `phash` within [`DedupConfig::hamming`] bits, candidates from the banded LSH
-//!     of [`crate::lsh`] (`GROUP BY phash & mask`, one query per band), every candidate verified
-//!     by its exact distance: all pairs within the threshold are found;
+//!     of [`crate::lsh`] (per band: the buckets of `GROUP BY phash & mask HAVING count(*) > 1`,
+//!     then the rows of those buckets), every candidate verified by its exact distance: all
+//!     pairs within the threshold are found;
 //!   - `semantic`: cosine of `clip_embedding` at least [`DedupConfig::cosine`] between rows of
 //!     the same `semantic_cluster` (one query ordered by cluster, one cluster in memory at a time).
 //! - Groups are the connected components of all links. Each group keeps one row, the first by
@@ -348,25 +349,45 @@ pub async fn find_groups(ctx: &SessionContext, cfg: &DedupConfig) -> Result<Grou
         out.hamming_histogram = vec![0; t as usize + 1];
         for (j, &m) in masks.iter().enumerate() {
             out.bands += 1;
+            // Bucket keys with more than one row (a count-only aggregation), then the rows of
+            // those buckets only, sorted by bucket.
             let sql = format!(
-                "SELECT array_agg({k}) AS keys, array_agg({p}) AS hashes FROM samples \
-                 WHERE {PARTICIPANTS} AND {p} IS NOT NULL GROUP BY {p} & ({mask}) HAVING count(*) > 1",
+                "WITH c AS (SELECT {k} AS key, {p} AS phash, {p} & ({mask}) AS band FROM samples \
+                 WHERE {PARTICIPANTS} AND {p} IS NOT NULL) \
+                 SELECT c.band, c.key, c.phash FROM c \
+                 JOIN (SELECT band FROM c GROUP BY band HAVING count(*) > 1) d ON c.band = d.band \
+                 ORDER BY c.band",
                 k = col::KEY,
                 p = col::PHASH,
                 mask = m as i64
             );
             let mut s = stream(ctx, &sql).await?;
+            let mut cur: Option<i64> = None;
+            let (mut bk, mut bh): (Vec<String>, Vec<i64>) = (Vec::new(), Vec::new());
+            let flush =
+                |bk: &mut Vec<String>, bh: &mut Vec<i64>, links: &mut Links, out: &mut Grouping| {
+                    if bk.len() > 1 {
+                        let ks = StringArray::from_iter_values(bk.iter());
+                        bucket_pairs(&ks, bh, t, &masks[..j], links, out);
+                    }
+                    bk.clear();
+                    bh.clear();
+                };
             while let Some(b) = s.next().await {
                 let b = b.map_err(|e| ext("perceptual bands", e))?;
-                let keys = column(&b, "keys")?.as_list::<i32>().clone();
-                let hashes = column(&b, "hashes")?.as_list::<i32>().clone();
-                for i in 0..keys.len() {
-                    let ks = utf8(&keys.value(i))?;
-                    let hs = hashes.value(i);
-                    let hs = hs.as_primitive::<Int64Type>();
-                    bucket_pairs(&ks, hs.values(), t, &masks[..j], &mut links, &mut out);
+                let band = column(&b, "band")?.as_primitive::<Int64Type>().clone();
+                let keys = utf8(column(&b, "key")?)?;
+                let hs = column(&b, "phash")?.as_primitive::<Int64Type>().clone();
+                for i in 0..b.num_rows() {
+                    if cur != Some(band.value(i)) {
+                        flush(&mut bk, &mut bh, &mut links, &mut out);
+                        cur = Some(band.value(i));
+                    }
+                    bk.push(keys.value(i).to_string());
+                    bh.push(hs.value(i));
                 }
             }
+            flush(&mut bk, &mut bh, &mut links, &mut out);
         }
         out.seconds
             .insert("perceptual".into(), t1.elapsed().as_secs_f64());
