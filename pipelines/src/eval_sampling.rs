@@ -453,6 +453,66 @@ impl Sampler {
         }
         Ok((Tensor::cat(&decoded, 0)?, tokens_out))
     }
+
+    /// As [`Self::sample`], but image `i` draws from its own generator, seeded
+    /// `per_image_seed(seed, i)`, through the paged batch decoder
+    /// (`llamagen_train::sample::generate_per_image`): its tokens depend only on its condition,
+    /// the settings and that seed, never on `batch_size` or the other images, and are the
+    /// tokens `llamagen serve` gives image `i` of a request seeded `seed` (CPU float32 only).
+    pub fn sample_per_image(
+        &self,
+        cond: &Condition,
+        emb_mask: Option<&Tensor>,
+        sc: &SamplingConfig,
+        batch_size: usize,
+        seed: u64,
+    ) -> Result<(Tensor, Vec<Vec<u32>>)> {
+        use llamagen_train::sample::{ImageCondition, ImageJob, per_image_seed};
+        let conditions: Vec<ImageCondition> = match cond {
+            Condition::Class(t) => t
+                .to_dtype(DType::U32)?
+                .to_vec1::<u32>()?
+                .into_iter()
+                .map(ImageCondition::Class)
+                .collect(),
+            Condition::Caption(t) => {
+                let (b, l, c) = t.dims3()?;
+                let f = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let m: Vec<f32> = match emb_mask {
+                    Some(m) => m.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+                    None => vec![1.0; b * l],
+                };
+                (0..b)
+                    .map(|i| ImageCondition::Caption {
+                        features: f[i * l * c..(i + 1) * l * c].to_vec(),
+                        mask: m[i * l..(i + 1) * l].iter().map(|&x| x != 0.0).collect(),
+                    })
+                    .collect()
+            }
+        };
+        let jobs: Vec<ImageJob> = conditions
+            .into_iter()
+            .enumerate()
+            .map(|(i, condition)| ImageJob {
+                condition,
+                sampling: sc.clone(),
+                seed: per_image_seed(seed, i as u64),
+            })
+            .collect();
+        let tokens = llamagen_train::sample::generate_per_image(&self.model, &jobs, batch_size)?;
+        let g = self.cfg.grid_size();
+        let mut decoded = Vec::new();
+        for chunk in tokens.chunks(batch_size.max(1)) {
+            let m = chunk.len();
+            let flat: Vec<u32> = chunk.iter().flatten().copied().collect();
+            let codes = Tensor::from_vec(flat, (m, g * g), &self.device)?;
+            let images = self
+                .vq
+                .decode_code(&codes, (m, self.vq_args.codebook_embed_dim, g, g))?;
+            decoded.push(images.to_device(&Device::Cpu)?.to_dtype(DType::F32)?);
+        }
+        Ok((Tensor::cat(&decoded, 0)?, tokens))
+    }
 }
 
 #[cfg(test)]

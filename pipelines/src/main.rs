@@ -16,6 +16,7 @@ mod pipeline;
 mod pipeline_cmd;
 mod reconstruct_cmd;
 mod sample_cmd;
+mod serve_cmd;
 mod stages;
 mod text_cmd;
 mod tokenizer_cmd;
@@ -43,6 +44,8 @@ enum Command {
     Train(train_cmd::TrainArgs),
     /// Sample images from a trained GPT (KV cache, CFG) and decode them with the VQ into a PNG grid.
     Sample(sample_cmd::SampleArgs),
+    /// Serve image generation over HTTP (continuous batching, paged KV cache).
+    Serve(Box<serve_cmd::ServeArgs>),
     /// Metrics of a sample batch against a reference (ADM evaluator: IS, FID, sFID, precision,
     /// recall) through an Inception-v3 ONNX model.
     Eval(eval_cmd::EvalArgs),
@@ -93,6 +96,7 @@ fn main() -> std::process::ExitCode {
         Command::Conformance(args) => conformance_cmd::run(args),
         Command::Train(args) => train_cmd::run_cmd(args),
         Command::Sample(args) => sample_cmd::run(args),
+        Command::Serve(args) => serve_cmd::run(*args),
         Command::Eval(args) => eval_cmd::run(args),
         Command::Tokenizer(args) => tokenizer_cmd::run_cmd(args),
     };

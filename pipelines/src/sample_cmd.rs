@@ -84,6 +84,13 @@ pub struct SampleArgs {
     pub top_p: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Give image `i` its own generator seeded from (--seed, i) and decode through the paged
+    /// batch decoder, so each image depends only on its condition, the settings and the seed,
+    /// never on --batch-size or the other images: the tokens `llamagen serve` returns for a
+    /// request with the same seed (image `i` of its `n`). CPU only. Default: one generator for
+    /// the whole run, as the official scripts.
+    #[arg(long)]
+    pub per_image_seeds: bool,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -182,7 +189,7 @@ pub(crate) fn read_prompts(path: &Path) -> Result<Vec<(String, String)>> {
 }
 
 /// The T5 encoder at `dir` (its tokenizer from `tokenizer` when given), on the CPU.
-fn load_t5(
+pub(crate) fn load_t5(
     dir: &Path,
     tokenizer: Option<&Path>,
     max_tokens: usize,
@@ -207,7 +214,7 @@ fn load_t5(
 /// Caption features of `prompts` (each with the label naming it in errors) from `enc`, rounded
 /// to bfloat16 as the pipeline stores training features (and as the official scripts run T5),
 /// `(tokens, dim, values)` each.
-fn encode_prompts(
+pub(crate) fn encode_prompts(
     enc: &llamagen_encode::text_encoder::TextEncoder,
     prompts: &[(String, String)],
 ) -> Result<Vec<(usize, usize, Vec<f32>)>> {
@@ -323,6 +330,9 @@ pub fn run(args: SampleArgs) -> Result<ExitCode> {
     if args.image_size_eval == Some(0) {
         bail!("--image-size-eval must be positive");
     }
+    if args.per_image_seeds && args.folder.is_some() {
+        bail!("--per-image-seeds does not apply to --folder (which seeds each batch of prompts)");
+    }
     if let Some(dir) = &args.folder {
         return run_folder(&args, dir);
     }
@@ -417,8 +427,11 @@ pub fn run(args: SampleArgs) -> Result<ExitCode> {
     let n = cond.batch_size()?;
     // Generated and decoded in batches of --batch-size (a KV cache per batch, as the official
     // scripts' per-process batches), the generator running on across batches.
-    let (images, token_rows) =
-        sampler.sample(&cond, emb_mask.as_ref(), &sc, args.batch_size, &mut rng)?;
+    let (images, token_rows) = if args.per_image_seeds {
+        sampler.sample_per_image(&cond, emb_mask.as_ref(), &sc, args.batch_size, args.seed)?
+    } else {
+        sampler.sample(&cond, emb_mask.as_ref(), &sc, args.batch_size, &mut rng)?
+    };
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
         "generated {n} x {} tokens in {secs:.2} s ({:.1} tokens/s)",

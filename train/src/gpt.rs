@@ -991,3 +991,531 @@ pub fn loss(logits: &Tensor, targets: &Tensor, valid: Option<&Tensor>) -> Result
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Paged decoding for continuous batching.
+//
+// Invariants enforced here (by `KvBlockPool`, `PagedSeq` and `PagedDecoder`):
+// - Keys and values live in one pool preallocated at start: `n_blocks` blocks of `block_size`
+//   positions, each holding every layer's keys and values of its positions. A sequence owns a
+//   list of blocks (its block table) taken from the pool's free list when it is admitted, enough
+//   for its whole length, and gives them back when it finishes or is cancelled; blocks of
+//   sequences at different progress interleave freely in the pool, so finished sequences leave
+//   no holes that a new one cannot use.
+// - A row's result never depends on the other rows of a forward: every linear product runs in
+//   chunks of at most `DECODE_CHUNK` rows (the matrix multiply's per-row dot-product path, whose
+//   summation order is the same for every row whatever the chunk), and normalisation, RoPE and
+//   attention are computed row by row. So a sequence decoded alone, in an offline batch or among
+//   any other sequences of a server gives bit-identical logits.
+// - Positions follow `Gpt::forward_cached`: a sequence's `len` is the number of positions cached;
+//   an item fed to it sits at position `len` (then `len + 1`, … for several items of the same
+//   sequence in one forward) and attends causally to positions `0..=p` of its own sequence, minus
+//   the caption positions its mask blocks (always keeping itself), as `caption_attention_mask`.
+// - CPU float32 only: `Gpt::paged_decoder` refuses other devices and dtypes.
+// ---------------------------------------------------------------------------------------------
+
+/// Rows per linear product in [`PagedDecoder`] (see the invariants above).
+pub const DECODE_CHUNK: usize = 4;
+
+/// A pool of fixed-size KV blocks shared by every sequence of a [`PagedDecoder`].
+#[derive(Debug)]
+pub struct KvBlockPool {
+    block_size: usize,
+    n_layer: usize,
+    /// Floats of one position of one layer: `n_kv_head * head_dim`.
+    row: usize,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    free: Vec<u32>,
+    n_blocks: usize,
+}
+
+/// The KV state of one sequence (one row of a CFG pair): its blocks, cached positions, and the
+/// caption positions it may not attend to.
+#[derive(Debug, Default)]
+pub struct PagedSeq {
+    blocks: Vec<u32>,
+    len: usize,
+    /// `blocked[j]`: caption position `j` is padding (t2i left-padded captions).
+    blocked: Vec<bool>,
+}
+
+impl PagedSeq {
+    /// Positions cached so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Positions this sequence has blocks for.
+    pub fn capacity(&self, pool: &KvBlockPool) -> usize {
+        self.blocks.len() * pool.block_size
+    }
+}
+
+impl KvBlockPool {
+    /// A pool of `n_blocks` blocks of `block_size` positions for the model `cfg`, allocated now.
+    pub fn new(cfg: &GptConfig, block_size: usize, n_blocks: usize) -> Result<Self> {
+        if block_size == 0 || n_blocks == 0 {
+            return Err(TrainError::InvalidInput(
+                "a KV block pool needs block_size >= 1 and n_blocks >= 1".into(),
+            ));
+        }
+        let row = cfg.n_kv_head() * cfg.head_dim();
+        let floats = n_blocks * cfg.n_layer * block_size * row;
+        Ok(KvBlockPool {
+            block_size,
+            n_layer: cfg.n_layer,
+            row,
+            k: vec![0f32; floats],
+            v: vec![0f32; floats],
+            free: (0..n_blocks as u32).rev().collect(),
+            n_blocks,
+        })
+    }
+
+    /// Positions per block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Blocks in the pool.
+    pub fn n_blocks(&self) -> usize {
+        self.n_blocks
+    }
+
+    /// Blocks not owned by any sequence.
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Blocks a sequence of `positions` positions needs.
+    pub fn blocks_for(&self, positions: usize) -> usize {
+        positions.div_ceil(self.block_size)
+    }
+
+    /// A new sequence with blocks for `positions` positions, or None when the pool has too few
+    /// free blocks. `blocked` marks caption positions it may not attend to (t2i padding).
+    pub fn allocate(&mut self, positions: usize, blocked: Vec<bool>) -> Option<PagedSeq> {
+        let n = self.blocks_for(positions);
+        if n > self.free.len() {
+            return None;
+        }
+        let blocks = self.free.split_off(self.free.len() - n);
+        Some(PagedSeq {
+            blocks,
+            len: 0,
+            blocked,
+        })
+    }
+
+    /// Gives the blocks of `seq` back to the pool.
+    pub fn release(&mut self, seq: PagedSeq) {
+        self.free.extend(seq.blocks);
+    }
+
+    /// Offset of (block, layer, position in block) in `k`/`v`.
+    fn offset(&self, block: u32, layer: usize, pos: usize) -> usize {
+        ((block as usize * self.n_layer + layer) * self.block_size + pos) * self.row
+    }
+
+    fn at(&self, seq: &PagedSeq, layer: usize, p: usize) -> usize {
+        self.offset(seq.blocks[p / self.block_size], layer, p % self.block_size)
+    }
+}
+
+/// One input of a [`PagedDecoder::forward`]: an embedding fed to sequence `seq` (an index into
+/// the sequences passed along), and whether its logits are wanted.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeItem<'a> {
+    pub seq: usize,
+    pub embedding: &'a [f32],
+    pub logits: bool,
+}
+
+/// A bias-free linear weight `(out, in)`, row-major.
+struct DenseW {
+    w: Vec<f32>,
+    out: usize,
+    inp: usize,
+}
+
+impl DenseW {
+    fn from(t: &Tensor) -> Result<Self> {
+        let (out, inp) = t.dims2()?;
+        Ok(DenseW {
+            w: t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+            out,
+            inp,
+        })
+    }
+
+    /// `y = x·Wᵀ` of `rows` rows, in chunks of [`DECODE_CHUNK`] rows: one chunk uses every
+    /// thread (they split the columns), several run in parallel, one thread each.
+    fn apply(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        use rayon::prelude::*;
+        debug_assert_eq!(x.len(), rows * self.inp);
+        let mut y = vec![0f32; rows * self.out];
+        let (inp, out) = (self.inp, self.out);
+        let chunk = |xc: &[f32], yc: &mut [f32], threads: usize| {
+            let m = xc.len() / inp;
+            // SAFETY: xc holds m × inp floats (rows contiguous), w holds out × inp (so Wᵀ has
+            // contiguous columns), yc holds m × out; the ranges do not overlap.
+            unsafe {
+                llamagen_kernels::sgemm::sgemm(
+                    (m, out, inp),
+                    (xc.as_ptr(), inp as isize, 1),
+                    (self.w.as_ptr(), 1, inp as isize),
+                    (yc.as_mut_ptr(), out as isize),
+                    false,
+                    threads,
+                );
+            }
+        };
+        if rows <= DECODE_CHUNK {
+            chunk(x, &mut y, rayon::current_num_threads());
+        } else {
+            x.par_chunks(DECODE_CHUNK * inp)
+                .zip(y.par_chunks_mut(DECODE_CHUNK * out))
+                .for_each(|(xc, yc)| chunk(xc, yc, 1));
+        }
+        y
+    }
+}
+
+struct DecoderLayer {
+    wqkv: DenseW,
+    wo: DenseW,
+    w1: DenseW,
+    w2: DenseW,
+    w3: DenseW,
+    attention_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
+}
+
+/// The condition embedding of a [`PagedDecoder`].
+enum DecoderCond {
+    Class(Vec<f32>),
+    Caption {
+        fc1: DenseW,
+        fc2: DenseW,
+        uncond: Vec<f32>,
+    },
+}
+
+/// A CPU float32 copy of a GPT's weights that runs cached forwards over many sequences at once,
+/// each at its own position, with keys and values in a [`KvBlockPool`] (see the invariants
+/// above).
+pub struct PagedDecoder {
+    cfg: GptConfig,
+    cond: DecoderCond,
+    tok: Vec<f32>,
+    layers: Vec<DecoderLayer>,
+    norm: Vec<f32>,
+    output: DenseW,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (ms + eps).sqrt();
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = v * inv * g;
+    }
+}
+
+fn gelu_tanh(v: f32) -> f32 {
+    // candle's `gelu` (the tanh approximation, as the official caption MLP).
+    0.5 * v * (1.0 + ((2.0f32 / std::f32::consts::PI).sqrt() * v * (1.0 + 0.044715 * v * v)).tanh())
+}
+
+impl Gpt {
+    /// A [`PagedDecoder`] with a copy of this model's weights (CPU float32 models only).
+    pub fn paged_decoder(&self) -> Result<PagedDecoder> {
+        if !self.device.is_cpu() || self.dtype != DType::F32 {
+            return Err(TrainError::InvalidInput(format!(
+                "paged decoding runs on the CPU in float32; the model is {:?} on {:?}",
+                self.dtype, self.device
+            )));
+        }
+        let vec = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+        };
+        let cond = match &self.cls_embedding {
+            CondEmbedding::Class(t) => DecoderCond::Class(vec(t)?),
+            CondEmbedding::Caption { fc1, fc2, uncond } => DecoderCond::Caption {
+                fc1: DenseW::from(fc1.weight())?,
+                fc2: DenseW::from(fc2.weight())?,
+                uncond: vec(uncond)?,
+            },
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(DecoderLayer {
+                    wqkv: DenseW::from(l.attention.wqkv.weight())?,
+                    wo: DenseW::from(l.attention.wo.weight())?,
+                    w1: DenseW::from(l.feed_forward.w1.weight())?,
+                    w2: DenseW::from(l.feed_forward.w2.weight())?,
+                    w3: DenseW::from(l.feed_forward.w3.weight())?,
+                    attention_norm: vec(&l.attention_norm)?,
+                    ffn_norm: vec(&l.ffn_norm)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(PagedDecoder {
+            cfg: self.cfg.clone(),
+            cond,
+            tok: vec(self.tok_embeddings.embeddings())?,
+            layers,
+            norm: vec(&self.norm)?,
+            output: DenseW::from(self.output.weight())?,
+            cos: vec(&self.rope.cos)?,
+            sin: vec(&self.rope.sin)?,
+        })
+    }
+}
+
+impl PagedDecoder {
+    /// The model configuration.
+    pub fn config(&self) -> &GptConfig {
+        &self.cfg
+    }
+
+    /// Whether class `label` has an embedding row (`num_classes` is the CFG null class, present
+    /// when the model was trained with class dropout).
+    pub fn has_class(&self, label: u32) -> bool {
+        match &self.cond {
+            DecoderCond::Class(t) => (label as usize + 1) * self.cfg.dim <= t.len(),
+            DecoderCond::Caption { .. } => false,
+        }
+    }
+
+    /// The embedding of class `label` (c2i).
+    pub fn class_embedding(&self, label: u32) -> Result<&[f32]> {
+        let d = self.cfg.dim;
+        match &self.cond {
+            DecoderCond::Class(t) if self.has_class(label) => {
+                Ok(&t[label as usize * d..(label as usize + 1) * d])
+            }
+            DecoderCond::Class(t) => Err(TrainError::InvalidInput(format!(
+                "class label {label} out of range (table has {} rows)",
+                t.len() / d
+            ))),
+            DecoderCond::Caption { .. } => Err(TrainError::InvalidInput(
+                "class condition for a t2i model".into(),
+            )),
+        }
+    }
+
+    /// The embedding of image token `token`.
+    pub fn token_embedding(&self, token: u32) -> Result<&[f32]> {
+        let (d, v) = (self.cfg.dim, self.cfg.vocab_size);
+        if token as usize >= v {
+            return Err(TrainError::InvalidInput(format!(
+                "image token {token} out of range (vocab_size {v})"
+            )));
+        }
+        Ok(&self.tok[token as usize * d..(token as usize + 1) * d])
+    }
+
+    /// The condition embeddings `(cls_token_num, dim)` of caption features `(T, caption_dim)`
+    /// (`T >= cls_token_num`), or of the null caption when `caption` is None (t2i).
+    pub fn caption_embeddings(&self, caption: Option<&[f32]>) -> Result<Vec<f32>> {
+        let DecoderCond::Caption { fc1, fc2, uncond } = &self.cond else {
+            return Err(TrainError::InvalidInput(
+                "caption condition for a c2i model".into(),
+            ));
+        };
+        let c = self.cfg.caption_dim;
+        let x = caption.unwrap_or(uncond);
+        if !x.len().is_multiple_of(c) || x.len() / c < self.cfg.cls_token_num {
+            return Err(TrainError::InvalidInput(format!(
+                "caption features of {} floats: need T >= {} rows of {c}",
+                x.len(),
+                self.cfg.cls_token_num
+            )));
+        }
+        let t = self.cfg.cls_token_num;
+        let mut h = fc1.apply(&x[..t * c], t);
+        for v in h.iter_mut() {
+            *v = gelu_tanh(*v);
+        }
+        Ok(fc2.apply(&h, t))
+    }
+
+    /// One cached forward of `items` (each fed to `seqs[item.seq]` at its next position, items
+    /// of one sequence in order) through every layer, writing their keys and values into
+    /// `pool`. Returns the f32 logits `(vocab)` of the items that asked for them, in item order.
+    pub fn forward(
+        &self,
+        pool: &mut KvBlockPool,
+        seqs: &mut [&mut PagedSeq],
+        items: &[DecodeItem],
+    ) -> Result<Vec<Vec<f32>>> {
+        let cfg = &self.cfg;
+        let (d, n) = (cfg.dim, items.len());
+        let (h, hkv, hd) = (cfg.n_head, cfg.n_kv_head(), cfg.head_dim());
+        let half = hd / 2;
+        let eps = cfg.norm_eps as f32;
+        let rope_rows = self.cos.len() / half;
+        // Positions of the items.
+        let mut next: Vec<usize> = seqs.iter().map(|s| s.len).collect();
+        let mut pos = Vec::with_capacity(n);
+        for it in items {
+            let s = seqs.get(it.seq).ok_or_else(|| {
+                TrainError::InvalidInput(format!("item for sequence {} of {}", it.seq, next.len()))
+            })?;
+            let p = next[it.seq];
+            if p >= s.capacity(pool) || p >= rope_rows {
+                return Err(TrainError::InvalidInput(format!(
+                    "position {p} beyond the sequence's {} cached positions (RoPE rows {rope_rows})",
+                    s.capacity(pool)
+                )));
+            }
+            if it.embedding.len() != d {
+                return Err(TrainError::InvalidInput(format!(
+                    "embedding of {} floats, the model has dim {d}",
+                    it.embedding.len()
+                )));
+            }
+            pos.push(p);
+            next[it.seq] += 1;
+        }
+        let mut x: Vec<f32> = items
+            .iter()
+            .flat_map(|it| it.embedding.iter().copied())
+            .collect();
+        let mut xn = vec![0f32; n * d];
+        let scale = 1.0 / (hd as f32).sqrt();
+        for (li, layer) in self.layers.iter().enumerate() {
+            for r in 0..n {
+                rms_norm_row(
+                    &x[r * d..(r + 1) * d],
+                    &layer.attention_norm,
+                    eps,
+                    &mut xn[r * d..(r + 1) * d],
+                );
+            }
+            let mut qkv = layer.wqkv.apply(&xn, n);
+            let w = (h + 2 * hkv) * hd;
+            // RoPE on q and k, then k and v into the pool.
+            for r in 0..n {
+                let p = pos[r];
+                let (cos, sin) = (
+                    &self.cos[p * half..(p + 1) * half],
+                    &self.sin[p * half..(p + 1) * half],
+                );
+                let row = &mut qkv[r * w..r * w + (h + hkv) * hd];
+                for head in row.chunks_mut(hd) {
+                    for j in 0..half {
+                        let (a, b) = (head[2 * j], head[2 * j + 1]);
+                        head[2 * j] = a * cos[j] - b * sin[j];
+                        head[2 * j + 1] = b * cos[j] + a * sin[j];
+                    }
+                }
+                let off = pool.at(seqs[items[r].seq], li, p);
+                let kr = r * w + h * hd;
+                let vr = kr + hkv * hd;
+                pool.k[off..off + hkv * hd].copy_from_slice(&qkv[kr..kr + hkv * hd]);
+                pool.v[off..off + hkv * hd].copy_from_slice(&qkv[vr..vr + hkv * hd]);
+            }
+            // Attention, row by row.
+            let mut att = vec![0f32; n * h * hd];
+            {
+                let pool = &*pool;
+                let seqs = &*seqs;
+                let work = |(r, out): (usize, &mut [f32])| {
+                    let s = &*seqs[items[r].seq];
+                    let p = pos[r];
+                    let mut scores = vec![0f32; p + 1];
+                    for hh in 0..h {
+                        let kvh = hh / (h / hkv);
+                        let q = &qkv[r * w + hh * hd..r * w + (hh + 1) * hd];
+                        let mut max = f32::NEG_INFINITY;
+                        for (j, sc) in scores.iter_mut().enumerate() {
+                            if j != p && s.blocked.get(j).copied().unwrap_or(false) {
+                                *sc = f32::NEG_INFINITY;
+                                continue;
+                            }
+                            let o = pool.at(s, li, j) + kvh * hd;
+                            let k = &pool.k[o..o + hd];
+                            let dot: f32 = q.iter().zip(k).map(|(a, b)| a * b).sum();
+                            *sc = dot * scale;
+                            max = max.max(*sc);
+                        }
+                        let mut total = 0f32;
+                        for sc in scores.iter_mut() {
+                            *sc = if sc.is_finite() {
+                                (*sc - max).exp()
+                            } else {
+                                0.0
+                            };
+                            total += *sc;
+                        }
+                        let o_h = &mut out[hh * hd..(hh + 1) * hd];
+                        o_h.fill(0.0);
+                        for (j, &pj) in scores.iter().enumerate() {
+                            if pj == 0.0 {
+                                continue;
+                            }
+                            let o = pool.at(s, li, j) + kvh * hd;
+                            let v = &pool.v[o..o + hd];
+                            let pj = pj / total;
+                            for (a, &b) in o_h.iter_mut().zip(v) {
+                                *a += pj * b;
+                            }
+                        }
+                    }
+                };
+                use rayon::prelude::*;
+                att.par_chunks_mut(h * hd).enumerate().for_each(work);
+            }
+            let a = layer.wo.apply(&att, n);
+            for (xv, av) in x.iter_mut().zip(&a) {
+                *xv += av;
+            }
+            for r in 0..n {
+                rms_norm_row(
+                    &x[r * d..(r + 1) * d],
+                    &layer.ffn_norm,
+                    eps,
+                    &mut xn[r * d..(r + 1) * d],
+                );
+            }
+            let mut g = layer.w1.apply(&xn, n);
+            let u = layer.w3.apply(&xn, n);
+            for (gv, &uv) in g.iter_mut().zip(&u) {
+                *gv = *gv / (1.0 + (-*gv).exp()) * uv;
+            }
+            let f = layer.w2.apply(&g, n);
+            for (xv, fv) in x.iter_mut().zip(&f) {
+                *xv += fv;
+            }
+        }
+        for (s, &nx) in seqs.iter_mut().zip(&next) {
+            s.len = nx;
+        }
+        let want: Vec<usize> = (0..n).filter(|&r| items[r].logits).collect();
+        let mut hn = vec![0f32; want.len() * d];
+        for (i, &r) in want.iter().enumerate() {
+            rms_norm_row(
+                &x[r * d..(r + 1) * d],
+                &self.norm,
+                eps,
+                &mut hn[i * d..(i + 1) * d],
+            );
+        }
+        let logits = self.output.apply(&hn, want.len());
+        Ok(logits
+            .chunks(cfg.vocab_size.max(1))
+            .map(<[f32]>::to_vec)
+            .collect())
+    }
+}
