@@ -254,7 +254,7 @@ async fn malformed_and_unknown_version_log_entries_are_named() {
         .find(|l| l.contains("\"metaData\""))
         .unwrap()
         .replace(
-            "\"llamagen.schemaVersion\":\"2\"",
+            "\"llamagen.schemaVersion\":\"3\"",
             "\"llamagen.schemaVersion\":\"99\"",
         );
     assert!(meta.contains("\"99\""), "{meta}");

@@ -273,7 +273,7 @@ fn bad_input_is_reported_by_name() {
         .find(|l| l.contains("\"metaData\""))
         .unwrap()
         .replace(
-            "\"llamagen.schemaVersion\":\"2\"",
+            "\"llamagen.schemaVersion\":\"3\"",
             "\"llamagen.schemaVersion\":\"7\"",
         );
     std::fs::write(&next, meta).unwrap();
