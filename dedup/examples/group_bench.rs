@@ -35,7 +35,9 @@ fn peak_rss_mb() -> f64 {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let path = args.get(1).ok_or("usage: group_bench PATH N [HAMMING] [DUP_FRACTION]")?;
+    let path = args
+        .get(1)
+        .ok_or("usage: group_bench PATH N [HAMMING] [DUP_FRACTION]")?;
     let n: usize = args.get(2).ok_or("N")?.parse()?;
     let t: u32 = args.get(3).map_or(Ok(4), |s| s.parse())?;
     let frac: f64 = args.get(4).map_or(Ok(0.1), |s| s.parse())?;
@@ -70,7 +72,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 ),
                 (
                     col::PHASH,
-                    Arc::new(Int64Array::from_iter_values(chunk.iter().map(|&h| h as i64))),
+                    Arc::new(Int64Array::from_iter_values(
+                        chunk.iter().map(|&h| h as i64),
+                    )),
                 ),
             ];
             let schema = Schema::new(
@@ -78,10 +82,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .map(|(c, a)| Field::new(*c, a.data_type().clone(), *c == col::PHASH))
                     .collect::<Vec<_>>(),
             );
-            let b = RecordBatch::try_new(
-                Arc::new(schema),
-                cols.into_iter().map(|(_, a)| a).collect(),
-            )?;
+            let b =
+                RecordBatch::try_new(Arc::new(schema), cols.into_iter().map(|(_, a)| a).collect())?;
             let mut w = ds.writer(ShardWriterOptions::default());
             w.write(&b).await?;
             ds.commit(Transaction {
@@ -93,10 +95,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             })
             .await?;
         }
-        eprintln!(
-            "wrote {n} rows in {:.1}s",
-            t0.elapsed().as_secs_f64()
-        );
+        eprintln!("wrote {n} rows in {:.1}s", t0.elapsed().as_secs_f64());
     }
     // Count the planted copies the generator made (same seed, same draws).
     {

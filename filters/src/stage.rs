@@ -220,7 +220,7 @@ pub fn clip_embedding_array(rows: &[Option<Vec<f32>>]) -> Result<ArrayRef> {
                         .collect(),
                 );
             }
-            // Children are non-nullable: placeholders under the struct's null.
+            // Children are non-nullable: default values under the struct's null.
             None => {
                 tokens.push(0);
                 dim.push(0);

@@ -156,16 +156,7 @@ fn train_step_local(
     }
     let grads = grads.expect("at least one micro-batch");
     let vars: Vec<_> = opt.vars().into_iter().cloned().collect();
-    let refs: Vec<_> = vars.iter().collect();
-    let grad_norm = grad_norm(&grads, &refs)?;
-    if !grad_norm.is_finite() {
-        return Err(TrainError::NonFiniteGradient {
-            step,
-            norm: grad_norm,
-        });
-    }
-    // Clipping (optim invariants) happens inside the update.
-    opt.step_scaled(&grads, clip_factor(grad_norm, max_grad_norm))?;
+    let grad_norm = clip_and_update(opt, &grads, &vars, max_grad_norm, step)?;
     Ok(StepStats {
         loss: total / k as f32,
         grad_norm,
@@ -291,19 +282,29 @@ fn train_step_dist(
             grads.insert(v.as_tensor(), t);
         }
     }
-    let refs: Vec<_> = vars.iter().collect();
-    let grad_norm = grad_norm(&grads, &refs)?;
-    if !grad_norm.is_finite() {
-        return Err(TrainError::NonFiniteGradient {
-            step,
-            norm: grad_norm,
-        });
-    }
-    opt.step_scaled(&grads, clip_factor(grad_norm, max_grad_norm))?;
+    let grad_norm = clip_and_update(opt, &grads, &vars, max_grad_norm, step)?;
     if opt.is_sharded() {
         gather_parameters(opt, comm)?;
     }
     Ok(StepStats { loss, grad_norm })
+}
+
+/// The gradient norm over `vars`, refused when not finite, then the AdamW update with the clip
+/// factor applied inside it (optim invariants). Returns the norm.
+fn clip_and_update(
+    opt: &mut AdamW,
+    grads: &GradStore,
+    vars: &[candle_core::Var],
+    max_grad_norm: f64,
+    step: u64,
+) -> Result<f32> {
+    let refs: Vec<_> = vars.iter().collect();
+    let norm = grad_norm(grads, &refs)?;
+    if !norm.is_finite() {
+        return Err(TrainError::NonFiniteGradient { step, norm });
+    }
+    opt.step_scaled(grads, clip_factor(norm, max_grad_norm))?;
+    Ok(norm)
 }
 
 /// ZeRO-1: every rank's own parameters to every rank (module invariants).
