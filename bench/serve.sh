@@ -2,14 +2,14 @@
 # `llamagen serve` (continuous batching, paged KV cache) against the offline sampler, on the CPU,
 # with a small random-weight c2i GPT (MODEL below; 16x16 = 256 tokens per image, CFG 4.0, top-k
 # 2000, the reference set's VQ): for each CLIENTS level, closed-loop clients send one-image
-# requests for SECONDS seconds (bench/serve_load.py) to
+# requests for BENCH_SECONDS seconds (bench/serve_load.py) to
 #   serve        llamagen serve --max-sequences MAX_SEQ
 #   serve-seq    llamagen serve --max-sequences 1 (the same engine, one request at a time)
 #   offline      one `llamagen sample` process per request, one at a time (the issue's baseline)
 #   static       offline static batching: every request waiting when a batch ends goes into
 #                the next `llamagen sample --labels ...` run
 # and prints images/min and p50/p95 latency per mode and level (one JSON line each).
-#   CLIENTS ("1 4 16 64"), SECONDS (30), MODES ("serve serve-seq offline static"), MAX_SEQ (64),
+#   CLIENTS ("1 4 16 64"), BENCH_SECONDS (30), MODES ("serve serve-seq offline static"), MAX_SEQ (64),
 #   MODEL (the [model] lines, ';'-separated), BENCH_DIR (/tmp/llamagen-bench-serve),
 #   LLAMAGEN_BIN (default: build the release profile; a dev build works, but build it with
 #   --config 'profile.dev.package.llamagen-train.opt-level=3' or its paged decoder runs
@@ -18,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLIENTS=${CLIENTS:-"1 4 16 64"}
-SECONDS_PER=${SECONDS:-30}
+SECONDS_PER=${BENCH_SECONDS:-30}
 MODES=${MODES:-"serve serve-seq offline static"}
 MAX_SEQ=${MAX_SEQ:-64}
 MODEL=${MODEL:-'type = "c2i"; dim = 128; n_layer = 4; n_head = 4; image_size = 256; vocab_size = 64; num_classes = 10; class_dropout_prob = 0.1'}

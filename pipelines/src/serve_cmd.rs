@@ -59,9 +59,6 @@ pub struct ServeArgs {
     /// Most finished images decoded by the VQ in one call.
     #[arg(long, default_value_t = 16)]
     pub vq_batch: usize,
-    /// Most prompts encoded by T5 in one call.
-    #[arg(long, default_value_t = 16)]
-    pub t5_batch: usize,
     /// Worker threads of the HTTP runtime.
     #[arg(long, default_value_t = 2)]
     pub http_threads: usize,
@@ -141,7 +138,6 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
                 vq_batch: args.vq_batch,
             },
             max_images_per_request: args.max_images,
-            t5_batch: args.t5_batch,
             http_threads: args.http_threads,
         },
     )?;

@@ -207,7 +207,8 @@ impl GenerateRequest {
             Some(v) => num(v, "temperature")?,
             None => 1.0,
         };
-        if !(temperature > 0.0 && temperature <= 100.0) {
+        // Checked as the f32 the sampler uses (1e-46 is 0 in f32).
+        if !((temperature as f32) > 0.0 && temperature <= 100.0) {
             return Err(ServeError::field(
                 "temperature",
                 format!("{temperature} is out of range (0, 100]"),
@@ -227,7 +228,7 @@ impl GenerateRequest {
             Some(v) => num(v, "top_p")?,
             None => 1.0,
         };
-        if !(top_p > 0.0 && top_p <= 1.0) {
+        if !((top_p as f32) > 0.0 && top_p <= 1.0) {
             return Err(ServeError::field(
                 "top_p",
                 format!("{top_p} is out of range (0, 1]"),

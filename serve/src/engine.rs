@@ -81,6 +81,30 @@ struct Queued {
 struct State {
     queue: VecDeque<Queued>,
     stop: bool,
+    /// Why the engine stopped working (a panic in the scheduler or VQ thread): new requests are
+    /// refused with it and `/health` reports it.
+    failed: Option<String>,
+}
+
+impl Shared {
+    /// Marks the engine failed: stops it, and drops every queued request (each handler sees its
+    /// channel close and answers with an error instead of waiting forever).
+    fn fail(&self, thread: &str, panic: Box<dyn std::any::Any + Send>) {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        eprintln!("llamagen serve: the {thread} thread panicked: {why}");
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        st.failed = Some(format!("the {thread} thread failed: {why}"));
+        st.stop = true;
+        st.queue.clear();
+        self.wake.notify_all();
+    }
 }
 
 struct Shared {
@@ -132,6 +156,7 @@ impl Engine {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 stop: false,
+                failed: None,
             }),
             wake: Condvar::new(),
         });
@@ -139,15 +164,30 @@ impl Engine {
         let g = cfg.grid_size();
         let vq_batch = opts.vq_batch;
         let vq_metrics = metrics.clone();
+        let vq_shared = shared.clone();
         let vq_thread = std::thread::Builder::new()
             .name("vq-decode".into())
-            .spawn(move || vq_loop(vq, embed_dim, g, vq_batch, vq_rx, vq_metrics))?;
+            .spawn(move || {
+                let run = std::panic::AssertUnwindSafe(|| {
+                    vq_loop(vq, embed_dim, g, vq_batch, vq_rx, vq_metrics)
+                });
+                if let Err(p) = std::panic::catch_unwind(run) {
+                    vq_shared.fail("VQ decoding", p);
+                }
+            })?;
         let s = shared.clone();
         let m = metrics.clone();
         let max_seq = opts.max_sequences;
         let sched = std::thread::Builder::new()
             .name("scheduler".into())
-            .spawn(move || scheduler_loop(dec, s, m, max_seq, vq_tx))?;
+            .spawn(move || {
+                let s2 = s.clone();
+                let run =
+                    std::panic::AssertUnwindSafe(|| scheduler_loop(dec, s, m, max_seq, vq_tx));
+                if let Err(p) = std::panic::catch_unwind(run) {
+                    s2.fail("scheduler", p);
+                }
+            })?;
         Ok(Engine {
             shared,
             metrics,
@@ -158,7 +198,14 @@ impl Engine {
 
     /// Queues a request, or refuses it when `max_queue` requests are already waiting.
     pub fn submit(&self, sub: Submission) -> Result<()> {
-        let mut st = self.shared.state.lock().expect("engine lock");
+        let mut st = self
+            .shared
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(why) = &st.failed {
+            return Err(ServeError::EngineFailed(why.clone()));
+        }
         if st.stop {
             return Err(ServeError::ShuttingDown);
         }
@@ -173,6 +220,16 @@ impl Engine {
         Ok(())
     }
 
+    /// Why the engine stopped working, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .failed
+            .clone()
+    }
+
     /// Wakes the scheduler (a client went away while its request waited).
     pub fn poke(&self) {
         self.shared.wake.notify_all();
@@ -181,7 +238,11 @@ impl Engine {
     /// Finishes what is queued and active, then stops the threads.
     pub fn shutdown(mut self) {
         {
-            let mut st = self.shared.state.lock().expect("engine lock");
+            let mut st = self
+                .shared
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             st.stop = true;
             self.shared.wake.notify_all();
         }
@@ -209,7 +270,10 @@ fn scheduler_loop(
     let mut next_key = 0u64;
     loop {
         {
-            let mut st = shared.state.lock().expect("engine lock");
+            let mut st = shared
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             loop {
                 // Clients that went away: out of the queue, out of the batch.
                 let before = st.queue.len();
@@ -284,7 +348,7 @@ fn scheduler_loop(
                 let (g, _) = shared
                     .wake
                     .wait_timeout(st, std::time::Duration::from_millis(200))
-                    .expect("engine lock");
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 st = g;
             }
         }
@@ -402,7 +466,9 @@ pub type Caption = (Vec<f32>, Vec<bool>);
 
 type PromptReply = oneshot::Sender<std::result::Result<Caption, String>>;
 
-/// The T5 thread: prompts of concurrent requests encoded together (up to `batch` at once).
+/// The T5 thread: prompts encoded one at a time, so a prompt's features never depend on the other
+/// prompts in flight (T5 pads a batch to its longest prompt and then runs its masked path, which
+/// changes the features in their last bits and so, after rounding, the sampled tokens).
 pub struct PromptThread {
     tx: Option<std_mpsc::Sender<(String, PromptReply)>>,
     thread: Option<JoinHandle<()>>,
@@ -410,24 +476,13 @@ pub struct PromptThread {
 
 impl PromptThread {
     /// Starts the thread; captions are padded to `tokens` rows of width `dim`.
-    pub fn start(
-        mut enc: Box<dyn PromptEncoder>,
-        tokens: usize,
-        dim: usize,
-        batch: usize,
-    ) -> Result<Self> {
+    pub fn start(mut enc: Box<dyn PromptEncoder>, tokens: usize, dim: usize) -> Result<Self> {
         let (tx, rx) = std_mpsc::channel::<(String, PromptReply)>();
         let thread = std::thread::Builder::new()
             .name("t5-encode".into())
             .spawn(move || {
                 while let Ok(first) = rx.recv() {
-                    let mut todo = vec![first];
-                    while todo.len() < batch.max(1) {
-                        match rx.try_recv() {
-                            Ok(x) => todo.push(x),
-                            Err(_) => break,
-                        }
-                    }
+                    let todo = vec![first];
                     let prompts: Vec<String> = todo.iter().map(|(p, _)| p.clone()).collect();
                     match enc.encode(&prompts) {
                         Ok(feats) => {

@@ -19,6 +19,11 @@ pub enum ServeError {
     #[error("the server is shutting down")]
     ShuttingDown,
 
+    /// The generation engine stopped working (a thread panicked); the server must be restarted
+    /// (HTTP 503, and `/health` says why).
+    #[error("the generation engine stopped: {0}")]
+    EngineFailed(String),
+
     /// A setting of the server itself is invalid (flags).
     #[error("invalid server setting: {0}")]
     InvalidSetting(String),

@@ -39,8 +39,6 @@ pub struct ServeOptions {
     pub engine: EngineOptions,
     /// Most images one request may ask for.
     pub max_images_per_request: usize,
-    /// Most prompts the T5 thread encodes together.
-    pub t5_batch: usize,
     /// Worker threads of the HTTP runtime.
     pub http_threads: usize,
 }
@@ -59,7 +57,7 @@ fn error_response(e: &ServeError) -> Response {
         ServeError::InvalidField { .. } | ServeError::InvalidJson(_) => StatusCode::BAD_REQUEST,
         ServeError::Prompt(_) => StatusCode::BAD_REQUEST,
         ServeError::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
-        ServeError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        ServeError::ShuttingDown | ServeError::EngineFailed(_) => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     let body = match e {
@@ -214,6 +212,13 @@ async fn generate_inner(
 }
 
 async fn health(State(app): State<Arc<App>>) -> Response {
+    if let Some(why) = app.engine.failure() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "failed", "error": why})),
+        )
+            .into_response();
+    }
     if app.draining.load(Ordering::Relaxed) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -285,12 +290,9 @@ pub fn serve(
     };
     drop(model);
     let prompts = match (prompts, cfg.model_type) {
-        (Some(p), ModelType::T2i) => Some(PromptThread::start(
-            p,
-            cfg.cls_token_num,
-            cfg.caption_dim,
-            opts.t5_batch,
-        )?),
+        (Some(p), ModelType::T2i) => {
+            Some(PromptThread::start(p, cfg.cls_token_num, cfg.caption_dim)?)
+        }
         _ => None,
     };
     let limits = Limits {
